@@ -1,0 +1,142 @@
+"""Pytree helpers: flatten a tensor tree to one vector per batch element and back.
+
+The linear solvers and the implicit core work on flat tensors of shape
+``(*batch, n)``: a single tensor leaf is only reshaped (a view, no copy);
+several leaves are concatenated.  :func:`ravel` returns the inverse map too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .typing import TensorTree
+
+tree_flatten = pytree.tree_flatten
+tree_unflatten = pytree.tree_unflatten
+tree_map = pytree.tree_map
+tree_leaves = pytree.tree_leaves
+
+
+def describe(tree: Any) -> str:
+    """A short human-readable description of a tree's structure and shapes."""
+    leaves, spec = tree_flatten(tree)
+    shapes = [tuple(x.shape) if torch.is_tensor(x) else type(x).__name__ for x in leaves]
+    if len(leaves) == 1 and torch.is_tensor(tree):
+        return f"tensor of shape {shapes[0]}"
+    return f"tree {spec} with leaf shapes {shapes}"
+
+
+def tensor_leaves(tree: TensorTree, name: str) -> tuple[list[torch.Tensor], Any]:
+    """Flatten ``tree`` and check that every leaf is a tensor."""
+    leaves, spec = tree_flatten(tree)
+    if not leaves:
+        raise ValueError(f"`{name}` is empty: expected a tensor or a tree of tensors.")
+    for i, leaf in enumerate(leaves):
+        if not torch.is_tensor(leaf):
+            raise TypeError(
+                f"`{name}` must be a tensor or a tree of tensors; leaf {i} is a "
+                f"{type(leaf).__name__}."
+            )
+    return leaves, spec
+
+
+def check_same_structure(a: TensorTree, b: TensorTree, name_a: str, name_b: str) -> None:
+    """Raise a ``ValueError`` naming both trees if their structures or shapes differ."""
+    leaves_a, spec_a = tree_flatten(a)
+    leaves_b, spec_b = tree_flatten(b)
+    same = spec_a == spec_b and all(
+        torch.is_tensor(x) and torch.is_tensor(y) and x.shape == y.shape
+        for x, y in zip(leaves_a, leaves_b)
+    )
+    if not same:
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same structure and shapes; "
+            f"got {describe(a)} and {describe(b)}."
+        )
+
+
+class Raveler:
+    """Maps a tensor tree with ``batch_dims`` leading batch dimensions to a flat
+    tensor of shape ``(*batch, n)`` and back.
+
+    Built from an example tree; :meth:`ravel` accepts any tree of the same
+    structure and leaf shapes, :meth:`unravel` returns one.
+    """
+
+    def __init__(self, example: TensorTree, batch_dims: int = 0, name: str = "b"):
+        leaves, self.spec = tensor_leaves(example, name)
+        for i, leaf in enumerate(leaves):
+            if leaf.dim() < batch_dims:
+                raise ValueError(
+                    f"`{name}` leaf {i} has shape {tuple(leaf.shape)}, fewer than the "
+                    f"{batch_dims} batch dimension(s) requested."
+                )
+        self.batch_shape = leaves[0].shape[:batch_dims]
+        for i, leaf in enumerate(leaves):
+            if leaf.shape[:batch_dims] != self.batch_shape:
+                raise ValueError(
+                    f"every leaf of `{name}` must share the batch shape "
+                    f"{tuple(self.batch_shape)}; leaf {i} has shape {tuple(leaf.shape)}."
+                )
+        self.batch_dims = batch_dims
+        self.shapes = [leaf.shape[batch_dims:] for leaf in leaves]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.dtypes = [leaf.dtype for leaf in leaves]
+        self.dtype = leaves[0].dtype
+        for d in self.dtypes[1:]:
+            self.dtype = torch.promote_types(self.dtype, d)
+        self.size = sum(self.sizes)
+
+    def ravel(self, tree: TensorTree) -> torch.Tensor:
+        leaves = tree_leaves(tree)
+        if len(leaves) == 1:
+            leaf = leaves[0]
+            return leaf.reshape(*leaf.shape[: leaf.dim() - len(self.shapes[0])], -1)
+        flat = [
+            leaf.reshape(*leaf.shape[: leaf.dim() - len(shape)], -1).to(self.dtype)
+            for leaf, shape in zip(leaves, self.shapes)
+        ]
+        return torch.cat(flat, dim=-1)
+
+    def unravel(self, flat: torch.Tensor) -> TensorTree:
+        batch = flat.shape[:-1]
+        if len(self.shapes) == 1:
+            return tree_unflatten([flat.reshape(tuple(batch) + tuple(self.shapes[0]))], self.spec)
+        parts = torch.split(flat, self.sizes, dim=-1)
+        leaves = [
+            p.reshape(tuple(batch) + tuple(shape)).to(dtype)
+            for p, shape, dtype in zip(parts, self.shapes, self.dtypes)
+        ]
+        return tree_unflatten(leaves, self.spec)
+
+    def flat_matvec(self, matvec: Callable[[TensorTree], TensorTree]) -> Callable:
+        """Wrap a tree-to-tree ``matvec`` as a flat ``(*batch, n) -> (*batch, n)`` map."""
+
+        def flat(v: torch.Tensor) -> torch.Tensor:
+            return self.ravel(matvec(self.unravel(v)))
+
+        return flat
+
+
+def tree_vdot(a: TensorTree, b: TensorTree) -> torch.Tensor:
+    """Sum over all leaves of the elementwise product (a 0-d tensor)."""
+    terms = [(x * y).sum() for x, y in zip(tree_leaves(a), tree_leaves(b))]
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+
+
+def tree_norm(tree: TensorTree) -> torch.Tensor:
+    """Euclidean norm of all leaves together (a 0-d tensor)."""
+    leaves = [x.reshape(-1) for x in tree_leaves(tree)]
+    return torch.linalg.vector_norm(torch.cat(leaves) if len(leaves) > 1 else leaves[0])
+
+
+def all_finite(leaves: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor of ``leaves`` is finite (one host synchronisation)."""
+    flags = [torch.isfinite(x).all() for x in leaves if x.is_floating_point()]
+    if not flags:
+        return True
+    return bool(torch.stack(flags).all()) if len(flags) > 1 else bool(flags[0])

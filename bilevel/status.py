@@ -1,0 +1,95 @@
+"""One status vocabulary and one family of warnings for the whole library.
+
+Every iterative routine of :mod:`bilevel` (linear solves, inner solvers, bilevel
+algorithms) reports its outcome per batch element with a :class:`Status` code,
+and every message names the remedy.  Warnings derive from
+:class:`BilevelWarning`, so ``warnings.simplefilter("error", BilevelWarning)``
+turns every certificate failure into an exception.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.IntEnum):
+    """Outcome of an iterative routine, one code per batch element."""
+
+    SUCCESS = 0
+    """The tolerance was reached."""
+    MAX_ITERATIONS = 1
+    """The iteration budget ran out before the tolerance was reached."""
+    BREAKDOWN = 2
+    """The method broke down: non-positive curvature in CG (the operator is not
+    positive definite), a zero denominator in BiCGStab, or a singular matrix in a
+    direct solve."""
+    NONFINITE = 3
+    """A NaN or an infinity appeared in the iterates."""
+    DIVERGED = 4
+    """The residual grew without bound (e.g. a Neumann series with a step
+    ``alpha`` above ``2 / L``)."""
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.SUCCESS: "converged",
+    Status.MAX_ITERATIONS: (
+        "the iteration budget ran out before the tolerance was reached; raise "
+        "`maxiter`, loosen `tol`, or precondition the system"
+    ),
+    Status.BREAKDOWN: (
+        "the method broke down: the operator is singular or, for CG, not positive "
+        "definite; add damping (H + eps*I), use a least-squares solve "
+        "(NormalCG or Direct('lstsq')), or a single-loop method for non-convex "
+        "inner problems"
+    ),
+    Status.NONFINITE: (
+        "non-finite values appeared; check the inputs and the operator for "
+        "NaN/inf and reduce step sizes"
+    ),
+    Status.DIVERGED: (
+        "the iteration diverged; for Neumann use alpha < 2 / L (L the largest "
+        "eigenvalue), or alpha=None to estimate it"
+    ),
+}
+
+
+class BilevelWarning(UserWarning):
+    """Base class of every warning issued by :mod:`bilevel`."""
+
+
+class ConvergenceWarning(BilevelWarning):
+    """An iterative solve stopped before reaching its tolerance."""
+
+
+class OptimalityWarning(BilevelWarning):
+    """The point where the implicit function theorem is applied is not a root of
+    the optimality condition (the inner solver stopped early)."""
+
+
+class CurvatureWarning(BilevelWarning):
+    """The linear system of the implicit function theorem is singular or
+    indefinite: the implicit gradient is not well defined there."""
+
+
+class CapturedTensorWarning(BilevelWarning):
+    """A tensor that requires grad reaches an optimality condition through a
+    closure instead of an argument, so no implicit gradient flows to it."""
+
+
+class BilevelError(RuntimeError):
+    """Raised in strict mode where a warning would otherwise be issued."""
+
+
+__all__ = [
+    "Status",
+    "BilevelWarning",
+    "ConvergenceWarning",
+    "OptimalityWarning",
+    "CurvatureWarning",
+    "CapturedTensorWarning",
+    "BilevelError",
+]
