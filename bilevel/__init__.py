@@ -1,0 +1,28 @@
+"""bilevel: bilevel optimization and implicit differentiation for PyTorch."""
+
+from . import implicit, status
+from .implicit import custom_fixed_point, custom_root, hypergrad
+from .status import (
+    BilevelError,
+    BilevelWarning,
+    CapturedTensorWarning,
+    ConvergenceWarning,
+    CurvatureWarning,
+    OptimalityWarning,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BilevelError",
+    "BilevelWarning",
+    "CapturedTensorWarning",
+    "ConvergenceWarning",
+    "CurvatureWarning",
+    "OptimalityWarning",
+    "custom_fixed_point",
+    "custom_root",
+    "hypergrad",
+    "implicit",
+    "status",
+]

@@ -1,0 +1,102 @@
+"""Detect tensors that require grad but reach an optimality condition through a
+closure or a global instead of an argument.
+
+Such tensors get no implicit gradient (the implicit function theorem only
+differentiates with respect to the arguments), which several libraries let pass
+silently.  The check is static and cheap: it inspects the closure cells, the
+globals the code names, ``functools.partial`` arguments and bound ``nn.Module``
+instances, a few levels deep, without calling anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .._tree import tree_leaves
+from ..status import BilevelError, CapturedTensorWarning
+
+_MAX_DEPTH = 3
+
+
+def _requires_grad(obj: Any) -> bool:
+    if torch.is_tensor(obj):
+        return obj.requires_grad
+    if isinstance(obj, torch.nn.Module):
+        return any(p.requires_grad for p in obj.parameters())
+    return False
+
+
+def _children(fn: Callable) -> Iterator[tuple[str, Any]]:
+    """(name, object) pairs a callable can read without taking them as arguments."""
+    for attr in ("objective", "fixed_point_map", "fn"):  # Condition and its sources
+        if hasattr(fn, attr) and not inspect.isfunction(fn):
+            yield attr, getattr(fn, attr)
+    if isinstance(fn, functools.partial):
+        yield "partial", fn.func
+        for i, a in enumerate(fn.args):
+            yield f"partial argument {i}", a
+        yield from fn.keywords.items()
+        return
+    if inspect.ismethod(fn):
+        yield "self", fn.__self__
+        fn = fn.__func__
+    if isinstance(fn, torch.nn.Module):
+        yield "module", fn
+        return
+    if not inspect.isfunction(fn):
+        return
+    if fn.__closure__:
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__):
+            try:
+                yield name, cell.cell_contents
+            except ValueError:  # empty cell
+                continue
+    for name in fn.__code__.co_names:
+        if name in fn.__globals__:
+            yield name, fn.__globals__[name]
+
+
+def find_captured(fn: Callable, depth: int = 0, seen: set | None = None) -> list[str]:
+    """Names of tensors / modules requiring grad that ``fn`` captures."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen or depth > _MAX_DEPTH:
+        return []
+    seen.add(id(fn))
+    found = []
+    for name, obj in _children(fn):
+        if _requires_grad(obj):
+            shape = f" of shape {tuple(obj.shape)}" if torch.is_tensor(obj) else " (nn.Module)"
+            found.append(f"'{name}'{shape}")
+        elif callable(obj) and not isinstance(obj, type) and not inspect.isbuiltin(obj):
+            if getattr(obj, "__module__", "") and str(obj.__module__).startswith("torch"):
+                continue
+            found.extend(find_captured(obj, depth + 1, seen))
+    return found
+
+
+def check_captured(residual: Callable, args: tuple, *, strict: bool, stage: str) -> None:
+    """Warn (or raise in strict mode) about captured tensors and modules requiring grad."""
+    if not torch.is_grad_enabled():
+        return
+    found = find_captured(residual)
+    modules = [
+        f"argument leaf {i} (nn.Module)"
+        for i, leaf in enumerate(tree_leaves(args))
+        if isinstance(leaf, torch.nn.Module) and _requires_grad(leaf)
+    ]
+    if not (found or modules):
+        return
+    message = (
+        f"{stage}: the optimality condition reads {', '.join(found + modules)}, which require grad, "
+        "from its closure, its globals or a module instead of its arguments; no implicit gradient "
+        "flows to them. Pass them as arguments of the decorated solver and of the residual "
+        "(for a module, pass dict(module.named_parameters()) and use torch.func.functional_call)."
+    )
+    if strict:
+        raise BilevelError(message)
+    warnings.warn(message, CapturedTensorWarning, stacklevel=3)

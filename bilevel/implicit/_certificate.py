@@ -1,0 +1,113 @@
+"""The certificate of an implicit gradient: optimality and linear-solve residuals.
+
+:func:`report` runs after every adjoint solve.  It measures the optimality
+residual ``||F(sol, args)||`` at the point where the implicit function theorem
+is applied (free: it is the primal output of the linearization) and reads the
+linear solve's info; a failure becomes a warning naming the stage, the residual
+and the remedy, or a :class:`~bilevel.status.BilevelError` in strict mode.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .._tolerance import default_residual_tol
+from .._tree import tree_leaves
+from ..status import BilevelError, ConvergenceWarning, CurvatureWarning, OptimalityWarning, Status
+from .linear_solve import LinearSolveInfo
+
+
+@dataclass(frozen=True)
+class ImplicitInfo:
+    """Certificate of one implicit differentiation (tensors of the batch shape).
+
+    Attributes:
+        optimality_residual: ``||F(sol, args)||`` at the solution (``None`` where
+            it was not measured, e.g. in a forward-mode product).
+        solution_norm: ``||sol||``.
+        residual_tol: the tolerance it was checked against, relative to
+            ``max(1, ||sol||)``.
+        linear_solve: the adjoint solve's :class:`LinearSolveInfo`.
+        damping: the damping added to the system (0 if none).
+        solver: the linear solver used.
+    """
+
+    optimality_residual: Optional[torch.Tensor]
+    solution_norm: torch.Tensor
+    residual_tol: float
+    linear_solve: LinearSolveInfo
+    damping: float
+    solver: Any
+
+    @property
+    def optimal(self) -> torch.Tensor:
+        """Which batch elements satisfy the optimality condition to tolerance."""
+        if self.optimality_residual is None:
+            return torch.ones_like(self.solution_norm, dtype=torch.bool)
+        return self.optimality_residual <= self.residual_tol * self.solution_norm.clamp_min(1.0)
+
+    @property
+    def ok(self) -> bool:
+        """Both certificates pass for every batch element."""
+        return bool(self.optimal.all()) and bool(self.linear_solve.converged.all())
+
+
+def batch_norm(tree: Any, batch_dims: int) -> torch.Tensor:
+    """Euclidean norm of a tree per batch element (over all non-batch dims)."""
+    squares = [x.reshape(*x.shape[:batch_dims], -1).pow(2).sum(-1) for x in tree_leaves(tree)]
+    total = squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)
+    return total.sqrt()
+
+
+def _elements(mask: torch.Tensor) -> str:
+    if mask.dim() == 0:
+        return ""
+    idx = mask.reshape(-1).nonzero().reshape(-1).tolist()
+    return f" (batch elements {idx[:8]}{'...' if len(idx) > 8 else ''})"
+
+
+def _fail(category: type, message: str, strict: bool) -> None:
+    if strict:
+        raise BilevelError(message)
+    warnings.warn(message, category, stacklevel=4)
+
+
+def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
+    """Check and record the certificate of one adjoint solve; returns it."""
+    stage, strict = system.stage, system.options.strict
+    x_leaves = tree_leaves(x)
+    if not all(torch.isfinite(t).all() for t in x_leaves):
+        raise FloatingPointError(f"{stage}: the adjoint linear solve returned NaN or inf; {info.summary()}")
+    dtype = x_leaves[0].dtype
+    tol = system.options.residual_tol
+    tol = default_residual_tol(dtype) if tol is None else tol
+    sol_norm = batch_norm(sol, system.batch_dims)
+    optimality = batch_norm(value, system.batch_dims) if value is not None else None
+    certificate = ImplicitInfo(optimality, sol_norm, tol, info, system.damping, system.solve)
+    if system.certify and optimality is not None:
+        bad = ~certificate.optimal
+        if bool(bad.any()):
+            worst = float(optimality[bad].max())
+            _fail(
+                OptimalityWarning,
+                f"{stage}: the optimality residual at the solution is {worst:.3g}{_elements(bad)}, "
+                f"above {tol:.3g} x max(1, ||sol||): the solver did not converge, so the implicit "
+                "gradient is inexact. Solve the inner problem more tightly.",
+                strict,
+            )
+    failed = ~info.converged
+    if bool(failed.any()):
+        singular = bool((info.status == Status.BREAKDOWN).any())
+        category = CurvatureWarning if singular else ConvergenceWarning
+        hint = (
+            " The system is singular or indefinite: the inner problem may be non-convex or its "
+            "solution not unique; pass damping=..., a least-squares solve, or use a single-loop "
+            "method (penalty, MEHA, BAMM)." if singular else ""
+        )
+        _fail(category, f"{stage}: {info.summary()}.{hint}", strict)
+    system.options.record(certificate)
+    return certificate

@@ -1,0 +1,461 @@
+r"""Make any solver differentiable by declaring its optimality condition.
+
+:func:`custom_root` wraps a solver ``solver(*args) -> sol`` whose output is a
+root of ``residual(sol, *args) = 0``.  The solver runs without autograd (it may
+be a torch loop, L-BFGS, SciPy, cvxpy...); the gradient of ``sol`` with respect
+to every floating-point tensor in ``args`` comes from the implicit function
+theorem (Krantz & Parks 2002; Blondel et al. 2022):
+
+.. math::
+
+    F(s^\star(\theta), \theta) = 0 \;\Rightarrow\;
+    \partial_\theta s^\star = -(\partial_s F)^{-1} \partial_\theta F,
+
+so a reverse-mode product :math:`\bar\theta = (\partial_\theta s^\star)^\top \bar s`
+costs one *adjoint* linear solve :math:`(\partial_s F)^\top u = \bar s` followed by
+:math:`\bar\theta = -(\partial_\theta F)^\top u`, with products from
+:mod:`~bilevel.implicit.operators` and the solve from
+:mod:`~bilevel.implicit.linear_solve`.
+
+Composability: the decorated function is an :class:`torch.autograd.Function`
+with ``setup_context``, a vmap rule and a forward-mode rule, so it works with
+``torch.autograd``, :func:`torch.func.grad`, :func:`~torch.func.jacrev`,
+:func:`~torch.func.jacfwd` and :func:`~torch.func.vmap`; the adjoint solve is a
+differentiable function too, so second derivatives follow the implicit rule.
+
+Certificates: every backward pass measures the optimality residual
+:math:`\|F(s, \theta)\|` at the point where the theorem is applied and the
+adjoint solve's residual; past tolerance it warns
+(:class:`~bilevel.status.OptimalityWarning`,
+:class:`~bilevel.status.ConvergenceWarning`,
+:class:`~bilevel.status.CurvatureWarning`) or, with ``strict=True``, raises.
+The last certificate is kept as ``decorated.last_info``.
+
+References:
+    Blondel, M., Berthet, Q., Cuturi, M., Frostig, R., Hoyer, S., Llinares-López,
+    F., Pedregosa, F. and Vert, J.-P. `Efficient and Modular Implicit
+    Differentiation <https://arxiv.org/abs/2105.15183>`_. NeurIPS 2022.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from .._tolerance import default_residual_tol
+from .._tree import all_finite, tensor_leaves, tree_flatten, tree_leaves, tree_unflatten, tree_vdot
+from ..status import BilevelError, OptimalityWarning, Status
+from ..typing import FixedPointMap, Residual
+from ._captured import check_captured
+from ._certificate import ImplicitInfo, report
+from .conditions import fixed_point_residual, is_symmetric
+from .linear_solve import CG, LinearSolver
+from .operators import damped
+
+
+def default_solve(symmetric: bool) -> LinearSolver:
+    """The linear solver used when ``solve=None``: CG (budget ``min(10 n, 1000)``)
+    for symmetric systems, GMRES otherwise; tolerances scale with the dtype."""
+    if symmetric:
+        return CG(maxiter=None)
+    from .linear_solve import GMRES
+
+    return GMRES(maxiter=None)
+
+
+@dataclass(frozen=True)
+class _Options:
+    strict: bool
+    residual_tol: Optional[float]
+    record: Callable[[ImplicitInfo], None]
+
+
+@dataclass(frozen=True)
+class AdjointSystem:
+    """Static description of the IFT linear system ``M u = b`` with
+    ``M = (d residual / d sol)^T + damping I`` (``transpose=True``) or its
+    transpose, over ``batch_dims`` leading dimensions of independent problems.
+
+    ``rebuild_args`` maps the tensor leaves of the arguments back to ``args``.
+    """
+
+    residual: Residual
+    sol_spec: Any
+    n_sol: int
+    rebuild_args: Callable[[tuple], tuple]
+    solve: LinearSolver
+    symmetric: bool
+    damping: float
+    options: _Options
+    transpose: bool = True
+    batch_dims: int = 0
+    certify: bool = True
+    stage: str = "custom_root"
+
+    def batched_residual(self) -> Callable:
+        """``f(sol, arg_tensors)`` evaluating the residual over the batch dims."""
+
+        def f(sol, arg_tensors):
+            return self.residual(sol, *self.rebuild_args(arg_tensors))
+
+        for _ in range(self.batch_dims):
+            f = vmap(f)
+        return f
+
+
+def solve_adjoint(system: AdjointSystem, b_leaves, sol_leaves, arg_tensors) -> tuple:
+    """Differentiable, vmappable solve of the system described by ``system``."""
+    n_b = len(b_leaves)
+    if n_b != system.n_sol or len(sol_leaves) != system.n_sol:
+        raise ValueError(
+            f"{system.stage}: the cotangent has {n_b} leaves but the solution has {system.n_sol}."
+        )
+    return _Adjoint.apply(system, *b_leaves, *sol_leaves, *arg_tensors)
+
+
+class _Adjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(system: AdjointSystem, *tensors):
+        n = system.n_sol
+        b = tree_unflatten(list(tensors[:n]), system.sol_spec)
+        sol = tree_unflatten(list(tensors[n : 2 * n]), system.sol_spec)
+        args = tensors[2 * n :]
+        f = system.batched_residual()
+        if system.transpose or system.symmetric:
+            value, pullback = vjp(lambda s: f(s, args), sol)
+            matvec = lambda u: pullback(u)[0]  # noqa: E731
+        else:
+            value = None
+            matvec = lambda w: jvp(lambda s: f(s, args), (sol,), (w,))[1]  # noqa: E731
+        if value is not None:
+            _check_residual_structure(system, value, sol)
+        x, info = system.solve(damped(matvec, system.damping), b, batch_dims=system.batch_dims)
+        report(system, value, sol, info, x)
+        return tuple(tree_leaves(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        system = inputs[0]
+        ctx.system = system
+        ctx.save_for_backward(*inputs[1 + system.n_sol :], *output)
+
+    @staticmethod
+    def backward(ctx, *u_bar):
+        system = ctx.system
+        n = system.n_sol
+        saved = ctx.saved_tensors
+        sol_leaves, args, u = saved[:n], saved[n:-n], saved[-n:]
+        u_bar = [torch.zeros_like(x) if g is None else g for x, g in zip(u, u_bar)]
+        other = dataclasses.replace(system, transpose=not system.transpose, certify=False)
+        w = _Adjoint.apply(other, *u_bar, *sol_leaves, *args)
+        needs = ctx.needs_input_grad[1:]
+        need_sol = any(needs[n : 2 * n])
+        float_pos = [i for i, a in enumerate(args) if a.is_floating_point() and needs[2 * n + i]]
+        if not (need_sol or float_pos):
+            return (None, *w, *([None] * (len(saved) - n)))
+        # d/dtheta of <w, M(theta) u> with u, w held fixed; M u = J^T u or J u.
+        left, right = (u, w) if system.transpose else (w, u)
+        f = system.batched_residual()
+
+        def pairing(sol_ls, float_args):
+            full = list(args)
+            for i, a in zip(float_pos, float_args):
+                full[i] = a
+            s = tree_unflatten(list(sol_ls), system.sol_spec)
+            _, pullback = vjp(lambda s_: f(s_, full), s)
+            jt_left = pullback(tree_unflatten(list(left), system.sol_spec))[0]
+            return tree_vdot(jt_left, tree_unflatten(list(right), system.sol_spec))
+
+        _, pullback = vjp(pairing, tuple(sol_leaves), tuple(args[i] for i in float_pos))
+        g_sol, g_args = pullback(torch.ones((), dtype=sol_leaves[0].dtype, device=sol_leaves[0].device))
+        arg_grads = [None] * len(args)
+        for i, g in zip(float_pos, g_args):
+            arg_grads[i] = -g
+        sol_grads = [-g if need_sol else None for g in g_sol]
+        return (None, *w, *sol_grads, *arg_grads)
+
+    @staticmethod
+    def vmap(info, in_dims, system, *tensors):
+        moved = _batch_first(info.batch_size, in_dims[1:], tensors)
+        out = _Adjoint.apply(dataclasses.replace(system, batch_dims=system.batch_dims + 1), *moved)
+        return out, (0,) * len(out)
+
+
+def _batch_first(size: int, in_dims, tensors) -> list:
+    """Move each tensor's vmapped dim to the front; expand unbatched ones (a view)."""
+    return [
+        t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+        for t, d in zip(tensors, in_dims)
+    ]
+
+
+def _check_residual_structure(system: AdjointSystem, value, sol) -> None:
+    v_leaves, v_spec = tree_flatten(value)
+    s_leaves = tree_leaves(sol)
+    if v_spec != system.sol_spec or any(
+        not torch.is_tensor(a) or a.shape != b.shape for a, b in zip(v_leaves, s_leaves)
+    ):
+        raise ValueError(
+            f"{system.stage}: `residual(sol, *args)` must return a tree with the structure and "
+            f"shapes of `sol` ({[tuple(x.shape) for x in s_leaves]}); got {v_spec} with "
+            f"{[tuple(x.shape) if torch.is_tensor(x) else type(x).__name__ for x in v_leaves]}."
+        )
+
+
+@dataclass
+class _RootCall:
+    """Everything about one call of a decorated solver that is not a tensor."""
+
+    solver: Callable
+    kwargs: dict
+    has_aux: bool
+    system: Callable[[Any, int], AdjointSystem]
+    rebuild_args: Callable[[tuple], tuple]
+    sol_spec: Any = None
+    aux: Any = None
+
+
+class _Root(torch.autograd.Function):
+    @staticmethod
+    def forward(call: _RootCall, *tensors):
+        args = call.rebuild_args(tensors)
+        with torch.no_grad():
+            out = call.solver(*args, **call.kwargs)
+        if call.has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError("custom_root(has_aux=True): the solver must return a pair (sol, aux).")
+            out, call.aux = out
+        leaves, call.sol_spec = tensor_leaves(out, "the solver's output")
+        if not all_finite(leaves):
+            raise FloatingPointError(
+                f"custom_root: the solver `{getattr(call.solver, '__name__', call.solver)}` returned "
+                "non-finite values (NaN or inf) in its solution."
+            )
+        return tuple(x.detach().clone() if any(x is t for t in tensors) else x.detach() for x in leaves)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.call = inputs[0]
+        ctx.n_in = len(inputs) - 1
+        ctx.save_for_backward(*inputs[1:], *output)
+        ctx.save_for_forward(*inputs[1:], *output)
+
+    @staticmethod
+    def backward(ctx, *sol_bar):
+        call, n_in = ctx.call, ctx.n_in
+        saved = ctx.saved_tensors
+        tensors, sol_leaves = saved[:n_in], saved[n_in:]
+        needs = ctx.needs_input_grad[1:]
+        float_pos = [i for i, t in enumerate(tensors) if needs[i] and t.is_floating_point()]
+        if not float_pos:
+            return (None,) * (1 + n_in)
+        sol_bar = [torch.zeros_like(s) if g is None else g for s, g in zip(sol_leaves, sol_bar)]
+        system = call.system(call.sol_spec, len(sol_leaves))
+        u = solve_adjoint(system, sol_bar, sol_leaves, tensors)
+        grads = _cross_pullback(system, sol_leaves, tensors, float_pos, u)
+        out = [None] * n_in
+        for i, g in zip(float_pos, grads):
+            out[i] = -g
+        return (None, *out)
+
+    @staticmethod
+    def jvp(ctx, _call_tangent, *tangents):
+        call, n_in = ctx.call, ctx.n_in
+        saved = ctx.saved_tensors
+        tensors, sol_leaves = saved[:n_in], saved[n_in:]
+        float_pos = [i for i, t in enumerate(tangents) if t is not None and tensors[i].is_floating_point()]
+        if not float_pos:
+            return tuple(torch.zeros_like(s) for s in sol_leaves)
+        system = call.system(call.sol_spec, len(sol_leaves))
+        sol = tree_unflatten(list(sol_leaves), system.sol_spec)
+
+        def of_args(*float_args):
+            full = list(tensors)
+            for i, a in zip(float_pos, float_args):
+                full[i] = a
+            return system.residual(sol, *system.rebuild_args(full))
+
+        _, dres = jvp(of_args, tuple(tensors[i] for i in float_pos), tuple(tangents[i] for i in float_pos))
+        forward_system = dataclasses.replace(system, transpose=False)
+        b = [-x for x in tree_leaves(dres)]
+        return tuple(solve_adjoint(forward_system, b, sol_leaves, tensors))
+
+    @staticmethod
+    def vmap(info, in_dims, call, *tensors):
+        # The solver is a black box: solve each batch element separately.
+        outs = []
+        for i in range(info.batch_size):
+            element = [t.select(d, i) if d is not None else t for t, d in zip(tensors, in_dims[1:])]
+            outs.append(_Root.apply(call, *element))
+        stacked = tuple(torch.stack(parts) for parts in zip(*outs))
+        return stacked, (0,) * len(stacked)
+
+
+def _cross_pullback(system: AdjointSystem, sol_leaves, tensors, float_pos, u) -> tuple:
+    r""":math:`(\partial_\theta F)^\top u` for the floating tensors at ``float_pos``."""
+    sol = tree_unflatten(list(sol_leaves), system.sol_spec)
+
+    def of_args(*float_args):
+        full = list(tensors)
+        for i, a in zip(float_pos, float_args):
+            full[i] = a
+        return system.residual(sol, *system.rebuild_args(full))
+
+    _, pullback = vjp(of_args, *(tensors[i] for i in float_pos))
+    return pullback(tree_unflatten(list(u), system.sol_spec))
+
+
+def _split_tensors(args: tuple) -> tuple[list[torch.Tensor], Callable[[tuple], tuple]]:
+    """The tensor leaves of ``args`` and a function putting new ones back."""
+    leaves, spec = tree_flatten(args)
+    positions = [i for i, x in enumerate(leaves) if torch.is_tensor(x)]
+
+    def rebuild(tensors) -> tuple:
+        full = list(leaves)
+        for i, t in zip(positions, tensors):
+            full[i] = t
+        return tree_unflatten(full, spec)
+
+    return [leaves[i] for i in positions], rebuild
+
+
+def custom_root(
+    residual: Residual,
+    solve: Optional[LinearSolver] = None,
+    *,
+    has_aux: bool = False,
+    damping: float = 0.0,
+    strict: bool = False,
+    residual_tol: Optional[float] = None,
+) -> Callable[[Callable], Callable]:
+    r"""Decorator: differentiate a solver's output implicitly through ``residual``.
+
+    The decorated ``solver(*args, **kwargs)`` must return ``sol`` (a tensor or a
+    tree of tensors) with ``residual(sol, *args) = 0``.  Positional ``args`` may be
+    tensors or trees; gradients flow to every floating-point tensor among them
+    through the implicit function theorem
+
+    .. math:: (\partial_s F)^\top u = \bar s, \qquad \bar\theta = -(\partial_\theta F)^\top u,
+
+    with :math:`F` = ``residual``.  Keyword arguments (e.g. a warm start
+    ``init=...``) go to the solver only and are not differentiated.
+
+    Args:
+        residual: the optimality condition ``residual(sol, *args)``, returning a
+            tree shaped like ``sol``; e.g. :func:`~bilevel.implicit.stationarity`.
+        solve: linear solver for the adjoint system (any
+            :mod:`~bilevel.implicit.linear_solve` object).  ``None`` picks CG when
+            ``residual`` is declared symmetric (stationarity of an objective) and
+            GMRES otherwise, with dtype-scaled tolerances.
+        has_aux: the solver returns ``(sol, aux)``; ``aux`` is passed through
+            without gradient.
+        damping: :math:`\epsilon \ge 0` added to the system,
+            :math:`(\partial_s F + \epsilon I)^\top u = \bar s` — a remedy for
+            singular or indefinite systems (biases the gradient by
+            :math:`O(\epsilon)`).
+        strict: raise :class:`~bilevel.status.BilevelError` instead of warning
+            when a certificate fails.
+        residual_tol: tolerance on :math:`\|F(s, \theta)\|` relative to
+            :math:`\max(1, \|s\|)`; default ``eps ** 0.25`` of the dtype.
+
+    Returns:
+        A decorator; the decorated function has the solver's signature and keeps
+        the last backward certificate in ``.last_info``
+        (:class:`~bilevel.implicit.ImplicitInfo`).
+
+    Raises:
+        FloatingPointError: the solver returned NaN/inf, or the adjoint solve did.
+        ValueError: the residual's output does not match the solution's structure.
+
+    Example:
+        >>> import torch, bilevel
+        >>> X = torch.randn(20, 3, dtype=torch.float64); t = torch.randn(20, dtype=torch.float64)
+        >>> def objective(w, lam):
+        ...     return 0.5 * ((X @ w - t) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
+        >>> @bilevel.custom_root(bilevel.implicit.stationarity(objective))
+        ... def ridge(lam):
+        ...     return torch.linalg.solve(X.T @ X + lam * torch.eye(3, dtype=X.dtype), X.T @ t)
+        >>> lam = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        >>> ridge(lam).sum().backward()
+        >>> w = ridge(lam.detach()); H = X.T @ X + lam.detach() * torch.eye(3, dtype=X.dtype)
+        >>> torch.allclose(lam.grad, -(torch.linalg.solve(H, w)).sum())
+        True
+    """
+    if not callable(residual):
+        raise TypeError(f"`residual` must be callable residual(sol, *args); got {type(residual).__name__}.")
+    if solve is not None and not callable(solve):
+        raise TypeError(
+            f"`solve` must be a linear solver such as bilevel.implicit.CG(); got {type(solve).__name__}."
+        )
+    if not isinstance(damping, (int, float)) or damping < 0:
+        raise ValueError(f"`damping` must be a non-negative float; got {damping!r}.")
+    symmetric = is_symmetric(residual)
+    linear_solver = solve if solve is not None else default_solve(symmetric)
+
+    def decorator(solver: Callable) -> Callable:
+        if not callable(solver):
+            raise TypeError(f"custom_root decorates a solver function; got {type(solver).__name__}.")
+
+        @functools.wraps(solver)
+        def wrapped(*args, **kwargs):
+            check_captured(residual, args, strict=strict, stage="custom_root")
+            tensors, rebuild = _split_tensors(args)
+            options = _Options(strict, residual_tol, lambda info: setattr(wrapped, "last_info", info))
+
+            def system(sol_spec, n_sol):
+                return AdjointSystem(
+                    residual=residual, sol_spec=sol_spec, n_sol=n_sol, rebuild_args=rebuild,
+                    solve=linear_solver, symmetric=symmetric, damping=float(damping), options=options,
+                )
+
+            call = _RootCall(solver, kwargs, has_aux, system, rebuild)
+            leaves = _Root.apply(call, *tensors)
+            sol = tree_unflatten(list(leaves), call.sol_spec)
+            return (sol, call.aux) if has_aux else sol
+
+        wrapped.last_info = None
+        return wrapped
+
+    return decorator
+
+
+def custom_fixed_point(
+    T: FixedPointMap,
+    solve: Optional[LinearSolver] = None,
+    *,
+    has_aux: bool = False,
+    damping: float = 0.0,
+    strict: bool = False,
+    residual_tol: Optional[float] = None,
+) -> Callable[[Callable], Callable]:
+    r"""Decorator: differentiate a solver whose output is a fixed point ``sol = T(sol, *args)``.
+
+    Equivalent to :func:`custom_root` with the residual :math:`T(s, \theta) - s`,
+    whose Jacobian :math:`\partial_s T - I` is in general not symmetric, so the
+    default solve is GMRES.  Arguments as in :func:`custom_root`.
+
+    Example:
+        >>> import torch, bilevel
+        >>> T = lambda x, a: 0.5 * (x + a / x)          # Newton map for sqrt(a)
+        >>> @bilevel.custom_fixed_point(T)
+        ... def sqrt(a):
+        ...     x = torch.ones_like(a)
+        ...     for _ in range(60):
+        ...         x = T(x, a)
+        ...     return x
+        >>> a = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+        >>> torch.autograd.grad(sqrt(a), a)[0].item()  # 1 / (2 sqrt a)
+        0.25
+    """
+    return custom_root(
+        fixed_point_residual(T), solve, has_aux=has_aux, damping=damping, strict=strict,
+        residual_tol=residual_tol,
+    )
+
+
+__all__ = ["custom_root", "custom_fixed_point", "default_solve", "AdjointSystem", "solve_adjoint", "ImplicitInfo"]
