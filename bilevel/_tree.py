@@ -134,8 +134,21 @@ def tree_norm(tree: TensorTree) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.cat(leaves) if len(leaves) > 1 else leaves[0])
 
 
+def is_transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (vmap / grad levels),
+    where its values cannot be read on the host."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
+
+
 def all_finite(leaves: Sequence[torch.Tensor]) -> bool:
-    """Whether every tensor of ``leaves`` is finite (one host synchronisation)."""
+    """Whether every tensor of ``leaves`` is finite (one host synchronisation).
+
+    Tensors inside a torch.func transform are not inspected (their values are
+    checked where the transform unwraps them, e.g. in the adjoint solve).
+    """
+    if any(is_transformed(x) for x in leaves if torch.is_tensor(x)):
+        return True
     flags = [torch.isfinite(x).all() for x in leaves if x.is_floating_point()]
     if not flags:
         return True

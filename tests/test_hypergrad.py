@@ -1,0 +1,156 @@
+"""hypergrad, unrolled and one-step hypergradients against closed forms (ALGORITHMS.md)."""
+
+import pytest
+import torch
+from torch.func import jacrev, vmap
+
+import bilevel
+from bilevel.implicit import CG, one_step_hypergrad, unrolled_hypergrad
+from bilevel.status import BilevelError, CurvatureWarning, OptimalityWarning
+from helpers import Quadratic, Ridge
+
+
+def test_quadratic_closed_form_and_cg_exact_in_dim_y_steps():
+    q = Quadratic.make()
+    x = torch.randn(3)
+    g, info = bilevel.hypergrad(q.outer, q.inner, x, q.solution(x), return_info=True)
+    torch.testing.assert_close(g, q.hypergradient(x), rtol=1e-12, atol=1e-12)
+    assert info.ok and int(info.linear_solve.iterations) <= 5
+    g5 = bilevel.hypergrad(q.outer, q.inner, x, q.solution(x), solve=CG(maxiter=5, tol=1e-30))
+    torch.testing.assert_close(g5, q.hypergradient(x), rtol=1e-10, atol=1e-10)
+
+
+def test_ridge_per_feature_closed_form():
+    r = Ridge.make(n=50, d=6)
+    lam = torch.linspace(-1, 1, 6)
+    g = bilevel.hypergrad(r.outer, r.inner, lam, r.solution(lam))
+    torch.testing.assert_close(g, r.hypergradient(lam), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("terms", [1, 3, 10])
+def test_neumann_k_terms_matches_its_exact_formula(terms):
+    Neumann = pytest.importorskip("bilevel.implicit.linear_solve").__dict__.get("Neumann")
+    if Neumann is None:
+        pytest.skip("Neumann not available")
+    q = Quadratic.make()
+    x, alpha = torch.randn(3), 0.2
+    y = q.solution(x)
+    g = bilevel.hypergrad(q.outer, q.inner, x, y, solve=Neumann(terms=terms, alpha=alpha))
+    eye = torch.eye(5)
+    truncated = eye - torch.linalg.matrix_power(eye - alpha * q.A, terms)
+    expected = q.B.T @ torch.linalg.solve(q.A, truncated @ (y - q.y_target)) + q.rho * x
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_unrolled_matches_matrix_power_and_truncation():
+    q = Quadratic.make()
+    x, alpha, T = torch.randn(3), 0.1, 25
+    eye = torch.eye(5)
+    P = torch.linalg.matrix_power(eye - alpha * q.A, T)
+    J = (eye - P) @ torch.linalg.solve(q.A, q.B)  # y_T = J x from y_0 = 0
+    expected = J.T @ (J @ x - q.y_target) + q.rho * x
+    g, y_T = unrolled_hypergrad(q.outer, q.inner, x, torch.zeros(5), T, alpha, return_solution=True)
+    torch.testing.assert_close(y_T, J @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-12)
+    # truncated to the last K steps: y_{T-K} is a constant
+    K = 5
+    y_start = (eye - torch.linalg.matrix_power(eye - alpha * q.A, T - K)) @ torch.linalg.solve(q.A, q.B @ x)
+    PK = torch.linalg.matrix_power(eye - alpha * q.A, K)
+    JK = (eye - PK) @ torch.linalg.solve(q.A, q.B)
+    expected_K = JK.T @ (PK @ y_start + JK @ x - q.y_target) + q.rho * x
+    gK = unrolled_hypergrad(q.outer, q.inner, x, torch.zeros(5), T, alpha, truncate=K)
+    torch.testing.assert_close(gK, expected_K, rtol=1e-12, atol=1e-12)
+
+
+def test_unrolled_approaches_implicit_as_steps_grow():
+    q = Quadratic.make()
+    x = torch.randn(3)
+    exact = q.hypergradient(x)
+    errors = [float((unrolled_hypergrad(q.outer, q.inner, x, torch.zeros(5), T) - exact).norm()) for T in (5, 50, 500)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-8
+
+
+def test_one_step_matches_its_formula():
+    q = Quadratic.make()
+    x, y, xi = torch.randn(3), torch.randn(5), 0.3
+    y_next = y - xi * (q.A @ y - q.B @ x)
+    # d/dx F(x, y - xi grad_y f(x, y)) with d y_next / dx = xi B
+    expected = xi * q.B.T @ (y_next - q.y_target) + q.rho * x
+    torch.testing.assert_close(one_step_hypergrad(q.outer, q.inner, x, y, xi), expected)
+
+
+def test_pytree_upper_and_lower_variables():
+    r = Ridge.make(n=40, d=3)
+
+    def inner(x, y):
+        return r.inner(x["lam"], y["w"]) + 0.5 * x["c"].exp() * (y["b"] - 1) ** 2
+
+    def outer(x, y):
+        return r.outer(x["lam"], y["w"]) + (y["b"] - 3) ** 2
+
+    x = {"lam": torch.tensor([0.1, -0.2, 0.3]), "c": torch.tensor(0.5)}
+    y = {"w": r.solution(x["lam"]), "b": torch.tensor(1.0)}
+    g = bilevel.hypergrad(outer, inner, x, y)
+    torch.testing.assert_close(g["lam"], r.hypergradient(x["lam"]), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(g["c"], torch.tensor(0.0), atol=1e-12, rtol=0)  # b* = 1 for every c
+
+
+def test_create_graph_gives_the_hessian_of_the_hyperobjective():
+    q = Quadratic.make()
+    x = torch.randn(3)
+
+    def hyper_gradient(x_):
+        return bilevel.hypergrad(q.outer, q.inner, x_, q.solution(x_), create_graph=True)
+
+    Ainv_B = torch.linalg.solve(q.A, q.B)
+    expected = Ainv_B.T @ Ainv_B + q.rho * torch.eye(3)
+    torch.testing.assert_close(jacrev(hyper_gradient)(x), expected, rtol=1e-10, atol=1e-10)
+    assert not bilevel.hypergrad(q.outer, q.inner, x.requires_grad_(), q.solution(x)).requires_grad
+
+
+def test_vmap_over_independent_problems_equals_loop():
+    r = Ridge.make(n=40, d=3)
+    lams = torch.randn(6, 3)
+    ws = torch.stack([r.solution(l) for l in lams])
+    batched = vmap(lambda l, w: bilevel.hypergrad(r.outer, r.inner, l, w))(lams, ws)
+    torch.testing.assert_close(batched, torch.stack([r.hypergradient(l) for l in lams]), rtol=1e-9, atol=1e-10)
+
+
+def test_m1_singular_hessian_points_to_single_loop_methods():
+    n = 4
+    inner = lambda x, y: 0.5 * (y[:n] ** 2).sum() - x @ y[:n]  # noqa: E731
+    outer = lambda x, y: 0.5 * ((x - y[n:]) ** 2).sum() + 0.5 * ((y[:n] - 1) ** 2).sum()  # noqa: E731
+    # where the implicit method stalls on M1: x = 0.505 e, y1 = x, y2 = y2_0 = 0.01 e
+    x = torch.full((n,), 0.505)
+    y = torch.cat([x, torch.full((n,), 0.01)])
+    with pytest.warns(CurvatureWarning, match="single-loop"):
+        bilevel.hypergrad(outer, inner, x, y)
+    with pytest.raises(BilevelError):
+        bilevel.hypergrad(outer, inner, x, y, strict=True)
+
+
+def test_inexact_inner_solution_is_flagged():
+    q = Quadratic.make()
+    x = torch.randn(3)
+    with pytest.warns(OptimalityWarning, match="optimality residual"):
+        bilevel.hypergrad(q.outer, q.inner, x, q.solution(x) + 0.05)
+
+
+def test_bad_input():
+    q = Quadratic.make()
+    x = torch.randn(3)
+    y = q.solution(x)
+    with pytest.raises(ValueError, match="scalar"):
+        bilevel.hypergrad(lambda x, y: y, q.inner, x, y)
+    with pytest.raises(ValueError, match="scalar"):
+        bilevel.hypergrad(q.outer, lambda x, y: y * x.sum(), x, y)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        bilevel.hypergrad(q.outer, q.inner, x, y * float("nan"))
+    with pytest.raises(FloatingPointError, match="outer"):
+        bilevel.hypergrad(lambda x, y: (y.sqrt()).sum() * 0 + torch.tensor(float("inf")) * y.sum(), q.inner, x, y)
+    with pytest.raises(TypeError, match="tensor"):
+        bilevel.hypergrad(q.outer, q.inner, [1.0, 2.0], y)
+    with pytest.raises(ValueError, match="steps"):
+        unrolled_hypergrad(q.outer, q.inner, x, y, 0)
+    with pytest.raises(ValueError, match="truncate"):
+        unrolled_hypergrad(q.outer, q.inner, x, y, 3, 0.1, truncate=5)

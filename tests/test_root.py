@@ -1,0 +1,336 @@
+"""custom_root / custom_fixed_point against closed forms, in every differentiation mode."""
+
+import warnings
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jacfwd, jacrev, vmap
+
+import bilevel
+from bilevel.implicit import CG, stationarity
+from bilevel.status import (
+    BilevelError,
+    CapturedTensorWarning,
+    ConvergenceWarning,
+    CurvatureWarning,
+    OptimalityWarning,
+)
+from helpers import Ridge
+
+
+@pytest.fixture
+def ridge():
+    problem = Ridge.make()
+
+    @bilevel.custom_root(stationarity(problem.inner_objective))
+    def solve(lam):
+        return problem.solution(lam)  # runs without autograd inside custom_root
+
+    return problem, solve
+
+
+def lam0(d=4):
+    return torch.linspace(-0.5, 0.5, d)
+
+
+def _modes(solve, lam):
+    """The Jacobian d w*/d lam computed through every differentiation mode."""
+    return {
+        "jacrev": jacrev(solve)(lam),
+        "jacfwd": jacfwd(solve)(lam),
+        "autograd": torch.stack(
+            [torch.autograd.grad(solve(lam.requires_grad_())[i], lam)[0] for i in range(lam.numel())]
+        ),
+        "func.grad": torch.stack([grad(lambda l, i=i: solve(l)[i])(lam.detach()) for i in range(lam.numel())]),
+    }
+
+
+def test_jacobian_every_mode_matches_closed_form(ridge):
+    problem, solve = ridge
+    lam = lam0()
+    expected = problem.jacobian(lam)
+    for mode, jac in _modes(solve, lam).items():
+        torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12, msg=mode)
+
+
+def test_gradcheck_and_gradgradcheck(ridge):
+    _, solve = ridge
+    lam = lam0().requires_grad_()
+    assert torch.autograd.gradcheck(solve, (lam,))
+    assert torch.autograd.gradgradcheck(solve, (lam,))
+
+
+def test_second_derivative_follows_the_implicit_rule(ridge):
+    problem, solve = ridge
+    lam = lam0()
+    expected = jacrev(jacrev(problem.solution))(lam)
+    torch.testing.assert_close(jacrev(jacrev(solve))(lam), expected, rtol=1e-9, atol=1e-11)
+    lam = lam.requires_grad_()
+    g = torch.autograd.grad(solve(lam).sum(), lam, create_graph=True)[0]
+    h = torch.autograd.grad(g @ torch.arange(4.0), lam)[0]
+    g_ref = torch.autograd.grad(problem.solution(lam).sum(), lam, create_graph=True)[0]
+    h_ref = torch.autograd.grad(g_ref @ torch.arange(4.0), lam)[0]
+    torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-11)
+
+
+def test_vmap_equals_loop(ridge):
+    problem, solve = ridge
+    lams = torch.randn(5, 4)
+    torch.testing.assert_close(vmap(solve)(lams), torch.stack([problem.solution(l) for l in lams]))
+    jac = vmap(jacrev(solve))(lams)
+    torch.testing.assert_close(jac, torch.stack([problem.jacobian(l) for l in lams]), rtol=1e-10, atol=1e-12)
+
+
+def test_scalar_root_with_every_linear_solver():
+    solvers = [CG(), bilevel.implicit.linear_solve.Direct()]
+    for name in ("GMRES", "BiCGStab", "MINRES", "NormalCG", "Neumann"):
+        cls = getattr(bilevel.implicit.linear_solve, name, None)
+        if cls is not None:
+            solvers.append(cls(alpha=0.5, terms=200) if name == "Neumann" else cls())
+    # x^2 - a = 0 has Jacobian 2 sqrt(a) > 0: every solver applies.  (The fixed-point
+    # residual T(x) - x of Newton's map has Jacobian -1 there, which CG rightly refuses.)
+    for solver in solvers:
+
+        @bilevel.custom_root(lambda x, a: x * x - a, solve=solver)
+        def sqrt(a):
+            return a.sqrt()
+
+        a = torch.tensor(2.0, requires_grad=True)
+        (g,) = torch.autograd.grad(sqrt(a), a)
+        torch.testing.assert_close(g, 0.5 / a.detach().sqrt(), msg=repr(solver))
+
+
+def test_nonsymmetric_fixed_point_with_default_solve():
+    torch.manual_seed(1)
+    A = 0.4 * torch.randn(6, 6) / 6**0.5  # contraction, not symmetric
+    T = lambda x, theta: A @ x + torch.tanh(theta)  # noqa: E731
+
+    @bilevel.custom_fixed_point(T)
+    def fixed_point(theta):
+        x = torch.zeros(6)
+        for _ in range(200):
+            x = T(x, theta)
+        return x
+
+    theta = torch.randn(6)
+    expected = torch.linalg.solve(torch.eye(6) - A, torch.diag(1 - torch.tanh(theta) ** 2))
+    torch.testing.assert_close(jacrev(fixed_point)(theta), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_float32_defaults_are_quiet_and_accurate():
+    p64 = Ridge.make()
+    problem = Ridge(*(t.float() for t in (p64.X, p64.t, p64.Xv, p64.tv)))
+
+    @bilevel.custom_root(stationarity(problem.inner_objective))
+    def solve(lam):
+        return problem.solution(lam)
+
+    lam = lam0().float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jac = jacrev(solve)(lam)
+    assert jac.dtype == torch.float32
+    expected = p64.jacobian(lam.double())
+    torch.testing.assert_close(jac.double(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_pytree_solution_args_kwargs_and_aux():
+    X = torch.randn(10, 3)
+
+    def objective(sol, params, scale):
+        w, b = sol["w"], sol["b"]
+        return 0.5 * ((X @ w + b - params["t"]) ** 2).sum() + 0.5 * scale * params["lam"].exp() * (w**2).sum()
+
+    @bilevel.custom_root(stationarity(objective), has_aux=True)
+    def solve(params, scale, init=None):
+        assert init is not None  # kwargs reach the solver
+        A = torch.cat([X, torch.ones(10, 1)], 1)
+        reg = torch.diag(torch.cat([scale * params["lam"].exp().expand(3), torch.zeros(1)]))
+        z = torch.linalg.solve(A.T @ A + reg, A.T @ params["t"])
+        return {"w": z[:3], "b": z[3]}, "aux-info"
+
+    params = {"t": torch.randn(10), "lam": torch.tensor(0.3)}
+
+    def loss(p):
+        sol, aux = solve(p, 2.0, init=0)
+        assert aux == "aux-info"
+        return (sol["w"] ** 2).sum() + sol["b"]
+
+    def reference(p):
+        A = torch.cat([X, torch.ones(10, 1)], 1)
+        reg = torch.diag(torch.cat([2.0 * p["lam"].exp().expand(3), torch.zeros(1)]))
+        z = torch.linalg.solve(A.T @ A + reg, A.T @ p["t"])
+        return (z[:3] ** 2).sum() + z[3]
+
+    g, g_ref = grad(loss)(params), grad(reference)(params)
+    for k in params:
+        torch.testing.assert_close(g[k], g_ref[k])
+
+
+def test_module_parameters_through_functional_call():
+    net = torch.nn.Linear(3, 2)
+    data = torch.randn(8, 3)
+
+    def objective(z, params):
+        out = functional_call(net, params, (data,))
+        return 0.5 * ((z - out.sum(0)) ** 2).sum() + 0.25 * (z**4).sum()
+
+    @bilevel.custom_root(stationarity(objective))
+    def solve(params):
+        z = torch.zeros(2)
+        target = functional_call(net, params, (data,)).sum(0)
+        for _ in range(100):  # Newton on z - target + z^3 = 0
+            z = z - (z - target + z**3) / (1 + 3 * z**2)
+        return z
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p):
+        return solve(p).sum()
+
+    g = grad(loss)(params)
+    eps = 1e-6
+    for k, v in params.items():
+        direction = torch.randn_like(v)
+        plus = {**params, k: v + eps * direction}
+        minus = {**params, k: v - eps * direction}
+        fd = (loss(plus) - loss(minus)) / (2 * eps)
+        torch.testing.assert_close((g[k] * direction).sum(), fd, rtol=1e-6, atol=1e-8)
+
+
+def test_logistic_regression_against_dense_hessian():
+    torch.manual_seed(3)
+    X = torch.randn(40, 5)
+    y = torch.sign(torch.randn(40))
+
+    def objective(w, lam):
+        return torch.nn.functional.softplus(-y * (X @ w)).sum() + 0.5 * (lam.exp() * w**2).sum()
+
+    @bilevel.custom_root(stationarity(objective))
+    def fit(lam):
+        w = torch.zeros(5)
+        for _ in range(50):  # Newton
+            H = torch.func.hessian(objective)(w, lam)
+            w = w - torch.linalg.solve(H, torch.func.grad(objective)(w, lam))
+        return w
+
+    lam = torch.randn(5)
+    w = fit(lam)
+    H = torch.func.hessian(objective)(w, lam)
+    cross = jacrev(torch.func.grad(objective), argnums=1)(w, lam)
+    torch.testing.assert_close(jacrev(fit)(lam), -torch.linalg.solve(H, cross), rtol=1e-9, atol=1e-11)
+
+
+def test_last_info_is_a_passing_certificate(ridge):
+    _, solve = ridge
+    lam = lam0().requires_grad_()
+    solve(lam).sum().backward()
+    info = solve.last_info
+    assert info.ok
+    assert float(info.optimality_residual) < 1e-10
+    assert int(info.linear_solve.iterations) > 0
+
+
+# -- failures are reported, never silent -------------------------------------------------
+
+def test_captured_tensor_is_named():
+    X = torch.randn(10, 3)
+    scale = torch.tensor(2.0, requires_grad=True)
+
+    def objective(w, t):
+        return 0.5 * ((X @ w - t) ** 2).sum() + scale * (w**2).sum()
+
+    def solve(t):
+        return torch.linalg.solve(X.T @ X + 2 * scale.detach() * torch.eye(3), X.T @ t)
+
+    t = torch.randn(10, requires_grad=True)
+    with pytest.warns(CapturedTensorWarning, match="'scale'"):
+        bilevel.custom_root(stationarity(objective))(solve)(t)
+    with pytest.raises(BilevelError, match="'scale'"):
+        bilevel.custom_root(stationarity(objective), strict=True)(solve)(t)
+
+
+def test_captured_module_is_named():
+    net = torch.nn.Linear(3, 3)
+
+    def residual(z, t):
+        return z - net(t)
+
+    with pytest.warns(CapturedTensorWarning, match="'net'"):
+        bilevel.custom_root(residual)(lambda t: net(t).detach())(torch.randn(3))
+
+
+def test_inexact_solution_warns_with_residual(ridge):
+    problem, _ = ridge
+
+    @bilevel.custom_root(stationarity(problem.inner_objective))
+    def sloppy(lam):
+        return problem.solution(lam) + 0.1
+
+    lam = lam0().requires_grad_()
+    with pytest.warns(OptimalityWarning, match="optimality residual"):
+        sloppy(lam).sum().backward()
+    strict = bilevel.custom_root(stationarity(problem.inner_objective), strict=True)(
+        lambda l: problem.solution(l) + 0.1
+    )
+    with pytest.raises(BilevelError, match="optimality residual"):
+        strict(lam).sum().backward()
+
+
+def test_linear_solve_budget_exhausted_warns(ridge):
+    problem, _ = ridge
+    solve = bilevel.custom_root(stationarity(problem.inner_objective), solve=CG(maxiter=1))(problem.solution)
+    with pytest.warns(ConvergenceWarning, match="MAX_ITERATIONS"):
+        jacrev(solve)(lam0())
+
+
+def test_singular_system_is_detected_and_damping_is_a_remedy():
+    def objective(y, x):  # no curvature in y[1]: singular Hessian
+        return 0.5 * (y[0] - x) ** 2 + 0.0 * y[1]
+
+    solve = bilevel.custom_root(stationarity(objective))(lambda x: torch.stack([x, torch.zeros(())]))
+    x = torch.tensor(1.0, requires_grad=True)
+    with pytest.warns(CurvatureWarning, match="singular or indefinite"):
+        torch.autograd.grad(solve(x) @ torch.tensor([1.0, 1.0]), x)
+    damped = bilevel.custom_root(stationarity(objective), damping=1e-8)(lambda x: torch.stack([x, torch.zeros(())]))
+    (g,) = torch.autograd.grad(damped(x)[0], x)
+    torch.testing.assert_close(g, torch.tensor(1.0), rtol=1e-6, atol=0)
+
+
+def test_indefinite_system_cg_warns_gmres_is_exact():
+    def objective(y, x):  # saddle: Hessian diag(1, -2)
+        return 0.5 * y[0] ** 2 - y[1] ** 2 - x * (y[0] + y[1])
+
+    solution = lambda x: torch.stack([x, -x / 2])  # noqa: E731
+    cg = bilevel.custom_root(stationarity(objective), solve=CG())(solution)
+    x = torch.tensor(1.0, requires_grad=True)
+    with pytest.warns(CurvatureWarning):
+        torch.autograd.grad(cg(x).sum(), x)
+    gmres = bilevel.implicit.linear_solve.GMRES()
+    exact = bilevel.custom_root(stationarity(objective), solve=gmres)(solution)
+    (g,) = torch.autograd.grad(exact(x).sum(), x)
+    torch.testing.assert_close(g, torch.tensor(0.5))
+
+
+def test_nonfinite_solution_raises():
+    solve = bilevel.custom_root(lambda z, t: z - t)(lambda t: t * float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        solve(torch.ones(2, requires_grad=True))
+
+
+def test_residual_with_wrong_shape_raises():
+    solve = bilevel.custom_root(lambda z, t: (z - t).sum())(lambda t: t.clone())
+    t = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="structure and shapes"):
+        solve(t).sum().backward()
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(TypeError, match="residual"):
+        bilevel.custom_root(3)
+    with pytest.raises(TypeError, match="solve"):
+        bilevel.custom_root(lambda z: z, solve="cg")
+    with pytest.raises(ValueError, match="damping"):
+        bilevel.custom_root(lambda z: z, damping=-1.0)
+    with pytest.raises(TypeError, match="the solver's output"):
+        bilevel.custom_root(lambda z, t: z)(lambda t: "not a tensor")(torch.ones(2))
