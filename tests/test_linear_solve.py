@@ -1,0 +1,339 @@
+"""Linear solvers against torch.linalg.solve, their failure modes and contracts.
+
+A registry of solvers (each with the problem kinds it is meant for) is crossed
+with a registry of problems with known answers, as in lineax's tests/helpers.py.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from bilevel.implicit.linear_solve import CG, GMRES, MINRES, BiCGStab, Direct, LinearSolver, Neumann, NormalCG
+from bilevel.status import Status
+
+N = 8
+ALL_KINDS = {"spd", "indefinite", "nonsymmetric"}
+
+# name -> (solver, the problem kinds it must solve)
+SOLVERS = {
+    "CG": (CG(tol=1e-12), {"spd"}),
+    "Neumann": (Neumann(terms=200, alpha=None), {"spd"}),
+    "GMRES": (GMRES(tol=1e-12), ALL_KINDS),
+    "GMRES-restart3": (GMRES(tol=1e-12, restart=3, maxiter=600), {"spd", "nonsymmetric"}),
+    "BiCGStab": (BiCGStab(tol=1e-12), ALL_KINDS),
+    "MINRES": (MINRES(tol=1e-12), {"spd", "indefinite"}),
+    "NormalCG": (NormalCG(CG(tol=1e-12)), ALL_KINDS),
+    "Direct-cholesky": (Direct("cholesky"), {"spd"}),
+    "Direct-lu": (Direct("lu"), ALL_KINDS),
+    "Direct-lstsq": (Direct("lstsq"), ALL_KINDS),
+}
+ITERATIVE = ["CG", "GMRES", "GMRES-restart3", "BiCGStab", "MINRES", "NormalCG"]
+CASES = [(name, kind) for name, (_, kinds) in SOLVERS.items() for kind in sorted(kinds)]
+
+
+def make_matrix(kind, n=N, seed=0, low=1.0, high=4.0, dtype=torch.float64):
+    """A well-conditioned ``n x n`` matrix of the given kind (spectrum in [low, high])."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=dtype))
+    eig = torch.linspace(low, high, n, dtype=dtype)
+    if kind == "spd":
+        return Q @ torch.diag(eig) @ Q.T
+    if kind == "indefinite":
+        signs = torch.tensor([(-1.0) ** i for i in range(n)], dtype=dtype)
+        return Q @ torch.diag(signs * eig) @ Q.T
+    if kind == "nonsymmetric":
+        return 3 * torch.eye(n, dtype=dtype) + torch.randn(n, n, generator=g, dtype=dtype) / n**0.5
+    if kind == "singular":  # symmetric, rank n - 2
+        eig[:2] = 0
+        return Q @ torch.diag(eig) @ Q.T
+    raise ValueError(kind)
+
+
+def make_rhs(shape, seed=1, dtype=torch.float64):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def matvec_of(A):
+    """``v -> A v`` for ``A`` of shape ``(*batch, n, n)`` and ``v`` of shape ``(*batch, n)``."""
+    return lambda v: (A @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def with_default_tol(solver):
+    if isinstance(solver, NormalCG):
+        return NormalCG(with_default_tol(solver.inner))
+    if hasattr(solver, "tol"):
+        return dataclasses.replace(solver, tol=None)
+    return solver
+
+
+def assert_all(info, status):
+    assert bool((info.status == status).all()), info
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("name, kind", CASES)
+def test_matches_dense_solve(name, kind):
+    solver, _ = SOLVERS[name]
+    A, b = make_matrix(kind), make_rhs(N)
+    x, info = solver(matvec_of(A), b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+    assert_all(info, Status.SUCCESS)
+    assert bool(info.converged) and float(info.relative_residual) < 1e-10
+    assert info.iterations.dtype == torch.int64 and int(info.iterations) >= 1
+
+
+@pytest.mark.parametrize("terms", [1, 2, 5, 30])
+def test_neumann_exact_identity(terms):
+    A, b, alpha = make_matrix("spd"), make_rhs(N), 0.2
+    x, info = Neumann(terms=terms, alpha=alpha)(matvec_of(A), b)
+    eye = torch.eye(N)
+    expected = torch.linalg.solve(A, (eye - torch.linalg.matrix_power(eye - alpha * A, terms)) @ b)
+    torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
+    assert int(info.iterations) == terms - 1 and int(info.status) == Status.SUCCESS
+
+
+def test_neumann_alpha_none_uses_inverse_spectral_radius():
+    A, b = 10 * make_matrix("spd"), make_rhs(N)  # L = 40: alpha = 1.0 would diverge
+    x, info = Neumann(terms=300, alpha=None)(matvec_of(A), b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
+    assert int(info.status) == Status.SUCCESS
+
+
+@pytest.mark.parametrize("name", ["NormalCG", "Direct-lstsq"])
+def test_singular_least_squares_solvers_give_minimum_norm_solution(name):
+    A, b = make_matrix("singular"), make_rhs(N)  # inconsistent: b has a null-space part
+    x, info = SOLVERS[name][0](matvec_of(A), b)
+    torch.testing.assert_close(x, torch.linalg.pinv(A) @ b, rtol=1e-8, atol=1e-9)
+    assert int(info.status) == Status.SUCCESS
+    assert float(info.relative_residual) > 1e-3  # the original system is not solved
+
+
+@pytest.mark.parametrize("batch_shape", [(3,), (2, 2)], ids=["batch_dims=1", "batch_dims=2"])
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_batched_equals_loop(name, batch_shape):
+    solver, kinds = SOLVERS[name]
+    kind = "nonsymmetric" if "nonsymmetric" in kinds else "spd"
+    count = batch_shape[0] * (batch_shape[1] if len(batch_shape) > 1 else 1)
+    A = torch.stack([make_matrix(kind, seed=s) * (1 + s) for s in range(count)]).reshape(*batch_shape, N, N)
+    b = make_rhs((*batch_shape, N))
+    x, info = solver(matvec_of(A), b, batch_dims=len(batch_shape))
+    for field in ("iterations", "residual_norm", "b_norm", "status"):
+        assert getattr(info, field).shape == batch_shape
+    for idx in torch.cartesian_prod(*[torch.arange(s) for s in batch_shape]).reshape(count, -1).tolist():
+        idx = tuple(idx)
+        x_i, info_i = solver(matvec_of(A[idx]), b[idx])
+        torch.testing.assert_close(x[idx], x_i, rtol=1e-10, atol=1e-12)
+        assert int(info.status[idx]) == int(info_i.status) == Status.SUCCESS
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_pytree_rhs_equals_flat(name):
+    solver, _ = SOLVERS[name]
+    A, flat_b = make_matrix("spd"), make_rhs(N)
+    b = {"w": flat_b[:6].reshape(2, 3), "bias": flat_b[6:]}
+
+    def tree_matvec(v):
+        out = A @ torch.cat([v["w"].reshape(-1), v["bias"]])
+        return {"w": out[:6].reshape(2, 3), "bias": out[6:]}
+
+    x, info = solver(tree_matvec, b)
+    x_flat, _ = solver(matvec_of(A), flat_b)
+    assert set(x) == {"w", "bias"} and x["w"].shape == (2, 3) and x["bias"].shape == (2,)
+    torch.testing.assert_close(torch.cat([x["w"].reshape(-1), x["bias"]]), x_flat, rtol=1e-12, atol=1e-13)
+    assert int(info.status) == Status.SUCCESS
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_scalar_system(name):
+    solver, _ = SOLVERS[name]
+    x, info = solver(lambda v: 2.5 * v, torch.tensor(3.0))
+    assert x.shape == () and info.status.shape == ()
+    torch.testing.assert_close(x, torch.tensor(1.2), rtol=1e-12, atol=1e-12)
+    assert int(info.status) == Status.SUCCESS and int(info.iterations) >= 1
+
+
+@pytest.mark.parametrize("name", ITERATIVE)
+def test_warm_start_reduces_iterations(name):
+    solver, _ = SOLVERS[name]
+    A, b = make_matrix("spd", n=30, high=30.0), make_rhs(30)
+    x_star = torch.linalg.solve(A, b)
+    _, cold = solver(matvec_of(A), b)
+    x, warm = solver(matvec_of(A), b, x0=x_star + 1e-7 * make_rhs(30, seed=5))
+    assert int(warm.iterations) < int(cold.iterations)
+    assert int(warm.status) == Status.SUCCESS
+    torch.testing.assert_close(x, x_star, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_float32_default_tol_converges_and_keeps_dtype(name):
+    solver = with_default_tol(SOLVERS[name][0])
+    A = make_matrix("spd", dtype=torch.float32)
+    b = make_rhs(N, dtype=torch.float32)
+    x, info = solver(matvec_of(A), b)
+    assert x.dtype == torch.float32 and info.residual_norm.dtype == torch.float32
+    assert int(info.status) == Status.SUCCESS, info.summary()
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-3, atol=1e-3)
+    tree, _ = solver(lambda v: {"a": 2 * v["a"]}, {"a": b})
+    assert tree["a"].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_cg_on_indefinite_breaks_down():
+    x, info = CG()(matvec_of(make_matrix("indefinite")), make_rhs(N))
+    assert int(info.status) == Status.BREAKDOWN and bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("name", ITERATIVE)
+def test_small_maxiter_reports_max_iterations(name):
+    solver, _ = SOLVERS[name]
+    solver = NormalCG(CG(maxiter=2, tol=1e-12)) if name == "NormalCG" else dataclasses.replace(solver, maxiter=2)
+    A, b = make_matrix("spd", n=30, high=30.0), make_rhs(30)
+    x, info = solver(matvec_of(A), b)
+    assert int(info.status) == Status.MAX_ITERATIONS
+    assert int(info.iterations) == 2
+    assert 1e-6 < float(info.relative_residual) < 1 and bool(torch.isfinite(x).all())
+    assert "MAX_ITERATIONS" in info.summary()
+
+
+def test_neumann_alpha_too_big_diverges():
+    x, info = Neumann(terms=100, alpha=1.0)(matvec_of(make_matrix("spd")), make_rhs(N))  # 1 - 4 alpha = -3
+    assert int(info.status) == Status.DIVERGED
+    assert bool(torch.isfinite(x).all()) and bool(torch.isfinite(info.residual_norm))
+
+
+def test_direct_cholesky_on_indefinite_or_nonsymmetric_breaks_down():
+    for kind in ("indefinite", "nonsymmetric"):
+        x, info = Direct("cholesky")(matvec_of(make_matrix(kind)), make_rhs(N))
+        assert int(info.status) == Status.BREAKDOWN and bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("name", ["CG", "GMRES", "GMRES-restart3", "BiCGStab", "MINRES", "Direct-cholesky", "Direct-lu"])
+def test_singular_inconsistent_system_is_not_success(name):
+    solver, _ = SOLVERS[name]
+    x, info = solver(matvec_of(make_matrix("singular")), make_rhs(N))
+    assert int(info.status) != Status.SUCCESS, info
+    assert bool(torch.isfinite(x).all())
+
+
+def test_gmres_stagnation_is_breakdown():
+    P = torch.roll(torch.eye(N), 1, 0)  # cyclic shift: GMRES(m < n) makes no progress from e_1
+    b = torch.zeros(N)
+    b[0] = 1
+    x, info = GMRES(restart=2)(matvec_of(P), b)
+    assert int(info.status) == Status.BREAKDOWN and int(info.iterations) == 2
+    x, info = GMRES(restart=N)(matvec_of(P), b)
+    assert int(info.status) == Status.SUCCESS
+    torch.testing.assert_close(x, P.T @ b)
+
+
+# (solver, kind of the good element, kind or matrix of the bad one, expected bad status)
+ISOLATION = {
+    "CG": (CG(tol=1e-12), "spd", "indefinite", Status.BREAKDOWN),
+    "Neumann": (Neumann(terms=100, alpha=0.2), "spd", "spd*10", Status.DIVERGED),
+    "GMRES": (GMRES(tol=1e-12), "nonsymmetric", "singular", None),
+    "BiCGStab": (BiCGStab(tol=1e-12), "nonsymmetric", "singular", None),
+    "MINRES": (MINRES(tol=1e-12), "indefinite", "singular", None),
+    "NormalCG": (NormalCG(CG(tol=1e-12, maxiter=3)), "scalar", "spd", Status.MAX_ITERATIONS),
+    "Direct-cholesky": (Direct("cholesky"), "spd", "indefinite", Status.BREAKDOWN),
+    "Direct-lu": (Direct("lu"), "nonsymmetric", "zero", Status.BREAKDOWN),
+}
+
+
+def _isolation_matrix(kind):
+    if kind == "spd*10":
+        return 10 * make_matrix("spd")
+    if kind == "zero":
+        return torch.zeros(N, N)
+    if kind == "scalar":
+        return 2 * torch.eye(N)
+    return make_matrix(kind)
+
+
+@pytest.mark.parametrize("name", list(ISOLATION))
+def test_failing_element_does_not_change_the_others(name):
+    solver, good, bad, bad_status = ISOLATION[name]
+    A = torch.stack([_isolation_matrix(good), _isolation_matrix(bad), _isolation_matrix(good) * 2])
+    b = make_rhs((3, N))
+    x, info = solver(matvec_of(A), b, batch_dims=1)
+    assert info.status[1] != Status.SUCCESS if bad_status is None else int(info.status[1]) == bad_status
+    assert bool(torch.isfinite(x).all())
+    for i in (0, 2):
+        x_i, info_i = solver(matvec_of(A[i]), b[i])
+        assert int(info.status[i]) == int(info_i.status) == Status.SUCCESS
+        torch.testing.assert_close(x[i], x_i, rtol=1e-12, atol=1e-13)
+    assert "batch elements [1]" in info.summary()
+
+
+def test_summary_names_failing_elements():
+    A = torch.stack([make_matrix("spd"), make_matrix("indefinite"), make_matrix("spd"), make_matrix("indefinite")])
+    _, info = CG()(matvec_of(A), make_rhs((4, N)), batch_dims=1)
+    summary = info.summary()
+    assert "batch elements [1, 3]" in summary and "BREAKDOWN" in summary
+    _, ok = CG()(matvec_of(A[0]), make_rhs(N))
+    assert ok.summary() == "linear solve converged"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: CG(maxiter=-1), "maxiter"),
+        (lambda: GMRES(maxiter=-1), "maxiter"),
+        (lambda: BiCGStab(maxiter=0), "maxiter"),
+        (lambda: MINRES(maxiter=1.5), "maxiter"),
+        (lambda: CG(tol=1.5), "tol"),
+        (lambda: GMRES(tol=0.0), "tol"),
+        (lambda: BiCGStab(tol=-1e-3), "tol"),
+        (lambda: MINRES(atol=-1.0), "atol"),
+        (lambda: GMRES(restart=0), "restart"),
+        (lambda: Neumann(terms=0), "terms"),
+        (lambda: Neumann(alpha=-0.1), "alpha"),
+        (lambda: Direct("qr"), "method"),
+        (lambda: NormalCG(inner="cg"), "inner"),
+    ],
+)
+def test_bad_settings_name_the_field(make, field):
+    with pytest.raises(ValueError, match=f"`{field}` must be"):
+        make()
+
+
+def test_unknown_direct_method_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="'cholesky', 'lu', 'lstsq'.*got 'qr'"):
+        Direct("qr")
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_bad_call_arguments(name):
+    solver, _ = SOLVERS[name]
+    A, b = make_matrix("spd"), make_rhs(N)
+    with pytest.raises(TypeError, match="`matvec` must be callable"):
+        solver(A, b)
+    with pytest.raises(ValueError, match="`x0` and `b` must have the same structure"):
+        solver(matvec_of(A), b, x0=torch.zeros(N + 1))
+    with pytest.raises(FloatingPointError, match="contains NaN"):
+        solver(matvec_of(A), torch.full((N,), float("nan")))
+
+
+def test_matvec_that_torch_func_cannot_transform():
+    A = make_matrix("spd")
+    numpy_matvec = lambda v: torch.from_numpy(A.numpy() @ v.numpy())  # noqa: E731
+    with pytest.raises(RuntimeError, match="could not be batched with torch.func.vmap"):
+        Direct()(numpy_matvec, make_rhs(N))
+    with pytest.raises(RuntimeError, match="torch.func.vjp"):
+        NormalCG()(numpy_matvec, make_rhs(N))
+    x, info = GMRES()(numpy_matvec, make_rhs(N))  # iterative solvers only call it
+    assert int(info.status) == Status.SUCCESS
+
+
+def test_solvers_are_linear_solvers_with_a_repr():
+    for solver, _ in SOLVERS.values():
+        assert isinstance(solver, LinearSolver) and type(solver).__name__ in repr(solver)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GMRES().restart = 5
