@@ -142,6 +142,8 @@ def tree_norm(tree: TensorTree) -> torch.Tensor:
 def is_transformed(t: torch.Tensor) -> bool:
     """Whether ``t`` is wrapped by a torch.func transform (vmap / grad levels),
     where its values cannot be read on the host."""
+    if torch.compiler.is_compiling():  # values are symbolic while tracing
+        return True
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(check(t)) if check is not None else False
 

@@ -334,3 +334,12 @@ def test_bad_arguments_raise():
         bilevel.custom_root(lambda z: z, damping=-1.0)
     with pytest.raises(TypeError, match="the solver's output"):
         bilevel.custom_root(lambda z, t: z)(lambda t: "not a tensor")(torch.ones(2))
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_implicit_gradient(ridge):
+    problem, solve = ridge
+    lam = lam0().requires_grad_()
+    compiled = torch.compile(lambda l: solve(l).sum())
+    compiled(lam).backward()
+    torch.testing.assert_close(lam.grad, problem.jacobian(lam.detach()).sum(0))
