@@ -145,11 +145,11 @@ def test_projected_gradient_box_with_differentiable_bounds():
     F = lambda s, t: cond(s, (t[:6],), (t[6:12], t[12:]))  # noqa: E731
     J = implicit_jacobian(F, x, theta)
     inside = ((z > lo) & (z < hi)).to(DT)
-    torch.testing.assert_close(J[:, :6], torch.diag(inside), rtol=0)
-    torch.testing.assert_close(J[:, 6:12], torch.diag((z < lo).to(DT)), rtol=0)
-    torch.testing.assert_close(J[:, 12:], torch.diag((z > hi).to(DT)), rtol=0)
+    torch.testing.assert_close(J[:, :6], torch.diag(inside), rtol=0, atol=1e-14)
+    torch.testing.assert_close(J[:, 6:12], torch.diag((z < lo).to(DT)), rtol=0, atol=1e-14)
+    torch.testing.assert_close(J[:, 12:], torch.diag((z > hi).to(DT)), rtol=0, atol=1e-14)
     # the same derivative as the projection's own Jacobian
-    torch.testing.assert_close(J[:, :6], jacrev(project_box)(z, lo, hi), rtol=0)
+    torch.testing.assert_close(J[:, :6], jacrev(project_box)(z, lo, hi), rtol=0, atol=1e-14)
 
 
 def test_projected_gradient_simplex_projection_ift():
@@ -436,7 +436,10 @@ def test_kkt_nonlinear_ball_constraint_matches_projection():
     nz = torch.linalg.vector_norm(z)
     assert nz > r
     x, mu = r * z / nz, (nz / r - 1) / 2
-    cond = kkt(lambda x_, z_: 0.5 * ((x_ - z_) ** 2).sum(), ineq_constraints=lambda x_: (x_**2).sum(-1, keepdim=True) - r**2)
+    cond = kkt(
+        lambda x_, z_: 0.5 * ((x_ - z_) ** 2).sum(),
+        ineq_constraints=lambda x_: (x_**2).sum(-1, keepdim=True) - r**2,
+    )
     assert maxabs(cond((x, (), mu[None]), (z,))) < ZERO
     assert maxabs(cond((x, (), 1.1 * mu[None]), (z,))) > OFF
 

@@ -343,3 +343,17 @@ def test_torch_compile_gives_the_implicit_gradient(ridge):
     compiled = torch.compile(lambda l: solve(l).sum())
     compiled(lam).backward()
     torch.testing.assert_close(lam.grad, problem.jacobian(lam.detach()).sum(0))
+
+
+def test_module_used_through_functional_call_is_not_flagged():
+    net = torch.nn.Linear(2, 2)
+
+    def residual(z, params):
+        return z - functional_call(net, params, (torch.ones(2),))
+
+    params = {k: v.detach().requires_grad_() for k, v in net.named_parameters()}
+    solve = bilevel.custom_root(residual)(lambda p: functional_call(net, p, (torch.ones(2),)).detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solve(params).sum().backward()
+    torch.testing.assert_close(params["bias"].grad, torch.ones(2))

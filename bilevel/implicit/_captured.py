@@ -61,6 +61,13 @@ def _children(fn: Callable) -> Iterator[tuple[str, Any]]:
             yield name, fn.__globals__[name]
 
 
+def _substitutes_parameters(fn: Callable) -> bool:
+    """Whether ``fn`` calls ``functional_call``, which replaces a module's parameters
+    by the ones passed in: a module it captures is then only an architecture."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return code is not None and "functional_call" in code.co_names + code.co_freevars
+
+
 def find_captured(fn: Callable, depth: int = 0, seen: set | None = None) -> list[str]:
     """Names of tensors / modules requiring grad that ``fn`` captures."""
     seen = set() if seen is None else seen
@@ -68,7 +75,10 @@ def find_captured(fn: Callable, depth: int = 0, seen: set | None = None) -> list
         return []
     seen.add(id(fn))
     found = []
+    architecture_only = _substitutes_parameters(fn)
     for name, obj in _children(fn):
+        if isinstance(obj, torch.nn.Module) and architecture_only:
+            continue
         if _requires_grad(obj):
             shape = f" of shape {tuple(obj.shape)}" if torch.is_tensor(obj) else " (nn.Module)"
             found.append(f"'{name}'{shape}")

@@ -56,7 +56,9 @@ def _check_tensor(z, name: str = "z", min_dim: int = 0) -> None:
     if not torch.is_tensor(z):
         raise TypeError(f"`{name}` must be a torch.Tensor; got {type(z).__name__}.")
     if not z.is_floating_point():
-        raise TypeError(f"`{name}` must have a floating dtype; got {z.dtype}. Convert it with `.double()` or `.float()`.")
+        raise TypeError(
+            f"`{name}` must have a floating dtype; got {z.dtype}. Convert it with `.double()` or `.float()`."
+        )
     if z.dim() < min_dim:
         raise ValueError(
             f"`{name}` must have at least {min_dim} dimension(s) (the set acts on the last one); "
@@ -328,7 +330,9 @@ def project_affine_set(z: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> tor
             f"{tuple(A.shape)}, z {tuple(z.shape)}, b {tuple(b.shape)}."
         )
     if m > n:
-        raise ValueError(f"`A` must have at most as many rows as columns (full row rank); got shape {tuple(A.shape)}.")
+        raise ValueError(
+            f"`A` must have at most as many rows as columns (full row rank); got shape {tuple(A.shape)}."
+        )
     residual = (A @ z.unsqueeze(-1)).squeeze(-1) - b
     gram = A @ A.transpose(-1, -2)
     mult = torch.linalg.solve(gram, residual.unsqueeze(-1))
@@ -434,7 +438,11 @@ def _check_field(value, name: str, cls: str, positive: bool = True):
 class ConvexSet:
     """Base class of the simple sets passed as ``x_set=`` / ``y_set=``.
 
-    Subclasses implement :meth:`project`; calling the set projects too.
+    Subclasses implement :meth:`project`; calling the set projects too.  The
+    fields of a set are constants for implicit differentiation: to differentiate
+    a solution with respect to a bound or a radius, use the ``project_*``
+    function and pass that tensor among the condition's ``projection_args``
+    (e.g. ``projected_gradient(f, project_box)`` with ``projection_args=(lo, hi)``).
     """
 
     def project(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -511,16 +519,18 @@ class Box(ConvexSet):
             elif math.isnan(value):
                 raise ValueError(f"Box.{name} is NaN.")
         if self.lower is not None and self.upper is not None:
-            lo = torch.as_tensor(self.lower, dtype=torch.float64) if not torch.is_tensor(self.lower) else self.lower
-            hi = torch.as_tensor(self.upper, dtype=torch.float64) if not torch.is_tensor(self.upper) else self.upper
+            lo = torch.as_tensor(self.lower).detach().cpu().double()
+            hi = torch.as_tensor(self.upper).detach().cpu().double()
             try:
-                bad = torch.broadcast_tensors(lo.detach().cpu().double(), hi.detach().cpu().double())
+                lo, hi = torch.broadcast_tensors(lo, hi)
             except RuntimeError as err:
                 raise ValueError(
                     f"Box.lower and Box.upper must broadcast; got shapes {tuple(lo.shape)} and {tuple(hi.shape)}."
                 ) from err
-            if bool((bad[0] > bad[1]).any()):
-                raise ValueError(f"Box.lower must be <= Box.upper everywhere; got lower={self.lower}, upper={self.upper}.")
+            if bool((lo > hi).any()):
+                raise ValueError(
+                    f"Box.lower must be <= Box.upper everywhere; got lower={self.lower}, upper={self.upper}."
+                )
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         return project_box(z, self.lower, self.upper)
