@@ -111,6 +111,14 @@ def test_singular_least_squares_solvers_give_minimum_norm_solution(name):
     assert float(info.relative_residual) > 1e-3  # the original system is not solved
 
 
+@pytest.mark.parametrize("inner", [MINRES(tol=1e-12), Direct("cholesky")], ids=["MINRES", "Direct"])
+def test_normal_equations_compose_with_other_inner_solvers(inner):
+    A, b = make_matrix("nonsymmetric"), make_rhs(N)
+    x, info = NormalCG(inner)(matvec_of(A), b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+    assert int(info.status) == Status.SUCCESS
+
+
 @pytest.mark.parametrize("batch_shape", [(3,), (2, 2)], ids=["batch_dims=1", "batch_dims=2"])
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_batched_equals_loop(name, batch_shape):
@@ -191,7 +199,10 @@ def test_cg_on_indefinite_breaks_down():
 @pytest.mark.parametrize("name", ITERATIVE)
 def test_small_maxiter_reports_max_iterations(name):
     solver, _ = SOLVERS[name]
-    solver = NormalCG(CG(maxiter=2, tol=1e-12)) if name == "NormalCG" else dataclasses.replace(solver, maxiter=2)
+    if name == "NormalCG":
+        solver = NormalCG(CG(maxiter=2, tol=1e-12))
+    else:
+        solver = dataclasses.replace(solver, maxiter=2)
     A, b = make_matrix("spd", n=30, high=30.0), make_rhs(30)
     x, info = solver(matvec_of(A), b)
     assert int(info.status) == Status.MAX_ITERATIONS
@@ -212,7 +223,9 @@ def test_direct_cholesky_on_indefinite_or_nonsymmetric_breaks_down():
         assert int(info.status) == Status.BREAKDOWN and bool(torch.isfinite(x).all())
 
 
-@pytest.mark.parametrize("name", ["CG", "GMRES", "GMRES-restart3", "BiCGStab", "MINRES", "Direct-cholesky", "Direct-lu"])
+@pytest.mark.parametrize(
+    "name", ["CG", "GMRES", "GMRES-restart3", "BiCGStab", "MINRES", "Direct-cholesky", "Direct-lu"]
+)
 def test_singular_inconsistent_system_is_not_success(name):
     solver, _ = SOLVERS[name]
     x, info = solver(matvec_of(make_matrix("singular")), make_rhs(N))
@@ -260,7 +273,10 @@ def test_failing_element_does_not_change_the_others(name):
     A = torch.stack([_isolation_matrix(good), _isolation_matrix(bad), _isolation_matrix(good) * 2])
     b = make_rhs((3, N))
     x, info = solver(matvec_of(A), b, batch_dims=1)
-    assert info.status[1] != Status.SUCCESS if bad_status is None else int(info.status[1]) == bad_status
+    if bad_status is None:
+        assert int(info.status[1]) != Status.SUCCESS
+    else:
+        assert int(info.status[1]) == bad_status
     assert bool(torch.isfinite(x).all())
     for i in (0, 2):
         x_i, info_i = solver(matvec_of(A[i]), b[i])
@@ -270,7 +286,7 @@ def test_failing_element_does_not_change_the_others(name):
 
 
 def test_summary_names_failing_elements():
-    A = torch.stack([make_matrix("spd"), make_matrix("indefinite"), make_matrix("spd"), make_matrix("indefinite")])
+    A = torch.stack([make_matrix(kind) for kind in ("spd", "indefinite", "spd", "indefinite")])
     _, info = CG()(matvec_of(A), make_rhs((4, N)), batch_dims=1)
     summary = info.summary()
     assert "batch elements [1, 3]" in summary and "BREAKDOWN" in summary

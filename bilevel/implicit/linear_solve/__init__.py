@@ -1,0 +1,40 @@
+"""Linear solvers for the systems of the implicit function theorem.
+
+Each solver is a small frozen dataclass of settings, checked at construction,
+and callable as ``solver(matvec, b, x0=None, *, batch_dims=0) -> (x, info)``:
+
+* ``matvec`` maps a tensor tree shaped like ``b`` to another one (``v -> A v``);
+* ``b`` is a tensor or a tree of tensors; its first ``batch_dims`` dimensions
+  (shared by every leaf) index *independent* systems ``A_i x_i = b_i``, solved
+  together: dot products, step sizes and stopping are per batch element, and
+  ``matvec`` is applied to the whole batch at once;
+* ``info`` is a :class:`LinearSolveInfo` with one entry per batch element.
+
+Tolerance rule (Krylov solvers): element ``i`` has converged when
+``||b_i - A_i x_i|| <= max(tol * ||b_i||, atol)``; ``tol=None`` means
+``sqrt(eps)`` of the dtype (:func:`bilevel._tolerance.default_tol`).  The
+residual reported in ``info`` is the true residual ``b - A x`` recomputed at
+the end, not the recursively updated one.
+"""
+
+from ._base import LinearSolveInfo, LinearSolver, resolve_maxiter
+from .bicgstab import BiCGStab
+from .cg import CG
+from .direct import Direct
+from .gmres import GMRES
+from .minres import MINRES
+from .neumann import Neumann
+from .normal_cg import NormalCG
+
+__all__ = [
+    "LinearSolveInfo",
+    "LinearSolver",
+    "resolve_maxiter",
+    "CG",
+    "Neumann",
+    "GMRES",
+    "BiCGStab",
+    "MINRES",
+    "NormalCG",
+    "Direct",
+]

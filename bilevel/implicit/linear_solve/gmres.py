@@ -1,0 +1,199 @@
+"""Restarted GMRES for general non-singular systems."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ...status import Status
+from ._base import (
+    LinearSolver,
+    _check_fields,
+    _div,
+    _dot,
+    _KRYLOV_RULES,
+    _mark,
+    _norm,
+    _positive_int,
+    _singular_tol,
+    _sync_every,
+    resolve_maxiter,
+)
+
+
+@dataclass(frozen=True)
+class GMRES(LinearSolver):
+    r"""Restarted GMRES for general non-singular systems ``A x = b``.
+
+    Each cycle builds an orthonormal basis :math:`V_m` of the Krylov space
+    :math:`\mathcal K_m(A, r_0) = \mathrm{span}\{r_0, A r_0, \dots, A^{m-1} r_0\}`
+    by Arnoldi (modified Gram--Schmidt), :math:`A V_m = V_{m+1} \bar H_m`, and
+    takes the update minimising the residual over it,
+
+    .. math:: x = x_0 + V_m y, \qquad
+              y = \arg\min_y \bigl\| \|r_0\| e_1 - \bar H_m y \bigr\|,
+
+    with the least-squares residual tracked by Givens rotations at every step;
+    after :math:`m` = ``restart`` steps the cycle restarts from the new true
+    residual.  :math:`A` need not be symmetric, only non-singular.
+
+    Element ``i`` has converged when :math:`\|b_i - A_i x_i\| \le
+    \max(\mathrm{tol}\,\|b_i\|, \mathrm{atol})` (``tol=None``: ``sqrt(eps)`` of the
+    dtype).  A singular step (the new direction adds nothing to the range: a
+    pivot of the rotated :math:`\bar H` below ``eps ** (2/3)`` times
+    :math:`\|A v_j\|`, which a non-singular :math:`A` only reaches with a
+    condition number above ``eps ** (-2/3)``) or a full cycle that does not
+    reduce the true residual (stagnation, e.g. a singular inconsistent system)
+    is reported as :attr:`~bilevel.status.Status.BREAKDOWN` and the element
+    keeps the minimum-residual iterate up to that step.  An exact (happy)
+    breakdown of Arnoldi gives the exact solution.
+
+    Args:
+        maxiter: budget of Arnoldi steps (matrix-vector products) per element,
+            summed over restarts (each restart also spends one product on the
+            true residual); ``None`` means ``10 n`` capped at 1000.  Default 100.
+        tol: relative tolerance on the residual; ``None`` (default) scales with
+            the dtype.
+        atol: absolute tolerance on the residual norm, default 0.
+        restart: Krylov dimension :math:`m` of a cycle (at most ``n``); memory is
+            ``O(m n)`` per element.  Default 20.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.linear_solve import GMRES
+        >>> A = torch.tensor([[2.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> x, info = GMRES()(lambda v: A @ v, torch.ones(2, dtype=torch.float64))
+        >>> torch.allclose(A @ x, torch.ones(2, dtype=torch.float64)), bool(info.converged)
+        (True, True)
+
+    References:
+        Saad, Y. and Schultz, M. H. `GMRES: A generalized minimal residual
+        algorithm for solving nonsymmetric linear systems
+        <https://doi.org/10.1137/0907058>`_. SIAM J. Sci. Stat. Comput., 1986.
+    """
+
+    maxiter: Optional[int] = 100
+    tol: Optional[float] = None
+    atol: float = 0.0
+    restart: int = 20
+
+    def __post_init__(self):
+        _check_fields(
+            self,
+            **_KRYLOV_RULES,
+            restart=(_positive_int, "a positive int"),
+        )
+
+    def _solve(self, matvec, b, x0, flatten):
+        maxiter = resolve_maxiter(self.maxiter, b.shape[-1])
+        return _gmres(matvec, b, x0, self._threshold(b), maxiter, self.restart)
+
+
+def _gmres(matvec, b, x0, threshold, maxiter, restart):
+    nbatch, n = b.shape
+    m = min(restart, n)
+    eps = torch.finfo(b.dtype).eps
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b.clone() if x0 is None else b - matvec(x)
+    beta = _norm(r)
+    status = torch.zeros(nbatch, dtype=torch.int64, device=b.device)
+    iterations = torch.zeros_like(status)
+    status = _mark(status, ~torch.isfinite(beta), Status.NONFINITE)
+    active = torch.isfinite(beta) & (beta > threshold)
+    used = 0
+    while used < maxiter and bool(active.any()):
+        steps = min(m, maxiter - used)
+        dx, done, code, ran = _arnoldi_cycle(matvec, r, beta, active, threshold, steps)
+        used += ran
+        iterations = iterations + done
+        status = torch.where(code != 0, code, status)
+        active = active & (code == 0)
+        x = x + dx
+        r = b - matvec(x)
+        beta_new = _norm(r)
+        nonfinite = active & ~torch.isfinite(beta_new)
+        stagnated = active & ~nonfinite & (done == m) & (beta_new >= (1 - 10 * eps) * beta)
+        stagnated = stagnated & (beta_new > threshold)
+        status = _mark(_mark(status, nonfinite, Status.NONFINITE), stagnated, Status.BREAKDOWN)
+        active = active & ~nonfinite & ~stagnated & (beta_new > threshold)
+        beta = beta_new
+    status = _mark(status, active, Status.MAX_ITERATIONS)
+    return x, iterations, status
+
+
+def _arnoldi_cycle(matvec, r, beta, active, threshold, steps):
+    """One GMRES cycle of at most ``steps`` Arnoldi steps, batched.
+
+    Returns the update ``dx``, the products each element spent, a status code
+    per element (0 to go on, BREAKDOWN or NONFINITE), and the steps run.
+    """
+    nbatch, n = r.shape
+    V = r.new_zeros(nbatch, steps + 1, n)
+    H = r.new_zeros(nbatch, steps + 1, steps)
+    cs = r.new_zeros(nbatch, steps)
+    sn = r.new_zeros(nbatch, steps)
+    g = r.new_zeros(nbatch, steps + 1)
+    g[:, 0] = torch.where(active, beta, 0)
+    V[:, 0] = torch.where(active.unsqueeze(-1), r / torch.where(active, beta, 1).unsqueeze(-1), 0)
+    running = active.clone()
+    done = torch.zeros(nbatch, dtype=torch.int64, device=r.device)
+    usable = torch.zeros_like(done)
+    code = torch.zeros_like(done)
+    sync = _sync_every(r)
+    ran = 0
+    for j in range(steps):
+        if j > 0 and j % sync == 0 and not bool(running.any()):
+            break
+        ran = j + 1
+        w = matvec(V[:, j])
+        done = done + running
+        w_norm = _norm(w)
+        col = r.new_zeros(nbatch, steps + 1)
+        for i in range(j + 1):  # modified Gram-Schmidt
+            h = _dot(w, V[:, i])
+            col[:, i] = h
+            w = w - h.unsqueeze(-1) * V[:, i]
+        h_next = _norm(w)
+        for i in range(j):  # previous Givens rotations
+            top = cs[:, i] * col[:, i] + sn[:, i] * col[:, i + 1]
+            col[:, i + 1] = -sn[:, i] * col[:, i] + cs[:, i] * col[:, i + 1]
+            col[:, i] = top
+        pivot = torch.hypot(col[:, j], h_next)
+        finite = torch.isfinite(pivot) & torch.isfinite(w_norm)
+        regular = finite & (pivot > _singular_tol(r.dtype) * w_norm) & (pivot > 0)
+        cs[:, j] = _div(col[:, j], pivot, regular) + (~regular).to(r.dtype)
+        sn[:, j] = _div(h_next, pivot, regular)
+        col[:, j] = torch.where(regular, pivot, col[:, j])
+        H[:, :, j] = col
+        g[:, j + 1] = -sn[:, j] * g[:, j]
+        g[:, j] = cs[:, j] * g[:, j]
+        code = _mark(code, running & ~finite, Status.NONFINITE)
+        code = _mark(code, running & finite & ~regular, Status.BREAKDOWN)
+        good = running & regular
+        usable = usable + good
+        running = good & (g[:, j + 1].abs() > threshold)
+        next_ok = running & (h_next > 0)
+        V[:, j + 1] = torch.where(next_ok.unsqueeze(-1), w / torch.where(next_ok, h_next, 1).unsqueeze(-1), 0)
+    return _cycle_update(V, H, g, usable, ran), done, code, ran
+
+
+def _cycle_update(V, H, g, usable, k):
+    """``V_k y`` with ``y`` solving the rotated triangular system, per element on
+    its first ``usable`` columns (the rest is replaced by identity rows)."""
+    if k == 0:
+        return torch.zeros_like(V[:, 0])
+    cols = torch.arange(k, device=V.device)
+    used = cols < usable.unsqueeze(-1)
+    eye = torch.eye(k, dtype=H.dtype, device=H.device)
+    R = torch.where(used.unsqueeze(-1) & used.unsqueeze(-2), H[:, :k, :k], eye)
+    rhs = torch.where(used, g[:, :k], 0).unsqueeze(-1)
+    y = torch.linalg.solve_triangular(R, rhs, upper=True).squeeze(-1)
+    return torch.einsum("bk,bkn->bn", y, V[:, :k])
+
+
+# --------------------------------------------------------------------------- BiCGStab
+
+
+__all__ = ['GMRES']
