@@ -353,3 +353,22 @@ def test_solvers_are_linear_solvers_with_a_repr():
         assert isinstance(solver, LinearSolver) and type(solver).__name__ in repr(solver)
     with pytest.raises(dataclasses.FrozenInstanceError):
         GMRES().restart = 5
+
+
+def test_normal_cg_refuses_a_matvec_it_cannot_transpose():
+    """A matvec built on torch.autograd.grad is invisible to torch.func.vjp; NormalCG
+    must detect the wrong transpose (adjoint test) instead of returning a wrong x."""
+    A = torch.tensor([[3.0, 1.0], [0.5, 2.0]])
+    z = torch.zeros(2, requires_grad=True)
+    with torch.enable_grad():
+        Az = A @ z
+
+    def matvec(v):  # v -> A^T v through a recorded graph
+        return torch.autograd.grad(Az, z, v, retain_graph=True)[0]
+
+    with pytest.raises(RuntimeError, match="adjoint test"):
+        NormalCG()(matvec, torch.ones(2))
+    matvec.transpose = lambda v: A @ v
+    x, info = NormalCG()(matvec, torch.ones(2))
+    torch.testing.assert_close(A.T @ x, torch.ones(2))
+    assert bool(info.converged)

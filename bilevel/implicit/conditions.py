@@ -79,6 +79,7 @@ def stationarity(objective: Objective) -> Condition:
     name = f"stationarity({getattr(objective, '__name__', 'objective')})"
     condition = Condition(residual, symmetric=True, name=name)
     condition.objective = objective
+    condition.gradient_of = objective  # the residual is exactly grad_sol of this
     return condition
 
 

@@ -73,7 +73,7 @@ def inner_stationarity(inner: BilevelObjective) -> Condition:
 
     gradient = grad(objective)
     condition = Condition(lambda y, x: gradient(y, x), symmetric=True, name="inner stationarity")
-    condition.objective = objective
+    condition.objective = condition.gradient_of = objective
     return condition
 
 

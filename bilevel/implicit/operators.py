@@ -9,16 +9,23 @@ pull-back is reused for each product (measured about 10x faster than re-running
 
 Conventions: objectives and residuals take the solution first,
 ``f(sol, *args)``; ``args`` may hold non-tensor leaves, which are held fixed.
+
+Two engines build the linearization (:func:`linearize`): on plain tensors, one
+``torch.autograd`` graph with ``create_graph=True`` whose backward passes give
+every product (and the cross term from the same graph); inside a ``torch.func``
+transform (``vmap``, ``jacrev``, nested ``grad``), :func:`torch.func.vjp`.
+Measured on ridge HVPs, 2 CPU threads: 168 us (autograd) vs 288 us (torch.func)
+vs 125 us explicit at d = 100; 923 vs 1034 vs 801 us at d = 1000.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .._tree import tree_flatten, tree_map, tree_unflatten
+from .._tree import is_transformed, tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..typing import Matvec, Objective, Residual, TensorTree
 
 
@@ -91,6 +98,91 @@ def cross_transpose(residual: Residual, sol: TensorTree, args: Sequence[Any], u:
     return list(pullback(u))
 
 
+class Linearization:
+    r"""A residual :math:`F(s, \theta)` linearized once at a point.
+
+    Attributes:
+        value: :math:`F(s, \theta)` (a tree like ``sol``).
+
+    :meth:`transpose_matvec` gives :math:`(\partial_s F)^\top u` and :meth:`cross`
+    gives :math:`(\partial_\theta F)^\top u`, both reusing the one recorded graph.
+    """
+
+    def __init__(self, value, transpose_matvec: Matvec, cross: Callable[[TensorTree], list]):
+        self.value = value
+        self.transpose_matvec = transpose_matvec
+        self.cross = cross
+
+
+def linearize(
+    residual: Residual,
+    sol: TensorTree,
+    args: Sequence[Any],
+    *,
+    objective: Optional[Callable[..., torch.Tensor]] = None,
+    wrt_args: bool = False,
+) -> Linearization:
+    r"""Linearize ``residual(sol, *args)`` at ``(sol, args)``, once.
+
+    Args:
+        residual: the condition :math:`F(s, \theta)`.
+        sol, args: the point; floating tensor leaves of ``args`` are :math:`\theta`.
+        objective: optional scalar function whose gradient in ``sol`` *is*
+            ``residual`` (stationarity); then the gradient is taken by autograd
+            directly, which is faster than going through :func:`torch.func.grad`.
+        wrt_args: also prepare :meth:`Linearization.cross`.
+
+    Returns:
+        A :class:`Linearization`.
+    """
+    leaves = [t for t in tree_leaves((sol, tuple(args))) if torch.is_tensor(t)]
+    if any(is_transformed(t) for t in leaves):
+        return _linearize_functional(residual, sol, args, wrt_args)
+    return _linearize_autograd(residual, sol, args, objective, wrt_args)
+
+
+def _linearize_autograd(residual, sol, args, objective, wrt_args) -> Linearization:
+    with torch.enable_grad():
+        sol_leaves, sol_spec = tree_flatten(sol)
+        sol_r = [t.detach().requires_grad_() for t in sol_leaves]
+        arg_leaves, rebuild = split_differentiable(args)
+        arg_r = [t.detach().requires_grad_(wrt_args) for t in arg_leaves]
+        s = tree_unflatten(sol_r, sol_spec)
+        if objective is not None:
+            out = torch.autograd.grad(objective(s, *rebuild(arg_r)), sol_r, create_graph=True, allow_unused=True)
+            out = [torch.zeros_like(x) if g is None else g for x, g in zip(sol_r, out)]
+            value = tree_unflatten(out, sol_spec)
+        else:
+            value = residual(s, *rebuild(arg_r))
+            out = tree_leaves(value)
+    roots = [o for o in out if torch.is_tensor(o) and o.requires_grad]
+    keep = [i for i, o in enumerate(out) if torch.is_tensor(o) and o.requires_grad]
+
+    def pull(u, inputs):
+        u_leaves = tree_leaves(u)
+        if not roots:
+            return [torch.zeros_like(x) for x in inputs]
+        grads = torch.autograd.grad(
+            roots, inputs, [u_leaves[i] for i in keep], retain_graph=True, allow_unused=True
+        )
+        return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+    def transpose_matvec(u):
+        return tree_unflatten(pull(u, sol_r), sol_spec)
+
+    def cross(u):
+        return pull(u, arg_r) if arg_r else []
+
+    symmetric = objective is not None
+    transpose_matvec.transpose = transpose_matvec if symmetric else jacobian_matvec(residual, sol, *args)
+    return Linearization(tree_map(torch.Tensor.detach, value), transpose_matvec, cross)
+
+
+def _linearize_functional(residual, sol, args, wrt_args) -> Linearization:
+    value, matvec = linearize_transpose(residual, sol, *args)
+    return Linearization(value, matvec, lambda u: cross_transpose(residual, sol, args, u))
+
+
 def batched(operator: Matvec, in_dims: int = 0) -> Matvec:
     """Map a linear ``operator`` over a leading dimension of tangents with vmap:
     ``batched(op)(V)[i] == op(V[i])``, in one call."""
@@ -101,10 +193,19 @@ def damped(operator: Matvec, damping: float) -> Matvec:
     r"""The operator :math:`v \mapsto A v + \epsilon v` (Tikhonov damping)."""
     if damping == 0:
         return operator
-    return lambda v: tree_map(lambda a, b: a + damping * b, operator(v), v)
+
+    def shifted(v):
+        return tree_map(lambda a, b: a + damping * b, operator(v), v)
+
+    transpose = getattr(operator, "transpose", None)
+    if transpose is not None:
+        shifted.transpose = shifted if transpose is operator else damped(transpose, damping)
+    return shifted
 
 
 __all__ = [
+    "Linearization",
+    "linearize",
     "split_differentiable",
     "linearize_transpose",
     "jacobian_matvec",

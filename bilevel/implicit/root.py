@@ -55,7 +55,7 @@ from ._captured import check_captured
 from ._certificate import ImplicitInfo, report
 from .conditions import fixed_point_residual, is_symmetric
 from .linear_solve import CG, LinearSolver
-from .operators import damped
+from .operators import damped, linearize
 
 
 def default_solve(symmetric: bool) -> LinearSolver:
@@ -107,6 +107,21 @@ class AdjointSystem:
             f = vmap(f)
         return f
 
+    def batched_objective(self) -> Optional[Callable]:
+        """For a stationarity condition, a scalar ``g(sol, arg_tensors)`` whose
+        gradient in ``sol`` is the batched residual (the objectives of independent
+        batch elements summed); ``None`` for other conditions."""
+        objective = getattr(self.residual, "gradient_of", None)
+        if objective is None:
+            return None
+
+        def g(sol, arg_tensors):
+            return objective(sol, *self.rebuild_args(arg_tensors))
+
+        for _ in range(self.batch_dims):
+            g = vmap(g)
+        return (lambda sol, arg_tensors: g(sol, arg_tensors).sum()) if self.batch_dims else g
+
 
 def solve_adjoint(system: AdjointSystem, b_leaves, sol_leaves, arg_tensors) -> tuple:
     """Differentiable, vmappable solve of the system described by ``system``."""
@@ -127,8 +142,8 @@ class _Adjoint(torch.autograd.Function):
         args = tensors[2 * n :]
         f = system.batched_residual()
         if system.transpose or system.symmetric:
-            value, pullback = vjp(lambda s: f(s, args), sol)
-            matvec = lambda u: pullback(u)[0]  # noqa: E731
+            lin = linearize(f, sol, (tuple(args),), objective=system.batched_objective())
+            value, matvec = lin.value, lin.transpose_matvec
         else:
             value = None
             matvec = lambda w: jvp(lambda s: f(s, args), (sol,), (w,))[1]  # noqa: E731

@@ -73,6 +73,22 @@ class NormalCG(LinearSolver):
         )
 
     def _solve(self, matvec, b, x0, flatten):
+        rmatvec = _transpose(matvec, b)
+
+        def normal(v: torch.Tensor) -> torch.Tensor:
+            return rmatvec(matvec(v))
+
+        rhs = rmatvec(b)
+        x, iterations, status = self.inner._solve(normal, rhs, x0, flatten)
+        normal_residual = _norm(rhs - normal(x))
+        status = _final_status(self.inner, status, normal_residual, _norm(rhs))
+        return x, iterations, status
+
+
+def _transpose(matvec: FlatMatvec, b: torch.Tensor) -> FlatMatvec:
+    """``v -> A^T v`` for the linear ``matvec``, checked by an adjoint test."""
+    rmatvec = getattr(matvec, "transpose", None)
+    if rmatvec is None:
         try:
             _, vjp_fn = torch.func.vjp(matvec, b)
         except Exception as err:
@@ -81,18 +97,21 @@ class NormalCG(LinearSolver):
                 f"torch.func.vjp ({type(err).__name__}: {err}); write `matvec` with "
                 "differentiable torch operations, or use GMRES / Direct('lstsq')."
             ) from err
-
-        def normal(v: torch.Tensor) -> torch.Tensor:
-            return vjp_fn(matvec(v))[0]
-
-        rhs = vjp_fn(b)[0]
-        x, iterations, status = self.inner._solve(normal, rhs, x0, flatten)
-        normal_residual = _norm(rhs - normal(x))
-        status = _final_status(self.inner, status, normal_residual, _norm(rhs))
-        return x, iterations, status
-
-
-# --------------------------------------------------------------------------- Direct
+        rmatvec = lambda v: vjp_fn(v)[0]  # noqa: E731
+    generator = torch.Generator(device=b.device).manual_seed(0)
+    u = torch.randn(b.shape, generator=generator, dtype=b.dtype, device=b.device)
+    w = torch.randn(b.shape, generator=generator, dtype=b.dtype, device=b.device)
+    Au, Atw = matvec(u), rmatvec(w)
+    lhs, rhs = (Au * w).sum(-1), (u * Atw).sum(-1)
+    scale = (_norm(Au) * _norm(w) + _norm(u) * _norm(Atw)).clamp_min(torch.finfo(b.dtype).tiny)
+    if bool(((lhs - rhs).abs() > 1e3 * torch.finfo(b.dtype).eps * scale).any()):
+        raise RuntimeError(
+            "NormalCG: the transpose of `matvec` failed the adjoint test <A u, w> = <u, A^T w> "
+            f"(got {lhs.reshape(-1)[0].item():.6g} vs {rhs.reshape(-1)[0].item():.6g}): `matvec` is "
+            "not linear, or torch.func cannot trace it (e.g. it calls torch.autograd.grad). Give "
+            "the matvec a `.transpose` attribute, or use GMRES / Direct('lstsq')."
+        )
+    return rmatvec
 
 
 __all__ = ['NormalCG']
