@@ -33,12 +33,12 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.func import grad, vjp
 
-from .._tree import all_finite, tensor_leaves, tree_leaves, tree_map, tree_unflatten
+from .._tree import all_finite, is_transformed, tensor_leaves, tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..typing import TensorTree
-from ._certificate import ImplicitInfo
+from ._certificate import ImplicitInfo, report
 from .conditions import Condition
 from .linear_solve import LinearSolver
-from .operators import hessian_operator
+from .operators import damped, hessian_operator, linearize
 from .root import AdjointSystem, _Options, default_solve, solve_adjoint
 
 BilevelObjective = Callable[[TensorTree, TensorTree], torch.Tensor]
@@ -50,13 +50,25 @@ def _scalar_check(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"hypergrad: `{name}(x, y)` must return a scalar tensor; got {shape}.")
 
 
-def _checked_grads(outer: BilevelObjective, x: TensorTree, y: TensorTree):
+def _checked_grads(outer: BilevelObjective, x: TensorTree, y: TensorTree, eager: bool):
+    """(grad_x F, grad_y F): by one autograd call on plain tensors, else torch.func."""
+
     def value(x_, y_):
         out = outer(x_, y_)
         _scalar_check("outer", out)
         return out.reshape(())
 
-    gx, gy = grad(value, argnums=(0, 1))(x, y)
+    if eager:
+        with torch.enable_grad():
+            xr, yr = (tree_map(lambda t: t.detach().requires_grad_(), z) for z in (x, y))
+            leaves = tree_leaves((xr, yr))
+            grads = torch.autograd.grad(value(xr, yr), leaves, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+        n_x = len(tree_leaves(x))
+        gx = tree_unflatten(grads[:n_x], tree_flatten(x)[1])
+        gy = tree_unflatten(grads[n_x:], tree_flatten(y)[1])
+    else:
+        gx, gy = grad(value, argnums=(0, 1))(x, y)
     if not all_finite(tree_leaves((gx, gy))):
         raise FloatingPointError("hypergrad: the gradient of `outer` at (x, y) contains NaN or inf.")
     return gx, gy
@@ -149,12 +161,18 @@ def hypergrad(
         solve=symmetric_solve, symmetric=True, damping=float(damping),
         options=_Options(strict, residual_tol, recorded.append), stage="hypergrad",
     )
+    eager = not create_graph and not any(is_transformed(t) for t in x_leaves + y_leaves)
     with contextlib.nullcontext() if create_graph else torch.no_grad():
-        gx, gy = _checked_grads(outer, x, y)
-        v = solve_adjoint(system, tree_leaves(gy), y_leaves, x_leaves)
-        v = tree_unflatten(list(v), y_spec)
-        _, pullback = vjp(lambda x_: condition(y, x_), x)
-        (cross,) = pullback(v)
+        gx, gy = _checked_grads(outer, x, y, eager)
+        if eager:  # one linearization for the Hessian products and the cross term
+            lin = linearize(condition, y, (x,), objective=condition.gradient_of, wrt_args=True)
+            v, info = system.solve(damped(lin.transpose_matvec, system.damping), gy)
+            report(system, lin.value, y, info, v)
+            cross = tree_unflatten(lin.cross(v), x_spec)
+        else:  # differentiable and vmappable
+            v = tree_unflatten(list(solve_adjoint(system, tree_leaves(gy), y_leaves, x_leaves)), y_spec)
+            _, pullback = vjp(lambda x_: condition(y, x_), x)
+            (cross,) = pullback(v)
         result = tree_map(torch.sub, gx, cross)
     return (result, recorded[-1]) if return_info else result
 

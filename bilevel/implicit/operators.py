@@ -173,8 +173,10 @@ def _linearize_autograd(residual, sol, args, objective, wrt_args) -> Linearizati
     def cross(u):
         return pull(u, arg_r) if arg_r else []
 
-    symmetric = objective is not None
-    transpose_matvec.transpose = transpose_matvec if symmetric else jacobian_matvec(residual, sol, *args)
+    if objective is not None:  # a Hessian: its own transpose
+        transpose_matvec.self_adjoint = True
+    else:
+        transpose_matvec.transpose = jacobian_matvec(residual, sol, *args)
     return Linearization(tree_map(torch.Tensor.detach, value), transpose_matvec, cross)
 
 
@@ -197,9 +199,10 @@ def damped(operator: Matvec, damping: float) -> Matvec:
     def shifted(v):
         return tree_map(lambda a, b: a + damping * b, operator(v), v)
 
-    transpose = getattr(operator, "transpose", None)
-    if transpose is not None:
-        shifted.transpose = shifted if transpose is operator else damped(transpose, damping)
+    if getattr(operator, "self_adjoint", False):
+        shifted.self_adjoint = True
+    elif getattr(operator, "transpose", None) is not None:
+        shifted.transpose = damped(operator.transpose, damping)
     return shifted
 
 

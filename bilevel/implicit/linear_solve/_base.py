@@ -101,8 +101,10 @@ class LinearSolver:
             return flat_fn
 
         flat_matvec = flatten(matvec)
-        if getattr(matvec, "transpose", None) is not None:
-            flat_matvec.transpose = flat_matvec if matvec.transpose is matvec else flatten(matvec.transpose)
+        if getattr(matvec, "self_adjoint", False):  # attributes, never self-references:
+            flat_matvec.self_adjoint = True  # a cycle would keep autograd graphs alive
+        elif getattr(matvec, "transpose", None) is not None:
+            flat_matvec.transpose = flatten(matvec.transpose)
         b_flat = rav.ravel(b).reshape(nbatch, n)
         x0_flat = None if x0 is None else rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
         x, iterations, status = self._solve(flat_matvec, b_flat, x0_flat, flatten)

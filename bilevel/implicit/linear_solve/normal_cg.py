@@ -87,6 +87,8 @@ class NormalCG(LinearSolver):
 
 def _transpose(matvec: FlatMatvec, b: torch.Tensor) -> FlatMatvec:
     """``v -> A^T v`` for the linear ``matvec``, checked by an adjoint test."""
+    if getattr(matvec, "self_adjoint", False):
+        return matvec
     rmatvec = getattr(matvec, "transpose", None)
     if rmatvec is None:
         try:
