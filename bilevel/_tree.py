@@ -127,6 +127,21 @@ class Raveler:
         return flat
 
 
+def split_leaves(tree: Any, keep: Callable[[Any], bool]) -> tuple[list, Callable[[Sequence], Any]]:
+    """The leaves of ``tree`` for which ``keep`` holds, and a function putting new
+    values in their places (the other leaves are held fixed)."""
+    leaves, spec = tree_flatten(tree)
+    positions = [i for i, x in enumerate(leaves) if keep(x)]
+
+    def rebuild(new_leaves: Sequence) -> Any:
+        full = list(leaves)
+        for i, x in zip(positions, new_leaves):
+            full[i] = x
+        return tree_unflatten(full, spec)
+
+    return [leaves[i] for i in positions], rebuild
+
+
 def tree_vdot(a: TensorTree, b: TensorTree) -> torch.Tensor:
     """Sum over all leaves of the elementwise product (a 0-d tensor)."""
     terms = [(x * y).sum() for x, y in zip(tree_leaves(a), tree_leaves(b))]

@@ -28,7 +28,7 @@ References:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch.func import grad, vjp

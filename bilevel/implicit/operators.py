@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .._tree import is_transformed, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from .._tree import is_transformed, split_leaves, tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..typing import Matvec, Objective, Residual, TensorTree
 
 
@@ -35,16 +35,7 @@ def split_differentiable(args: Sequence[Any]) -> tuple[list[torch.Tensor], Calla
     Returns ``(leaves, rebuild)`` with ``rebuild(new_leaves)`` returning ``args``
     with those leaves replaced: a function of tensors only, as :func:`torch.func.vjp` needs.
     """
-    leaves, spec = tree_flatten(tuple(args))
-    positions = [i for i, x in enumerate(leaves) if torch.is_tensor(x) and x.is_floating_point()]
-
-    def rebuild(new_leaves: Sequence[torch.Tensor]) -> tuple:
-        full = list(leaves)
-        for i, x in zip(positions, new_leaves):
-            full[i] = x
-        return tree_unflatten(full, spec)
-
-    return [leaves[i] for i in positions], rebuild
+    return split_leaves(tuple(args), lambda x: torch.is_tensor(x) and x.is_floating_point())
 
 
 def linearize_transpose(residual: Residual, sol: TensorTree, *args: Any) -> tuple[TensorTree, Matvec]:

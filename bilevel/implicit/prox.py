@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Tuple, Union
 
 import torch
 

@@ -47,9 +47,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.func import jvp, vjp, vmap
 
-from .._tolerance import default_residual_tol
-from .._tree import all_finite, tensor_leaves, tree_flatten, tree_leaves, tree_unflatten, tree_vdot
-from ..status import BilevelError, OptimalityWarning, Status
+from .._tree import all_finite, split_leaves, tensor_leaves, tree_flatten, tree_leaves, tree_unflatten, tree_vdot
 from ..typing import FixedPointMap, Residual
 from ._captured import check_captured
 from ._certificate import ImplicitInfo, report
@@ -325,20 +323,6 @@ def _cross_pullback(system: AdjointSystem, sol_leaves, tensors, float_pos, u) ->
     return pullback(tree_unflatten(list(u), system.sol_spec))
 
 
-def _split_tensors(args: tuple) -> tuple[list[torch.Tensor], Callable[[tuple], tuple]]:
-    """The tensor leaves of ``args`` and a function putting new ones back."""
-    leaves, spec = tree_flatten(args)
-    positions = [i for i, x in enumerate(leaves) if torch.is_tensor(x)]
-
-    def rebuild(tensors) -> tuple:
-        full = list(leaves)
-        for i, t in zip(positions, tensors):
-            full[i] = t
-        return tree_unflatten(full, spec)
-
-    return [leaves[i] for i in positions], rebuild
-
-
 def custom_root(
     residual: Residual,
     solve: Optional[LinearSolver] = None,
@@ -419,7 +403,7 @@ def custom_root(
         @functools.wraps(solver)
         def wrapped(*args, **kwargs):
             check_captured(residual, args, strict=strict, stage="custom_root")
-            tensors, rebuild = _split_tensors(args)
+            tensors, rebuild = split_leaves(args, torch.is_tensor)
             options = _Options(strict, residual_tol, lambda info: setattr(wrapped, "last_info", info))
 
             def system(sol_spec, n_sol):

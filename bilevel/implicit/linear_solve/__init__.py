@@ -17,7 +17,7 @@ residual reported in ``info`` is the true residual ``b - A x`` recomputed at
 the end, not the recursively updated one.
 """
 
-from ._base import LinearSolveInfo, LinearSolver, resolve_maxiter
+from ._base import KrylovSolver, LinearSolveInfo, LinearSolver, resolve_maxiter
 from .bicgstab import BiCGStab
 from .cg import CG
 from .direct import Direct
@@ -29,6 +29,7 @@ from .normal_cg import NormalCG
 __all__ = [
     "LinearSolveInfo",
     "LinearSolver",
+    "KrylovSolver",
     "resolve_maxiter",
     "CG",
     "Neumann",

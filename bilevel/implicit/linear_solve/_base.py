@@ -219,3 +219,25 @@ def resolve_maxiter(maxiter: Optional[int], n: int) -> int:
     return maxiter if maxiter is not None else min(10 * n, 1000)
 
 
+@dataclass(frozen=True)
+class KrylovSolver(LinearSolver):
+    """Base of the iterative solvers: an iteration budget and a tolerance.
+
+    Subclasses implement ``_iterate(matvec, b, x0, threshold, maxiter, flatten)``
+    on flat ``(B, n)`` tensors, with ``threshold`` the per-element stopping
+    threshold ``max(tol * ||b||, atol)`` and ``maxiter`` resolved from ``None``.
+    """
+
+    maxiter: Optional[int] = 100
+    tol: Optional[float] = None
+    atol: float = 0.0
+
+    def __post_init__(self):
+        _check_fields(self, **_KRYLOV_RULES)
+
+    def _solve(self, matvec, b, x0, flatten):
+        maxiter = resolve_maxiter(self.maxiter, b.shape[-1])
+        return self._iterate(matvec, b, x0, self._threshold(b), maxiter, flatten)
+
+    def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
+        raise NotImplementedError

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ...status import Status
 from ._base import (
-    LinearSolver,
-    _check_fields,
+    KrylovSolver,
     _div,
     _dot,
-    _KRYLOV_RULES,
     _mark,
     _norm,
     _sync_every,
-    resolve_maxiter,
 )
 
 
 @dataclass(frozen=True)
-class BiCGStab(LinearSolver):
+class BiCGStab(KrylovSolver):
     r"""Stabilised bi-conjugate gradient for general non-singular systems ``A x = b``.
 
     Short-recurrence Krylov method for non-symmetric :math:`A` (constant memory,
@@ -68,16 +64,8 @@ class BiCGStab(LinearSolver):
         <https://doi.org/10.1137/0913035>`_. SIAM J. Sci. Stat. Comput., 1992.
     """
 
-    maxiter: Optional[int] = 100
-    tol: Optional[float] = None
-    atol: float = 0.0
-
-    def __post_init__(self):
-        _check_fields(self, **_KRYLOV_RULES)
-
-    def _solve(self, matvec, b, x0, flatten):
-        maxiter = resolve_maxiter(self.maxiter, b.shape[-1])
-        return _bicgstab(matvec, b, x0, self._threshold(b), maxiter)
+    def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
+        return _bicgstab(matvec, b, x0, threshold, maxiter)
 
 
 def _bicgstab(matvec, b, x0, threshold, maxiter):

@@ -11,18 +11,15 @@ import torch
 from ...status import Status
 from ...typing import Matvec
 from ._base import (
+    KrylovSolver,
     _mark,
-    LinearSolver,
     _check_fields,
-    _positive_int_or_none,
     _sync_every,
-    _tol_ok,
-    resolve_maxiter,
 )
 
 
 @dataclass(frozen=True)
-class CG(LinearSolver):
+class CG(KrylovSolver):
     r"""Conjugate gradient for symmetric positive-definite systems ``A x = b``.
 
     Solves :math:`A x = b` for symmetric positive-definite :math:`A`, given only
@@ -57,24 +54,15 @@ class CG(LinearSolver):
         linear systems <https://doi.org/10.6028/jres.049.044>`_. J. Res. NBS, 1952.
     """
 
-    maxiter: Optional[int] = 100
-    tol: Optional[float] = None
-    atol: float = 0.0
     M: Optional[Matvec] = None
 
     def __post_init__(self):
-        _check_fields(
-            self,
-            maxiter=(_positive_int_or_none, "a positive int or None"),
-            tol=(_tol_ok, "a float in (0, 1) or None"),
-            atol=(lambda v: isinstance(v, (int, float)) and v >= 0, "a non-negative float"),
-            M=(lambda v: v is None or callable(v), "None or a callable preconditioner r -> M r"),
-        )
+        super().__post_init__()
+        _check_fields(self, M=(lambda v: v is None or callable(v), "None or a callable preconditioner r -> M r"))
 
-    def _solve(self, matvec, b, x0, flatten):
+    def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
         precondition = flatten(self.M) if self.M is not None else None
-        maxiter = resolve_maxiter(self.maxiter, b.shape[-1])
-        return _cg(matvec, b, x0, self._threshold(b), maxiter, precondition)
+        return _cg(matvec, b, x0, threshold, maxiter, precondition)
 
 
 def _cg(matvec, b, x0, threshold, maxiter, precondition):

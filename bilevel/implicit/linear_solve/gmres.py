@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ...status import Status
 from ._base import (
-    LinearSolver,
+    KrylovSolver,
     _check_fields,
     _div,
     _dot,
-    _KRYLOV_RULES,
     _mark,
     _norm,
     _positive_int,
     _singular_tol,
     _sync_every,
-    resolve_maxiter,
 )
 
 
 @dataclass(frozen=True)
-class GMRES(LinearSolver):
+class GMRES(KrylovSolver):
     r"""Restarted GMRES for general non-singular systems ``A x = b``.
 
     Each cycle builds an orthonormal basis :math:`V_m` of the Krylov space
@@ -74,21 +71,14 @@ class GMRES(LinearSolver):
         <https://doi.org/10.1137/0907058>`_. SIAM J. Sci. Stat. Comput., 1986.
     """
 
-    maxiter: Optional[int] = 100
-    tol: Optional[float] = None
-    atol: float = 0.0
     restart: int = 20
 
     def __post_init__(self):
-        _check_fields(
-            self,
-            **_KRYLOV_RULES,
-            restart=(_positive_int, "a positive int"),
-        )
+        super().__post_init__()
+        _check_fields(self, restart=(_positive_int, "a positive int"))
 
-    def _solve(self, matvec, b, x0, flatten):
-        maxiter = resolve_maxiter(self.maxiter, b.shape[-1])
-        return _gmres(matvec, b, x0, self._threshold(b), maxiter, self.restart)
+    def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
+        return _gmres(matvec, b, x0, threshold, maxiter, self.restart)
 
 
 def _gmres(matvec, b, x0, threshold, maxiter, restart):

@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ...status import Status
 from ._base import (
-    LinearSolver,
-    _check_fields,
+    KrylovSolver,
     _div,
     _dot,
-    _KRYLOV_RULES,
     _mark,
     _norm,
     _singular_tol,
     _sync_every,
-    resolve_maxiter,
 )
 
 
 @dataclass(frozen=True)
-class MINRES(LinearSolver):
+class MINRES(KrylovSolver):
     r"""Minimum-residual method for symmetric (possibly indefinite) systems ``A x = b``.
 
     Lanczos builds an orthonormal basis of
@@ -65,16 +61,8 @@ class MINRES(LinearSolver):
         Anal., 1975.
     """
 
-    maxiter: Optional[int] = 100
-    tol: Optional[float] = None
-    atol: float = 0.0
-
-    def __post_init__(self):
-        _check_fields(self, **_KRYLOV_RULES)
-
-    def _solve(self, matvec, b, x0, flatten):
-        maxiter = resolve_maxiter(self.maxiter, b.shape[-1])
-        return _minres(matvec, b, x0, self._threshold(b), maxiter)
+    def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
+        return _minres(matvec, b, x0, threshold, maxiter)
 
 
 def _minres(matvec, b, x0, threshold, maxiter):

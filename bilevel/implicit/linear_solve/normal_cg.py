@@ -9,6 +9,7 @@ import torch
 
 from .cg import CG
 from ._base import (
+    FlatMatvec,
     LinearSolver,
     _check_fields,
     _final_status,
