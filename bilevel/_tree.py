@@ -163,6 +163,13 @@ def is_transformed(t: torch.Tensor) -> bool:
     return bool(check(t)) if check is not None else False
 
 
+def inside_transform() -> bool:
+    """Whether code runs inside a torch.func transform (vmap, grad, jvp levels),
+    where plain ``torch.autograd`` calls are not allowed."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
 def all_finite(leaves: Sequence[torch.Tensor]) -> bool:
     """Whether every tensor of ``leaves`` is finite (one host synchronisation).
 

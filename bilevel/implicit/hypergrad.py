@@ -33,7 +33,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.func import grad, vjp
 
-from .._tree import all_finite, is_transformed, tensor_leaves, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from .._tree import all_finite, inside_transform, is_transformed, tensor_leaves, tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..typing import TensorTree
 from ._certificate import ImplicitInfo, report
 from .conditions import Condition
@@ -161,7 +161,7 @@ def hypergrad(
         solve=symmetric_solve, symmetric=True, damping=float(damping),
         options=_Options(strict, residual_tol, recorded.append), stage="hypergrad",
     )
-    eager = not create_graph and not any(is_transformed(t) for t in x_leaves + y_leaves)
+    eager = not (create_graph or inside_transform() or any(is_transformed(t) for t in x_leaves + y_leaves))
     with contextlib.nullcontext() if create_graph else torch.no_grad():
         gx, gy = _checked_grads(outer, x, y, eager)
         if eager:  # one linearization for the Hessian products and the cross term

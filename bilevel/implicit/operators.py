@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .._tree import is_transformed, split_leaves, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from .._tree import inside_transform, is_transformed, split_leaves, tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..typing import Matvec, Objective, Residual, TensorTree
 
 
@@ -127,7 +127,7 @@ def linearize(
         A :class:`Linearization`.
     """
     leaves = [t for t in tree_leaves((sol, tuple(args))) if torch.is_tensor(t)]
-    if any(is_transformed(t) for t in leaves):
+    if inside_transform() or any(is_transformed(t) for t in leaves):
         return _linearize_functional(residual, sol, args, wrt_args)
     return _linearize_autograd(residual, sol, args, objective, wrt_args)
 

@@ -1,0 +1,109 @@
+"""Hessian-vector and cross-derivative products against dense references."""
+
+import torch
+from torch.func import functional_call, hessian, jacrev, vmap
+
+from bilevel.implicit.operators import (
+    batched,
+    cross_transpose,
+    damped,
+    hessian_operator,
+    hvp,
+    jacobian_matvec,
+    linearize,
+)
+
+
+def objective(w, lam, scale):  # non-quadratic, with a non-tensor argument
+    return (torch.exp(lam) * w**2).sum() + scale * torch.log1p(w**4).sum() + (w[0] * w[1] * lam).sum()
+
+
+def point():
+    return torch.randn(5), torch.randn(5), 0.7
+
+
+def test_hvp_and_hessian_operator_match_dense_hessian():
+    w, lam, scale = point()
+    H = hessian(objective)(w, lam, scale)
+    v = torch.randn(5)
+    torch.testing.assert_close(hvp(objective, w, v, lam, scale), H @ v)
+    g, matvec = hessian_operator(objective, w, lam, scale)
+    torch.testing.assert_close(g, torch.func.grad(objective)(w, lam, scale))
+    for _ in range(3):  # linearized once, applied many times
+        v = torch.randn(5)
+        torch.testing.assert_close(matvec(v), H @ v)
+
+
+def test_batched_products_equal_a_loop():
+    w, lam, scale = point()
+    _, matvec = hessian_operator(objective, w, lam, scale)
+    V = torch.randn(7, 5)
+    torch.testing.assert_close(batched(matvec)(V), torch.stack([matvec(v) for v in V]))
+
+
+def test_pytree_parameters_through_functional_call():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    data = torch.randn(10, 3)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p):
+        return (functional_call(net, p, (data,)) ** 2).mean()
+
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    shapes = {k: v.shape for k, v in params.items()}
+
+    def unflatten(vec):
+        out, i = {}, 0
+        for k, s in shapes.items():
+            out[k] = vec[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return out
+
+    H = hessian(lambda vec: loss(unflatten(vec)))(flat)
+    v = torch.randn_like(flat)
+    _, matvec = hessian_operator(loss, params)
+    Hv = matvec(unflatten(v))
+    torch.testing.assert_close(torch.cat([Hv[k].reshape(-1) for k in shapes]), H @ v)
+
+
+def test_cross_derivative_product():
+    w, lam, scale = point()
+    residual = torch.func.grad(objective)
+    u = torch.randn(5)
+    (cross,) = cross_transpose(residual, w, (lam, scale), u)
+    J_lam = jacrev(residual, argnums=1)(w, lam, scale)  # d grad_w / d lam
+    torch.testing.assert_close(cross, J_lam.T @ u)
+
+
+def test_linearize_engines_agree_and_carry_transposes():
+    w, lam, scale = point()
+
+    def residual(s, l, c):  # a non-symmetric condition
+        return torch.tanh(s) * l.exp() + c * s.roll(1)
+
+    J = jacrev(residual)(w, lam, scale)
+    J_lam = jacrev(residual, argnums=1)(w, lam, scale)
+    u = torch.randn(5)
+    lin = linearize(residual, w, (lam, scale), wrt_args=True)  # autograd engine
+    torch.testing.assert_close(lin.value, residual(w, lam, scale))
+    torch.testing.assert_close(lin.transpose_matvec(u), J.T @ u)
+    torch.testing.assert_close(lin.transpose_matvec.transpose(u), J @ u)
+    torch.testing.assert_close(lin.cross(u)[0], J_lam.T @ u)
+    torch.testing.assert_close(jacobian_matvec(residual, w, lam, scale)(u), J @ u)
+    # inside a transform the torch.func engine takes over, with the same results
+    U = torch.randn(4, 5)
+    out = vmap(lambda u_: linearize(residual, w, (lam, scale)).transpose_matvec(u_))(U)
+    torch.testing.assert_close(out, U @ J)
+
+
+def test_stationarity_linearization_is_self_adjoint_and_damped():
+    w, lam, scale = point()
+    grad = torch.func.grad(objective)
+    lin = linearize(grad, w, (lam, scale), objective=objective)
+    H = hessian(objective)(w, lam, scale)
+    u = torch.randn(5)
+    torch.testing.assert_close(lin.transpose_matvec(u), H @ u)
+    assert lin.transpose_matvec.self_adjoint
+    shifted = damped(lin.transpose_matvec, 0.5)
+    torch.testing.assert_close(shifted(u), H @ u + 0.5 * u)
+    assert shifted.self_adjoint
