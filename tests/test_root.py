@@ -357,3 +357,17 @@ def test_module_used_through_functional_call_is_not_flagged():
         warnings.simplefilter("error")
         solve(params).sum().backward()
     torch.testing.assert_close(params["bias"].grad, torch.ones(2))
+
+
+@pytest.mark.parametrize("solver", ["NormalCG", "lstsq"])
+def test_least_squares_adjoint_is_an_explicit_remedy(solver):
+    def objective(y, x):  # H = diag(1, 0): singular, the adjoint system is inconsistent
+        return 0.5 * (y[0] - x) ** 2 + 0.0 * y[1]
+
+    linear = bilevel.implicit.NormalCG() if solver == "NormalCG" else bilevel.implicit.Direct("lstsq")
+    solve = bilevel.custom_root(stationarity(objective), solve=linear)(lambda x: torch.stack([x, torch.zeros(())]))
+    x = torch.tensor(1.0, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (g,) = torch.autograd.grad(solve(x).sum(), x)
+    torch.testing.assert_close(g, torch.tensor(1.0))  # minimum-norm adjoint u = (1, 0)

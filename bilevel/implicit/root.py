@@ -52,18 +52,14 @@ from ..typing import FixedPointMap, Residual
 from ._captured import check_captured
 from ._certificate import ImplicitInfo, report
 from .conditions import fixed_point_residual, is_symmetric
-from .linear_solve import CG, LinearSolver
+from .linear_solve import CG, GMRES, LinearSolver
 from .operators import damped, linearize
 
 
 def default_solve(symmetric: bool) -> LinearSolver:
     """The linear solver used when ``solve=None``: CG (budget ``min(10 n, 1000)``)
     for symmetric systems, GMRES otherwise; tolerances scale with the dtype."""
-    if symmetric:
-        return CG(maxiter=None)
-    from .linear_solve import GMRES
-
-    return GMRES(maxiter=None)
+    return CG(maxiter=None) if symmetric else GMRES(maxiter=None)
 
 
 @dataclass(frozen=True)
