@@ -107,3 +107,57 @@ def test_stationarity_linearization_is_self_adjoint_and_damped():
     shifted = damped(lin.transpose_matvec, 0.5)
     torch.testing.assert_close(shifted(u), H @ u + 0.5 * u)
     assert shifted.self_adjoint
+
+
+def test_densify_is_the_same_operator_and_keeps_cg_iterates():
+    from bilevel.implicit import CG
+    from bilevel.implicit.operators import densify
+
+    def convex(w, lam, scale):  # strictly convex: CG runs its full budget
+        return (torch.exp(lam) * w**2).sum() + scale * torch.logsumexp(w, 0)
+
+    w, lam, scale = point()
+    lin = linearize(torch.func.grad(convex), w, (lam, scale), objective=convex)
+    b = torch.randn(5)
+    dense = densify(lin.transpose_matvec, b, 0, CG())
+    assert dense is not lin.transpose_matvec and dense.self_adjoint
+    for _ in range(3):
+        u = torch.randn(5)
+        torch.testing.assert_close(dense(u), lin.transpose_matvec(u))
+    solver = CG(maxiter=3, tol=1e-30)
+    x_dense, info_dense = solver(dense, b)
+    x_op, info_op = solver(lin.transpose_matvec, b)
+    torch.testing.assert_close(x_dense, x_op)
+    assert int(info_dense.iterations) == int(info_op.iterations) == 3
+
+
+def test_densify_batched_pytree_and_when_it_declines():
+    from bilevel.implicit import CG, Direct
+    from bilevel.implicit.operators import densify
+
+    A = torch.randn(3, 4, 4)  # 3 independent systems, 4 unknowns in a tree of 3 + 1
+
+    def to_flat(tree):
+        return torch.cat([tree["a"], tree["b"].unsqueeze(-1)], -1)
+
+    def to_tree(flat):
+        return {"a": flat[..., :3], "b": flat[..., 3]}
+
+    def op(tree):
+        return to_tree((A @ to_flat(tree).unsqueeze(-1)).squeeze(-1))
+
+    example = to_tree(torch.randn(3, 4))
+    dense = densify(op, example, 1, CG())
+    u = to_tree(torch.randn(3, 4))
+    torch.testing.assert_close(to_flat(dense(u)), to_flat(op(u)))
+    torch.testing.assert_close(to_flat(dense.transpose(u)), (A.mT @ to_flat(u).unsqueeze(-1)).squeeze(-1))
+    assert densify(op, example, 1, Direct()) is op  # Direct materializes by itself
+    assert densify(op, example, 1, object()) is op  # an unknown solver has no budget
+    assert densify(op, example, 1, CG(maxiter=0 + 1) ) is not op  # 1 product >= 4 / 12
+    double = lambda v: 2 * v  # noqa: E731
+    assert densify(double, torch.randn(500), 0, CG()) is double  # too large to materialize
+
+    def not_vmappable(v):
+        return v * float(v.sum())  # a host read: vmap refuses, densify keeps the operator
+
+    assert densify(not_vmappable, torch.randn(4), 0, CG()) is not_vmappable

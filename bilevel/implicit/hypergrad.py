@@ -38,7 +38,7 @@ from ..typing import TensorTree
 from ._certificate import ImplicitInfo, report
 from .conditions import Condition
 from .linear_solve import LinearSolver
-from .operators import damped, hessian_operator, linearize
+from .operators import damped, densify, hessian_operator, linearize
 from .root import AdjointSystem, _Options, default_solve, solve_adjoint
 
 BilevelObjective = Callable[[TensorTree, TensorTree], torch.Tensor]
@@ -166,7 +166,8 @@ def hypergrad(
         gx, gy = _checked_grads(outer, x, y, eager)
         if eager:  # one linearization for the Hessian products and the cross term
             lin = linearize(condition, y, (x,), objective=condition.gradient_of, wrt_args=True)
-            v, info = system.solve(damped(lin.transpose_matvec, system.damping), gy)
+            operator = densify(damped(lin.transpose_matvec, system.damping), gy, 0, system.solve)
+            v, info = system.solve(operator, gy)
             report(system, lin.value, y, info, v)
             cross = tree_unflatten(lin.cross(v), x_spec)
         else:  # differentiable and vmappable

@@ -53,7 +53,7 @@ from ._captured import check_captured
 from ._certificate import ImplicitInfo, report
 from .conditions import fixed_point_residual, is_symmetric
 from .linear_solve import CG, GMRES, LinearSolver
-from .operators import damped, linearize
+from .operators import damped, densify, linearize
 
 
 def default_solve(symmetric: bool) -> LinearSolver:
@@ -143,7 +143,8 @@ class _Adjoint(torch.autograd.Function):
             matvec = lambda w: jvp(lambda s: f(s, args), (sol,), (w,))[1]  # noqa: E731
         if value is not None:
             _check_residual_structure(system, value, sol)
-        x, info = system.solve(damped(matvec, system.damping), b, batch_dims=system.batch_dims)
+        operator = densify(damped(matvec, system.damping), b, system.batch_dims, system.solve)
+        x, info = system.solve(operator, b, batch_dims=system.batch_dims)
         report(system, value, sol, info, x)
         return tuple(tree_leaves(x))
 

@@ -120,6 +120,12 @@ class LinearSolver:
         )
         return rav.unravel(x.reshape(tuple(batch) + (n,))), info
 
+    def max_products(self, n: int) -> int:
+        """The most operator products a solve of ``n`` unknowns may take (0 if
+        unknown or not iterative); callers use it to decide whether to
+        materialize a small operator."""
+        return 0
+
     def _solve(
         self,
         matvec: FlatMatvec,
@@ -234,6 +240,9 @@ class KrylovSolver(LinearSolver):
 
     def __post_init__(self):
         _check_fields(self, **_KRYLOV_RULES)
+
+    def max_products(self, n: int) -> int:
+        return resolve_maxiter(self.maxiter, n)
 
     def _solve(self, matvec, b, x0, flatten):
         maxiter = resolve_maxiter(self.maxiter, b.shape[-1])

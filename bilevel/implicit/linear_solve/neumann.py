@@ -80,6 +80,9 @@ class Neumann(LinearSolver):
             ),
         )
 
+    def max_products(self, n: int) -> int:
+        return self.terms
+
     def _solve(self, matvec, b, x0, flatten):
         nbatch = b.shape[0]
         if self.alpha is None:

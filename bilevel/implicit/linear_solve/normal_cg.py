@@ -73,6 +73,9 @@ class NormalCG(LinearSolver):
             inner=(lambda v: isinstance(v, LinearSolver), "a LinearSolver such as CG()"),
         )
 
+    def max_products(self, n: int) -> int:
+        return 2 * self.inner.max_products(n)
+
     def _solve(self, matvec, b, x0, flatten):
         rmatvec = _transpose(matvec, b)
 
