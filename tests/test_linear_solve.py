@@ -372,3 +372,29 @@ def test_normal_cg_refuses_a_matvec_it_cannot_transpose():
     x, info = NormalCG()(matvec, torch.ones(2))
     torch.testing.assert_close(A.T @ x, torch.ones(2))
     assert bool(info.converged)
+
+
+def test_auto_is_dense_when_small_krylov_when_large_or_not_vmappable():
+    from bilevel.implicit.linear_solve import Auto
+
+    torch.manual_seed(0)
+    M = torch.randn(6, 6)
+    A = M @ M.T + 6 * torch.eye(6)
+    b = torch.randn(6)
+    x, info = Auto(symmetric=True)(lambda v: A @ v, b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b))
+    assert int(info.iterations) == 6 and bool(info.converged)  # one dense factorization
+    x, info = Auto(symmetric=True, max_direct=2)(lambda v: A @ v, b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b))
+    assert bool(info.converged)  # CG this time
+
+    def host_read(v):  # vmap cannot batch it: Auto stays matrix-free
+        return A @ v if float(v.abs().sum()) >= 0 else v
+
+    x, info = Auto(symmetric=True)(host_read, b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b))
+    N = torch.randn(6, 6) + 6 * torch.eye(6)  # not symmetric: LU
+    x, _ = Auto()(lambda v: N @ v, b)
+    torch.testing.assert_close(x, torch.linalg.solve(N, b))
+    with pytest.raises(ValueError, match="max_direct"):
+        Auto(max_direct=-1)

@@ -19,7 +19,7 @@ def test_ridge_diabetes_closed_forms_agree_with_autograd():
 def test_methods_table_is_exact_where_it_should_be():
     problem = ridge_diabetes()
     errors = {name: err for name, err, _ in compare_methods(problem, torch.zeros(problem.num_features))}
-    assert errors["implicit, CG (default)"] < 1e-6
+    assert errors["implicit, default solve"] < 1e-6
     assert errors["custom_root around L-BFGS"] < 1e-6
     assert errors["unrolled, 1000 steps"] < 1e-6
     assert errors["one-step (DARTS)"] > 1e-2  # a biased baseline, visibly so

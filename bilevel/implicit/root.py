@@ -52,14 +52,16 @@ from ..typing import FixedPointMap, Residual
 from ._captured import check_captured
 from ._certificate import ImplicitInfo, report
 from .conditions import fixed_point_residual, is_symmetric
-from .linear_solve import CG, GMRES, LinearSolver
+from .linear_solve import Auto, LinearSolver
 from .operators import damped, densify, linearize
 
 
 def default_solve(symmetric: bool) -> LinearSolver:
-    """The linear solver used when ``solve=None``: CG (budget ``min(10 n, 1000)``)
-    for symmetric systems, GMRES otherwise; tolerances scale with the dtype."""
-    return CG(maxiter=None) if symmetric else GMRES(maxiter=None)
+    """The linear solver used when ``solve=None``: :class:`~bilevel.implicit.linear_solve.Auto`,
+    a dense Cholesky (symmetric) or LU solve for at most 128 unknowns, CG
+    (symmetric) or GMRES otherwise with a budget of ``min(10 n, 1000)`` products
+    and dtype-scaled tolerances."""
+    return Auto(symmetric=symmetric)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ residual reported in ``info`` is the true residual ``b - A x`` recomputed at
 the end, not the recursively updated one.
 """
 
-from ._base import KrylovSolver, LinearSolveInfo, LinearSolver, resolve_maxiter
+from ._base import KrylovSolver, LinearSolveInfo, LinearSolver, materialize, resolve_maxiter
+from .auto import Auto
 from .bicgstab import BiCGStab
 from .cg import CG
 from .direct import Direct
@@ -31,6 +32,8 @@ __all__ = [
     "LinearSolver",
     "KrylovSolver",
     "resolve_maxiter",
+    "materialize",
+    "Auto",
     "CG",
     "Neumann",
     "GMRES",

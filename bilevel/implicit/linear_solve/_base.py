@@ -250,3 +250,20 @@ class KrylovSolver(LinearSolver):
 
     def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
         raise NotImplementedError
+
+
+def materialize(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
+    """The ``(B, n, n)`` matrices of a flat batched ``matvec``, by one vmap over ``e_j``."""
+    nbatch, n = b.shape
+    basis = torch.eye(n, dtype=b.dtype, device=b.device).unsqueeze(1).expand(n, nbatch, n)
+    try:
+        columns = torch.func.vmap(matvec)(basis)  # columns[j, i] = A_i e_j
+    except Exception as err:
+        matvec(b)  # a matvec that fails without vmap too: let its own error through
+        raise RuntimeError(
+            "`matvec` could not be batched with torch.func.vmap "
+            f"({type(err).__name__}: {err}). A dense solve materialises A with one vmap over "
+            "the identity basis; make `matvec` vmap-compatible (no .item(), NumPy or "
+            "data-dependent Python control flow) or use an iterative solver (CG, GMRES)."
+        ) from err
+    return columns.permute(1, 2, 0)

@@ -9,7 +9,7 @@ import torch
 
 from ...status import Status
 from ._base import (
-    FlatMatvec,
+    materialize as _materialize,
     LinearSolver,
     _check_fields,
     _mark,
@@ -103,23 +103,6 @@ def _regular_pivots(pivots: torch.Tensor, eps: float) -> torch.Tensor:
     ``min |pivot| > n eps max |pivot|`` (a lower bound on the condition number)."""
     size = pivots.abs()
     return size.amin(-1) > pivots.shape[-1] * eps * size.amax(-1)
-
-
-def _materialize(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
-    """The ``(B, n, n)`` matrices of a flat batched ``matvec``, by one vmap over ``e_j``."""
-    nbatch, n = b.shape
-    basis = torch.eye(n, dtype=b.dtype, device=b.device).unsqueeze(1).expand(n, nbatch, n)
-    try:
-        columns = torch.func.vmap(matvec)(basis)  # columns[j, i] = A_i e_j
-    except Exception as err:
-        matvec(b)  # a matvec that fails without vmap too: let its own error through
-        raise RuntimeError(
-            "Direct: `matvec` could not be batched with torch.func.vmap "
-            f"({type(err).__name__}: {err}). Direct materialises A with one vmap over "
-            "the identity basis; make `matvec` vmap-compatible (no .item(), NumPy or "
-            "data-dependent Python control flow) or use an iterative solver (CG, GMRES)."
-        ) from err
-    return columns.permute(1, 2, 0)
 
 
 __all__ = ['Direct']

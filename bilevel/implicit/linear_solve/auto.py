@@ -1,0 +1,66 @@
+"""The default linear solver: dense for small systems, Krylov otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ._base import LinearSolver, _check_fields, _tol_ok
+from .cg import CG
+from .direct import Direct
+from .gmres import GMRES
+
+
+@dataclass(frozen=True)
+class Auto(LinearSolver):
+    r"""The solver used when none is named: exact and cheap for small systems,
+    matrix-free for large ones.
+
+    * :math:`n \le` ``max_direct`` unknowns and a vmappable operator: the matrix
+      is materialized with one vmapped product and factorized, Cholesky when
+      ``symmetric`` (reports BREAKDOWN for an indefinite or singular matrix, like
+      CG) and LU otherwise — exact, and cheaper than tens of Krylov iterations
+      whose cost is dominated by per-operation overhead at this size;
+    * otherwise (or when the operator cannot be vmapped): :class:`CG` if
+      ``symmetric``, else :class:`GMRES`, with a budget of ``min(10 n, 1000)``
+      products and relative tolerance ``tol``.
+
+    Args:
+        symmetric: whether the operator is symmetric (positive definite expected).
+        max_direct: largest system solved densely, default 128.
+        tol: tolerance of the Krylov fallback; ``None`` scales with the dtype.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.linear_solve import Auto
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x, info = Auto(symmetric=True)(lambda v: A @ v, torch.ones(2, dtype=torch.float64))
+        >>> torch.allclose(A @ x, torch.ones(2, dtype=torch.float64)), int(info.iterations)
+        (True, 2)
+    """
+
+    symmetric: bool = False
+    max_direct: int = 128
+    tol: Optional[float] = None
+
+    def __post_init__(self):
+        _check_fields(
+            self,
+            symmetric=(lambda v: isinstance(v, bool), "a bool"),
+            max_direct=(lambda v: isinstance(v, int) and v >= 0, "a non-negative int"),
+            tol=(_tol_ok, "a float in (0, 1) or None"),
+        )
+
+    def _krylov(self) -> LinearSolver:
+        return CG(maxiter=None, tol=self.tol) if self.symmetric else GMRES(maxiter=None, tol=self.tol)
+
+    def _solve(self, matvec, b, x0, flatten):
+        if b.shape[-1] <= self.max_direct:
+            try:
+                return Direct("cholesky" if self.symmetric else "lu")._solve(matvec, b, x0, flatten)
+            except RuntimeError:  # the operator cannot be vmapped: stay matrix-free
+                pass
+        return self._krylov()._solve(matvec, b, x0, flatten)
+
+
+__all__ = ["Auto"]
