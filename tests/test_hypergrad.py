@@ -154,3 +154,14 @@ def test_bad_input():
         unrolled_hypergrad(q.outer, q.inner, x, y, 0)
     with pytest.raises(ValueError, match="truncate"):
         unrolled_hypergrad(q.outer, q.inner, x, y, 3, 0.1, truncate=5)
+
+
+def test_gradcheck_of_the_differentiable_hypergradient():
+    q = Quadratic.make()
+
+    def hyper_gradient(x):
+        return bilevel.hypergrad(q.outer, q.inner, x, q.solution(x), create_graph=True)
+
+    x = torch.randn(3, requires_grad=True)
+    assert torch.autograd.gradcheck(hyper_gradient, (x,))
+    assert torch.autograd.gradgradcheck(hyper_gradient, (x,))
