@@ -1,7 +1,8 @@
 """bilevel: bilevel optimization and implicit differentiation for PyTorch."""
 
-from . import implicit, status
+from . import implicit, problems, status
 from .implicit import custom_fixed_point, custom_root, hypergrad
+from .problems import BilevelProblem
 from .status import (
     BilevelError,
     BilevelWarning,
@@ -14,6 +15,7 @@ from .status import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BilevelProblem",
     "BilevelError",
     "BilevelWarning",
     "CapturedTensorWarning",
@@ -24,5 +26,6 @@ __all__ = [
     "custom_root",
     "hypergrad",
     "implicit",
+    "problems",
     "status",
 ]
