@@ -17,7 +17,13 @@ residual reported in ``info`` is the true residual ``b - A x`` recomputed at
 the end, not the recursively updated one.
 """
 
-from ._base import KrylovSolver, LinearSolveInfo, LinearSolver, materialize, resolve_maxiter
+from ._base import (
+    KrylovSolver,
+    LinearSolveInfo,
+    LinearSolver,
+    materialize,
+    resolve_maxiter,
+)
 from .auto import Auto
 from .bicgstab import BiCGStab
 from .cg import CG

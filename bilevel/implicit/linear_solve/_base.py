@@ -8,6 +8,10 @@ from typing import Callable, Optional
 
 import torch
 
+from ..._checks import check_fields as _check_fields
+from ..._checks import nonneg_float as _nonneg_float
+from ..._checks import positive_int_or_none as _positive_int_or_none
+from ..._checks import tol_ok as _tol_ok
 from ..._tolerance import default_tol
 from ..._tree import Raveler, all_finite, check_same_structure, tree_leaves
 from ...status import Status
@@ -156,29 +160,6 @@ def _final_status(
     small = residual_norm <= 10 * torch.clamp_min(tol * b_norm, getattr(solver, "atol", 0.0))
     failed_late = (status == Status.SUCCESS) & ~small
     return torch.where(failed_late, torch.full_like(status, Status.MAX_ITERATIONS), status)
-
-
-def _check_fields(obj, **rules: tuple[Callable[[object], bool], str]) -> None:
-    for field, (ok, expected) in rules.items():
-        value = getattr(obj, field)
-        if not ok(value):
-            raise ValueError(f"{type(obj).__name__}: `{field}` must be {expected}; got {value!r}.")
-
-
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _positive_int_or_none(v) -> bool:
-    return v is None or _positive_int(v)
-
-
-def _tol_ok(v) -> bool:
-    return v is None or (isinstance(v, (int, float)) and 0 < v < 1)
-
-
-def _nonneg_float(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
 _KRYLOV_RULES = dict(

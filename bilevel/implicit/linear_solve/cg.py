@@ -8,12 +8,12 @@ from typing import Optional
 
 import torch
 
+from ..._checks import check_fields as _check_fields
 from ...status import Status
 from ...typing import Matvec
 from ._base import (
     KrylovSolver,
     _mark,
-    _check_fields,
     _sync_every,
 )
 

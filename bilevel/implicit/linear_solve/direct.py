@@ -7,14 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..._checks import check_fields as _check_fields
 from ...status import Status
 from ._base import (
-    materialize as _materialize,
     LinearSolver,
-    _check_fields,
     _mark,
 )
-
+from ._base import (
+    materialize as _materialize,
+)
 
 _DIRECT_METHODS = ("cholesky", "lu", "lstsq")
 

@@ -6,15 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..._checks import check_fields as _check_fields
+from ..._checks import positive_int as _positive_int
 from ...status import Status
 from ._base import (
     KrylovSolver,
-    _check_fields,
     _div,
     _dot,
     _mark,
     _norm,
-    _positive_int,
     _singular_tol,
     _sync_every,
 )

@@ -7,15 +7,15 @@ from typing import Optional
 
 import torch
 
+from ..._checks import check_fields as _check_fields
+from ..._checks import nonneg_float as _nonneg_float
+from ..._checks import positive_int as _positive_int
 from ...status import Status
 from ._base import (
     FlatMatvec,
     LinearSolver,
-    _check_fields,
     _mark,
-    _nonneg_float,
     _norm,
-    _positive_int,
 )
 
 

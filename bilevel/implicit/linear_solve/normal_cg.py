@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .cg import CG
+from ..._checks import check_fields as _check_fields
 from ._base import (
     FlatMatvec,
     LinearSolver,
-    _check_fields,
     _final_status,
     _norm,
 )
+from .cg import CG
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,333 @@
+r"""The interface every inner solver keeps, and what the solvers share.
+
+Interface
+---------
+A solver is a frozen dataclass of settings, checked at construction (an error
+names the field).  It minimizes ``fun(sol, *args)`` over ``sol`` (the solution
+first, then the arguments it depends on) in two ways:
+
+``sol, info = solver.run(fun, init, *args)``
+    Runs the iterations without autograd (under :func:`torch.no_grad`, on
+    detached inputs; each gradient comes from a local graph freed at once) from
+    the warm start ``init``, a tensor or a tree of floating tensors.  It is
+    not differentiable and not meant to run under :mod:`torch.func` transforms:
+    use the call below for both.  ``sol`` has the structure, dtypes and device
+    of ``init``; ``info`` is a :class:`SolverInfo`.
+
+``sol = solver(fun, init, *args)``
+    The differentiable version: :func:`~bilevel.implicit.custom_root` with the
+    solver's optimality condition (:func:`~bilevel.implicit.stationarity` of
+    ``fun``; the proximal-gradient fixed point for
+    :class:`~bilevel.solvers.ProximalGradient`; the Gauss-Newton stationarity
+    :math:`J^\top r = 0` for least squares) wrapped around :meth:`run`.  ``init``
+    is passed to the solver as a keyword, so it is a warm start and is not
+    differentiated; gradients w.r.t. every floating tensor in ``args`` come from
+    the implicit function theorem.  ``implicit_solve`` (a field of every solver)
+    is the linear solver of that backward system (``None``: custom_root's default).
+
+Tolerance rule
+--------------
+Each solver measures an optimality residual :math:`r(x)`: the gradient norm
+:math:`\|\nabla f(x)\|_2` (smooth solvers), the gradient-mapping norm
+:math:`\|x - \operatorname{prox}_{\eta g}(x - \eta\nabla f(x))\|_2 / \eta`
+(proximal gradient; equal to the gradient norm when :math:`g = 0`), or
+:math:`\|J^\top r\|_2` per batch element (least squares).  It stops at
+
+.. math:: r(x_k) \le \mathrm{tol}\cdot\max(1, r(x_0)),
+
+with ``tol=None`` meaning :math:`\sqrt{\varepsilon}` of the dtype of ``init``
+(1.5e-8 in float64, 3.5e-4 in float32; :func:`bilevel._tolerance.default_tol`).
+Relative to the initial residual, the rule is reachable in either precision
+whatever the scale of the objective (a ridge problem on raw features, with a
+Hessian norm in the thousands, stops at the same relative accuracy as a
+standardized one).  The threshold is kept in ``info.tolerance``.
+
+For :meth:`__call__`, the condition handed to ``custom_root`` is divided by
+:math:`\max(1, r(x_0))`: the same normalization, a constant that leaves the
+implicit gradient unchanged, so that ``custom_root``'s optimality certificate
+measures the quantity the solver stopped on.
+
+Failures
+--------
+* Budget exhausted: status :attr:`~bilevel.status.Status.MAX_ITERATIONS`, the
+  residual in ``info`` and a :class:`~bilevel.status.ConvergenceWarning`
+  naming the solver, the residual and the remedy (raise ``maxiter``, loosen ``tol``).
+* Non-finite value or gradient at an iterate: :class:`FloatingPointError`
+  naming the solver and the iteration.  Trial points of the line searches of
+  :class:`GradientDescent`, :class:`ProximalGradient`, :class:`GaussNewton` and
+  :class:`LevenbergMarquardt` may be non-finite (they are rejected); the
+  bridges (:class:`LBFGS`, :class:`ScipyMinimize`) raise at any non-finite
+  evaluation.  In a batch of least-squares problems, an element whose iterate
+  turns non-finite gets status NONFINITE and the others go on.
+* Bad input (``fun`` not callable, a non-scalar objective, ``init`` not a
+  tree of floating tensors): ``TypeError`` / ``ValueError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .._tolerance import default_residual_tol, default_tol
+from .._tree import Raveler, tensor_leaves, tree_map
+from ..implicit import custom_root
+from ..implicit.conditions import Condition, stationarity
+from ..implicit.linear_solve import LinearSolver
+from ..status import ConvergenceWarning, Status
+from ..typing import Objective, TensorTree
+
+__all__ = ["Solver", "SolverInfo"]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """Outcome of :meth:`Solver.run` (tensors; per batch element for batched solvers).
+
+    Attributes:
+        iterations: iterations run (``int64``).
+        residual_norm: the optimality residual at the returned point (gradient
+            norm; gradient-mapping norm for proximal gradient; ``||J^T r||`` for
+            least squares).
+        value: the objective at the returned point (the smooth part ``f`` for
+            proximal gradient; ``0.5 ||r||^2`` for least squares); ``None``
+            where not available.
+        status: :class:`~bilevel.status.Status` codes (``int64``).
+        tolerance: the threshold ``residual_norm`` was compared with,
+            ``tol * max(1, initial residual)``.
+    """
+
+    iterations: torch.Tensor
+    residual_norm: torch.Tensor
+    value: Optional[torch.Tensor]
+    status: torch.Tensor
+    tolerance: torch.Tensor
+
+    @property
+    def converged(self) -> torch.Tensor:
+        """Boolean tensor: which problems reached the tolerance."""
+        return self.status == Status.SUCCESS
+
+    def summary(self, name: str = "solver") -> str:
+        """One line naming the failed elements, the worst residual and the remedy."""
+        failed = (~self.converged).reshape(-1)
+        if not bool(failed.any()):
+            return f"{name} converged"
+        idx = failed.nonzero().reshape(-1).tolist()
+        res = self.residual_norm.reshape(-1)
+        worst = max(idx, key=lambda i: float(res[i]) if math.isfinite(float(res[i])) else math.inf)
+        where = "" if self.status.dim() == 0 else f" (batch elements {idx[:8]}{'...' if len(idx) > 8 else ''})"
+        status = Status(int(self.status.reshape(-1)[worst]))
+        remedy = _REMEDIES.get(status, status.message)
+        return (
+            f"{name} did not converge{where}: {status.name} after "
+            f"{int(self.iterations.reshape(-1)[worst])} iterations, optimality residual "
+            f"{float(res[worst]):.3g} > tolerance {float(self.tolerance.reshape(-1)[worst]):.3g}; {remedy}."
+        )
+
+
+_REMEDIES = {
+    Status.MAX_ITERATIONS: "raise `maxiter` or loosen `tol`",
+    Status.BREAKDOWN: (
+        "no step decreased the objective (the line search failed): `tol` may be below the "
+        "precision reachable for this objective (loosen it), or `fun` is not smooth"
+    ),
+}
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _tol_ok(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1)
+
+
+def _positive_or_none(v) -> bool:
+    return v is None or (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    )
+
+
+COMMON_RULES = dict(
+    maxiter=(_positive_int, "a positive int"),
+    tol=(_tol_ok, "None or a float in (0, 1)"),
+    implicit_solve=(
+        lambda v: v is None or isinstance(v, LinearSolver),
+        "None or a linear solver such as bilevel.implicit.CG()",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """Base class of the inner solvers (see the module docstring for the interface).
+
+    Subclasses implement :meth:`run` and, if their optimality condition is not
+    the stationarity of ``fun``, :meth:`_condition`.
+    """
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def run(self, fun: Objective, init: TensorTree, *args: Any) -> tuple[TensorTree, SolverInfo]:
+        raise NotImplementedError
+
+    def __call__(self, fun: Objective, init: TensorTree, *args: Any) -> TensorTree:
+        check_fun(fun, self.name)
+        dtype = check_init(init, self.name)[0].dtype
+        scale = _Scale()
+
+        def solve(*args, init):
+            sol, info = self.run(fun, init, *args)
+            scale.record(info, self._tol(dtype))
+            return sol
+
+        return self._differentiable(self._condition(fun, scale), solve, dtype)(*args, init=init)
+
+    def _condition(self, fun: Objective, scale: _Scale) -> Condition:
+        """``stationarity(fun / max(1, r0))``: the gradient vanishes."""
+
+        def normalized(sol, *args):
+            return fun(sol, *args) * scale.value
+
+        normalized.__name__ = getattr(fun, "__name__", "fun")
+        return stationarity(normalized)
+
+    def _differentiable(self, condition: Condition, solve: Callable, dtype: torch.dtype) -> Callable:
+        residual_tol = max(self._tol(dtype), default_residual_tol(dtype))
+        return custom_root(condition, solve=self.implicit_solve, residual_tol=residual_tol)(solve)
+
+    def _tol(self, dtype: torch.dtype) -> float:
+        return default_tol(dtype) if self.tol is None else float(self.tol)
+
+
+class _Scale:
+    """The constant ``1 / max(1, r0)`` by which :meth:`Solver.__call__` divides the
+    condition; set by the run (the smallest over runs, e.g. under vmap)."""
+
+    def __init__(self):
+        self.value = 1.0
+        self.step = None  # the final step size, for step-dependent conditions
+        self._set = False
+
+    def record(self, info: SolverInfo, tol: float, step: Optional[float] = None) -> None:
+        value = float((tol / info.tolerance).min())
+        self.value = value if not self._set else min(self.value, value)
+        self._set = True
+        if step is not None:
+            self.step = step if self.step is None else min(self.step, step)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_fun(fun: Any, name: str, signature: str = "fun(sol, *args) -> scalar tensor") -> None:
+    if not callable(fun):
+        raise TypeError(f"{name}: `fun` must be callable {signature}; got {type(fun).__name__}.")
+
+
+def check_init(init: Any, name: str) -> list[torch.Tensor]:
+    """The leaves of ``init``, checked to be floating tensors."""
+    try:
+        leaves, _ = tensor_leaves(init, "init")
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name}: {err}") from None
+    for i, leaf in enumerate(leaves):
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{name}: `init` must hold floating-point tensors (the warm start); leaf {i} has "
+                f"dtype {leaf.dtype}. Pass e.g. `init.double()` or `init.float()`."
+            )
+    return leaves
+
+
+def detach_args(args: Sequence[Any]) -> tuple:
+    """``args`` with every tensor detached (the solvers never build graphs through them)."""
+    return tuple(tree_map(lambda a: a.detach() if torch.is_tensor(a) else a, tuple(args)))
+
+
+def check_scalar(value: Any, name: str) -> torch.Tensor:
+    if not torch.is_tensor(value) or value.dim() != 0 or not value.is_floating_point():
+        got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if torch.is_tensor(value) else (
+            type(value).__name__
+        )
+        raise ValueError(
+            f"{name}: `fun(sol, *args)` must return a scalar (0-d) floating tensor, the objective; "
+            f"got {got}. Reduce it, e.g. with `.sum()`."
+        )
+    return value
+
+
+def nonfinite(name: str, iteration: int, what: str = "the objective or its gradient") -> FloatingPointError:
+    return FloatingPointError(
+        f"{name}: {what} is not finite (NaN or inf) at iteration {iteration}. Check `fun` and its "
+        "arguments for NaN/inf, or the domain of `fun` at `init`."
+    )
+
+
+def is_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# ----------------------------------------------------------------------------- flat problems
+
+
+class FlatObjective:
+    """A scalar objective ``fun(sol, *args)`` seen as a function of one flat vector.
+
+    ``init``'s leaves are concatenated (:class:`~bilevel._tree.Raveler`); the
+    iterations work on the flat vector and :meth:`tree` rebuilds the solution
+    with the structure, shapes and dtypes of ``init``.
+    """
+
+    def __init__(self, fun: Objective, init: TensorTree, args: Sequence[Any], name: str):
+        check_fun(fun, name)
+        check_init(init, name)
+        self.fun, self.args, self.name = fun, detach_args(args), name
+        self.rav = Raveler(init, 0, name="init")
+        self.x0 = self.rav.ravel(tree_map(lambda t: t.detach(), init)).to(self.rav.dtype).clone()
+        self.evaluations = 0
+
+    def tree(self, x: torch.Tensor) -> TensorTree:
+        return self.rav.unravel(x)
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        """``fun`` at ``x`` (no gradient)."""
+        self.evaluations += 1
+        with torch.no_grad():
+            return check_scalar(self.fun(self.tree(x), *self.args), self.name).detach()
+
+    def value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fun`` and its gradient at ``x`` (one local graph, freed at once)."""
+        self.evaluations += 1
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            value = check_scalar(self.fun(self.tree(x), *self.args), self.name)
+            if not value.requires_grad:  # fun does not depend on sol
+                return value.detach(), torch.zeros_like(x)
+            (g,) = torch.autograd.grad(value, x, allow_unused=True)
+        return value.detach(), (torch.zeros_like(x) if g is None else g)
+
+
+def make_info(iterations: int, residual: torch.Tensor, value: Optional[torch.Tensor], status: Status,
+              tolerance: float, like: torch.Tensor) -> SolverInfo:
+    """A scalar :class:`SolverInfo` on the device of ``like``."""
+    kw = dict(device=like.device)
+    return SolverInfo(
+        iterations=torch.tensor(iterations, dtype=torch.int64, **kw),
+        residual_norm=torch.as_tensor(residual, dtype=like.dtype, **kw).detach().reshape(()),
+        value=None if value is None else value.detach().reshape(()),
+        status=torch.tensor(int(status), dtype=torch.int64, **kw),
+        tolerance=torch.tensor(float(tolerance), dtype=like.dtype, **kw),
+    )
+
+
+def warn_if_failed(info: SolverInfo, name: str, stacklevel: int = 3) -> None:
+    """Warn with :class:`~bilevel.status.ConvergenceWarning` where an element failed."""
+    if not bool(info.converged.all()):
+        warnings.warn(info.summary(name), ConvergenceWarning, stacklevel=stacklevel)

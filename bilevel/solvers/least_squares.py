@@ -1,0 +1,367 @@
+r"""Batched nonlinear least squares: Gauss-Newton and Levenberg-Marquardt.
+
+Both minimize :math:`\tfrac12\|r(x, \theta)\|^2` for ``r = fun(sol, *args)``, a
+residual *vector* function, on a batch of independent problems at once (e.g.
+the K experts of a mixture, each with a few dozen coefficients):
+
+* ``batch_dims`` (a setting, default 0) leading dimensions of ``init`` index
+  independent problems.  ``fun`` is called on the whole batch (it is *already
+  batched*: vectorized over those dimensions) and must return residuals with
+  the same leading batch shape, row ``b`` depending only on problem ``b``
+  (wrap a per-problem function with :func:`torch.vmap` to get one).  Data of
+  each problem go in ``args`` with the same leading dimensions; shared data may
+  be captured or passed unbatched.
+* Stopping, damping, line searches and ``info`` are per batch element: an
+  element that converged stops moving, one that fails reports its own status.
+* Jacobians are dense, :math:`J_b \in \mathbb R^{m\times n}`, built for the whole
+  batch by one :func:`torch.vmap` over the ``n`` basis tangents of
+  :func:`torch.func.jvp` (over the ``m`` basis cotangents of
+  :func:`torch.func.vjp` when ``m < n``): this uses the independence of the
+  rows, so it costs ``min(n, m)`` batched products, not ``B`` separate Jacobians.
+  The normal equations are solved by a batched Cholesky factorization.
+
+Differentiable call: ``custom_root(stationarity(0.5 * ||fun||^2))``, i.e. the
+condition :math:`J^\top r = 0` of every element (the exact Hessian
+:math:`J^\top J + \sum_i r_i \nabla^2 r_i` is used in the backward solve).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from .._tolerance import default_tol
+from .._tree import Raveler, tree_map
+from ..implicit.conditions import Condition, stationarity
+from ..implicit.linear_solve import LinearSolver
+from .._checks import check_fields as _check_fields
+from ..status import Status
+from ..typing import TensorTree
+from ._base import COMMON_RULES, Solver, SolverInfo, _Scale, check_fun, check_init, detach_args, warn_if_failed
+
+__all__ = ["GaussNewton", "LevenbergMarquardt"]
+
+_MAX_BACKTRACK = 30
+_BATCH_RULE = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative int")
+
+
+class _Residuals:
+    """``fun`` on flat ``(B, n)`` iterates, returning flat ``(B, m)`` residuals."""
+
+    def __init__(self, fun: Callable, init: TensorTree, args, batch_dims: int, name: str):
+        check_fun(fun, name, "fun(sol, *args) -> residual tensor")
+        check_init(init, name)
+        self.fun, self.args, self.name = fun, detach_args(args), name
+        self.rav = Raveler(init, batch_dims, name="init")
+        self.batch = tuple(self.rav.batch_shape)
+        self.B, self.n = math.prod(self.batch), self.rav.size
+        self.x0 = self.rav.ravel(tree_map(lambda t: t.detach(), init)).to(self.rav.dtype).reshape(self.B, self.n)
+
+    def tree(self, x: torch.Tensor) -> TensorTree:
+        return self.rav.unravel(x.reshape(self.batch + (self.n,)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.fun(self.tree(x), *self.args)
+        if not torch.is_tensor(r) or not r.is_floating_point() or tuple(r.shape[: len(self.batch)]) != self.batch:
+            got = f"shape {tuple(r.shape)}, dtype {r.dtype}" if torch.is_tensor(r) else type(r).__name__
+            raise ValueError(
+                f"{self.name}: `fun(sol, *args)` must return a floating residual tensor whose leading "
+                f"dimensions are the batch shape {self.batch} of `init`; got {got}."
+            )
+        return r.reshape(self.B, -1)
+
+    def jacobian(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """Per-element Jacobians ``(B, m, n)`` by ``min(n, m)`` vmapped products."""
+        if self.n <= m:
+            basis = torch.eye(self.n, dtype=x.dtype, device=x.device)
+            cols = vmap(lambda e: jvp(self, (x,), (e.expand(self.B, self.n),))[1])(basis)  # (n, B, m)
+            return cols.permute(1, 2, 0)
+        _, pullback = vjp(self, x)
+        basis = torch.eye(m, dtype=x.dtype, device=x.device)
+        rows = vmap(lambda e: pullback(e.expand(self.B, m))[0])(basis)  # (m, B, n)
+        return rows.permute(1, 0, 2)
+
+
+@dataclass(frozen=True)
+class _LeastSquares(Solver):
+    def __post_init__(self):
+        _check_fields(self, **COMMON_RULES, batch_dims=_BATCH_RULE)
+
+    def _condition(self, fun: Callable, scale: _Scale) -> Condition:
+        def half_squared_norm(sol, *args):
+            r = fun(sol, *args)
+            return 0.5 * (r * r).sum() * scale.value
+
+        half_squared_norm.__name__ = f"half_squared_norm({getattr(fun, '__name__', 'fun')})"
+        return stationarity(half_squared_norm)
+
+    def run(self, fun: Callable, init: TensorTree, *args: Any) -> tuple[TensorTree, SolverInfo]:
+        res = _Residuals(fun, init, args, self.batch_dims, self.name)
+        with torch.no_grad():
+            x, info = self._loop(res)
+        warn_if_failed(info, self.name)
+        return res.tree(x), info
+
+    def _loop(self, res: _Residuals) -> tuple[torch.Tensor, SolverInfo]:
+        x = res.x0
+        eps = float(torch.finfo(x.dtype).eps)
+        r = res(x)
+        f = 0.5 * (r * r).sum(-1)
+        J = res.jacobian(x, r.shape[-1])
+        g = torch.einsum("bmn,bm->bn", J, r)
+        bad = ~(torch.isfinite(f) & torch.isfinite(g).all(-1))
+        if bool(bad.any()):
+            where = f" (batch elements {bad.nonzero().reshape(-1).tolist()[:8]})" if res.batch else ""
+            raise FloatingPointError(
+                f"{self.name}: the residuals or their Jacobian are not finite (NaN or inf) at iteration 0"
+                f"{where}. Check `fun`, its arguments and `init`."
+            )
+        g_norm = torch.linalg.vector_norm(g, dim=-1)
+        tol = default_tol(x.dtype) if self.tol is None else self.tol
+        threshold = tol * g_norm.clamp_min(1.0)
+        active = g_norm > threshold
+        status = torch.full((res.B,), int(Status.SUCCESS), dtype=torch.int64, device=x.device)
+        iterations = torch.zeros(res.B, dtype=torch.int64, device=x.device)
+        state = self._init_state(res.B, x)
+        k = 0
+        while bool(active.any()) and k < self.maxiter:
+            A = J.transpose(-1, -2) @ J
+            x_new, r_new, f_new, accept, failed = self._step(res, x, f, g, A, active, state, eps)
+            x = torch.where(accept[:, None], x_new, x)
+            r = torch.where(accept[:, None], r_new, r)
+            f = torch.where(accept, f_new, f)
+            if bool(accept.any()):
+                J = res.jacobian(x, r.shape[-1])
+                g = torch.einsum("bmn,bm->bn", J, r)
+                g_norm = torch.linalg.vector_norm(g, dim=-1)
+            iterations += active.to(torch.int64)
+            nonfinite = active & ~torch.isfinite(g_norm)
+            status = torch.where(failed, int(Status.BREAKDOWN), status)
+            status = torch.where(nonfinite, int(Status.NONFINITE), status)
+            if bool(nonfinite.any()) and not res.batch:
+                raise FloatingPointError(
+                    f"{self.name}: the Jacobian is not finite (NaN or inf) at iteration {k + 1}. "
+                    "Check `fun` and its arguments."
+                )
+            active = active & ~failed & ~nonfinite & (g_norm > threshold)
+            k += 1
+        status = torch.where(active, int(Status.MAX_ITERATIONS), status)
+        info = SolverInfo(
+            iterations=iterations.reshape(res.batch),
+            residual_norm=g_norm.reshape(res.batch),
+            value=f.reshape(res.batch),
+            status=status.reshape(res.batch),
+            tolerance=threshold.reshape(res.batch),
+        )
+        return x, info
+
+
+def _solve_normal(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``A^{-1} b`` for a batch of symmetric positive semi-definite ``A`` (Cholesky;
+    singular elements are shifted by ``sqrt(eps) * max diag``, then pseudo-inverted)."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool((info > 0).any()):
+        eps = float(torch.finfo(A.dtype).eps)
+        scale = A.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(torch.finfo(A.dtype).tiny)
+        shift = torch.where(info > 0, math.sqrt(eps) * scale, torch.zeros_like(scale))
+        A = A + shift[:, None, None] * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info > 0).any()):
+            fallback = (torch.linalg.pinv(A, hermitian=True) @ b.unsqueeze(-1)).squeeze(-1)
+            ok = (info == 0)[:, None]
+            direct = torch.cholesky_solve(b.unsqueeze(-1), torch.where(ok[..., None], L, torch.eye(
+                A.shape[-1], dtype=A.dtype, device=A.device))).squeeze(-1)
+            return torch.where(ok, direct, fallback)
+    return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class GaussNewton(_LeastSquares):
+    r"""Gauss-Newton for batched nonlinear least squares :math:`\min_x \tfrac12\|r(x, \theta)\|^2`.
+
+    Per batch element :math:`b`, with :math:`J_b = \partial r_b / \partial x_b`:
+
+    .. math::
+        J_b^\top J_b\, \delta_b = -J_b^\top r_b, \qquad x_b \leftarrow x_b + \alpha_b \delta_b,
+
+    :math:`\alpha_b` the first of :math:`1, \tfrac12, \tfrac14, \dots` with
+    sufficient decrease :math:`f(x_b + \alpha_b\delta_b) \le f(x_b) + 10^{-4}\alpha_b
+    \nabla f^\top \delta_b` (damped Gauss-Newton: full steps near a solution,
+    safe far from one; non-finite trial residuals are rejected).  A singular
+    :math:`J^\top J` is shifted by :math:`\sqrt{\varepsilon}\max\operatorname{diag}`.
+    Stopping per element: :math:`\|J_b^\top r_b\| \le \mathrm{tol}\cdot\max(1, \|J_b^\top r_b\|_{x^0})`
+    (``tol=None``: ``sqrt(eps)`` of the dtype); a line search that fails gives
+    that element status BREAKDOWN.  Batching conventions: see :mod:`bilevel.solvers.least_squares`.
+
+    Args:
+        maxiter: iteration budget per element (default 100).
+        tol: relative tolerance on :math:`\|J^\top r\|`; ``None``: ``sqrt(eps)`` of the dtype.
+        batch_dims: leading dimensions of ``init`` (and of ``fun``'s output) that
+            index independent problems (default 0: one problem).
+        implicit_solve: linear solver of the backward system (``None``: custom_root's default).
+
+    Returns:
+        ``run(fun, init, *args) -> (sol, SolverInfo)`` with per-element info
+        (``value`` is :math:`\tfrac12\|r_b\|^2`); ``solver(fun, init, *args) -> sol``,
+        differentiable in ``args`` through :math:`J^\top r = 0`.
+
+    Raises:
+        ValueError: a setting out of range (naming the field); residuals whose
+            leading shape is not the batch shape of ``init``.
+        TypeError: ``fun`` not callable, ``init`` not a tree of floating tensors.
+        FloatingPointError: non-finite residuals or Jacobian at ``init`` (naming the
+            elements), or at an iterate of an unbatched problem (batched elements get
+            status NONFINITE instead, without stopping the others).
+
+    Example:
+        >>> import torch
+        >>> from bilevel.solvers import GaussNewton
+        >>> t = torch.linspace(0, 1, 20, dtype=torch.float64)
+        >>> truth = torch.tensor([[1.0, -1.0], [2.0, 0.5]], dtype=torch.float64)   # two problems (a, b)
+        >>> data = truth[:, :1] * torch.exp(truth[:, 1:] * t)                     # (2, 20)
+        >>> fit = lambda p, y: p[:, :1] * torch.exp(p[:, 1:] * t) - y            # batched residuals
+        >>> p, info = GaussNewton(batch_dims=1).run(fit, torch.ones(2, 2, dtype=torch.float64), data)
+        >>> torch.allclose(p, truth), info.converged.tolist()
+        (True, [True, True])
+
+    References:
+        Gauss, C. F. Theoria motus corporum coelestium, 1809.
+        Hartley, H. O. `The modified Gauss-Newton method for the fitting of
+        non-linear regression functions by least squares
+        <https://doi.org/10.1080/00401706.1961.10489945>`_. Technometrics, 1961.
+    """
+
+    maxiter: int = 100
+    tol: Optional[float] = None
+    batch_dims: int = 0
+    implicit_solve: Optional[LinearSolver] = None
+
+    def _init_state(self, B: int, x: torch.Tensor) -> dict:
+        return {}
+
+    def _step(self, res, x, f, g, A, active, state, eps):
+        delta = torch.where(active[:, None], _solve_normal(A, -g), torch.zeros_like(g))
+        slope = (g * delta).sum(-1)
+        alpha = torch.ones_like(f)
+        pending = active.clone()
+        x_new, r_new, f_new = x, None, f
+        for _ in range(_MAX_BACKTRACK):
+            x_try = x + alpha[:, None] * delta
+            r_try = res(x_try)
+            f_try = 0.5 * (r_try * r_try).sum(-1)
+            ok = torch.isfinite(f_try) & (f_try <= f + 1e-4 * alpha * slope + 10 * eps * f.abs())
+            take = pending & ok
+            x_new = torch.where(take[:, None], x_try, x_new)
+            r_new = r_try if r_new is None else torch.where(take[:, None], r_try, r_new)
+            f_new = torch.where(take, f_try, f_new)
+            pending = pending & ~ok
+            if not bool(pending.any()):
+                break
+            alpha = torch.where(pending, 0.5 * alpha, alpha)
+        accept = active & ~pending
+        return x_new, r_new, f_new, accept, pending
+
+
+@dataclass(frozen=True)
+class LevenbergMarquardt(_LeastSquares):
+    r"""Levenberg-Marquardt for batched nonlinear least squares :math:`\min_x \tfrac12\|r(x, \theta)\|^2`.
+
+    Per batch element :math:`b`, with :math:`J_b = \partial r_b / \partial x_b` and
+    :math:`D_b = \operatorname{diag}(J_b^\top J_b)` (Marquardt's scaling, floored
+    at :math:`\varepsilon \max D_b`):
+
+    .. math::
+        (J_b^\top J_b + \mu_b D_b)\,\delta_b = -J_b^\top r_b, \qquad
+        \rho_b = \frac{f(x_b) - f(x_b + \delta_b)}
+                      {-\nabla f^\top\delta_b - \tfrac12 \delta_b^\top J_b^\top J_b \delta_b}.
+
+    The step is accepted where :math:`\rho_b > 0`, and then
+    :math:`\mu_b \leftarrow \mu_b \max(\tfrac13, 1 - (2\rho_b - 1)^3)`; otherwise
+    :math:`\mu_b \leftarrow \nu_b \mu_b`, :math:`\nu_b \leftarrow 2\nu_b` (Nielsen's
+    update): the damping adapts per element, large far from a solution
+    (gradient-descent-like), small near one (Gauss-Newton).  Non-finite trial
+    residuals are rejected; where the predicted decrease is below the rounding
+    error of :math:`f` (near a solution) the step is taken unless :math:`f` visibly grows.  Stopping per element:
+    :math:`\|J_b^\top r_b\| \le \mathrm{tol}\cdot\max(1, \|J_b^\top r_b\|_{x^0})`;
+    damping above :math:`1/\varepsilon` (no step decreases the objective) gives
+    status BREAKDOWN.  Batching conventions: see :mod:`bilevel.solvers.least_squares`.
+
+    Args:
+        maxiter: iteration budget per element, rejected steps included (default 100).
+        tol: relative tolerance on :math:`\|J^\top r\|`; ``None``: ``sqrt(eps)`` of the dtype.
+        damping: initial :math:`\mu` (default ``1e-3``), relative to :math:`D`.
+        batch_dims: leading dimensions of ``init`` indexing independent problems (default 0).
+        implicit_solve: linear solver of the backward system (``None``: custom_root's default).
+
+    Returns, Raises: as :class:`GaussNewton`.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.solvers import LevenbergMarquardt
+        >>> t = torch.linspace(0, 1, 20, dtype=torch.float64)
+        >>> y = torch.stack([torch.exp(-t), 2 * torch.exp(0.5 * t)])              # two problems
+        >>> fit = lambda p, y: p[:, :1] * torch.exp(p[:, 1:] * t) - y
+        >>> y = y.requires_grad_()
+        >>> p = LevenbergMarquardt(batch_dims=1)(fit, torch.ones(2, 2, dtype=torch.float64), y)
+        >>> p.detach().round(decimals=6)
+        tensor([[ 1.0000, -1.0000],
+                [ 2.0000,  0.5000]], dtype=torch.float64)
+        >>> torch.autograd.grad(p[0, 0], y)[0][1].abs().sum() == 0   # element 0 ignores data of element 1
+        tensor(True)
+
+    References:
+        Levenberg, K. `A method for the solution of certain non-linear problems in
+        least squares <https://doi.org/10.1090/qam/10666>`_. Quarterly of Applied
+        Mathematics, 1944.
+        Marquardt, D. W. `An algorithm for least-squares estimation of nonlinear
+        parameters <https://doi.org/10.1137/0111030>`_. SIAM J. Appl. Math., 1963.
+        Nielsen, H. B. Damping parameter in Marquardt's method. Technical report
+        IMM-REP-1999-05, DTU, 1999.
+    """
+
+    maxiter: int = 100
+    tol: Optional[float] = None
+    damping: float = 1e-3
+    batch_dims: int = 0
+    implicit_solve: Optional[LinearSolver] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_fields(
+            self,
+            damping=(
+                lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                "a positive float",
+            ),
+        )
+
+    def _init_state(self, B: int, x: torch.Tensor) -> dict:
+        return dict(mu=torch.full((B,), float(self.damping), dtype=x.dtype, device=x.device),
+                    nu=torch.full((B,), 2.0, dtype=x.dtype, device=x.device))
+
+    def _step(self, res, x, f, g, A, active, state, eps):
+        mu, nu = state["mu"], state["nu"]
+        diag = A.diagonal(dim1=-2, dim2=-1)
+        diag = torch.maximum(diag, eps * diag.amax(-1, keepdim=True)).clamp_min(torch.finfo(x.dtype).tiny)
+        damped = A + torch.diag_embed(mu[:, None] * diag)
+        delta = torch.where(active[:, None], _solve_normal(damped, -g), torch.zeros_like(g))
+        x_try = x + delta
+        r_try = res(x_try)
+        f_try = 0.5 * (r_try * r_try).sum(-1)
+        predicted = -(g * delta).sum(-1) - 0.5 * (delta * (A @ delta.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        actual = f - f_try
+        rho = actual / torch.where(predicted > 0, predicted, torch.ones_like(predicted))
+        # Below the rounding error of f, rho is noise: take the step unless f visibly grew.
+        noise = 100 * eps * f.abs()
+        measurable = predicted > noise
+        accept = active & torch.isfinite(f_try) & torch.where(measurable, rho > 0, actual >= -noise)
+        reject = active & ~accept
+        shrink = torch.where(measurable, torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3), torch.ones_like(mu))
+        state["mu"] = torch.where(accept, mu * shrink, torch.where(reject, mu * nu, mu))
+        state["nu"] = torch.where(accept, torch.full_like(nu, 2.0), torch.where(reject, 2 * nu, nu))
+        failed = active & (state["mu"] > 1 / eps)
+        return x_try, r_try, f_try, accept, failed

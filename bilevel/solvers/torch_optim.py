@@ -1,0 +1,313 @@
+r"""Bridges to :mod:`torch.optim`: any optimizer in a loop, and L-BFGS."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from .._tolerance import default_tol
+from .._tree import tree_flatten, tree_unflatten
+from ..implicit.linear_solve import LinearSolver
+from .._checks import check_fields as _check_fields
+from ..status import Status
+from ..typing import Objective, TensorTree
+from ._base import (
+    COMMON_RULES,
+    Solver,
+    SolverInfo,
+    _positive_or_none,
+    check_fun,
+    check_init,
+    check_scalar,
+    detach_args,
+    make_info,
+    nonfinite,
+    warn_if_failed,
+)
+
+__all__ = ["OptimizerLoop", "LBFGS"]
+
+_CHUNK = 25  # L-BFGS iterations between progress checks
+
+OptimizerSpec = Union[str, type, Callable[[list], torch.optim.Optimizer]]
+
+
+def known_optimizers() -> dict[str, type]:
+    """The :mod:`torch.optim` optimizers :class:`OptimizerLoop` knows by name (lower case).
+
+    ``LBFGS`` is left out (use :class:`~bilevel.solvers.LBFGS`) and so is
+    ``SparseAdam`` (it needs sparse gradients).
+    """
+    out = {}
+    for name, obj in vars(torch.optim).items():
+        is_optimizer = isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)
+        if is_optimizer and obj is not torch.optim.Optimizer and name not in ("LBFGS", "SparseAdam"):
+            out[name.lower()] = obj
+    return out
+
+
+class _Leaves:
+    """The leaves of ``init`` as fresh leaf tensors (the optimizer's parameters),
+    and ``fun`` evaluated on them with gradients."""
+
+    def __init__(self, fun: Objective, init: TensorTree, args, name: str):
+        check_fun(fun, name)
+        leaves = check_init(init, name)
+        _, self.spec = tree_flatten(init)
+        self.params = [leaf.detach().clone().requires_grad_() for leaf in leaves]
+        self.fun, self.args, self.name = fun, detach_args(args), name
+
+    def tree(self, leaves=None) -> TensorTree:
+        return tree_unflatten(list(self.params if leaves is None else leaves), self.spec)
+
+    def evaluate(self, iteration: int) -> tuple[torch.Tensor, float]:
+        """Objective at the parameters, gradients into ``.grad``; returns (value, grad norm)."""
+        for p in self.params:
+            p.grad = None
+        with torch.enable_grad():
+            value = check_scalar(self.fun(self.tree(), *self.args), self.name)
+            grads = (
+                torch.autograd.grad(value, self.params, allow_unused=True)
+                if value.requires_grad else [None] * len(self.params)
+            )
+        for p, g in zip(self.params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params])
+        norm, value_host = torch.stack([torch.linalg.vector_norm(norms), value.detach().to(norms.dtype)]).tolist()
+        if not (math.isfinite(norm) and math.isfinite(value_host)):  # one host synchronisation
+            raise nonfinite(self.name, iteration)
+        return value.detach(), norm
+
+    def solution(self) -> TensorTree:
+        return self.tree([p.detach().clone() for p in self.params])
+
+
+@dataclass(frozen=True, init=False)
+class OptimizerLoop(Solver):
+    r"""Minimize ``fun`` with any :mod:`torch.optim` optimizer, full batch, up to ``maxiter`` steps.
+
+    .. math:: x_{k+1} = \mathrm{step}_{\mathrm{opt}}\bigl(x_k, \nabla f(x_k, \theta)\bigr)
+
+    on a copy of ``init`` (one parameter per leaf), stopping early when
+    :math:`\|\nabla f(x_k)\| \le \mathrm{tol}\cdot\max(1, \|\nabla f(x_0)\|)`
+    (``tol=None``: ``sqrt(eps)`` of the dtype), checked at every step, at the
+    point where the gradient was taken (that point is returned).  Optimizers
+    with a constant learning rate (Adam, SGD) typically hover at a distance set by
+    ``lr`` instead of converging tightly: loosen ``tol`` for them, or prefer
+    :class:`~bilevel.solvers.LBFGS` / :class:`~bilevel.solvers.GradientDescent`
+    where a tight inner solution matters (the implicit gradient assumes one).
+    Scale-free methods such as ``"rprop"`` converge tightly too.
+
+    Args:
+        optimizer: a name (``"adam"``, ``"sgd"``, ``"rprop"``, ... any
+            :mod:`torch.optim` class, case-insensitive), an optimizer class, or a
+            factory ``params -> optimizer``.
+        lr: learning rate (for names and classes).
+        maxiter: step budget (default 1000).
+        tol: relative gradient tolerance; ``None``: ``sqrt(eps)`` of the dtype.
+        implicit_solve: linear solver of the backward system (``None``: custom_root's default).
+        **options: further keyword arguments of the optimizer (e.g. ``momentum=0.9``),
+            for names and classes; kept in ``.options`` as sorted ``(key, value)`` pairs.
+
+    Raises:
+        ValueError: an unknown optimizer name (the error lists the known ones), a
+            setting out of range, ``options`` given with a factory, a non-scalar ``fun``.
+        TypeError: ``fun`` not callable, ``init`` not a tree of floating tensors, an
+            ``optimizer`` class or factory that does not give a :class:`torch.optim.Optimizer`.
+        FloatingPointError: a non-finite objective or gradient at an iterate.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.solvers import OptimizerLoop
+        >>> f = lambda w, c: ((w - c) ** 2).sum()
+        >>> w, info = OptimizerLoop("rprop", lr=0.1, step_sizes=(1e-12, 1.0)).run(
+        ...     f, torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, -2.0], dtype=torch.float64))
+        >>> w.round(decimals=6).tolist(), bool(info.converged)
+        ([1.0, -2.0], True)
+
+    References:
+        Kingma, D. P. and Ba, J. `Adam: A Method for Stochastic Optimization
+        <https://arxiv.org/abs/1412.6980>`_. ICLR 2015 (the default optimizer).
+    """
+
+    optimizer: OptimizerSpec = "adam"
+    lr: float = 1e-2
+    maxiter: int = 1000
+    tol: Optional[float] = None
+    implicit_solve: Optional[LinearSolver] = None
+    options: tuple = field(default=())
+
+    def __init__(
+        self,
+        optimizer: OptimizerSpec = "adam",
+        lr: float = 1e-2,
+        maxiter: int = 1000,
+        tol: Optional[float] = None,
+        implicit_solve: Optional[LinearSolver] = None,
+        **options: Any,
+    ):
+        options = {**dict(options.pop("options", ())), **options}  # dataclasses.replace passes `options`
+        for name, value in dict(optimizer=optimizer, lr=lr, maxiter=maxiter, tol=tol,
+                                implicit_solve=implicit_solve, options=tuple(sorted(options.items()))).items():
+            object.__setattr__(self, name, value)
+        _check_fields(
+            self,
+            **COMMON_RULES,
+            lr=(_positive_or_none, "a positive float"),
+            optimizer=(lambda v: isinstance(v, str) or callable(v),
+                       "a torch.optim name, an optimizer class or a factory params -> optimizer"),
+        )
+        self._optimizer_class()  # resolve names now: errors at construction
+
+    def _optimizer_class(self) -> Optional[type]:
+        opt = self.optimizer
+        if isinstance(opt, str):
+            known = known_optimizers()
+            if opt.lower() not in known:
+                hint = " Use bilevel.solvers.LBFGS for L-BFGS." if opt.lower() == "lbfgs" else ""
+                raise ValueError(
+                    f"OptimizerLoop: unknown `optimizer` {opt!r}; known names: {', '.join(sorted(known))}.{hint}"
+                )
+            return known[opt.lower()]
+        if isinstance(opt, type):
+            if not issubclass(opt, torch.optim.Optimizer):
+                raise TypeError(f"OptimizerLoop: `optimizer` class {opt.__name__} is not a torch.optim.Optimizer.")
+            return opt
+        if self.options:
+            raise ValueError(
+                "OptimizerLoop: optimizer options "
+                f"{[k for k, _ in self.options]} were given with a factory `optimizer`; "
+                "set them inside the factory."
+            )
+        return None
+
+    def _make(self, params: list) -> torch.optim.Optimizer:
+        cls = self._optimizer_class()
+        opt = cls(params, lr=self.lr, **dict(self.options)) if cls is not None else self.optimizer(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"OptimizerLoop: the factory `optimizer` must return a torch.optim.Optimizer; "
+                f"got {type(opt).__name__}."
+            )
+        return opt
+
+    def run(self, fun: Objective, init: TensorTree, *args: Any) -> tuple[TensorTree, SolverInfo]:
+        problem = _Leaves(fun, init, args, self.name)
+        opt = self._make(problem.params)
+        with torch.no_grad():
+            value, norm = problem.evaluate(0)
+            dtype = problem.params[0].dtype
+            threshold = (default_tol(dtype) if self.tol is None else self.tol) * max(1.0, norm)
+            k = 0
+            while norm > threshold and k < self.maxiter:
+                opt.step()
+                k += 1
+                value, norm = problem.evaluate(k)
+        status = Status.SUCCESS if norm <= threshold else Status.MAX_ITERATIONS
+        info = make_info(k, norm, value, status, threshold, problem.params[0])
+        warn_if_failed(info, self.name)
+        return problem.solution(), info
+
+
+@dataclass(frozen=True)
+class LBFGS(Solver):
+    r"""Limited-memory BFGS (:class:`torch.optim.LBFGS`) with a strong-Wolfe line search.
+
+    .. math:: x_{k+1} = x_k - \eta_k H_k \nabla f(x_k, \theta),
+
+    :math:`H_k` the inverse-Hessian approximation built from the last
+    ``history_size`` pairs :math:`(x_{i+1} - x_i, \nabla f_{i+1} - \nabla f_i)` by the
+    two-loop recursion, :math:`\eta_k` from the line search.  The iterations
+    run inside :class:`torch.optim.LBFGS` (its ``max_iter``, in chunks of 25 that
+    keep its history), whose own tolerances are set so that they never stop it
+    early; after each chunk the gradient norm itself is checked against
+    :math:`\mathrm{tol}\cdot\max(1, \|\nabla f(x_0)\|)` (``tol=None``:
+    ``sqrt(eps)`` of the dtype).  A chunk that lowers neither the objective nor
+    the gradient norm stops the run with
+    status BREAKDOWN: the line search compares objective values, so gradient
+    norms below about :math:`\sqrt{\varepsilon L |f|}` (:math:`L` the curvature)
+    are out of its reach; ``tol`` much below the default may be unreachable.
+
+    Args:
+        maxiter: L-BFGS iteration budget (default 500).
+        tol: relative gradient tolerance; ``None``: ``sqrt(eps)`` of the dtype.
+        history_size: number of correction pairs kept (default 10).
+        line_search: ``"strong_wolfe"`` (default) or ``None`` (unit steps, the
+            first one scaled by ``1 / ||g||_1``: only for well-scaled problems).
+        implicit_solve: linear solver of the backward system (``None``: custom_root's default).
+
+    Raises:
+        ValueError: a setting out of range (naming the field), a non-scalar ``fun``.
+        TypeError: ``fun`` not callable, ``init`` not a tree of floating tensors.
+        FloatingPointError: a non-finite objective or gradient at an evaluation.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.solvers import LBFGS
+        >>> rosen = lambda x, a: (a - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+        >>> x, info = LBFGS().run(rosen, torch.zeros(2, dtype=torch.float64), 1.0)
+        >>> torch.allclose(x, torch.ones(2, dtype=torch.float64)), bool(info.converged)
+        (True, True)
+
+    References:
+        Liu, D. C. and Nocedal, J. `On the limited memory BFGS method for large
+        scale optimization <https://doi.org/10.1007/BF01589116>`_. Mathematical
+        Programming, 1989.
+    """
+
+    maxiter: int = 500
+    tol: Optional[float] = None
+    history_size: int = 10
+    line_search: Optional[str] = "strong_wolfe"
+    implicit_solve: Optional[LinearSolver] = None
+
+    def __post_init__(self):
+        _check_fields(
+            self,
+            **COMMON_RULES,
+            history_size=(lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive int"),
+            line_search=(lambda v: v in ("strong_wolfe", None), "'strong_wolfe' or None"),
+        )
+
+    def run(self, fun: Objective, init: TensorTree, *args: Any) -> tuple[TensorTree, SolverInfo]:
+        problem = _Leaves(fun, init, args, self.name)
+        params = problem.params
+        with torch.no_grad():
+            value, norm = problem.evaluate(0)
+        dtype = params[0].dtype
+        threshold = (default_tol(dtype) if self.tol is None else self.tol) * max(1.0, norm)
+        opt = torch.optim.LBFGS(
+            params, lr=1.0, max_iter=self.maxiter, max_eval=4 * self.maxiter, tolerance_grad=threshold,
+            tolerance_change=0.0, history_size=self.history_size, line_search_fn=self.line_search,
+        )
+        state = opt.state[params[0]]
+
+        def closure():
+            with torch.enable_grad():
+                loss, _ = problem.evaluate(state.get("n_iter", 0))
+            return loss
+
+        done, status = 0, Status.MAX_ITERATIONS
+        while norm > threshold and done < self.maxiter:
+            opt.param_groups[0]["max_iter"] = min(_CHUNK, self.maxiter - done)
+            opt.step(closure)
+            done = state.get("n_iter", 0)
+            previous = (float(value), norm)
+            with torch.no_grad():
+                value, norm = problem.evaluate(done)
+            if float(value) >= previous[0] and norm >= previous[1]:  # a chunk without progress
+                status = Status.BREAKDOWN
+                break
+            # L-BFGS tests the largest gradient entry; tighten it until the 2-norm passes.
+            inf_norm = max(float(p.grad.abs().max()) for p in params)
+            opt.param_groups[0]["tolerance_grad"] = min(
+                opt.param_groups[0]["tolerance_grad"], 0.5 * inf_norm * threshold / max(norm, 1e-300)
+            )
+        if norm <= threshold:
+            status = Status.SUCCESS
+        info = make_info(done, norm, value, status, threshold, params[0])
+        warn_if_failed(info, self.name)
+        return problem.solution(), info
