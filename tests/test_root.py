@@ -371,3 +371,22 @@ def test_least_squares_adjoint_is_an_explicit_remedy(solver):
         warnings.simplefilter("error")
         (g,) = torch.autograd.grad(solve(x).sum(), x)
     torch.testing.assert_close(g, torch.tensor(1.0))  # minimum-norm adjoint u = (1, 0)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e6])
+def test_optimality_certificate_is_invariant_to_the_scale_of_the_objective(scale):
+    problem = Ridge.make()
+
+    def objective(w, lam):
+        return scale * problem.inner_objective(w, lam)
+
+    exact = bilevel.custom_root(stationarity(objective))(problem.solution)
+    lam = lam0().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ||F|| is ~1e-9 at scale 1e6, yet the solution is exact
+        exact(lam).sum().backward()
+    assert exact.last_info.ok
+    wrong = bilevel.custom_root(stationarity(objective))(lambda l: problem.solution(l) + 1e-2)
+    with pytest.warns(OptimalityWarning, match="distance"):  # ||F|| is ~1e-10 at scale 1e-8
+        wrong(lam).sum().backward()
+    torch.testing.assert_close(wrong.last_info.distance_to_root, torch.tensor(1e-2 * 2.0), rtol=1.0, atol=0)

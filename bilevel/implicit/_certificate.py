@@ -2,9 +2,17 @@
 
 :func:`report` runs after every adjoint solve.  It measures the optimality
 residual ``||F(sol, args)||`` at the point where the implicit function theorem
-is applied (free: it is the primal output of the linearization) and reads the
-linear solve's info; a failure becomes a warning naming the stage, the residual
-and the remedy, or a :class:`~bilevel.status.BilevelError` in strict mode.
+is applied (free: it is the primal output of the linearization) and turns it
+into a scale-free number, the estimated distance to the root
+
+.. math:: \|\delta\| = \|J^{-1} F\| \approx \|F\| \, \|u\| / \|b\|,
+
+where :math:`J^\top u = b` is the adjoint system just solved (so
+:math:`\|b\|/\|u\|` is a curvature scale of :math:`J`, between its smallest and
+largest singular values).  It is unchanged when the objective is rescaled and is
+compared with ``residual_tol * max(1, ||sol||)``.  It also reads the linear
+solve's info; a failure becomes a warning naming the stage, the residual and the
+remedy, or a :class:`~bilevel.status.BilevelError` in strict mode.
 """
 
 from __future__ import annotations
@@ -28,15 +36,18 @@ class ImplicitInfo:
     Attributes:
         optimality_residual: ``||F(sol, args)||`` at the solution (``None`` where
             it was not measured, e.g. in a forward-mode product).
+        distance_to_root: the estimated Newton correction ``||F|| ||u|| / ||b||``
+            (same units as ``sol``; ``None`` where not measured, 0 where ``b = 0``).
         solution_norm: ``||sol||``.
-        residual_tol: the tolerance it was checked against, relative to
-            ``max(1, ||sol||)``.
+        residual_tol: the tolerance ``distance_to_root`` was checked against,
+            relative to ``max(1, ||sol||)``.
         linear_solve: the adjoint solve's :class:`LinearSolveInfo`.
         damping: the damping added to the system (0 if none).
         solver: the linear solver used.
     """
 
     optimality_residual: Optional[torch.Tensor]
+    distance_to_root: Optional[torch.Tensor]
     solution_norm: torch.Tensor
     residual_tol: float
     linear_solve: LinearSolveInfo
@@ -46,9 +57,9 @@ class ImplicitInfo:
     @property
     def optimal(self) -> torch.Tensor:
         """Which batch elements satisfy the optimality condition to tolerance."""
-        if self.optimality_residual is None:
+        if self.distance_to_root is None:
             return torch.ones_like(self.solution_norm, dtype=torch.bool)
-        return self.optimality_residual <= self.residual_tol * self.solution_norm.clamp_min(1.0)
+        return self.distance_to_root <= self.residual_tol * self.solution_norm.clamp_min(1.0)
 
     @property
     def ok(self) -> bool:
@@ -76,7 +87,7 @@ def _fail(category: type, message: str, strict: bool) -> None:
     warnings.warn(message, category, stacklevel=4)
 
 
-def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
+def report(system, value, sol, info: LinearSolveInfo, x, b) -> ImplicitInfo:
     """Check and record the certificate of one adjoint solve; returns it."""
     stage, strict = system.stage, system.options.strict
     x_leaves = tree_leaves(x)
@@ -86,17 +97,24 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
     tol = system.options.residual_tol
     tol = default_residual_tol(dtype) if tol is None else tol
     sol_norm = batch_norm(sol, system.batch_dims)
-    optimality = batch_norm(value, system.batch_dims) if value is not None else None
-    certificate = ImplicitInfo(optimality, sol_norm, tol, info, system.damping, system.solve)
-    if system.certify and optimality is not None:
+    optimality = distance = None
+    if value is not None:
+        optimality = batch_norm(value, system.batch_dims)
+        b_norm = batch_norm(b, system.batch_dims)
+        ratio = batch_norm(x, system.batch_dims) / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
+        distance = torch.where(b_norm > 0, optimality * ratio, torch.zeros_like(optimality))
+    certificate = ImplicitInfo(optimality, distance, sol_norm, tol, info, system.damping, system.solve)
+    if system.certify and distance is not None:
         bad = ~certificate.optimal
         if bool(bad.any()):
-            worst = float(optimality[bad].max())
+            worst = int(torch.where(bad, distance, -1).reshape(-1).argmax())
             _fail(
                 OptimalityWarning,
-                f"{stage}: the optimality residual at the solution is {worst:.3g}{_elements(bad)}, "
-                f"above {tol:.3g} x max(1, ||sol||): the solver did not converge, so the implicit "
-                "gradient is inexact. Solve the inner problem more tightly.",
+                f"{stage}: the optimality residual at the solution is "
+                f"{float(optimality.reshape(-1)[worst]):.3g}{_elements(bad)}, an estimated distance "
+                f"{float(distance.reshape(-1)[worst]):.3g} to the root, above {tol:.3g} x max(1, ||sol||): "
+                "the solver did not converge, so the implicit gradient is inexact. Solve the inner "
+                "problem more tightly.",
                 strict,
             )
     failed = ~info.converged

@@ -121,8 +121,10 @@ def hypergrad(
             ``min(10 dim(y), 1000)`` steps and a dtype-scaled tolerance.
         damping: :math:`\epsilon \ge 0`, remedy for singular / indefinite Hessians.
         strict: raise :class:`~bilevel.status.BilevelError` when a certificate fails.
-        residual_tol: tolerance on :math:`\|\nabla_y f(x, y)\|` relative to
-            :math:`\max(1, \|y\|)`; default ``eps ** 0.25`` of the dtype.
+        residual_tol: tolerance on the estimated distance of ``y`` to the inner
+            solution, :math:`\|\nabla_y f\|\,\|v\| / \|\nabla_y F\|` (invariant to
+            rescaling :math:`f`), relative to :math:`\max(1, \|y\|)`; default
+            ``eps ** 0.25`` of the dtype.
         create_graph: record the computation so the hypergradient can itself be
             differentiated (second order); default ``False`` (faster, detached).
         return_info: also return the :class:`~bilevel.implicit.ImplicitInfo`
@@ -168,7 +170,7 @@ def hypergrad(
             lin = linearize(condition, y, (x,), objective=condition.gradient_of, wrt_args=True)
             operator = densify(damped(lin.transpose_matvec, system.damping), gy, 0, system.solve)
             v, info = system.solve(operator, gy)
-            report(system, lin.value, y, info, v)
+            report(system, lin.value, y, info, v, gy)
             cross = tree_unflatten(lin.cross(v), x_spec)
         else:  # differentiable and vmappable
             v = tree_unflatten(list(solve_adjoint(system, tree_leaves(gy), y_leaves, x_leaves)), y_spec)

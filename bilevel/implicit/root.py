@@ -147,7 +147,7 @@ class _Adjoint(torch.autograd.Function):
             _check_residual_structure(system, value, sol)
         operator = densify(damped(matvec, system.damping), b, system.batch_dims, system.solve)
         x, info = system.solve(operator, b, batch_dims=system.batch_dims)
-        report(system, value, sol, info, x)
+        report(system, value, sol, info, x, b)
         return tuple(tree_leaves(x))
 
     @staticmethod
@@ -358,8 +358,10 @@ def custom_root(
             :math:`O(\epsilon)`).
         strict: raise :class:`~bilevel.status.BilevelError` instead of warning
             when a certificate fails.
-        residual_tol: tolerance on :math:`\|F(s, \theta)\|` relative to
-            :math:`\max(1, \|s\|)`; default ``eps ** 0.25`` of the dtype.
+        residual_tol: tolerance on the estimated distance to the root,
+            :math:`\|F(s, \theta)\|\,\|u\|/\|\bar s\|` (invariant to rescaling
+            the condition), relative to :math:`\max(1, \|s\|)`; default
+            ``eps ** 0.25`` of the dtype.
 
     Returns:
         A decorator; the decorated function has the solver's signature and keeps
