@@ -1,6 +1,7 @@
 """bilevel: bilevel optimization and implicit differentiation for PyTorch."""
 
-from . import implicit, problems, status
+from . import algorithms, implicit, problems, solvers, status
+from .api import BilevelResult, solve
 from .implicit import custom_fixed_point, custom_root, hypergrad
 from .problems import BilevelProblem
 from .status import (
@@ -15,6 +16,10 @@ from .status import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "solve",
+    "BilevelResult",
+    "algorithms",
+    "solvers",
     "BilevelProblem",
     "BilevelError",
     "BilevelWarning",

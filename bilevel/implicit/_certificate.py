@@ -1,4 +1,4 @@
-"""The certificate of an implicit gradient: optimality and linear-solve residuals.
+r"""The certificate of an implicit gradient: optimality and linear-solve residuals.
 
 :func:`report` runs after every adjoint solve.  It measures the optimality
 residual ``||F(sol, args)||`` at the point where the implicit function theorem

@@ -129,6 +129,8 @@ class BilevelProblem:
             ``"hypergradient"`` (``x -> dF(x, y*(x))/dx``), ``"project"``
             (``(x, y) -> (x, y)`` onto the constraint set), ``"accuracy"``
             (``y -> float``), data splits.
+        example_batch: a mini-batch to validate objectives that take one, as
+            ``outer(x0, y0, example_batch)``; ``None`` validates ``outer(x0, y0)``.
 
     Raises:
         TypeError: ``outer`` / ``inner`` / ``constraints`` not callable, ``x0`` /
@@ -158,6 +160,7 @@ class BilevelProblem:
     x_set: Any = field(default=None, repr=False)
     y_set: Any = field(default=None, repr=False)
     data: Optional[dict] = field(default=None, repr=False)
+    example_batch: Any = field(default=None, repr=False)
     # How the problem was built (a ``dtype -> BilevelProblem`` callable), for ``with_dtype``.
     _rebuild: Optional[Callable[[torch.dtype], "BilevelProblem"]] = field(
         default=None, init=False, repr=False, compare=False
@@ -207,8 +210,9 @@ class BilevelProblem:
 
     def _call(self, fname: str, shapes: str) -> torch.Tensor:
         fn = getattr(self, fname)
+        batch = () if self.example_batch is None else (self.example_batch,)
         try:
-            value = fn(self.x0, self.y0)
+            value = fn(self.x0, self.y0, *batch)
         except Exception as err:  # name the function and the shapes it was given
             raise ValueError(
                 f"`{fname}(x0, y0)` raised {type(err).__name__}: {err} (called with {shapes})."

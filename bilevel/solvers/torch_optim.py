@@ -279,8 +279,12 @@ class LBFGS(Solver):
             value, norm = problem.evaluate(0)
         dtype = params[0].dtype
         threshold = (default_tol(dtype) if self.tol is None else self.tol) * max(1.0, norm)
+        # torch's L-BFGS tests the largest gradient entry; ||g||_2 <= sqrt(n) ||g||_inf, so
+        # threshold / sqrt(n) makes its test imply ours (else it may stop before any step).
+        size = sum(p.numel() for p in params)
         opt = torch.optim.LBFGS(
-            params, lr=1.0, max_iter=self.maxiter, max_eval=4 * self.maxiter, tolerance_grad=threshold,
+            params, lr=1.0, max_iter=self.maxiter, max_eval=4 * self.maxiter,
+            tolerance_grad=threshold / math.sqrt(size),
             tolerance_change=0.0, history_size=self.history_size, line_search_fn=self.line_search,
         )
         state = opt.state[params[0]]
@@ -308,6 +312,25 @@ class LBFGS(Solver):
             )
         if norm <= threshold:
             status = Status.SUCCESS
+        solution = problem.solution()
+        if status == Status.BREAKDOWN and done < self.maxiter:
+            # The value-based line search stalls where objective decreases fall below
+            # rounding; gradient descent's secant test keeps going from there.
+            solution, polish = _polish(fun, solution, args, threshold / max(1.0, norm), self.maxiter - done)
+            done += int(polish.iterations)
+            value, norm, status = polish.value, float(polish.residual_norm), Status(int(polish.status))
         info = make_info(done, norm, value, status, threshold, params[0])
         warn_if_failed(info, self.name)
-        return problem.solution(), info
+        return solution, info
+
+
+def _polish(fun: Objective, init: TensorTree, args: tuple, tol: float, budget: int):
+    """A few gradient-descent steps (secant-tested, so reachable below the rounding
+    of objective values) to finish where L-BFGS's line search stalled."""
+    import warnings
+
+    from .gradient_descent import GradientDescent
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the caller reports the final status
+        return GradientDescent(maxiter=min(budget, 200), tol=min(max(tol, 1e-300), 0.5)).run(fun, init, *args)

@@ -1,0 +1,77 @@
+r"""Iterative differentiation (ITD): reverse mode through T inner gradient steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .._tree import tree_flatten, tree_leaves, tree_unflatten
+from ..implicit.hypergrad import estimate_lipschitz, unrolled_hypergrad
+from ._base import Algorithm, State, StepInfo, tree_norm_float
+
+
+@dataclass(frozen=True)
+class Unrolled(Algorithm):
+    r"""Iterative differentiation (ITD): differentiate through ``steps`` inner steps.
+
+    .. math::
+
+        y_t = y_{t-1} - s \nabla_y f(x_k, y_{t-1}),\ t = 1..T, \qquad
+        x_{k+1} = \mathrm{opt}\bigl(x_k,\ \tfrac{d}{dx} F(x_k, y_T(x_k))\bigr).
+
+    Memory grows linearly with :math:`T` (``truncate=K`` keeps only the last
+    :math:`K` steps: Shaban et al. 2019).  ``warm_start=True`` starts each inner
+    run from the previous :math:`y_T` instead of :math:`y_0`.
+
+    Args:
+        steps: :math:`T`, inner steps per outer step (default 100).
+        step_size: :math:`s`; ``None`` uses :math:`1/L` with :math:`L` the largest
+            inner Hessian eigenvalue at the start (power iteration), estimated once.
+        truncate: differentiate only the last ``truncate`` steps.
+        warm_start: start each inner run from the previous :math:`y_T`.
+
+    References:
+        Franceschi, L., Donini, M., Frasconi, P. and Pontil, M. `Forward and
+        Reverse Gradient-Based Hyperparameter Optimization
+        <https://arxiv.org/abs/1703.01785>`_. ICML 2017.
+        Shaban, A., Cheng, C.-A., Hatch, N. and Boots, B. `Truncated
+        Back-propagation for Bilevel Optimization <https://arxiv.org/abs/1810.10667>`_.
+        AISTATS 2019.
+    """
+
+    steps: int = 100
+    step_size: Optional[float] = None
+    truncate: Optional[int] = None
+    warm_start: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"Unrolled: `steps` must be a positive int; got {self.steps!r}.")
+
+    def init(self, problem, x0=None, y0=None) -> State:
+        state = super().init(problem, x0, y0)
+        state.extras["y_start"] = [t.clone() for t in tree_leaves(state.y)]
+        return state
+
+    def hypergradient(self, outer, inner, state: State, batch: Any):
+        step_size = _step_size(self.step_size, inner, state)
+        y0 = state.y if self.warm_start else tree_unflatten([t.clone() for t in state.extras["y_start"]], tree_flatten(state.y)[1])
+        g, y = unrolled_hypergrad(
+            outer, inner, state.x, y0, self.steps, step_size, truncate=self.truncate, return_solution=True
+        )
+        with torch.no_grad():
+            value = float(outer(state.x, y))
+        return y, g, StepInfo(outer=value, hypergradient_norm=tree_norm_float(g))
+
+
+def _step_size(step_size: Optional[float], inner, state: State) -> float:
+    """The fixed step, or ``1/L`` estimated once and kept in the state."""
+    if step_size is not None:
+        return step_size
+    if "step_size" not in state.extras:
+        with torch.no_grad():
+            lipschitz = estimate_lipschitz(inner, state.x, state.y)
+        state.extras["step_size"] = float(1.0 / lipschitz.clamp_min(1e-12))
+    return state.extras["step_size"]

@@ -1,0 +1,309 @@
+r"""``bilevel.solve``: one call for a nested problem.
+
+.. code-block:: python
+
+    result = bilevel.solve(outer, inner, x0, y0, method="implicit")
+    result.x, result.y, result.history, result.converged, result.state
+
+The driver owns the loop of an algorithm of :mod:`bilevel.algorithms`: it builds
+the state, feeds mini-batches, applies the stopping rules (``max_steps``, ``tol``
+on the hypergradient norm, ``max_time``), records the history, checks that the
+iterates stay finite, shows progress, calls the callback, and resumes from a
+checkpoint (``resume=``) so that an interrupted run ends where the uninterrupted
+one ends.  Certificate warnings of the inner steps (inexact inner solutions,
+unconverged linear solves) are collected and issued once at the end, with
+their count and worst residual.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ._tree import tree_leaves
+from .algorithms import METHODS, Algorithm, State
+from .problems import BilevelProblem
+from .status import BilevelWarning
+from .typing import TensorTree
+
+HISTORY_KEYS = ("step", "outer", "hypergradient_norm", "inner_residual", "linear_residual", "time")
+
+
+@dataclass
+class BilevelResult:
+    """What :func:`solve` returns.
+
+    Attributes:
+        x, y: the final upper and lower variables.
+        history: per step, lists under ``HISTORY_KEYS``: outer value, hypergradient
+            norm, inner residual, linear-solve residual, seconds per step.
+        converged: whether the ``tol`` stopping rule fired.
+        state: the algorithm state; ``state.state_dict()`` is a checkpoint to
+            pass as ``resume=``.
+        message: why the run stopped.
+    """
+
+    x: TensorTree
+    y: TensorTree
+    history: dict
+    converged: bool
+    state: State
+    message: str = ""
+
+
+class _Batches:
+    """Mini-batches from ``data``: re-iterable data cycles, a one-shot iterator
+    that runs dry is an error.  The first batch is read ahead (to validate the
+    objectives with it) and served first."""
+
+    def __init__(self, data: Optional[Iterable]):
+        self.data = data
+        self.served = 0
+        self.buffer: list = []
+        if data is not None:
+            if not hasattr(data, "__iter__"):
+                raise TypeError(f"`data` must be an iterable of mini-batches; got {type(data).__name__}.")
+            self.reiterable = iter(data) is not data
+            self.iterator = iter(data)
+
+    def first(self) -> Any:
+        if self.data is None:
+            return None
+        if not self.buffer:
+            self.buffer.append(self._pull())
+        return self.buffer[0]
+
+    def skip(self, count: int) -> None:
+        for _ in range(count):  # resume: the batches the checkpointed run consumed
+            self.next()
+
+    def next(self) -> Any:
+        if self.data is None:
+            return None
+        batch = self.buffer.pop(0) if self.buffer else self._pull()
+        self.served += 1
+        return batch
+
+    def _pull(self) -> Any:
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            if not self.reiterable:
+                raise ValueError(
+                    f"`data` ran out after {self.served} mini-batches; pass a re-iterable (a list, a "
+                    "DataLoader), which is cycled, or a longer iterator, or lower max_steps."
+                ) from None
+            self.iterator = iter(self.data)
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                raise ValueError("`data` is empty: it yields no mini-batch.") from None
+
+
+def _algorithm(method: Union[str, Algorithm], options: dict) -> Algorithm:
+    if isinstance(method, Algorithm):
+        if options:
+            return method.replace(**options)
+        return method
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))} "
+            "(or pass an algorithm config object such as bilevel.algorithms.Implicit())."
+        )
+    cls = METHODS[method]
+    fields = set(cls.__dataclass_fields__)
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(
+            f"method {method!r} does not take option(s) {unknown}; its options are {sorted(fields)}."
+        )
+    return cls(**options)
+
+
+def solve(
+    outer: Union[Callable, BilevelProblem],
+    inner: Optional[Callable] = None,
+    x0: Optional[TensorTree] = None,
+    y0: Optional[TensorTree] = None,
+    *,
+    method: Union[str, Algorithm] = "implicit",
+    constraints: Optional[Callable] = None,
+    inner_solver: Any = None,
+    outer_optimizer: Any = None,
+    lr: Optional[float] = None,
+    max_steps: int = 1000,
+    tol: Optional[float] = None,
+    max_time: Optional[float] = None,
+    data: Optional[Iterable] = None,
+    callback: Optional[Callable[[State, dict], Optional[bool]]] = None,
+    progress: bool = True,
+    resume: Optional[Union[dict, State]] = None,
+    **options: Any,
+) -> BilevelResult:
+    r"""Solve :math:`\min_x F(x, y^\star(x))`, :math:`y^\star(x) = \arg\min_y f(x, y)`.
+
+    Args:
+        outer: :math:`F`, ``outer(x, y[, batch])`` (upper variable first), or a
+            :class:`~bilevel.problems.BilevelProblem` (then ``inner``, ``x0``, ``y0``
+            and ``constraints`` come from it).
+        inner: :math:`f`, ``inner(x, y[, batch])``.
+        x0, y0: start points (tensors or tensor trees).
+        method: ``"implicit"`` (default), ``"unrolled"``, ``"one_step"``, or an
+            algorithm config object of :mod:`bilevel.algorithms`.
+        constraints: inner constraints ``g(x, y) <= 0`` (methods that handle them).
+        inner_solver: the inner solver of methods that use one (e.g. a
+            :mod:`bilevel.solvers` object for ``"implicit"``).
+        outer_optimizer: ``torch.optim`` name, class or factory (default ``"adam"``).
+        lr: outer learning rate (default ``1e-2``).
+        max_steps: outer steps (default 1000).
+        tol: stop when the hypergradient norm is at most ``tol``.
+        max_time: stop after this many seconds.
+        data: an iterable of mini-batches passed as the third argument of the
+            objectives; re-iterable data (lists, DataLoaders) is cycled.
+        callback: ``callback(state, record)`` after each step; returning ``True``
+            stops the run.
+        progress: show a tqdm progress bar (default ``True``).
+        resume: a checkpoint (``result.state`` or ``state.state_dict()``) to
+            continue from; the run then ends where the uninterrupted one ends.
+        **options: settings of the method's config (e.g. ``steps=50`` for
+            ``"unrolled"``, ``solve=CG(maxiter=20)`` for ``"implicit"``).
+
+    Returns:
+        A :class:`BilevelResult`.
+
+    Raises:
+        ValueError: an unknown method (the message lists the known ones), an
+            objective that is not scalar or fails at the start point, data that
+            runs dry.
+        TypeError: a bad argument type or an option the method does not take.
+        FloatingPointError: the iterates became NaN or infinite (naming the step).
+
+    Example:
+        >>> import torch, bilevel
+        >>> inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()          # y*(x) = x
+        >>> outer = lambda x, y: 0.5 * ((y - 1.0) ** 2).sum()        # so x* = 1
+        >>> result = bilevel.solve(outer, inner, torch.zeros(2), torch.zeros(2), lr=0.1,
+        ...                        max_steps=300, progress=False)
+        >>> torch.allclose(result.x, torch.ones(2), atol=1e-3)
+        True
+    """
+    batches = _Batches(data)
+    problem = _problem(outer, inner, x0, y0, constraints, batches)
+    if not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"`max_steps` must be a non-negative int; got {max_steps!r}.")
+    if inner_solver is not None:
+        options["inner_solver"] = inner_solver
+    if outer_optimizer is not None:
+        options["outer_optimizer"] = outer_optimizer
+    if lr is not None:
+        options["lr"] = lr
+    algorithm = _algorithm(method, options)
+    if problem.constraints is not None and not getattr(algorithm, "handles_constraints", False):
+        raise ValueError(
+            f"method {type(algorithm).__name__} does not handle inner constraints; use a method for "
+            "constrained lower levels (e.g. 'lvhba', when available) or drop `constraints`."
+        )
+    state = algorithm.init(problem)
+    if resume is not None:
+        state.load_state_dict(resume.state_dict() if isinstance(resume, State) else resume)
+    batches.skip(state.iteration)
+    history: dict = {key: [] for key in HISTORY_KEYS}
+    caught: dict = defaultdict(list)
+    converged, message = False, f"reached max_steps={max_steps}"
+    start = time.perf_counter()
+    bar = tqdm(total=max_steps, initial=min(state.iteration, max_steps), disable=not progress, desc="bilevel")
+    try:
+        while state.iteration < max_steps:
+            tick = time.perf_counter()
+            batch = batches.next()
+            with warnings.catch_warnings(record=True) as records:
+                warnings.simplefilter("always", BilevelWarning)
+                state = algorithm.step(problem, state, batch)
+            _sort_warnings(records, caught, state.iteration)
+            record = _record(history, state, time.perf_counter() - tick)
+            _check_finite(state, record)
+            bar.update(1)
+            bar.set_postfix(outer=f"{record['outer']:.4g}", grad=f"{record['hypergradient_norm']:.2g}")
+            if tol is not None and record["hypergradient_norm"] <= tol:
+                converged, message = True, f"hypergradient norm {record['hypergradient_norm']:.3g} <= tol={tol}"
+                break
+            if callback is not None and callback(state, record):
+                message = "stopped by the callback"
+                break
+            if max_time is not None and time.perf_counter() - start >= max_time:
+                message = f"reached max_time={max_time} s"
+                break
+    finally:
+        bar.close()
+    _warn_once(caught)
+    return BilevelResult(x=state.x, y=state.y, history=history, converged=converged, state=state, message=message)
+
+
+def _problem(outer, inner, x0, y0, constraints, stream) -> BilevelProblem:
+    if isinstance(outer, BilevelProblem):
+        if inner is not None or x0 is not None or y0 is not None:
+            raise TypeError("solve(problem, ...): pass either a BilevelProblem or outer, inner, x0, y0, not both.")
+        if constraints is not None:
+            raise TypeError("solve(problem, ...): the constraints come from the problem.")
+        return outer
+    missing = [name for name, v in (("inner", inner), ("x0", x0), ("y0", y0)) if v is None]
+    if missing:
+        raise TypeError(f"solve(outer, inner, x0, y0): missing {', '.join(missing)}.")
+    example = stream.first()
+    return BilevelProblem(outer, inner, x0, y0, constraints=constraints, example_batch=example)
+
+
+def _sort_warnings(records, caught: dict, step: int) -> None:
+    for w in records:
+        if issubclass(w.category, BilevelWarning):
+            caught[w.category].append((step, str(w.message)))
+        else:  # not ours: let it through unchanged
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _warn_once(caught: dict) -> None:
+    for category, items in caught.items():
+        steps = sorted({s for s, _ in items})
+        first_step, first = items[0]
+        warnings.warn(
+            f"solve: {category.__name__} at {len(steps)} step(s) (first at step {first_step}); "
+            f"the first: {first}",
+            category,
+            stacklevel=3,
+        )
+
+
+def _record(history: dict, state: State, seconds: float) -> dict:
+    info = state.info
+    record = {
+        "step": state.iteration,
+        "outer": info.outer,
+        "hypergradient_norm": info.hypergradient_norm,
+        "inner_residual": info.inner_residual,
+        "linear_residual": info.linear_residual,
+        "time": seconds,
+    }
+    for key, value in record.items():
+        history[key].append(value)
+    return record
+
+
+def _check_finite(state: State, record: dict) -> None:
+    leaves = tree_leaves(state.x) + tree_leaves(state.y)
+    finite = all(bool(torch.isfinite(t).all()) for t in leaves)
+    if not finite or not math.isfinite(record["outer"]):
+        raise FloatingPointError(
+            f"solve: step {state.iteration}: the iterates became non-finite (outer value "
+            f"{record['outer']}, hypergradient norm {record['hypergradient_norm']}); lower the "
+            "outer learning rate `lr` or check the objectives for NaN."
+        )
+
+
+__all__ = ["solve", "BilevelResult", "HISTORY_KEYS"]

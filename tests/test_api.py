@@ -1,0 +1,170 @@
+"""bilevel.solve: reaches known solutions, resumes exactly, keeps memory flat, rejects bad input."""
+
+import gc
+
+import pytest
+import torch
+
+import bilevel
+from bilevel.algorithms import Implicit, Unrolled
+from bilevel.implicit import CG
+from bilevel.problems import quadratic
+from bilevel.solvers import LBFGS
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_implicit_reaches_the_closed_form_optimum_of_q():
+    problem = quadratic()
+    result = bilevel.solve(problem, method="implicit", outer_optimizer="rprop", lr=0.05, max_steps=300,
+                           progress=False)
+    assert relative_error(result.x, problem.solution.x) < 1e-5
+    assert result.history["outer"][-1] == pytest.approx(problem.solution.value, rel=1e-8)
+    assert len(result.history["hypergradient_norm"]) == 300
+
+
+def test_one_step_is_a_biased_baseline():
+    problem = quadratic()
+    implicit = bilevel.solve(problem, outer_optimizer="rprop", lr=0.05, max_steps=300, progress=False)
+    one_step = bilevel.solve(problem, method="one_step", outer_optimizer="rprop", lr=0.05, max_steps=300,
+                             progress=False)
+    error = relative_error(one_step.x, problem.solution.x)
+    assert 1e-3 < error < 1.0 and error > 100 * relative_error(implicit.x, problem.solution.x)
+
+
+def orthogonal_ridge(d=4, n=30, seed=0):
+    """Per-feature ridge whose optimal penalties are known: exp(lam*_j) = s_j.
+
+    Orthogonal designs make the validation loss separable; the validation target
+    is built so that the best w_j is half the unregularized fit, x_j^T t / s_j,
+    which the penalty exp(lam_j) = s_j produces.
+    """
+    g = torch.Generator().manual_seed(seed)
+    s = torch.linspace(1.0, 4.0, d)
+    Q, _ = torch.linalg.qr(torch.randn(n, d, generator=g))
+    Qv, _ = torch.linalg.qr(torch.randn(n, d, generator=g))
+    X, Xv = Q * s.sqrt(), Qv * s.sqrt()
+    t = torch.randn(n, generator=g)
+    w_best = 0.5 * (X.T @ t) / s
+    tv = Xv @ w_best + (torch.eye(n) - Qv @ Qv.T) @ torch.randn(n, generator=g)
+    inner = lambda lam, w: 0.5 * ((X @ w - t) ** 2).sum() + 0.5 * (lam.exp() * w**2).sum()  # noqa: E731
+    outer = lambda lam, w: 0.5 * ((Xv @ w - tv) ** 2).sum()  # noqa: E731
+    return outer, inner, s.log()
+
+
+def test_implicit_ridge_reaches_the_closed_form_optimal_hyperparameters():
+    outer, inner, lam_star = orthogonal_ridge()
+    result = bilevel.solve(outer, inner, torch.zeros(4), torch.zeros(4), method="implicit",
+                           outer_optimizer="rprop", lr=0.05, max_steps=500, tol=1e-7, progress=False)
+    assert relative_error(result.x, lam_star) < 1e-4
+    assert result.converged and "tol" in result.message
+
+
+def test_unrolled_approaches_the_optimum_as_steps_grow():
+    problem = quadratic()
+    errors = []
+    for steps in (2, 8, 32):
+        result = bilevel.solve(problem, method="unrolled", steps=steps, outer_optimizer="rprop", lr=0.05,
+                               max_steps=150, progress=False)
+        errors.append(relative_error(result.x, problem.solution.x))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-2
+
+
+def test_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
+    problem = quadratic()
+    full = bilevel.solve(problem, method="implicit", max_steps=40, lr=0.05, progress=False)
+    half = bilevel.solve(problem, method="implicit", max_steps=20, lr=0.05, progress=False)
+    path = tmp_path / "checkpoint.pt"
+    torch.save(half.state.state_dict(), path)
+    resumed = bilevel.solve(problem, method="implicit", max_steps=40, lr=0.05, progress=False,
+                            resume=torch.load(path))
+    torch.testing.assert_close(resumed.x, full.x, rtol=0, atol=0)
+    assert resumed.state.iteration == 40 and len(resumed.history["outer"]) == 20
+
+
+def test_memory_stays_flat_over_many_steps():
+    problem = quadratic(d=20, m=10)
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    state = {}
+
+    def count(s, record):
+        if record["step"] == 20:
+            state["before"] = live_tensors()
+
+    bilevel.solve(problem, method="implicit", max_steps=120, progress=False, callback=count)
+    result = bilevel.solve(problem, method="implicit", max_steps=20, progress=False)
+    del result
+    after = live_tensors()
+    assert after - state["before"] <= 40  # the second run's own few tensors, not 100 steps' graphs
+
+
+def test_callback_tol_and_history():
+    problem = quadratic()
+    seen = []
+    result = bilevel.solve(problem, max_steps=50, progress=False,
+                           callback=lambda s, r: seen.append(r["step"]) or r["step"] == 7)
+    assert seen == list(range(1, 8)) and result.message == "stopped by the callback"
+    assert set(bilevel.api.HISTORY_KEYS) <= set(result.history)
+    assert all(t > 0 for t in result.history["time"])
+
+
+def test_minibatches_are_passed_and_cycled():
+    torch.manual_seed(0)
+    X, t = torch.randn(40, 3), torch.randn(40)
+    batches = [torch.arange(i, i + 10) for i in range(0, 40, 10)]
+    used = []
+
+    def inner(lam, w, idx):
+        used.append(idx)
+        return 0.5 * ((X[idx] @ w - t[idx]) ** 2).sum() + 0.5 * (lam.exp() * w**2).sum()
+
+    def outer(lam, w, idx):
+        return 0.5 * ((X @ w - t) ** 2).sum()
+
+    result = bilevel.solve(outer, inner, torch.zeros(3), torch.zeros(3), max_steps=9, data=batches,
+                           progress=False, inner_solver=LBFGS(maxiter=50))
+    assert result.state.iteration == 9 and torch.isfinite(result.x).all()
+    assert any(u is batches[0] for u in used) and any(u is batches[3] for u in used)
+    with pytest.raises(ValueError, match="ran out after 2"):
+        bilevel.solve(outer, inner, torch.zeros(3), torch.zeros(3), max_steps=5, data=iter(batches[:2]),
+                      progress=False)
+
+
+def test_config_objects_and_options():
+    problem = quadratic()
+    result = bilevel.solve(problem, method=Implicit(solve=CG(maxiter=50), lr=0.05), max_steps=5, progress=False)
+    assert result.state.iteration == 5
+    result = bilevel.solve(problem, method=Unrolled(steps=3), max_steps=2, progress=False, truncate=2)
+    assert result.state.iteration == 2
+
+
+def test_bad_input_is_rejected_clearly():
+    problem = quadratic()
+    with pytest.raises(ValueError, match="known methods: implicit, one_step, unrolled"):
+        bilevel.solve(problem, method="newton")
+    with pytest.raises(TypeError, match="does not take option"):
+        bilevel.solve(problem, method="implicit", steps=3)
+    with pytest.raises(ValueError, match="outer_optimizer"):
+        bilevel.solve(problem, outer_optimizer="adamax-ish", max_steps=1, progress=False)
+    inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="scalar"):
+        bilevel.solve(lambda x, y: y - 1, inner, torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="x0"):  # shapes that the functions reject
+        bilevel.solve(lambda x, y: (y**2).sum(), inner, torch.zeros(3), torch.zeros(2))
+    with pytest.raises(FloatingPointError):
+        bilevel.solve(lambda x, y: (y**2).sum() * float("nan"), inner, torch.zeros(2), torch.zeros(2))
+    with pytest.raises(TypeError, match="missing"):
+        bilevel.solve(lambda x, y: (y**2).sum(), inner, torch.zeros(2))
+    with pytest.raises(ValueError, match="constraints"):
+        bilevel.solve(lambda x, y: (y**2).sum(), inner, torch.zeros(2), torch.zeros(2),
+                      constraints=lambda x, y: y - x, progress=False)
+    diverging = bilevel.solve  # a huge learning rate on an unbounded-below outer objective
+    with pytest.raises(FloatingPointError, match="finite"):
+        diverging(lambda x, y: -(y**4).sum(), inner, torch.ones(2), torch.ones(2), method="one_step",
+                  outer_optimizer="sgd", lr=1e3, max_steps=50, progress=False)
