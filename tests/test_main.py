@@ -25,8 +25,19 @@ def test_methods_table_is_exact_where_it_should_be():
     assert errors["one-step (DARTS)"] > 1e-2  # a biased baseline, visibly so
 
 
-def test_main_runs_and_lowers_the_validation_loss(capsys):
-    main(["--steps", "20", "--no-progress"])
+def test_ridge_main_runs_and_lowers_the_validation_loss(capsys):
+    main(["--problem", "ridge", "--steps", "20", "--no-progress"])
     out = capsys.readouterr().out
     before, after = out.split("Validation loss: ")[1].split(" after")[0].split(" at lambda = 0 -> ")
     assert float(after) < float(before)
+
+
+def test_hyper_cleaning_main_prints_the_table_and_saves_the_plot(capsys, tmp_path):
+    plot = tmp_path / "curve.png"
+    main(["--max-steps", "15", "--methods", "implicit", "one_step", "--no-progress", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith(("unweighted", "implicit", "one_step"))}
+    unweighted_acc, implicit_acc = float(rows["unweighted"][-4]), float(rows["implicit"][-4])
+    assert implicit_acc > unweighted_acc + 0.1  # learned weights beat training on corrupted labels
+    if pytest.importorskip("matplotlib"):
+        assert plot.exists() and plot.stat().st_size > 1000

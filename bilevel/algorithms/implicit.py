@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from ..implicit import hypergrad
-from ..implicit.linear_solve import LinearSolver
+from ..implicit.linear_solve import Auto, LinearSolver
 from ..solvers import LBFGS
 from ..solvers._base import Solver
 from ._base import Algorithm, State, StepInfo, tree_norm_float
@@ -34,8 +34,10 @@ class Implicit(Algorithm):
         inner_solver: a :mod:`bilevel.solvers` object; default
             ``LBFGS(maxiter=100)`` (line search: no step size to tune, robust on
             unscaled data).
-        solve: linear solver of the IFT system; default CG/dense by size
-            (:func:`bilevel.implicit.root.default_solve`).
+        solve: linear solver of the IFT system; default
+            ``Auto(symmetric=True, maxiter=100)``: exact dense solves up to 128
+            unknowns, at most 100 CG iterations above (the usual AID budget; an
+            unconverged solve is recorded in the history and warned once).
         damping: :math:`\epsilon` added to :math:`\nabla^2_{yy} f` (singular inner Hessians).
         strict: raise instead of warning when a certificate fails.
         outer_optimizer, lr: see :class:`~bilevel.algorithms.Algorithm`.
@@ -63,8 +65,9 @@ class Implicit(Algorithm):
     def hypergradient(self, outer, inner, state: State, batch: Any):
         solver = self.inner_solver if self.inner_solver is not None else LBFGS(maxiter=100)
         y, inner_info = solver.run(lambda y_, x_: inner(x_, y_), state.y, state.x)
+        solve = self.solve if self.solve is not None else Auto(symmetric=True, maxiter=100)
         g, info = hypergrad(
-            outer, inner, state.x, y, solve=self.solve, damping=self.damping, strict=self.strict,
+            outer, inner, state.x, y, solve=solve, damping=self.damping, strict=self.strict,
             return_info=True,
         )
         with torch.no_grad():

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ._base import LinearSolver, _check_fields, _tol_ok
+from ..._checks import check_fields as _check_fields
+from ..._checks import positive_int_or_none as _positive_int_or_none
+from ..._checks import tol_ok as _tol_ok
+from ._base import LinearSolver
 from .cg import CG
 from .direct import Direct
 from .gmres import GMRES
@@ -22,13 +25,14 @@ class Auto(LinearSolver):
       CG) and LU otherwise — exact, and cheaper than tens of Krylov iterations
       whose cost is dominated by per-operation overhead at this size;
     * otherwise (or when the operator cannot be vmapped): :class:`CG` if
-      ``symmetric``, else :class:`GMRES`, with a budget of ``min(10 n, 1000)``
-      products and relative tolerance ``tol``.
+      ``symmetric``, else :class:`GMRES`, with a budget of ``maxiter`` products
+      (``None``: ``min(10 n, 1000)``) and relative tolerance ``tol``.
 
     Args:
         symmetric: whether the operator is symmetric (positive definite expected).
         max_direct: largest system solved densely, default 128.
         tol: tolerance of the Krylov fallback; ``None`` scales with the dtype.
+        maxiter: budget of the Krylov fallback; ``None``: ``min(10 n, 1000)``.
 
     Example:
         >>> import torch
@@ -42,6 +46,7 @@ class Auto(LinearSolver):
     symmetric: bool = False
     max_direct: int = 128
     tol: Optional[float] = None
+    maxiter: Optional[int] = None
 
     def __post_init__(self):
         _check_fields(
@@ -49,10 +54,11 @@ class Auto(LinearSolver):
             symmetric=(lambda v: isinstance(v, bool), "a bool"),
             max_direct=(lambda v: isinstance(v, int) and v >= 0, "a non-negative int"),
             tol=(_tol_ok, "a float in (0, 1) or None"),
+            maxiter=(_positive_int_or_none, "a positive int or None"),
         )
 
     def _krylov(self) -> LinearSolver:
-        return CG(maxiter=None, tol=self.tol) if self.symmetric else GMRES(maxiter=None, tol=self.tol)
+        return CG(maxiter=self.maxiter, tol=self.tol) if self.symmetric else GMRES(maxiter=self.maxiter, tol=self.tol)
 
     def _solve(self, matvec, b, x0, flatten):
         if b.shape[-1] <= self.max_direct:
