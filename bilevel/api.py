@@ -160,7 +160,9 @@ def solve(
         constraints: inner constraints ``g(x, y) <= 0`` (methods that handle them).
         inner_solver: the inner solver of methods that use one (e.g. a
             :mod:`bilevel.solvers` object for ``"implicit"``).
-        outer_optimizer: ``torch.optim`` name, class or factory (default ``"adam"``).
+        outer_optimizer: ``torch.optim`` name, class, factory ``params -> optimizer``
+            or instance (its class and settings are used on the library's copy of
+            ``x``); default ``"adam"``.
         lr: outer learning rate (default ``1e-2``).
         max_steps: outer steps (default 1000).
         tol: stop when the hypergradient norm is at most ``tol``.

@@ -168,3 +168,29 @@ def test_bad_input_is_rejected_clearly():
     with pytest.raises(FloatingPointError, match="finite"):
         diverging(lambda x, y: -(y**4).sum(), inner, torch.ones(2), torch.ones(2), method="one_step",
                   outer_optimizer="sgd", lr=1e3, max_steps=50, progress=False)
+
+
+def test_defaults_work_on_problems_as_users_write_them():
+    """Unscaled features (inner Hessian norm in the thousands), float32, a 0-d or a
+    pytree upper variable, an optimizer instance: the defaults just work."""
+    g = torch.Generator().manual_seed(0)
+    X = 30 * torch.randn(80, 3, generator=g)
+    t = X @ torch.tensor([1.0, -2.0, 0.5]) + torch.randn(80, generator=g)
+    Xv, tv = X[:40] + 0.1, t[:40]
+    for dtype in (torch.float64, torch.float32):
+        Xd, td, Xvd, tvd = (a.to(dtype) for a in (X, t, Xv, tv))
+        inner = lambda lam, w: 0.5 * ((Xd @ w - td) ** 2).sum() + 0.5 * lam.exp() * (w**2).sum()  # noqa: E731
+        outer = lambda lam, w: 0.5 * ((Xvd @ w - tvd) ** 2).sum()  # noqa: E731
+        result = bilevel.solve(outer, inner, torch.tensor(0.0, dtype=dtype), torch.zeros(3, dtype=dtype),
+                               max_steps=30, progress=False)
+        assert result.x.dtype == dtype and result.x.shape == () and torch.isfinite(result.x)
+        assert result.history["outer"][-1] <= result.history["outer"][0] * (1 + 1e-3)  # float32 noise
+    x0 = {"log_l2": torch.tensor(0.0), "shift": torch.zeros(3)}
+    inner = lambda x, w: 0.5 * ((X @ w - t) ** 2).sum() + 0.5 * x["log_l2"].exp() * ((w - x["shift"]) ** 2).sum()  # noqa: E731
+    outer = lambda x, w: 0.5 * ((Xv @ w - tv) ** 2).sum()  # noqa: E731
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=1e-6, momentum=0.5)
+    result = bilevel.solve(outer, inner, x0, torch.zeros(3), outer_optimizer=optimizer, max_steps=20,
+                           progress=False)
+    assert set(result.x) == {"log_l2", "shift"} and isinstance(result.state.optimizer, torch.optim.SGD)
+    assert result.state.optimizer.defaults["momentum"] == 0.5
+    assert result.history["outer"][-1] <= result.history["outer"][0]

@@ -99,7 +99,8 @@ class State:
 
 
 def make_optimizer(spec: OptimizerSpec, params: list, lr: float) -> torch.optim.Optimizer:
-    """A ``torch.optim`` optimizer over ``params`` from a name, a class or a factory."""
+    """A ``torch.optim`` optimizer over ``params`` from a name, a class, a factory
+    ``params -> optimizer``, or an instance (its class and settings are reused)."""
     if isinstance(spec, str):
         key = spec.lower()
         if key not in _OPTIMIZERS:
@@ -111,10 +112,9 @@ def make_optimizer(spec: OptimizerSpec, params: list, lr: float) -> torch.optim.
     if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
         return spec(params, lr=lr)
     if isinstance(spec, torch.optim.Optimizer):
-        raise TypeError(
-            "outer_optimizer: pass a name, a torch.optim class or a factory `params -> optimizer`, "
-            "not an optimizer instance (the library owns the upper variable's tensors)."
-        )
+        # The library owns the upper variable's tensors: the same optimizer with the
+        # same settings over them (its own parameters and state are not used).
+        return type(spec)(params, **spec.defaults)
     if callable(spec):
         optimizer = spec(params)
         if not isinstance(optimizer, torch.optim.Optimizer):
