@@ -194,3 +194,17 @@ def test_defaults_work_on_problems_as_users_write_them():
     assert set(result.x) == {"log_l2", "shift"} and isinstance(result.state.optimizer, torch.optim.SGD)
     assert result.state.optimizer.defaults["momentum"] == 0.5
     assert result.history["outer"][-1] <= result.history["outer"][0]
+
+
+@pytest.mark.parametrize("method", ["one_step", "unrolled"])
+def test_default_inner_step_follows_a_growing_curvature(method):
+    """The inner curvature exp(x) grows 50-fold during the run: a step size estimated
+    once would exceed 2/L and let the inner iterate diverge."""
+    inner = lambda x, y: 0.5 * x.exp() * ((y - 1.0) ** 2).sum()  # noqa: E731  curvature exp(x)
+    outer = lambda x, y: -x + 0.5 * ((y - 1.0) ** 2).sum()  # noqa: E731  pushes x up
+    options = {"steps": 5} if method == "unrolled" else {}
+    result = bilevel.solve(outer, inner, torch.tensor(0.0), torch.zeros(3), method=method,
+                           outer_optimizer="sgd", lr=0.05, max_steps=80, progress=False, **options)
+    assert float(result.x) > 3.9  # curvature exp(4) ~ 55 times its start
+    assert max(abs(v) for v in result.history["outer"]) < 10
+    assert torch.allclose(result.y, torch.ones(3), atol=1e-2)

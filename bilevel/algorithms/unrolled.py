@@ -67,11 +67,19 @@ class Unrolled(Algorithm):
 
 
 def _step_size(step_size: Optional[float], inner, state: State) -> float:
-    """The fixed step, or ``1/L`` estimated once and kept in the state."""
+    """The fixed step, or ``1/L`` re-estimated at every outer step: the inner
+    curvature changes as ``x`` moves, and a step from a stale estimate can exceed
+    ``2/L`` and diverge.  The power iteration is warm-started from the previous
+    eigenvector (20 products the first time, 3 after)."""
     if step_size is not None:
         return step_size
-    if "step_size" not in state.extras:
-        with torch.no_grad():
-            lipschitz = estimate_lipschitz(inner, state.x, state.y)
-        state.extras["step_size"] = float(1.0 / lipschitz.clamp_min(1e-12))
+    previous = state.extras.get("power_vector")
+    with torch.no_grad():
+        lipschitz, vector = estimate_lipschitz(
+            inner, state.x, state.y, iterations=20 if previous is None else 3,
+            start=None if previous is None else tree_unflatten(previous, tree_flatten(state.y)[1]),
+            return_vector=True,
+        )
+    state.extras["power_vector"] = [t.detach() for t in tree_leaves(vector)]
+    state.extras["step_size"] = float(1.0 / lipschitz.clamp_min(1e-12))
     return state.extras["step_size"]

@@ -180,12 +180,24 @@ def hypergrad(
     return (result, recorded[-1]) if return_info else result
 
 
-def estimate_lipschitz(inner: BilevelObjective, x: TensorTree, y: TensorTree, iterations: int = 20) -> torch.Tensor:
+def estimate_lipschitz(
+    inner: BilevelObjective,
+    x: TensorTree,
+    y: TensorTree,
+    iterations: int = 20,
+    start: Optional[TensorTree] = None,
+    return_vector: bool = False,
+):
     r"""Largest eigenvalue of :math:`\nabla^2_{yy} f(x, y)` by power iteration
-    (Hessian-vector products only), a curvature scale for step sizes."""
+    (Hessian-vector products only), a curvature scale for step sizes.
+
+    ``start`` (e.g. the vector returned by an earlier call, with
+    ``return_vector=True``) warm-starts the iteration, so a few iterations track
+    a curvature that changes as ``x`` moves.
+    """
     objective = inner_stationarity(inner).objective
     _, hvp = hessian_operator(objective, y, x)
-    v = tree_map(lambda t: torch.randn_like(t), y)
+    v = tree_map(lambda t: torch.randn_like(t), y) if start is None else start
     estimate = torch.zeros((), dtype=tree_leaves(y)[0].dtype)
     for _ in range(iterations):
         norm = torch.sqrt(sum((t * t).sum() for t in tree_leaves(v)))
@@ -193,7 +205,7 @@ def estimate_lipschitz(inner: BilevelObjective, x: TensorTree, y: TensorTree, it
         hv = hvp(v)
         estimate = sum((a * b).sum() for a, b in zip(tree_leaves(v), tree_leaves(hv)))
         v = hv
-    return estimate.abs()
+    return (estimate.abs(), v) if return_vector else estimate.abs()
 
 
 def _inner_step(inner: BilevelObjective, step_size) -> Callable:
