@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _problems as P  # noqa: E402
+from _machine import busy as _busy, load_average as _load  # noqa: E402
 
 TIGHT = 1e-30  # CG tolerance so small that exactly k iterations run
 STAT: Callable[[list[float]], float] = statistics.median  # --stat min: best of the rounds
@@ -593,29 +594,6 @@ def main(argv=None) -> int:
           + (f"; CPU busy with other work after the run: {100 * busy:.0f}%" if busy is not None else "")
           + " (other processes on the machine make small-problem ratios noisy)")
     return 0
-
-
-def _busy(seconds: float = 0.5) -> Optional[float]:
-    """Fraction of all CPUs busy over ``seconds`` while this process sleeps (Linux ``/proc/stat``)."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-
-    try:
-        t0, i0 = sample()
-        time.sleep(seconds)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def _collect_notes(res: dict[str, Result], notes: dict[str, str]) -> None:

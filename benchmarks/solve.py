@@ -51,6 +51,7 @@ from typing import Any, Callable, Optional
 import torch
 
 import bilevel
+from _machine import busy as _busy, load_average as _load  # noqa: E402
 from bilevel import problems as P
 from bilevel.status import BilevelWarning
 
@@ -409,29 +410,6 @@ def print_memory_table(results: list[dict], size: dict) -> None:
 # ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def _busy(seconds: float = 0.5) -> Optional[float]:
-    """Fraction of all CPUs busy over ``seconds`` while this process sleeps (Linux ``/proc/stat``)."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]
-
-    try:
-        t0, i0 = sample()
-        time.sleep(seconds)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,31 @@
+"""How busy the machine is: printed in every benchmark header, since other
+processes on a small machine distort timings."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+
+def busy(seconds: float = 0.5) -> Optional[float]:
+    """Fraction of all CPUs busy over ``seconds`` while this process sleeps (Linux ``/proc/stat``)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
