@@ -1,6 +1,7 @@
 """bilevel.solve: reaches known solutions, resumes exactly, keeps memory flat, rejects bad input."""
 
 import gc
+import warnings
 
 import pytest
 import torch
@@ -209,3 +210,16 @@ def test_default_inner_step_follows_a_growing_curvature(method):
     assert float(result.x) > 3.0  # curvature grows more than exp(3) ~ 20-fold
     assert max(abs(v) for v in result.history["outer"]) < 10
     assert float((result.y - result.x).abs().max()) < 0.5
+
+
+def test_default_implicit_inner_solves_converge_on_an_unscaled_objective():
+    """Ridge on diabetes: an inner objective near 5e5. The default inner tolerance follows
+    the problem's gradient scale, so warm-started solves converge instead of spending
+    their budget and warning at every step (a tolerance relative to the warm start did)."""
+    from bilevel.problems import ridge_diabetes
+
+    problem = ridge_diabetes().as_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bilevel.solve(problem, method="implicit", lr=0.05, max_steps=40, progress=False)
+    assert result.history["outer"][-1] < result.history["outer"][0]

@@ -11,6 +11,8 @@ from ..implicit import hypergrad
 from ..implicit.linear_solve import Auto, LinearSolver
 from ..solvers import LBFGS
 from ..solvers._base import Solver
+from .._tolerance import default_tol
+from .._tree import tree_leaves
 from ._base import Algorithm, State, StepInfo, tree_norm_float
 
 
@@ -31,9 +33,11 @@ class Implicit(Algorithm):
     :math:`x` moves slowly (HOAG, Pedregosa 2016).
 
     Args:
-        inner_solver: a :mod:`bilevel.solvers` object; default
-            ``LBFGS(maxiter=100)`` (line search: no step size to tune, robust on
-            unscaled data).
+        inner_solver: a :mod:`bilevel.solvers` object, used as given; default:
+            warm-started ``LBFGS(maxiter=100)`` (line search: no step size to tune,
+            robust on unscaled data) to a gradient norm of ``sqrt(eps)`` times the
+            gradient scale at the cold start (not at the warm start, whose small
+            gradient would ask for more than the line search can resolve).
         solve: linear solver of the IFT system; default
             ``Auto(symmetric=True, maxiter=100)``: exact dense solves up to 128
             unknowns, at most 100 CG iterations above (the usual AID budget; an
@@ -63,8 +67,11 @@ class Implicit(Algorithm):
             )
 
     def hypergradient(self, outer, inner, state: State, batch: Any):
-        solver = self.inner_solver if self.inner_solver is not None else LBFGS(maxiter=100)
-        y, inner_info = solver.run(lambda y_, x_: inner(x_, y_), state.y, state.x)
+        objective = lambda y_, x_: inner(x_, y_)  # noqa: E731  solution first, for the solvers
+        if self.inner_solver is not None:
+            y, inner_residual = _run(self.inner_solver, objective, state)
+        else:
+            y, inner_residual = self._default_inner_solve(objective, state)
         solve = self.solve if self.solve is not None else Auto(symmetric=True, maxiter=100)
         g, info = hypergrad(
             outer, inner, state.x, y, solve=solve, damping=self.damping, strict=self.strict,
@@ -75,7 +82,33 @@ class Implicit(Algorithm):
         step_info = StepInfo(
             outer=value,
             hypergradient_norm=tree_norm_float(g),
-            inner_residual=float(inner_info.residual_norm.max()),
+            inner_residual=inner_residual,
             linear_residual=float(info.linear_solve.relative_residual.max()),
         )
         return y, g, step_info
+
+    def _default_inner_solve(self, objective, state: State):
+        r"""Warm-started L-BFGS to :math:`\|\nabla_y f\| \le \sqrt{\varepsilon}\, s`, with
+        :math:`s = \max(1, \|\nabla_y f(x_0, y_0)\|)` the gradient scale at the cold
+        start (kept in the state).  A tolerance relative to the warm start's own,
+        already small, gradient would ask for more than a line search comparing
+        objective values can resolve on a large objective, and spend the whole
+        budget every step."""
+        gradient_norm = _gradient_norm(objective, state)
+        scale = state.extras.setdefault("inner_gradient_scale", max(1.0, gradient_norm))
+        dtype = tree_leaves(state.y)[0].dtype
+        threshold = default_tol(dtype) * scale
+        if gradient_norm <= threshold:  # the warm start is already solved
+            return state.y, gradient_norm
+        solver = LBFGS(maxiter=100, tol=min(threshold / max(1.0, gradient_norm), 0.5))
+        return _run(solver, objective, state)
+
+
+def _gradient_norm(objective, state: State) -> float:
+    gradient = torch.func.grad(lambda y_: objective(y_, state.x).reshape(()))(state.y)
+    return tree_norm_float(gradient)
+
+
+def _run(solver: Solver, objective, state: State):
+    y, info = solver.run(objective, state.y, state.x)
+    return y, float(info.residual_norm.max())
