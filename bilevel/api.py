@@ -155,7 +155,9 @@ def solve(
             and ``constraints`` come from it).
         inner: :math:`f`, ``inner(x, y[, batch])``.
         x0, y0: start points (tensors or tensor trees).
-        method: ``"implicit"`` (default), ``"unrolled"``, ``"one_step"``, or an
+        method: ``"implicit"`` (default), ``"unrolled"``, ``"one_step"``, the
+            single-loop methods ``"penalty"``, ``"meha"``, ``"bamm"``, ``"lvhba"``
+            (inner constraints), the aggregation method ``"bda"``, or an
             algorithm config object of :mod:`bilevel.algorithms`.
         constraints: inner constraints ``g(x, y) <= 0`` (methods that handle them).
         inner_solver: the inner solver of methods that use one (e.g. a
@@ -210,7 +212,7 @@ def solve(
     if problem.constraints is not None and not getattr(algorithm, "handles_constraints", False):
         raise ValueError(
             f"method {type(algorithm).__name__} does not handle inner constraints; use a method for "
-            "constrained lower levels (e.g. 'lvhba', when available) or drop `constraints`."
+            "constrained lower levels ('lvhba') or drop `constraints`."
         )
     state = algorithm.init(problem)
     if resume is not None:

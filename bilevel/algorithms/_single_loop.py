@@ -1,0 +1,304 @@
+r"""What the single-loop, first-order bilevel methods share.
+
+Penalty, MEHA, sl-BAMM and LV-HBA move the upper variable :math:`x`, the lower
+variable :math:`y` and a few auxiliary variables by one explicit step each per
+iteration.  This module holds their common parts:
+
+* first-order oracles: value and gradients of an objective in :math:`(x, y)`
+  from one reverse pass (:func:`value_and_grads`);
+* curvature scales for default step sizes: the spectral norm of the joint
+  Hessian :math:`\|\nabla^2_{(x,y)} h\|` and of the lower block
+  :math:`\|\nabla^2_{yy} h\|`, each by a few power iterations with
+  Hessian-vector products (:func:`curvature`), so that no step size is a
+  constant tuned to one problem;
+* projections onto the simple sets ``x_set`` / ``y_set`` (:func:`set_projection`);
+* :class:`SingleLoop`, the base config: the :math:`x` step goes through a
+  ``torch.optim`` optimizer (plain SGD by default, which is the papers' rule
+  :math:`x \leftarrow P_X(x - \alpha_k d_x)`), and a step whose iterates blow up
+  is reported with its number instead of returning NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .._tree import tree_flatten, tree_leaves, tree_unflatten
+from ..problems import BilevelProblem
+from ._base import Algorithm, State, StepInfo, bind_batch, fresh_leaves, make_optimizer
+
+Leaves = list
+
+
+def value_and_grads(fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, wrt: str = "xy"):
+    """``fun(x, y)`` and its gradients in the leaves of ``x`` and/or ``y``.
+
+    One reverse pass; leaves that ``fun`` does not use get zero gradients.
+    ``wrt`` is ``"xy"``, ``"x"`` or ``"y"``; the gradients not asked for are ``None``.
+    """
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_("x" in wrt) for t in x_leaves]
+        ys = [t.detach().requires_grad_("y" in wrt) for t in y_leaves]
+        value = fun(tree_unflatten(xs, x_spec), tree_unflatten(ys, y_spec))
+        if not (torch.is_tensor(value) and value.numel() == 1):
+            raise ValueError(f"objectives must return a scalar tensor; got {type(value).__name__} "
+                             f"of shape {tuple(getattr(value, 'shape', ()))}.")
+        inputs = (xs if "x" in wrt else []) + (ys if "y" in wrt else [])
+        grads = torch.autograd.grad(value.reshape(()), inputs, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+    gx = grads[: len(xs)] if "x" in wrt else None
+    gy = grads[len(xs) if "x" in wrt else 0:] if "y" in wrt else None
+    return value.detach().reshape(()), gx, gy
+
+
+def curvature(
+    fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, block: str = "xy", iterations: int = 20,
+    shift: float = 0.0,
+) -> float:
+    r"""Spectral norm of :math:`\nabla^2 h - s I` over ``block`` (``"xy"``: both
+    variables, ``"y"``: the lower one), by power iteration on Hessian-vector products.
+
+    With the shift :math:`s = 0` this is the curvature scale :math:`\|\nabla^2 h\|`;
+    with :math:`s \ge \lambda_{\max}` it is :math:`s - \lambda_{\min}`, which tells
+    how non-convex :math:`h` is.  The start vector is drawn from a fixed seed, so
+    the estimate (and every default step size built on it) is reproducible.
+    Returns 0 for an objective that is linear in the block (and ``shift = 0``).
+    """
+    gen = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_("x" in block) for t in x_leaves]
+        ys = [t.detach().requires_grad_(True) for t in y_leaves]
+        inputs = (xs if "x" in block else []) + ys
+        value = fun(tree_unflatten(xs, x_spec), tree_unflatten(ys, y_spec)).reshape(())
+        grads = torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True)
+        pairs = [(t, g) for t, g in zip(inputs, grads) if g is not None and g.requires_grad]
+        if not pairs:
+            return 0.0
+        inputs, grads = [p[0] for p in pairs], [p[1] for p in pairs]
+        v = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in inputs]
+        norm = torch.zeros((), dtype=inputs[0].dtype)
+        for i in range(iterations):
+            size = torch.sqrt(sum((a * a).sum() for a in v)).clamp_min(torch.finfo(inputs[0].dtype).tiny)
+            v = [a / size for a in v]
+            hv = torch.autograd.grad(grads, inputs, v, retain_graph=i < iterations - 1, allow_unused=True)
+            v = [(torch.zeros_like(t) if h is None else h.detach()) - shift * a for t, h, a in zip(inputs, hv, v)]
+            norm = torch.sqrt(sum((a * a).sum() for a in v))
+    estimate = float(norm)
+    if not math.isfinite(estimate):
+        raise FloatingPointError("the Hessian-vector products at the start point are not finite.")
+    return estimate
+
+
+def set_projection(spec: Any, tree_example: Any, name: str) -> Optional[Callable[[Leaves], Leaves]]:
+    """A projection on a list of leaves from ``x_set`` / ``y_set``: ``None``, a set
+    (or callable ``z -> P(z)``) applied to every leaf, or a tree of sets / ``None``
+    with the variable's structure."""
+    if spec is None:
+        return None
+    leaves, treedef = tree_flatten(tree_example)
+    if callable(spec):
+        return lambda ls: [spec(t) for t in ls]
+    sets, set_def = tree_flatten(spec, is_leaf=lambda s: s is None or callable(s))
+    if set_def != treedef or not all(s is None or callable(s) for s in sets):
+        raise TypeError(
+            f"`{name}` must be a set object (e.g. bilevel.implicit.projections.Box(0, 1)), a callable "
+            f"projection, or a tree of them (None for free leaves) with the structure of the variable "
+            f"({treedef}); got {spec!r}."
+        )
+    return lambda ls: [t if s is None else s(t) for s, t in zip(sets, ls)]
+
+
+def tree_sq_norm(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+    return sum((t * t).sum() for t in leaves)
+
+
+def check_constraint_value(value: Any, expected_shape: Optional[torch.Size] = None, step: Optional[int] = None):
+    """``constraints(x, y)`` must return one real tensor of a fixed shape."""
+    where = "at the start point" if step is None else f"at step {step}"
+    if not torch.is_tensor(value) or not value.is_floating_point():
+        raise TypeError(
+            f"`constraints(x, y)` must return a floating-point tensor whose entries must be <= 0; got "
+            f"{type(value).__name__} {where}."
+        )
+    if expected_shape is not None and value.shape != expected_shape:
+        raise ValueError(
+            f"`constraints(x, y)` returned shape {tuple(value.shape)} {where}, but shape "
+            f"{tuple(expected_shape)} at the start: the number of constraints must not change."
+        )
+
+
+@dataclass(frozen=True)
+class SingleLoop(Algorithm):
+    r"""Base class of the single-loop methods.
+
+    The upper variable moves by the ``outer_optimizer`` (default plain SGD, the
+    papers' rule) with the method's step :math:`\alpha_k` set as the learning
+    rate at every iteration; ``lr`` overrides the base step that the method
+    otherwise derives from curvature estimates at the start point.  ``x_set`` /
+    ``y_set`` (or the problem's) are projected onto after each step.
+
+    Attributes:
+        outer_optimizer: see :class:`~bilevel.algorithms.Algorithm` (default ``"sgd"``).
+        lr: base step for :math:`x`; ``None`` derives it from the problem.
+        x_set, y_set: simple convex sets for :math:`x` and :math:`y` (objects of
+            :mod:`bilevel.implicit.projections` or callables ``z -> P(z)``, or a
+            tree of them matching the variable); default: the problem's.
+        curvature_iterations: power iterations per curvature estimate (default 20).
+        warmup: at most this many gradient steps on the lower level at ``x0``
+            before the curvature estimates (default 200; they stop once
+            :math:`\|\nabla_y f\|` fell by 1e-3): curvature at a far-off
+            :math:`y_0` (e.g. zero weights) misjudges the scale of the coupling.
+        rescale_every: re-estimate the curvature scales (8 power iterations each)
+            every this many steps, so the derived steps follow a curvature that
+            changes as the iterates move (default 25; 0: never).
+    """
+
+    outer_optimizer: Any = "sgd"
+    lr: Optional[float] = None
+    x_set: Any = None
+    y_set: Any = None
+    curvature_iterations: int = 20
+    warmup: int = 200
+    rescale_every: int = 25
+
+    # -- set-up ---------------------------------------------------------------
+    def init(self, problem: BilevelProblem, x0=None, y0=None) -> State:
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"{type(self).__name__}: `lr` must be a positive number or None; got {self.lr!r}.")
+        x = fresh_leaves(problem.x0 if x0 is None else x0)
+        y = fresh_leaves(problem.y0 if y0 is None else y0)
+        state = State(x=x, y=y)
+        project_x, project_y = self._projections(problem, x, y)
+        if project_x is not None or project_y is not None:  # start inside the sets
+            self._assign(state, project_x, project_y, tree_leaves(x), tree_leaves(y))
+        if self.warmup:
+            self._warm_up(problem, state, project_y)
+        extras = self.setup(problem, state)
+        state.extras.update(extras)
+        base = float(self.lr) if self.lr is not None else float(state.extras["x_step"])
+        state.optimizer = make_optimizer(self.outer_optimizer, tree_leaves(state.x), base)
+        state.extras["x_step"] = base
+        state.extras["start_size"] = float(tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)))
+        return state
+
+    def setup(self, problem: BilevelProblem, state: State) -> dict:
+        """Algorithm-specific extras (step sizes, auxiliary variables); must set ``x_step``."""
+        raise NotImplementedError
+
+    def step_sizes(self, scales: dict, extras: dict) -> dict:
+        """The derived step sizes from curvature ``scales`` (user settings kept);
+        called at the start and at every re-estimate."""
+        return {}
+
+    def scales(self, problem: BilevelProblem, state: State, batch: Any = None, iterations: Optional[int] = None) -> dict:
+        r"""Curvature scales at the start point: ``outer_xy``, ``inner_xy`` (joint
+        Hessian norms), ``inner_y`` (lower block) and ``inner_weak_convexity``
+        (:math:`\max(0, -\lambda_{\min}(\nabla^2_{yy} f))`)."""
+        outer, inner = bind_batch(problem, batch if batch is not None else problem.example_batch)
+        xs, x_spec = tree_flatten(state.x)
+        ys, y_spec = tree_flatten(state.y)
+        k = self.curvature_iterations if iterations is None else iterations
+        inner_y = curvature(inner, xs, ys, x_spec, y_spec, "y", k)
+        lowest = inner_y - curvature(inner, xs, ys, x_spec, y_spec, "y", k, shift=inner_y) if inner_y > 0 else 0.0
+        return {
+            "outer_xy": curvature(outer, xs, ys, x_spec, y_spec, "xy", k),
+            "inner_xy": curvature(inner, xs, ys, x_spec, y_spec, "xy", k),
+            "inner_y": inner_y,
+            # weak-convexity modulus rho of f(x, .) at the start (0 when convex there)
+            "inner_weak_convexity": max(0.0, -lowest) if -lowest > 1e-6 * inner_y else 0.0,
+        }
+
+    def _warm_up(self, problem: BilevelProblem, state: State, project_y) -> None:
+        r"""Up to ``warmup`` projected gradient steps :math:`y \leftarrow P_Y(y - \nabla_y f / L)`
+        at ``x0``, :math:`L = \|\nabla^2_{yy} f(x_0, y_0)\|`, stopping once the
+        gradient norm fell by a factor 1e3."""
+        inner = bind_batch(problem, problem.example_batch)[1]
+        xs, x_spec = tree_flatten(state.x)
+        ys, y_spec = tree_flatten(state.y)
+        lipschitz = curvature(inner, xs, ys, x_spec, y_spec, "y", self.curvature_iterations)
+        if not lipschitz > 0:
+            return
+        first = None
+        for _ in range(self.warmup):
+            _, _, gy = value_and_grads(inner, xs, ys, x_spec, y_spec, "y")
+            size = float(tree_sq_norm(gy))
+            first = size if first is None else first
+            if not math.isfinite(size) or size <= 1e-6 * first:
+                break
+            with torch.no_grad():
+                ys = [t - g / lipschitz for t, g in zip(ys, gy)]
+            if project_y is not None:
+                ys = project_y(ys)
+        if all(bool(torch.isfinite(t).all()) for t in ys):
+            state.y = tree_unflatten(ys, y_spec)
+
+    def _projections(self, problem: BilevelProblem, x, y):
+        x_set = self.x_set if self.x_set is not None else problem.x_set
+        y_set = self.y_set if self.y_set is not None else problem.y_set
+        return set_projection(x_set, x, "x_set"), set_projection(y_set, y, "y_set")
+
+    # -- one iteration --------------------------------------------------------
+    def step(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
+        outer, inner = bind_batch(problem, batch)
+        project_x, project_y = self._projections(problem, state.x, state.y)
+        if self.rescale_every and state.iteration and state.iteration % self.rescale_every == 0:
+            # on the problem's example batch: one mini-batch's curvature is too noisy a scale
+            scales = self.scales(problem, state, None, iterations=8)
+            state.extras["scales"] = scales
+            state.extras.update(self.step_sizes(scales, state.extras))
+            if self.lr is not None:
+                state.extras["x_step"] = float(self.lr)
+        info = self.update(problem, outer, inner, state, batch, project_x, project_y)
+        state.iteration += 1
+        state.info = info
+        self._check_divergence(state)
+        return state
+
+    def update(self, problem, outer, inner, state: State, batch, project_x, project_y) -> StepInfo:
+        """Moves ``state`` by one iteration (``x`` through :meth:`move_x`)."""
+        raise NotImplementedError
+
+    def move_x(self, state: State, direction: Leaves, step: float, project_x) -> None:
+        r""":math:`x \leftarrow P_X(x - \text{step}\cdot d_x)` through the outer optimizer."""
+        for group in state.optimizer.param_groups:
+            group["lr"] = step
+        for leaf, d in zip(tree_leaves(state.x), direction):
+            leaf.grad = d.detach()
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        if project_x is not None:
+            with torch.no_grad():
+                for leaf, p in zip(tree_leaves(state.x), project_x(tree_leaves(state.x))):
+                    leaf.copy_(p)
+
+    @staticmethod
+    def _assign(state: State, project_x, project_y, x_leaves: Leaves, y_leaves: Leaves) -> None:
+        with torch.no_grad():
+            if project_x is not None:
+                for leaf, p in zip(tree_leaves(state.x), project_x(x_leaves)):
+                    leaf.copy_(p)
+            if project_y is not None:
+                y_leaves = project_y(y_leaves)
+        state.y = tree_unflatten(list(y_leaves), tree_flatten(state.y)[1])
+
+    def _check_divergence(self, state: State) -> None:
+        size = float(tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)))
+        start = state.extras.get("start_size", 0.0)
+        if not math.isfinite(size) or size > 1e16 * max(1.0, start):
+            raise FloatingPointError(
+                f"{type(self).__name__}: the iterates diverged at step {state.iteration} "
+                f"(|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}, "
+                f"{math.sqrt(max(start, 0.0)):.3g} at the start); lower the step sizes "
+                f"(the x step is {state.extras.get('x_step', float('nan')):.3g})."
+            )
+
+
+def power_schedule(base: float, k: int, exponent: float) -> float:
+    r""":math:`\text{base} \cdot (k + 1)^{\text{exponent}}`."""
+    return base * (k + 1) ** exponent
+
+
+__all__ = ["SingleLoop", "value_and_grads", "curvature", "set_projection", "power_schedule"]

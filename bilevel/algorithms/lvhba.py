@@ -1,0 +1,254 @@
+r"""LV-HBA: proximal Lagrangian value function, Hessian-free, for coupled inner constraints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from .._tree import tree_flatten, tree_leaves, tree_unflatten
+from ._base import State, StepInfo
+from ._constraint_set import ConstraintProjection
+from ._single_loop import SingleLoop, check_constraint_value, power_schedule, tree_sq_norm, value_and_grads
+
+
+@dataclass(frozen=True)
+class LVHBA(SingleLoop):
+    r"""LV-HBA: bilevel problems whose lower level has constraints coupling both levels.
+
+    .. math::
+
+        \min_{x \in X,\, y \in Y} F(x, y) \quad\text{s.t.}\quad
+        y \in \arg\min_{y' \in Y} \{ f(x, y') : g(x, y') \le 0 \},
+
+    :math:`f` and :math:`g` convex in :math:`y`, :math:`g` passed as
+    ``bilevel.solve(..., constraints=g)``.  The proximal Lagrangian value function
+
+    .. math:: v_\gamma(x, y, z) = \min_{\theta \in Y} \max_{\lambda \ge 0}\ f(x, \theta)
+              + \lambda^\top g(x, \theta) + \tfrac{1}{2\gamma_1}\|\theta - y\|^2
+              - \tfrac{1}{2\gamma_2}\|\lambda - z\|^2
+
+    makes lower-level optimality the smooth constraint :math:`f(x, y) - v_\gamma \le 0`,
+    penalized with :math:`c_k = c (k+1)^p`.  One iteration (gradients only):
+
+    .. math::
+
+        \theta &\leftarrow P_Y\bigl(\theta - \eta[\nabla_y f(x, \theta) + \textstyle\sum_i \lambda_i
+                 \nabla_y g_i(x, \theta) + (\theta - y)/\gamma_1]\bigr), \quad
+        \lambda \leftarrow \max\bigl(\lambda - \eta[-g(x, \theta) + (\lambda - z)/\gamma_2], 0\bigr) \\
+        d_x &= \nabla_x F(x, y)/c_k + \nabla_x f(x, y) - \nabla_x f(x, \theta)
+               - \textstyle\sum_i \lambda_i \nabla_x g_i(x, \theta) \\
+        d_y &= \nabla_y F(x, y)/c_k + \nabla_y f(x, y) - (y - \theta)/\gamma_1 \\
+        (x, y) &\leftarrow P_C\bigl((x, y) - \alpha (d_x, d_y)\bigr), \quad
+        z \leftarrow P_{[0, r]}\bigl(z - \beta (z - \lambda)/\gamma_2\bigr),
+
+    with :math:`C = \{(x, y) \in X \times Y : g(x, y) \le 0\}`.  :math:`P_C` is the
+    user's ``projection`` when given (or the problem's ``data["project"]``), else
+    computed: exactly for affine :math:`g` (a small QP solved on its dual in
+    torch), by sequential linearization for convex :math:`g`.  Infeasible
+    constraints are reported.
+
+    **Defaults** follow the problem rather than constants (the method converges
+    only in a band of step sizes that depends on the curvature of :math:`f` and on
+    the scale of :math:`\nabla g`): from :math:`L_f = \|\nabla^2_{yy} f\|` and
+    :math:`J = \|\partial_y g\|_2` at the start, :math:`\gamma_1 = \gamma_2 = 1/L_f`,
+    :math:`\eta = \mu/\ell^2` with :math:`\mu = 1/\gamma_1` and
+    :math:`\ell = L_f + 1/\gamma_1 + J` (the step of a stable gradient
+    descent-ascent on the :math:`(\theta, \lambda)` saddle), and
+    :math:`\alpha = \beta = \min(\eta/2,\ \tfrac12 / (\|\nabla^2 F\|/c + \|\nabla^2 f\| + 1/\gamma_1))`,
+    so that :math:`(x, y)` moves slower than :math:`(\theta, \lambda)` tracks
+    the saddle.  On problem L they give the paper's :math:`\gamma = 1`,
+    :math:`\eta \approx 0.1`, :math:`\alpha = \beta \approx 0.05`.
+
+    Args:
+        lr: :math:`\alpha` (``None``: derived).
+        beta, eta, gamma1, gamma2: as above (``None``: derived).
+        c, p: penalty schedule :math:`c_k = c (k+1)^p` (defaults 1, 0.3).
+        r: bound of the multiplier proxy :math:`z` (default 1e3).
+        projection: optional exact projection ``(x, y) -> (x, y)`` onto :math:`C`.
+
+    References:
+        Yao, W., Yu, C., Zeng, S. and Zhang, J. `Constrained Bi-Level
+        Optimization: Proximal Lagrangian Value Function Approach and
+        Hessian-free Algorithm <https://arxiv.org/abs/2401.16164>`_. ICLR 2024.
+
+    Example:
+        >>> import bilevel
+        >>> p = bilevel.problems.coupled_constraint()           # x* = y* = 0.5, y <= x active
+        >>> r = bilevel.solve(p, method="lvhba", max_steps=3000, progress=False)
+        >>> round(float(r.x.mean()), 3), round(float(r.y.mean()), 3)
+        (0.5, 0.5)
+    """
+
+    handles_constraints = True
+
+    beta: Optional[float] = None
+    eta: Optional[float] = None
+    gamma1: Optional[float] = None
+    gamma2: Optional[float] = None
+    c: float = 1.0
+    p: float = 0.3
+    r: float = 1e3
+    projection: Optional[Callable] = None
+    warmup: int = 0  # unconstrained lower-level steps would leave the feasible set
+    rescale_every: int = 0
+
+    def __post_init__(self):
+        for name in ("beta", "eta", "gamma1", "gamma2"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"LVHBA: `{name}` must be positive or None; got {value!r}.")
+        if not self.c > 0 or not 0 <= self.p < 1 or not self.r > 0:
+            raise ValueError(f"LVHBA: need c > 0, 0 <= p < 1, r > 0; got c={self.c}, p={self.p}, r={self.r}.")
+
+    def setup(self, problem, state: State) -> dict:
+        if problem.constraints is None:
+            raise ValueError("method 'lvhba' needs lower-level constraints: pass constraints=g with g(x, y) <= 0 "
+                             "(for an unconstrained lower level use 'meha').")
+        xs, x_spec = tree_flatten(state.x)
+        ys, y_spec = tree_flatten(state.y)
+        with torch.no_grad():
+            g0 = problem.constraints(state.x, state.y)
+        check_constraint_value(g0)
+        s = self.scales(problem, state)
+        w0 = _flat(xs + ys).detach()
+        n_x = sum(t.numel() for t in xs)
+        jac = torch.func.jacrev(_flat_constraints(problem, xs, ys))(w0).reshape(-1, w0.numel())
+        j_y = float(torch.linalg.matrix_norm(jac[:, n_x:], 2)) if jac[:, n_x:].numel() else 0.0
+        lf = s["inner_y"] if s["inner_y"] > 0 else 1.0
+        gamma1 = self.gamma1 if self.gamma1 is not None else 1.0 / lf
+        gamma2 = self.gamma2 if self.gamma2 is not None else gamma1
+        mu = min(1.0 / gamma1, 1.0 / gamma2)
+        ell = max(lf + 1.0 / gamma1, 1.0 / gamma2) + j_y
+        eta = self.eta if self.eta is not None else mu / ell**2
+        alpha = min(eta / 2, 0.5 / (s["outer_xy"] / self.c + s["inner_xy"] + 1.0 / gamma1))
+        beta = self.beta if self.beta is not None else (self.lr if self.lr is not None else alpha)
+        extras = {
+            "x_step": alpha, "beta": beta, "eta": eta, "gamma1": gamma1, "gamma2": gamma2, "scales": s,
+            "constraint_norm": j_y, "theta": [t.detach().clone() for t in ys],
+            "lam": torch.zeros_like(g0), "z": torch.zeros_like(g0),
+        }
+        # start feasible: project (x0, y0) onto C
+        project = self._joint_projection(problem, state)
+        new_x, new_y = project(xs, ys)
+        with torch.no_grad():
+            for leaf, value in zip(tree_leaves(state.x), new_x):
+                leaf.copy_(value)
+        state.y = tree_unflatten(new_y, y_spec)
+        return extras
+
+    def _joint_projection(self, problem, state: State):
+        """``(x_leaves, y_leaves) -> (x_leaves, y_leaves)`` onto :math:`C`, built once per run."""
+        cached = getattr(state, "_lvhba_projection", None)
+        if cached is not None:
+            return cached
+        xs, x_spec = tree_flatten(state.x)
+        ys, y_spec = tree_flatten(state.y)
+        user = self.projection if self.projection is not None else problem.data.get("project")
+        project_x, project_y = self._projections(problem, state.x, state.y)
+        if user is not None:
+            def project(x_leaves, y_leaves):
+                px, py = user(tree_unflatten(list(x_leaves), x_spec), tree_unflatten(list(y_leaves), y_spec))
+                px, py = tree_leaves(px), tree_leaves(py)
+                return (project_x(px) if project_x else px), (project_y(py) if project_y else py)
+        else:
+            examples = [t.detach() for t in xs + ys]
+            g_flat = _flat_constraints(problem, xs, ys)
+
+            def simple(w):
+                parts = _unflat(w, examples)
+                px, py = parts[: len(xs)], parts[len(xs):]
+                return _flat((project_x(px) if project_x else px) + (project_y(py) if project_y else py))
+
+            solver = ConstraintProjection(g_flat, simple if (project_x or project_y) else None, _flat(examples))
+
+            def project(x_leaves, y_leaves):
+                parts = _unflat(solver(_flat(list(x_leaves) + list(y_leaves))), examples)
+                return parts[: len(xs)], parts[len(xs):]
+        object.__setattr__(state, "_lvhba_projection", project)
+        return project
+
+    def update(self, problem, outer, inner, state: State, batch, project_x, project_y) -> StepInfo:
+        ex = state.extras
+        k = state.iteration
+        c_k = power_schedule(self.c, k, self.p)
+        eta, g1, g2, alpha, beta = ex["eta"], ex["gamma1"], ex["gamma2"], ex["x_step"], ex["beta"]
+        xs, x_spec = tree_flatten(state.x)
+        xs = [t.detach().clone() for t in xs]
+        ys, y_spec = tree_flatten(state.y)
+        theta, lam, z = ex["theta"], ex["lam"], ex["z"]
+        constraint = problem.constraints
+        shape = lam.shape
+
+        def lagrangian(multiplier):
+            def value(x, y):
+                gv = constraint(x, y)
+                check_constraint_value(gv, shape, k)
+                return inner(x, y) + (multiplier * gv).sum()
+            return value
+
+        # (theta, lambda): one projected gradient descent-ascent step on the proximal Lagrangian
+        _, _, g_theta = value_and_grads(lagrangian(lam), xs, theta, x_spec, y_spec, "y")
+        with torch.no_grad():
+            g_at_theta = constraint(tree_unflatten(xs, x_spec), tree_unflatten(theta, y_spec))
+            check_constraint_value(g_at_theta, shape, k)
+            theta = [t - eta * (g + (t - y) / g1) for t, g, y in zip(theta, g_theta, ys)]
+            lam = (lam - eta * (-g_at_theta + (lam - z) / g2)).clamp_min(0)
+        if project_y is not None:
+            theta = project_y(theta)
+        # (x, y): one projected step on F/c_k + f - v
+        _, gx_theta, _ = value_and_grads(lagrangian(lam), xs, theta, x_spec, y_spec, "x")
+        _, gx, gy = value_and_grads(lambda x, y: outer(x, y) / c_k + inner(x, y), xs, ys, x_spec, y_spec, "xy")
+        d_x = [a - b for a, b in zip(gx, gx_theta)]
+        with torch.no_grad():
+            d_y = [g - (y - t) / g1 for g, y, t in zip(gy, ys, theta)]
+            x_try = [a - alpha * d for a, d in zip(xs, d_x)] if self.outer_optimizer == "sgd" else None
+            y_try = [a - alpha * d for a, d in zip(ys, d_y)]
+        if x_try is None:  # a custom optimizer moves x; project the pair afterwards
+            self.move_x(state, d_x, alpha, None)
+            x_try = [t.detach() for t in tree_leaves(state.x)]
+        new_x, new_y = self._joint_projection(problem, state)(x_try, y_try)
+        with torch.no_grad():
+            for leaf, value in zip(tree_leaves(state.x), new_x):
+                leaf.copy_(value)
+            z = (z - beta * (z - lam) / g2).clamp(0, self.r)
+        state.y = tree_unflatten(list(new_y), y_spec)
+        ex.update(theta=theta, lam=lam, z=z)
+        with torch.no_grad():
+            value = outer(state.x, state.y)
+            violation = constraint(state.x, state.y).clamp_min(0).max()
+            gap = torch.sqrt(tree_sq_norm([y - t for y, t in zip(ys, theta)])) / g1
+            return StepInfo(
+                outer=float(value),
+                hypergradient_norm=float(c_k * torch.sqrt(tree_sq_norm(d_x))),
+                inner_residual=float(torch.maximum(gap, violation)),
+            )
+
+
+def _flat_constraints(problem, xs, ys) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``w -> g(x, y).reshape(-1)`` on the concatenation ``w`` of the leaves of ``x`` and ``y``."""
+    examples = [t.detach() for t in xs + ys]
+    x_spec, y_spec = tree_flatten(problem.x0)[1], tree_flatten(problem.y0)[1]
+
+    def g_flat(w):
+        parts = _unflat(w, examples)
+        x = tree_unflatten(parts[: len(xs)], x_spec)
+        return problem.constraints(x, tree_unflatten(parts[len(xs):], y_spec)).reshape(-1)
+
+    return g_flat
+
+
+def _flat(leaves) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in leaves])
+
+
+def _unflat(w: torch.Tensor, examples) -> list:
+    out, start = [], 0
+    for t in examples:
+        out.append(w[start:start + t.numel()].reshape(t.shape))
+        start += t.numel()
+    return out
+
+
+__all__ = ["LVHBA"]

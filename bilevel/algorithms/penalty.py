@@ -1,0 +1,156 @@
+r"""The value-function penalty method and its fully first-order stochastic variant (F2SA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .._tree import tree_flatten, tree_leaves, tree_unflatten
+from ._base import State, StepInfo
+from ._single_loop import SingleLoop, tree_sq_norm, value_and_grads
+
+
+@dataclass(frozen=True)
+class Penalty(SingleLoop):
+    r"""Value-function penalty method (first order), with the F2SA schedule for mini-batches.
+
+    The bilevel problem is relaxed to
+    :math:`\min_x \psi_\lambda(x) = \min_y F(x, y) + \lambda\,(f(x, y) - f^\star(x))`,
+    :math:`f^\star(x) = \min_z f(x, z)`, whose gradient needs first derivatives only:
+
+    .. math::
+
+        \nabla\psi_\lambda(x) = \nabla_x F(x, y_\lambda) + \lambda\bigl(\nabla_x f(x, y_\lambda)
+        - \nabla_x f(x, z^\star)\bigr), \quad
+        y_\lambda = \arg\min_y F + \lambda f, \quad z^\star = \arg\min_z f,
+
+    and :math:`\|\nabla\psi_\lambda - \nabla\Phi\| = O(1/\lambda)` under lower-level
+    strong convexity (Kwon et al. also cover closed convex sets and non-convex
+    lower levels with a proximal error bound).  One iteration, warm-started:
+
+    .. math::
+
+        &\text{repeat } T \text{ times:}\quad
+        z \leftarrow P_Y(z - \gamma \nabla_y f(x, z)), \quad
+        y \leftarrow P_Y\bigl(y - \tau_k [\nabla_y F(x, y) + \lambda_k \nabla_y f(x, y)]\bigr) \\
+        &x \leftarrow P_X\bigl(x - \alpha_k [\nabla_x F(x, y) + \lambda_k (\nabla_x f(x, y)
+          - \nabla_x f(x, z))]\bigr).
+
+    **Schedules.**  Deterministic (no mini-batches): :math:`\lambda_k = \lambda_0 (1 + k/\kappa)`
+    grows linearly (``lam_growth`` :math:`= 1/\kappa`); :math:`\gamma = 1/L_f`,
+    :math:`\tau_k = 1/(L_F + \lambda_k L_f)` follow the curvature of the two
+    lower problems, and :math:`\alpha` is constant.  Stochastic (F2SA, used when
+    :func:`bilevel.solve` feeds mini-batches, or with ``stochastic=True``): the
+    steps decay as :math:`\tau_k \propto (k+1)^{-5/7}`, :math:`\gamma_k, \alpha_k
+    \propto (k+1)^{-4/7}` and :math:`\lambda_{k+1} = \lambda_k + \delta (k+1)^{-1/7}`
+    (the exponents of the F2SA analysis), with :math:`\tau_k` capped at the
+    stability limit :math:`1/(L_F + \lambda_k L_f)`.
+
+    Defaults come from curvature estimates at the start (power iteration):
+    :math:`L_F = \|\nabla^2_{yy}F\|`-scale joint norm, :math:`L_f = \|\nabla^2_{yy} f\|`,
+    :math:`\lambda_0 = \max(1, L_F / L_f)`, :math:`\alpha = \tfrac12/(L_F + \|\nabla^2 f\|)`.
+    The history reports :math:`\|d_x\|` (the estimate of :math:`\nabla\psi_\lambda`)
+    and :math:`\|\nabla_y f(x, z)\|` as the inner residual.
+
+    Args:
+        lr: base step :math:`\alpha` of :math:`x` (``None``: derived).
+        inner_steps: :math:`T`, steps on :math:`y` and :math:`z` per iteration (default 1).
+        lam0: :math:`\lambda_0` (``None``: derived).
+        lam_growth: deterministic growth rate :math:`1/\kappa` of :math:`\lambda_k` (default 1/10).
+        lam_max: cap on :math:`\lambda_k` (default ``1e6``).
+        delta: stochastic increment :math:`\delta` of :math:`\lambda` (``None``: :math:`\lambda_0/10`).
+        stochastic: ``None`` (decaying F2SA steps exactly when mini-batches are
+            given), ``True`` or ``False``.
+
+    References:
+        Kwon, J., Kwon, D., Wright, S. and Nowak, R. `A Fully First-Order Method
+        for Stochastic Bilevel Optimization <https://arxiv.org/abs/2301.10945>`_.
+        ICML 2023 (F2SA).
+        Kwon, J., Kwon, D., Wright, S. and Nowak, R. `On Penalty Methods for
+        Nonconvex Bilevel Optimization and First-Order Stochastic Approximation
+        <https://arxiv.org/abs/2309.01753>`_. ICLR 2024.
+
+    Example:
+        >>> import bilevel
+        >>> p = bilevel.problems.quadratic()
+        >>> r = bilevel.solve(p, method="penalty", max_steps=3000, progress=False)
+        >>> bool((r.x - p.solution.x).norm() < 1e-2 * p.solution.x.norm())
+        True
+    """
+
+    inner_steps: int = 1
+    lam0: Optional[float] = None
+    lam_growth: float = 0.1
+    lam_max: float = 1e6
+    delta: Optional[float] = None
+    stochastic: Optional[bool] = None
+
+    def __post_init__(self):
+        if not (isinstance(self.inner_steps, int) and self.inner_steps >= 1):
+            raise ValueError(f"Penalty: `inner_steps` must be a positive int; got {self.inner_steps!r}.")
+        for name in ("lam0", "delta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"Penalty: `{name}` must be positive or None; got {value!r}.")
+        if not self.lam_growth >= 0 or not self.lam_max > 0:
+            raise ValueError(f"Penalty: need lam_growth >= 0 and lam_max > 0; got {self.lam_growth}, {self.lam_max}.")
+
+    def setup(self, problem, state: State) -> dict:
+        s = self.scales(problem, state)
+        lam0 = self.lam0 if self.lam0 is not None else max(1.0, s["outer_xy"] / max(s["inner_y"], 1e-12))
+        z = [t.detach().clone() for t in tree_leaves(state.y)]
+        return {"lam": lam0, "lam0": lam0, "z": z, "scales": s, **self.step_sizes(s, {})}
+
+    def step_sizes(self, scales: dict, extras: dict) -> dict:
+        lf = scales["inner_y"] if scales["inner_y"] > 0 else 1.0
+        total = scales["outer_xy"] + scales["inner_xy"]
+        return {"x_step": 0.5 / total if total > 0 else 0.1, "lf": lf, "lF": scales["outer_xy"]}
+
+    def _lambda(self, ex: dict, k: int, stochastic: bool) -> float:
+        if not stochastic:
+            return min(self.lam_max, ex["lam0"] * (1.0 + self.lam_growth * k))
+        delta = self.delta if self.delta is not None else 0.1 * ex["lam0"]
+        return min(self.lam_max, ex["lam"] + (delta / k ** (1 / 7) if k > 0 else 0.0))
+
+    def update(self, problem, outer, inner, state: State, batch, project_x, project_y) -> StepInfo:
+        ex = state.extras
+        k = state.iteration
+        stochastic = self.stochastic if self.stochastic is not None else batch is not None
+        lam = ex["lam"] = self._lambda(ex, k, stochastic)
+        lf, lF = ex["lf"], ex["lF"]
+        tau = 1.0 / (lF + lam * lf)
+        gamma, alpha = 1.0 / lf, ex["x_step"]
+        if stochastic:
+            tau = min(tau, (1.0 / (lF + ex["lam0"] * lf)) / (k + 1) ** (5 / 7))
+            gamma, alpha = gamma / (k + 1) ** (4 / 7), alpha / (k + 1) ** (4 / 7)
+        xs, x_spec = tree_flatten(state.x)
+        xs = [t.detach().clone() for t in xs]
+        ys, y_spec = tree_flatten(state.y)
+        z = ex["z"]
+        penalized = lambda x, y: outer(x, y) + lam * inner(x, y)  # noqa: E731
+        for _ in range(self.inner_steps):
+            _, _, gz = value_and_grads(inner, xs, z, x_spec, y_spec, "y")
+            _, _, gy = value_and_grads(penalized, xs, ys, x_spec, y_spec, "y")
+            with torch.no_grad():
+                z = [a - gamma * g for a, g in zip(z, gz)]
+                ys = [a - tau * g for a, g in zip(ys, gy)]
+            if project_y is not None:
+                z, ys = project_y(z), project_y(ys)
+        _, gx_pen, _ = value_and_grads(penalized, xs, ys, x_spec, y_spec, "x")
+        _, gx_z, gz = value_and_grads(inner, xs, z, x_spec, y_spec, "xy")
+        d_x = [a - lam * b for a, b in zip(gx_pen, gx_z)]
+        self.move_x(state, d_x, alpha, project_x)
+        state.y = tree_unflatten(ys, y_spec)
+        ex["z"] = z
+        with torch.no_grad():
+            value = outer(tree_unflatten([t.detach() for t in tree_leaves(state.x)], x_spec), state.y)
+            return StepInfo(
+                outer=float(value),
+                hypergradient_norm=float(torch.sqrt(tree_sq_norm(d_x))),
+                inner_residual=float(torch.sqrt(tree_sq_norm(gz))),
+            )
+
+
+__all__ = ["Penalty"]

@@ -1,0 +1,236 @@
+"""Single-loop and aggregation methods (penalty, MEHA, sl-BAMM, LV-HBA, BDA) on the
+problems of ALGORITHMS.md section 8 with known answers, in float64, from the
+problems' stated start points, with the methods' untuned defaults."""
+
+import math
+
+import pytest
+import torch
+
+import bilevel
+from bilevel.algorithms import BAMM, BDA, LVHBA, MEHA, METHODS, Penalty
+from bilevel.problems import coupled_constraint, nonunique_lower_level, quadratic
+from bilevel.solvers import LBFGS
+from bilevel.status import CurvatureWarning
+
+SINGLE_LOOP = ["penalty", "meha", "bamm", "bda"]
+
+
+def relative_error(problem, x) -> float:
+    return float((x - problem.solution.x).norm() / problem.solution.x.norm())
+
+
+def run(problem, method, steps, **options):
+    return bilevel.solve(problem, method=method, max_steps=steps, progress=False, **options)
+
+
+def test_registered_by_name():
+    expected = {"penalty": Penalty, "meha": MEHA, "bamm": BAMM, "lvhba": LVHBA, "bda": BDA}
+    for name, cls in expected.items():
+        assert METHODS[name] is cls
+
+
+# -- problem M1: a lower level with a continuum of solutions ----------------------------
+# Budgets and tolerances measured with the defaults (relative error in x after the budget):
+# MEHA 2000 -> 1e-3, 5000 -> 7e-6, 10000 -> 1e-8, penalty 2000 -> 2e-5,
+# sl-BAMM 5000 -> 2e-6, BDA 500 -> 1e-7.
+@pytest.mark.parametrize("method, steps, tol", [
+    ("meha", 3000, 1e-3), ("penalty", 2000, 1e-4), ("bamm", 5000, 1e-4), ("bda", 500, 1e-5),
+])
+def test_nonunique_lower_level_reaches_optimistic_solution(method, steps, tol):
+    problem = nonunique_lower_level(n=100)
+    result = run(problem, method, steps)
+    assert relative_error(problem, result.x) < tol
+    y1, y2 = result.y
+    assert torch.allclose(y1, torch.ones(100, dtype=torch.float64), atol=1e-2)
+    assert torch.allclose(y2, torch.ones(100, dtype=torch.float64), atol=1e-2)
+    assert result.history["outer"][-1] < 1e-3 < result.history["outer"][0]
+
+
+def test_implicit_method_stalls_on_nonunique_lower_level_and_says_so():
+    """The difference: the implicit method assumes a unique inner solution; on M1
+    its inner Hessian is singular in y2, it warns, and it heads to 0.505 e; the
+    single-loop methods reach e."""
+    problem = nonunique_lower_level(n=20)
+    with pytest.warns(CurvatureWarning, match="single-loop method"):
+        implicit = run(problem, "implicit", 300, lr=0.05)
+    assert relative_error(problem, implicit.x) > 0.45       # stuck at or below 0.505 e
+    assert float(implicit.x.max()) < 0.51
+    meha = run(problem, "meha", 3000)
+    assert relative_error(problem, meha.x) < 1e-3
+
+
+# -- problem Q: strongly convex, every method must reach x* --------------------------------
+@pytest.mark.parametrize("method, steps, tol", [
+    ("penalty", 500, 1e-2), ("bamm", 5000, 1e-2), ("bda", 1000, 1e-2), ("meha", 5000, 3e-2),
+])
+def test_quadratic_reaches_solution(method, steps, tol):
+    problem = quadratic()
+    result = run(problem, method, steps)
+    assert relative_error(problem, result.x) < tol
+
+
+@pytest.mark.slow
+def test_meha_quadratic_within_20000_steps():
+    problem = quadratic()
+    assert relative_error(problem, run(problem, "meha", 20000).x) < 1e-2
+
+
+def test_penalty_gradient_bias_decreases_as_one_over_lambda():
+    """With lambda fixed, the penalty method converges to a stationary point of
+    psi_lambda whose distance to x* shrinks like 1/lambda (ALGORITHMS.md, Q)."""
+    problem = quadratic()
+    errors = []
+    for lam in (10.0, 100.0):
+        result = run(problem, Penalty(lam0=lam, lam_growth=0.0), 4000)
+        errors.append(relative_error(problem, result.x))
+    assert errors[1] < errors[0] / 5
+
+
+# -- problem L: a coupled, active inner constraint y <= x ---------------------------------
+@pytest.mark.parametrize("exact_projection", [True, False])
+def test_lvhba_coupled_constraint(exact_projection):
+    problem = coupled_constraint()
+    if not exact_projection:  # the built-in projection onto {g <= 0} (a dual QP in torch)
+        problem.data.pop("project")
+    result = run(problem, "lvhba", 3000)
+    assert float((result.x - problem.solution.x).abs().max()) < 1e-3
+    assert float((result.y - problem.solution.y).abs().max()) < 1e-3
+    assert float((result.y - result.x).max()) <= 1e-7  # feasible
+    assert abs(result.history["outer"][-1] - problem.solution.value) < 1e-2
+
+
+def test_constraint_ignored_gives_wrong_answer_lvhba_right_one():
+    """The difference: without the coupled constraint the inner solution is b e and
+    the best x is 0 with F = n/2; the constrained bilevel optimum is 0.5 e, F = n/4."""
+    problem = coupled_constraint()
+    with pytest.raises(ValueError, match="does not handle inner constraints"):
+        run(problem, "implicit", 10)
+    unconstrained = bilevel.BilevelProblem(problem.outer, problem.inner, problem.x0, problem.y0)
+    implicit = run(unconstrained, "implicit", 1500, lr=0.05)
+    assert float(implicit.x.abs().max()) < 1e-2          # converges, to the wrong problem's answer
+    assert float(implicit.y.min()) > 1.9                 # violates y <= x
+    lvhba = run(problem, "lvhba", 3000)
+    assert float((lvhba.x - 0.5).abs().max()) < 1e-3
+
+
+def test_lvhba_projection_with_simple_sets():
+    """x in [0, 0.4]: the constrained optimum moves to x = y = 0.4 (box active)."""
+    from bilevel.implicit.projections import Box
+
+    problem = coupled_constraint()
+    problem.data.pop("project")
+    result = run(problem, LVHBA(x_set=Box(0.0, 0.4)), 3000)
+    assert float((result.x - 0.4).abs().max()) < 1e-3
+    assert float((result.y - 0.4).abs().max()) < 1e-3
+
+
+# -- bad input ----------------------------------------------------------------------------
+def test_lvhba_needs_constraints():
+    with pytest.raises(ValueError, match="needs lower-level constraints"):
+        run(quadratic(), "lvhba", 1)
+
+
+def test_constraints_with_wrong_output_are_rejected():
+    problem = coupled_constraint(n=3)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        bilevel.BilevelProblem(problem.outer, problem.inner, problem.x0, problem.y0,
+                               constraints=lambda x, y: [y - x])
+    calls = {"n": 0}
+
+    def growing(x, y):
+        calls["n"] += 1
+        g = y - x
+        return g if calls["n"] < 40 else torch.cat([g, g])
+
+    changing = bilevel.BilevelProblem(problem.outer, problem.inner, problem.x0, problem.y0, constraints=growing,
+                                      data={"project": problem.data["project"]})
+    with pytest.raises(ValueError, match=r"returned shape \(6,\) at step \d+.*\(3,\) at the start"):
+        run(changing, "lvhba", 100)
+
+
+def test_infeasible_constraints_are_reported():
+    problem = coupled_constraint(n=3)
+    empty = bilevel.BilevelProblem(
+        problem.outer, problem.inner, problem.x0, problem.y0,
+        constraints=lambda x, y: torch.cat([y - x + 1.0, x - y + 1.0]),   # y <= x - 1 and y >= x + 1
+    )
+    with pytest.raises(ValueError, match="infeasible"):
+        run(empty, "lvhba", 5)
+
+
+@pytest.mark.parametrize("method", ["meha", "penalty", "bamm", "lvhba"])
+def test_divergent_step_size_is_reported_with_its_step(method):
+    problem = coupled_constraint() if method == "lvhba" else quadratic()
+    options = {"lr": 50.0} if method != "bamm" else {"y_step": 50.0}
+    if method == "meha":
+        options["beta"] = 50.0
+    with pytest.raises(FloatingPointError, match=r"step \d+"):
+        run(problem, method, 2000, **options)
+
+
+@pytest.mark.parametrize("cls, bad", [
+    (MEHA, {"gamma": -1.0}), (MEHA, {"p": 1.5}), (MEHA, {"nonsmooth": lambda x, y: 0.0}),
+    (Penalty, {"inner_steps": 0}), (Penalty, {"lam0": 0.0}), (BAMM, {"mu0": 1.5}),
+    (LVHBA, {"eta": 0.0}), (BDA, {"steps": 0}), (BDA, {"mu": 2.0}),
+])
+def test_invalid_settings(cls, bad):
+    with pytest.raises(ValueError):
+        cls(**bad)
+
+
+# -- checkpoints, trees, mini-batches -------------------------------------------------------
+@pytest.mark.parametrize("method", ["penalty", "meha", "bamm", "bda", "lvhba"])
+def test_resume_equals_uninterrupted(method):
+    problem = coupled_constraint(n=4) if method == "lvhba" else nonunique_lower_level(n=4)
+    full = run(problem, method, 60)
+    half = run(problem, method, 30)
+    resumed = run(problem, method, 60, resume=half.state.state_dict())
+    assert torch.allclose(resumed.x, full.x, rtol=0, atol=1e-12)
+    assert resumed.state.iteration == 60
+
+
+def test_meha_nonsmooth_lower_level():
+    r"""Lower level min_y 1/2 |y - b|^2 + x |y|_1 (x > 0 scalar): y*(x) = soft(b, x).
+    Upper level 1/2 |y - c|^2 with c = soft(b, 0.5): the answer is x* = 0.5."""
+    from bilevel.implicit.prox import prox_lasso
+
+    b = torch.tensor([2.0, -1.5, 1.0, 0.2], dtype=torch.float64)
+    c = torch.sign(b) * (b.abs() - 0.5).clamp_min(0)
+    problem = bilevel.BilevelProblem(
+        lambda x, y: 0.5 * ((y - c) ** 2).sum(), lambda x, y: 0.5 * ((y - b) ** 2).sum(),
+        torch.tensor(0.1, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+    )
+    method = MEHA(nonsmooth=lambda x, y: x * y.abs().sum(), prox=lambda y, x, step: prox_lasso(y, x, step))
+    result = run(problem, method, 8000)
+    assert abs(float(result.x) - 0.5) < 2e-2
+    assert torch.allclose(result.y, c, atol=2e-2)
+
+
+def test_penalty_stochastic_minibatches_on_logistic_hpo():
+    """F2SA: decaying steps with mini-batches; the validation loss goes down."""
+    problem = bilevel.problems.logistic_breast_cancer()
+    n = min(problem.data["X_train"].shape[0], problem.data["X_val"].shape[0])
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randperm(n, generator=g)[:32] for _ in range(10)]
+    result = bilevel.solve(problem, method="penalty", data=batches, max_steps=200, progress=False)
+    assert result.state.extras["lam"] > result.state.extras["lam0"]
+    assert outer_at_inner_solution(problem, result.x) < outer_at_inner_solution(problem, problem.x0)
+
+
+@pytest.mark.parametrize("method", SINGLE_LOOP)
+def test_ready_made_problems_improve(method):
+    """Every method runs on hyper-cleaning and ridge HPO through bilevel.solve and
+    lowers the upper objective at the (numerically) exact inner solution of its x."""
+    for problem in (bilevel.problems.ridge_diabetes().as_problem(),
+                    bilevel.problems.hyper_cleaning_digits(n_train=200, n_val=200)):
+        steps = {"meha": 1000, "bda": 30}.get(method, 100)   # MEHA's x step is small on ridge
+        result = run(problem, method, steps)
+        assert all(math.isfinite(v) for v in result.history["outer"])
+        assert outer_at_inner_solution(problem, result.x) < outer_at_inner_solution(problem, problem.x0)
+
+
+def outer_at_inner_solution(problem, x) -> float:
+    """F(x, y*(x)) with y*(x) from L-BFGS on the full (not mini-batch) inner objective."""
+    y, _ = LBFGS(maxiter=1000, tol=1e-7).run(lambda y_, x_: problem.inner(x_, y_), problem.y0, x)
+    return float(problem.outer(x, y))
