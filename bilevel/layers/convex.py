@@ -1,0 +1,639 @@
+r"""A CVXPY problem as a differentiable layer (needs the ``bilevel[cvxpy]`` extra).
+
+A DPP problem (disciplined parametrized programming) is canonicalized once by
+CVXPY to the cone program
+
+.. math::
+
+    \min_x \ \tfrac12 x^\top P x + c^\top x \quad\text{s.t.}\quad A x + s = b,\ \ s \in \mathcal K,
+
+whose data :math:`(P, c, A, b)` are *affine* in the parameters :math:`\theta`
+(the matrices of that map are taken from CVXPY's ``ParamConeProg`` and applied in
+torch), and the optimal variables are slices (or fixed linear maps) of
+:math:`x^\star`.  :math:`\mathcal K` is a product of the zero cone
+(equalities), the non-negative orthant, second-order cones and PSD cones.
+
+*Forward.* Problems with only equality and inequality rows and a quadratic or
+linear objective (LPs, QPs) go to the batched interior point
+:func:`~bilevel.layers.qp_solve` in torch (on the device of the inputs, no NumPy
+round trip); other cone programs are solved by Clarabel, element by element.
+
+*Backward.* The cone program's KKT conditions, written with the dual
+:math:`y \in \mathcal K^*` and slack :math:`s` folded into one vector
+:math:`v = y - s` (Moreau: :math:`y = \Pi_{\mathcal K^*}(v)`,
+:math:`s = \Pi_{\mathcal K^*}(v) - v`), are the root of the semismooth map
+
+.. math::
+
+    F(x, v; P, c, A, b) = \begin{pmatrix} P x + c + A^\top \Pi_{\mathcal K^*}(v) \\
+        A x + \Pi_{\mathcal K^*}(v) - v - b \end{pmatrix} = 0,
+
+the residual map of Busseti, Moursi & Boyd with the homogenizing variable fixed
+to 1.  :func:`~bilevel.custom_root` differentiates its root (one batched
+adjoint solve over the batch, per-element convergence and certificates), and
+autograd carries the result back through the affine map to :math:`\theta`.
+For LPs and QPs the same derivative is the KKT differential of
+:func:`~bilevel.layers.qp_solve` (OptNet).  Both are exact to solver tolerance
+and agree with ``cvxpylayers`` (which differentiates the homogeneous embedding
+with diffcp).
+
+References:
+    Agrawal, A., Amos, B., Barratt, S., Boyd, S., Diamond, S. and Kolter, J. Z.
+    `Differentiable Convex Optimization Layers <https://arxiv.org/abs/1910.12430>`_.
+    NeurIPS 2019.
+    Agrawal, A., Barratt, S., Boyd, S., Busseti, E. and Moursi, W. M.
+    `Differentiating through a cone program <https://arxiv.org/abs/1904.09043>`_.
+    J. Appl. Numer. Optim., 2019.
+    Amos, B. and Kolter, J. Z. `OptNet: Differentiable Optimization as a Layer in
+    Neural Networks <https://arxiv.org/abs/1703.00443>`_. ICML 2017.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import jacfwd, vmap
+
+from ..implicit import custom_root
+from ..implicit.linear_solve import LinearSolver
+from ._checks import check_tensor
+from .qp import QPStatus, SolveError, qp_solve
+
+__all__ = ["ConvexLayer"]
+
+_METHODS = ("auto", "qp", "conic")
+
+
+def _import_cvxpy():
+    try:
+        import cvxpy
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "ConvexLayer needs CVXPY: install it with `pip install 'bilevel[cvxpy]'` (or `pip install cvxpy`)."
+        ) from err
+    return cvxpy
+
+
+# ----------------------------------------------------------------------------- cone projections
+
+
+def _svec_indices(k: int) -> tuple[list, list]:
+    """Row and column of each entry of Clarabel's scaled upper triangle, by columns."""
+    rows, cols = [], []
+    for j in range(k):
+        for i in range(j + 1):
+            rows.append(i)
+            cols.append(j)
+    return rows, cols
+
+
+class _ProjectPSD(torch.autograd.Function):
+    r"""Projection of symmetric matrices onto the PSD cone, :math:`U \max(\Lambda, 0) U^\top`,
+    with the derivative :math:`H \mapsto U (\Gamma \circ U^\top H U) U^\top` (Löwner's
+    divided differences, well defined for repeated eigenvalues, unlike autograd of eigh)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(X):
+        w, U = torch.linalg.eigh(X)
+        return (U * w.clamp_min(0).unsqueeze(-2)) @ U.mT, w, U
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, w, U = output
+        ctx.mark_non_differentiable(w, U)
+        ctx.save_for_backward(w, U)
+        ctx.save_for_forward(w, U)
+
+    @staticmethod
+    def _apply_derivative(w, U, H):
+        pos = w > 0
+        pi, pj = pos.unsqueeze(-1), pos.unsqueeze(-2)
+        diff = w.unsqueeze(-1) - w.unsqueeze(-2)
+        mixed = pi != pj
+        ratio = (w.clamp_min(0).unsqueeze(-1) - w.clamp_min(0).unsqueeze(-2)) / torch.where(
+            mixed, diff, torch.ones_like(diff)
+        )
+        gamma = torch.where(mixed, ratio, (pi & pj).to(w.dtype))
+        H = 0.5 * (H + H.mT)
+        return U @ (gamma * (U.mT @ H @ U)) @ U.mT
+
+    @staticmethod
+    def backward(ctx, gY, _gw, _gU):
+        w, U = ctx.saved_tensors
+        return _ProjectPSD._apply_derivative(w, U, gY)
+
+    @staticmethod
+    def jvp(ctx, dX):
+        w, U = ctx.saved_tensors
+        return _ProjectPSD._apply_derivative(w, U, dX), None, None
+
+
+def _project_soc(v: torch.Tensor) -> torch.Tensor:
+    """Projection onto :math:`\\{(t, x): \\|x\\| \\le t\\}` along the last dim."""
+    t, x = v[..., :1], v[..., 1:]
+    nx = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    safe = torch.where(nx > 0, nx, torch.ones_like(nx))
+    coef = 0.5 * (t + nx)
+    boundary = torch.cat([coef, coef * x / safe], -1)
+    inside = nx <= t
+    below = nx <= -t
+    return torch.where(inside, v, torch.where(below, torch.zeros_like(v), boundary))
+
+
+class _Cones:
+    """The cone :math:`\\mathcal K^*` of the canonical program and its projection (self-dual
+    except for the zero cone, whose dual is the whole space)."""
+
+    def __init__(self, dims):
+        self.zero, self.nonneg = int(dims.zero), int(dims.nonneg)
+        self.soc = [int(k) for k in dims.soc]
+        self.psd = [int(k) for k in dims.psd]
+        unsupported = []
+        if int(getattr(dims, "exp", 0)):
+            unsupported.append(f"{dims.exp} exponential cone(s)")
+        for name in ("p3d", "pnd"):
+            if len(getattr(dims, name, []) or []):
+                unsupported.append(f"power cones ({name})")
+        if unsupported:
+            raise NotImplementedError(
+                "ConvexLayer: the canonical cone program has " + ", ".join(unsupported) + "; only "
+                "zero, non-negative, second-order and PSD cones are supported (e.g. no log, exp, entr, "
+                "geo_mean or pnorm with p other than 1, 2, inf)."
+            )
+        self.psd_index = [_svec_indices(k) for k in self.psd]
+        self.size = self.zero + self.nonneg + sum(self.soc) + sum(k * (k + 1) // 2 for k in self.psd)
+
+    @property
+    def polyhedral(self) -> bool:
+        return not self.soc and not self.psd
+
+    def project_dual(self, v: torch.Tensor) -> torch.Tensor:
+        """:math:`\\Pi_{\\mathcal K^*}(v)` for one problem's ``v`` of shape ``(m,)``."""
+        parts = [v[: self.zero], v[self.zero: self.zero + self.nonneg].clamp_min(0)]
+        start = self.zero + self.nonneg
+        for k in self.soc:
+            parts.append(_project_soc(v[start: start + k]))
+            start += k
+        for k, (rows, cols) in zip(self.psd, self.psd_index):
+            size = k * (k + 1) // 2
+            parts.append(_psd_svec(v[start: start + size], k, rows, cols))
+            start += size
+        return torch.cat(parts)
+
+
+def _psd_svec(vec: torch.Tensor, k: int, rows: list, cols: list) -> torch.Tensor:
+    """Project a scaled upper-triangle vector onto the PSD cone, in the same format."""
+    r = torch.tensor(rows, device=vec.device)
+    c = torch.tensor(cols, device=vec.device)
+    off = (r != c).to(vec.dtype)
+    scale = 1 + off * (math.sqrt(0.5) - 1)  # 1/sqrt(2) off the diagonal
+    vals = vec * scale
+    X = torch.zeros(k, k, dtype=vec.dtype, device=vec.device)
+    X = X.index_put((r, c), vals).index_put((c, r), vals)
+    Y = _ProjectPSD.apply(X)[0]
+    return Y[r, c] / scale
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+def _fortran_flat(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Flatten the last ``ndim`` dims of ``x`` in column-major (CVXPY's) order."""
+    lead = x.dim() - ndim
+    perm = list(range(lead)) + list(range(x.dim() - 1, lead - 1, -1))
+    return x.permute(perm).reshape(x.shape[:lead] + (-1,))
+
+
+def _fortran_unflat(x: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Inverse of :func:`_fortran_flat`: ``(..., prod(shape)) -> (..., *shape)``."""
+    lead = x.dim() - 1
+    y = x.reshape(x.shape[:lead] + tuple(reversed(shape)))
+    perm = list(range(lead)) + list(range(y.dim() - 1, lead - 1, -1))
+    return y.permute(perm)
+
+
+class ConvexLayer(torch.nn.Module):
+    r"""A DPP CVXPY problem as a layer: parameter tensors in, optimal variable tensors out.
+
+    .. math::
+
+        (\theta_1, \dots, \theta_k) \mapsto (x_1^\star, \dots, x_l^\star)(\theta)
+        = \operatorname*{argmin}\{f_0(x; \theta) : f_i(x; \theta) \le 0,\ A(\theta) x = b(\theta)\}
+
+    The problem is canonicalized once to a cone program with data affine in
+    :math:`\theta`; see the module docstring for the forward solvers (a batched
+    torch interior point for LPs/QPs, Clarabel otherwise) and for the KKT /
+    residual-map system differentiated by :func:`~bilevel.custom_root`.
+
+    Args:
+        problem: a ``cvxpy.Problem`` that is DPP (``problem.is_dpp()``).
+        parameters: its ``cp.Parameter`` objects, all of them, in the order the
+            layer takes their values.
+        variables: the ``cp.Variable`` objects whose optimal values the layer
+            returns, in order.
+        method: ``"auto"`` (default: LPs and QPs to the torch QP solver, other
+            problems to Clarabel), ``"qp"`` (require the QP route) or
+            ``"conic"`` (always Clarabel plus the residual-map derivative).
+        solve: linear solver of the conic backward system (default:
+            :func:`~bilevel.custom_root`'s, a dense LU per element up to 128
+            unknowns, GMRES above).
+
+    Raises:
+        ImportError: CVXPY is not installed.
+        ValueError: the problem is not DPP, the parameter list is not the
+            problem's parameters, or a variable is not in the problem.
+        NotImplementedError: cones other than zero, non-negative, second-order
+            and PSD in the canonical form; ``method="qp"`` for a problem that is
+            not an LP/QP.
+
+    Example:
+        ``cvxpy`` is an optional extra, so this is not run as a doctest::
+
+            import cvxpy as cp, torch
+            from bilevel.layers import ConvexLayer
+            x, y = cp.Variable(3), cp.Parameter(3)
+            problem = cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x >= 0])   # projection
+            layer = ConvexLayer(problem, parameters=[y], variables=[x])
+            y_t = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)   # a batch of 8
+            (x_t,) = layer(y_t)                                                # == y_t.clamp_min(0)
+            x_t.sum().backward()
+
+    References:
+        Agrawal, A., Amos, B., Barratt, S., Boyd, S., Diamond, S. and Kolter, J. Z.
+        `Differentiable Convex Optimization Layers <https://arxiv.org/abs/1910.12430>`_.
+        NeurIPS 2019.
+    """
+
+    def __init__(
+        self,
+        problem: Any,
+        parameters: Sequence[Any],
+        variables: Sequence[Any],
+        *,
+        method: str = "auto",
+        solve: LinearSolver | None = None,
+    ):
+        super().__init__()
+        cp = _import_cvxpy()
+        _check_problem(cp, problem, parameters, variables)
+        if method not in _METHODS:
+            raise ValueError(f"ConvexLayer: `method` must be one of {', '.join(map(repr, _METHODS))}; got {method!r}.")
+        if solve is not None and not isinstance(solve, LinearSolver):
+            raise TypeError(f"ConvexLayer: `solve` must be a linear solver such as bilevel.implicit.GMRES(); got {solve!r}.")
+        self.problem, self.parameters, self.variables = problem, list(parameters), list(variables)
+        data, chain, inverse = _problem_data(cp, problem, self.parameters)
+        prog = data[cp.settings.PARAM_PROB]
+        self._chain, self._data = chain, data
+        self.cones = _Cones(data["dims"])
+        self.n, self.m = int(prog.x.size), self.cones.size
+        self.quadratic = prog.P is not None
+        self.method = ("qp" if self.cones.polyhedral else "conic") if method == "auto" else method
+        if self.method == "qp" and not self.cones.polyhedral:
+            raise NotImplementedError(
+                "ConvexLayer(method='qp'): the problem is not an LP/QP (its canonical form has second-order "
+                "or PSD cones); use method='auto' or 'conic'."
+            )
+        self.solve = solve
+        theta = _parameter_map(chain, prog, self.parameters)  # (P_total + 1, U + 1)
+        self.register_buffer("_c_map", _to_torch(_sparse_matmul(prog.q, theta)[: self.n]), persistent=False)
+        ab = _sparse_matmul(prog.A, theta)  # rows: [A | b] flattened column-major, cvxpy's sign
+        self.register_buffer("_ab_map", _to_torch(ab), persistent=False)
+        if self.quadratic:
+            self.register_buffer("_p_map", _to_torch(_sparse_matmul(prog.P, theta)), persistent=False)
+        self._outputs = _variable_maps(cp, chain, inverse, prog, self.variables)
+        self.last_info = None
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, *params: torch.Tensor, solver_args: dict | None = None) -> tuple[torch.Tensor, ...]:
+        """Solve for the given parameter values.
+
+        Args:
+            *params: one tensor per parameter, of the parameter's shape, or with
+                one leading batch dimension ``B`` (shared by every batched one;
+                the others are broadcast).
+            solver_args: options of the forward solver: for the QP route
+                ``tol`` and ``maxiter`` of :func:`~bilevel.layers.qp_solve`; for
+                Clarabel its settings (e.g. ``max_iter``, ``tol_gap_rel``).
+
+        Returns:
+            A tuple with one tensor per variable, of the variable's shape
+            (``(B, *shape)`` when batched), dtype and device of the parameters.
+
+        Raises:
+            ValueError: a wrong number of tensors, or a tensor whose shape is
+                neither the parameter's nor a batch of it (naming both).
+            TypeError: non-floating tensors, or mixed dtypes / devices.
+            SolveError: an infeasible, unbounded or unsolved batch element (naming
+                the element and the solver status).
+        """
+        theta, B = self._stack(params)
+        ones = torch.ones(theta.shape[0], 1, dtype=theta.dtype, device=theta.device)
+        theta = torch.cat([theta, ones], -1)  # (B, U + 1)
+        c = theta @ self._c_map.to(theta).mT
+        ab = (theta @ self._ab_map.to(theta).mT).reshape(-1, self.n + 1, self.m).mT  # (B, m, n + 1)
+        A, b = -ab[..., :-1], ab[..., -1]  # the solver's form A x + s = b
+        if self.quadratic:
+            P = (theta @ self._p_map.to(theta).mT).reshape(-1, self.n, self.n)
+            P = 0.5 * (P + P.mT)
+        else:
+            P = torch.zeros(theta.shape[0], self.n, self.n, dtype=theta.dtype, device=theta.device)
+        x = self._solve_qp(P, c, A, b, solver_args, B) if self.method == "qp" else (
+            self._solve_conic(P, c, A, b, solver_args, B)
+        )
+        outs = tuple(_output(x, how, var.shape) for how, var in zip(self._outputs, self.variables))
+        return outs if B is not None else tuple(o[0] for o in outs)
+
+    def _stack(self, params: tuple) -> tuple[torch.Tensor, int | None]:
+        """Check the tensors against the parameters; return ``(B or 1, U)`` column-major values."""
+        if len(params) != len(self.parameters):
+            raise ValueError(
+                f"ConvexLayer: expected {len(self.parameters)} parameter tensors "
+                f"({', '.join(p.name() for p in self.parameters)}); got {len(params)}."
+            )
+        ref_at = next((i for i, t in enumerate(params) if torch.is_tensor(t) and t.is_floating_point()), 0)
+        ref, ref_what = params[ref_at], f"parameter `{self.parameters[ref_at].name()}`"
+        batch = {}
+        for p, t in zip(self.parameters, params):
+            check_tensor(t, f"the value of parameter `{p.name()}`", ref, ref_what, "ConvexLayer")
+            shape = tuple(p.shape)
+            if tuple(t.shape) == shape:
+                continue
+            if t.dim() == len(shape) + 1 and tuple(t.shape[1:]) == shape:
+                batch[p.name()] = t.shape[0]
+                continue
+            raise ValueError(
+                f"ConvexLayer: parameter `{p.name()}` has shape {shape} (or (B, *{shape}) for a batch); "
+                f"got a tensor of shape {tuple(t.shape)}."
+            )
+        if len(set(batch.values())) > 1:
+            raise ValueError(f"ConvexLayer: the batched parameters have different batch sizes: {batch}.")
+        B = next(iter(batch.values()), None)
+        for p, t in zip(self.parameters, params):
+            if not bool(torch.isfinite(t).all()):
+                raise FloatingPointError(f"ConvexLayer: the value of parameter `{p.name()}` contains NaN or inf.")
+        flat = []
+        for p, t in zip(self.parameters, params):
+            nd = len(p.shape)
+            t = t if t.dim() > nd else t.unsqueeze(0)
+            flat.append(_fortran_flat(t, nd).expand(B or 1, -1))
+        return torch.cat(flat, -1), B
+
+    def _solve_qp(self, P, c, A, b, solver_args, B):
+        opts = dict(solver_args or {})
+        unknown = set(opts) - {"tol", "maxiter"}
+        if unknown:
+            raise ValueError(f"ConvexLayer: the QP route takes solver_args `tol` and `maxiter`; got {sorted(unknown)}.")
+        z = self.cones.zero
+        x, info = qp_solve(P, c, A[:, :z], b[:, :z], A[:, z:], b[:, z:], check=False, return_info=True, **opts)
+        self.last_info = info
+        _raise_failed(
+            (~info.converged).nonzero().reshape(-1).tolist(),
+            [QPStatus(int(s)).name for s in info.status], B,
+            lambda i: f"primal residual {float(info.primal_residual[i]):.3g}, dual residual "
+                      f"{float(info.dual_residual[i]):.3g}",
+        )
+        return x
+
+    def _solve_conic(self, P, c, A, b, solver_args, B):
+        cones = self.cones
+        layer = self
+
+        def residual(sol, P, c, A, b):
+            x, v = sol
+            y = cones.project_dual(v)
+            return (P @ x + c + A.mT @ y, A @ x + y - v - b)
+
+        def solver(P, c, A, b):
+            x, v = layer._clarabel(P, c, A, b, solver_args, B)
+            return _polish(residual, x, v, (P, c, A, b))
+
+        x, _ = custom_root(residual, solve=self.solve, batch_dims=1)(solver)(P, c, A, b)
+        return x
+
+    def _clarabel(self, P, c, A, b, solver_args, B):
+        import scipy.sparse as sp
+
+        opts = dict(_CLARABEL_DEFAULTS)
+        opts.update(solver_args or {})
+        arrays = [t.detach().cpu().numpy() for t in (P, c, A, b)]
+        xs, vs, failed, statuses = [], [], [], []
+        for i in range(arrays[1].shape[0]):  # Clarabel solves one problem per call
+            data = dict(self._data)
+            data.update(P=sp.csc_array(arrays[0][i]), c=arrays[1][i], A=sp.csc_array(arrays[2][i]), b=arrays[3][i])
+            sol = self._chain.solver.solve_via_data(data, False, False, opts)
+            status = str(sol.status)
+            statuses.append(status)
+            if status not in ("Solved", "AlmostSolved"):
+                failed.append(i)
+                xs.append(np.zeros(self.n))
+                vs.append(np.zeros(self.m))
+                continue
+            xs.append(np.asarray(sol.x))
+            vs.append(np.asarray(sol.z) - np.asarray(sol.s))
+        _raise_failed(failed, statuses, B, lambda i: "Clarabel")
+        self.last_info = statuses
+        like = {"dtype": c.dtype, "device": c.device}
+        return torch.as_tensor(np.stack(xs), **like), torch.as_tensor(np.stack(vs), **like)
+
+    def extra_repr(self) -> str:
+        return (f"parameters={[p.name() for p in self.parameters]}, variables={[v.name() for v in self.variables]}, "
+                f"method={self.method!r}, n={self.n}, m={self.m}")
+
+
+_POLISH_MAX = 400
+
+
+def _polish(residual, x: torch.Tensor, v: torch.Tensor, data: tuple, steps: int = 3) -> tuple:
+    """A few semismooth Newton steps on ``F(x, v) = 0`` from the interior-point solution
+    (batched dense Jacobians by forward mode), each kept only where it reduces ``||F||``:
+    this takes Clarabel's ~1e-9 accuracy to machine precision, so that derivatives are
+    exact to the solution's precision.  Skipped above ``_POLISH_MAX`` unknowns."""
+    n = x.shape[-1]
+    if n + v.shape[-1] > _POLISH_MAX:
+        return x, v
+
+    def flat(w, *args):
+        fx, fv = residual((w[:n], w[n:]), *args)
+        return torch.cat([fx, fv])
+
+    batched, jacobian = vmap(flat), vmap(jacfwd(flat))
+    w = torch.cat([x, v], -1)
+    F = batched(w, *data)
+    norm = torch.linalg.vector_norm(F, dim=-1)
+    for _ in range(steps):
+        step, info = torch.linalg.solve_ex(jacobian(w, *data), -F)
+        trial = w + step
+        F_trial = batched(trial, *data)
+        norm_trial = torch.linalg.vector_norm(F_trial, dim=-1)
+        better = (info == 0) & torch.isfinite(norm_trial) & (norm_trial < norm)
+        if not bool(better.any()):
+            break
+        w = torch.where(better.unsqueeze(-1), trial, w)
+        F = torch.where(better.unsqueeze(-1), F_trial, F)
+        norm = torch.where(better, norm_trial, norm)
+    return w[..., :n], w[..., n:]
+
+
+_CLARABEL_DEFAULTS = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "tol_ktratio": 1e-8, "max_iter": 200}
+
+_STATUS_HINTS = {
+    "INFEASIBLE": "infeasible", "PrimalInfeasible": "infeasible", "AlmostPrimalInfeasible": "infeasible",
+    "UNBOUNDED": "unbounded", "DualInfeasible": "unbounded", "AlmostDualInfeasible": "unbounded",
+}
+
+
+def _raise_failed(failed: list, statuses: list, B: int | None, detail) -> None:
+    if not failed:
+        return
+    lines = []
+    for i in failed[:8]:
+        where = f"batch element {i}" if B is not None else "the problem"
+        kind = _STATUS_HINTS.get(statuses[i], "not solved")
+        lines.append(f"{where} is {kind} (status {statuses[i]}; {detail(i)})")
+    more = f" (and {len(failed) - 8} more)" if len(failed) > 8 else ""
+    raise SolveError(
+        f"ConvexLayer: {len(failed)} problem(s) could not be solved{more}:\n  " + "\n  ".join(lines)
+        + "\nCheck the parameter values of these elements (feasibility, boundedness).",
+        failed if B is not None else [0], [statuses[i] for i in failed],
+    )
+
+
+# ----------------------------------------------------------------------------- canonicalization helpers
+
+
+def _check_problem(cp, problem, parameters, variables) -> None:
+    if not isinstance(problem, cp.Problem):
+        raise TypeError(f"ConvexLayer: `problem` must be a cvxpy.Problem; got {type(problem).__name__}.")
+    if not problem.is_dpp():
+        raise ValueError(
+            "ConvexLayer: the problem is not DPP (disciplined parametrized programming), so its "
+            "canonical form is not affine in the parameters. Rewrite it so that parameters enter "
+            "affinely (e.g. replace quad_form(x, P) by sum_squares(L @ x) with P = L^T L); see "
+            "https://www.cvxpy.org/tutorial/dpp/."
+        )
+    for name, items, kind in (("parameters", parameters, cp.Parameter), ("variables", variables, cp.Variable)):
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(f"ConvexLayer: `{name}` must be a list of cp.{kind.__name__}; got {type(items).__name__}.")
+        for i, item in enumerate(items):
+            if not isinstance(item, kind):
+                raise TypeError(f"ConvexLayer: `{name}[{i}]` must be a cp.{kind.__name__}; got {type(item).__name__}.")
+    ids = {p.id for p in parameters}
+    missing = [p.name() for p in problem.parameters() if p.id not in ids]
+    extra = [p.name() for p in parameters if p.id not in {q.id for q in problem.parameters()}]
+    if missing or extra or len(ids) != len(parameters):
+        raise ValueError(
+            "ConvexLayer: `parameters` must list each parameter of the problem once; "
+            f"missing {missing}, not in the problem {extra}."
+        )
+    known = {v.id for v in problem.variables()}
+    for v in variables:
+        if v.id not in known:
+            raise ValueError(f"ConvexLayer: variable `{v.name()}` is not a variable of the problem.")
+
+
+def _placeholder(p) -> np.ndarray:
+    """A value satisfying the parameter's attributes (canonicalization needs one)."""
+    for guess in (np.ones(p.shape), np.zeros(p.shape), -np.ones(p.shape), np.eye(*p.shape) if p.ndim == 2 else None):
+        if guess is None:
+            continue
+        try:
+            p.value = guess
+            return guess
+        except ValueError:
+            continue
+    return p.project(np.ones(p.shape))
+
+
+def _problem_data(cp, problem, parameters):
+    saved = [p.value for p in parameters]
+    try:
+        for p in parameters:
+            if p.value is None:
+                _placeholder(p)
+        return problem.get_problem_data(cp.CLARABEL)
+    finally:
+        for p, v in zip(parameters, saved):
+            if v is None:
+                p.value = None
+
+
+def _parameter_map(chain, prog, parameters) -> np.ndarray:
+    """Dense ``(P_total + 1, U + 1)`` matrix: the canonical parameter vector (with its
+    constant 1 last) from the user's values flattened column-major (with a 1 last)."""
+    reduced = {}
+    for red in chain.reductions:
+        for orig, new in getattr(red, "_parameters", {}).items():
+            reduced[orig.id] = (new, orig)
+    total = sum(prog.param_id_to_size.values())
+    sizes = [int(np.prod(p.shape, dtype=int)) for p in parameters]
+    M = np.zeros((total + 1, sum(sizes) + 1))
+    M[prog.param_id_to_col[-1], -1] = 1.0
+    start = 0
+    for p, size in zip(parameters, sizes):
+        if p.id in prog.param_id_to_col:
+            col = prog.param_id_to_col[p.id]
+            M[col: col + size, start: start + size] = np.eye(size)
+        elif p.id in reduced:
+            from cvxpy.reductions.cvx_attr2constr import lower_value
+
+            new, orig = reduced[p.id]
+            col = prog.param_id_to_col[new.id]
+            for j in range(size):
+                e = np.zeros(size)
+                e[j] = 1.0
+                low = np.asarray(lower_value(orig, np.reshape(e, p.shape, order="F"))).reshape(-1, order="F")
+                M[col: col + low.size, start + j] = low
+        # else: the parameter does not reach the canonical data (its column stays zero)
+        start += size
+    return M
+
+
+def _sparse_matmul(T, M: np.ndarray) -> np.ndarray:
+    return np.asarray(T @ M)
+
+
+def _to_torch(a: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(a, dtype=torch.float64)
+
+
+def _variable_maps(cp, chain, inverse, prog, variables) -> list:
+    """For each variable: ``("slice", start, size)`` into the canonical ``x``, or
+    ``("matrix", M)`` with ``value = M x`` (variables rewritten by CVXPY, e.g. ``nonneg=True``
+    or ``symmetric=True``), found by inverting the reduction chain on basis vectors."""
+    out = []
+    for v in variables:
+        size = int(np.prod(v.shape, dtype=int))
+        if v.id in prog.var_id_to_col and prog.id_to_var[v.id].size == size:
+            out.append(("slice", prog.var_id_to_col[v.id], size))
+            continue
+        n = prog.x.size
+        cols = [_invert_primal(cp, chain, inverse, np.eye(n)[j], v) for j in range(n)]
+        out.append(("matrix", torch.as_tensor(np.stack(cols, 1), dtype=torch.float64)))
+    return out
+
+
+def _invert_primal(cp, chain, inverse, x: np.ndarray, v) -> np.ndarray:
+    from cvxpy.reductions.solution import Solution
+
+    sol = Solution(cp.OPTIMAL, 0.0, {0: x}, {}, {})
+    for red, inv in zip(reversed(chain.reductions[:-1]), reversed(inverse[:-1])):
+        sol = red.invert(sol, inv)
+    value = sol.primal_vars.get(v.id)
+    if value is None:
+        raise NotImplementedError(f"ConvexLayer: variable `{v.name()}` cannot be recovered from the canonical form.")
+    return np.reshape(np.asarray(value), -1, order="F")
+
+
+def _output(x: torch.Tensor, how: tuple, shape: tuple) -> torch.Tensor:
+    if how[0] == "slice":
+        flat = x[..., how[1]: how[1] + how[2]]
+    else:
+        flat = x @ how[1].to(x).mT
+    return _fortran_unflat(flat, tuple(shape)) if len(shape) else flat[..., 0]

@@ -1,0 +1,141 @@
+"""Batched QP solver and QPLayer: solutions, KKT gradients, batching, failures."""
+
+import pytest
+import torch
+
+from bilevel.layers import QPLayer, QPStatus, SolveError, qp_solve
+from bilevel.status import CurvatureWarning
+
+
+def _problem(B=None, n=6, p=2, m=8, active=3, seed=0):
+    """A strictly complementary QP with a known solution (z, nu, lam)."""
+    g = torch.Generator().manual_seed(seed)
+    lead = () if B is None else (B,)
+    L = torch.randn(lead + (n, n), generator=g)
+    Q = L @ L.mT / n + 0.5 * torch.eye(n)
+    A = torch.randn(lead + (p, n), generator=g)
+    G = torch.randn(lead + (m, n), generator=g)
+    z = torch.randn(lead + (n,), generator=g)
+    nu = torch.randn(lead + (p,), generator=g)
+    slack = torch.rand(lead + (m,), generator=g) + 0.5
+    lam = torch.rand(lead + (m,), generator=g) + 0.5
+    slack[..., :active] = 0
+    lam[..., active:] = 0
+    mv = lambda M, v: (M @ v.unsqueeze(-1)).squeeze(-1)
+    q = -(mv(Q, z) + mv(A.mT, nu) + mv(G.mT, lam))
+    return {"Q": Q, "q": q, "A": A, "b": mv(A, z), "G": G, "h": mv(G, z) + slack}, z
+
+
+def test_known_solution_and_duals():
+    data, z = _problem()
+    sol, info = qp_solve(**data, return_info=True)
+    assert torch.allclose(sol, z, atol=1e-10)
+    assert info.status == QPStatus.SOLVED and info.primal_residual < 1e-10
+    assert torch.all(info.ineq_dual >= 0) and torch.all(info.slack >= 0)
+
+
+def test_closed_forms_unconstrained_box_and_lp():
+    Q = torch.diag(torch.tensor([1.0, 2.0, 4.0]))
+    q = torch.tensor([1.0, -2.0, 8.0])
+    assert torch.allclose(qp_solve(Q, q), -q / Q.diagonal())
+    G, h = torch.cat([torch.eye(3), -torch.eye(3)]), torch.ones(6)
+    assert torch.allclose(qp_solve(Q, q, G=G, h=h), (-q / Q.diagonal()).clamp(-1, 1), atol=1e-10)
+    c = torch.tensor([1.0, -1.0, 0.5])  # LP over the box: a vertex
+    assert torch.allclose(qp_solve(torch.zeros(3, 3), c, G=G, h=h), -c.sign(), atol=1e-9)
+
+
+def test_gradcheck_all_inputs():
+    data, _ = _problem(n=4, p=1, m=5, active=2)
+    names = ["Q", "q", "A", "b", "G", "h"]
+    inputs = [data[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(lambda *t: qp_solve(*t), inputs, eps=1e-6, atol=1e-6)
+
+
+def test_lp_gradient_against_finite_differences():
+    # min c^T z over {z >= 0, 1^T z = 1, z_i <= u_i}: a non-degenerate vertex depends on u and b.
+    c = torch.tensor([1.0, 2.0, 3.0])
+    A, b = torch.ones(1, 3), torch.tensor([1.0], requires_grad=True)
+    u = torch.tensor([0.4, 0.35, 0.9], requires_grad=True)
+    G = torch.cat([-torch.eye(3), torch.eye(3)])
+    h = lambda u: torch.cat([torch.zeros(3), u])
+    z = qp_solve(torch.zeros(3, 3), c, A, b, G, h(u))
+    assert torch.allclose(z, torch.tensor([0.4, 0.35, 0.25]), atol=1e-9)
+    assert torch.autograd.gradcheck(lambda b, u: qp_solve(torch.zeros(3, 3), c, A, b, G, h(u)), (b, u))
+
+
+def test_batched_equals_loop_forward_and_backward():
+    data, z = _problem(B=5)
+    inputs = {k: v.clone().requires_grad_() for k, v in data.items()}
+    w = torch.randn(5, 6)
+    sol = qp_solve(**inputs)
+    assert sol.shape == (5, 6) and torch.allclose(sol, z, atol=1e-9)
+    grads = torch.autograd.grad((sol * w).sum(), list(inputs.values()))
+    for i in range(5):
+        one = {k: v[i].detach().clone().requires_grad_() for k, v in data.items()}
+        zi = qp_solve(**one)
+        assert torch.allclose(zi, sol[i].detach(), atol=1e-10)
+        gi = torch.autograd.grad((zi * w[i]).sum(), list(one.values()))
+        for g_batch, g_one in zip(grads, gi):
+            assert torch.allclose(g_batch[i], g_one, atol=1e-8)
+
+
+def test_shared_inputs_broadcast_and_sum_gradients():
+    data, _ = _problem(n=4, p=1, m=5, active=2)
+    q = data["q"] + 0.1 * torch.randn(3, 4)  # batched q, everything else shared
+    h = data["h"].clone().requires_grad_()
+    z = qp_solve(data["Q"], q, data["A"], data["b"], data["G"], h)
+    (g,) = torch.autograd.grad(z.sum(), h)
+    expected = sum(torch.autograd.grad(qp_solve(data["Q"], q[i], data["A"], data["b"], data["G"], h).sum(), h)[0]
+                   for i in range(3))
+    assert torch.allclose(g, expected, atol=1e-8)
+
+
+def test_layer_module_dtype_and_float32():
+    layer = QPLayer(maxiter=50)
+    data, z = _problem()
+    data32 = {k: v.float() for k, v in data.items()}
+    z32 = layer(**data32)
+    assert z32.dtype == torch.float32 and torch.allclose(z32, z.float(), atol=1e-3)
+    assert layer.last_info.status == QPStatus.SOLVED
+    assert "maxiter=50" in repr(layer)
+
+
+def test_infeasible_element_is_named():
+    data, _ = _problem(B=3, n=3, p=0, m=2, active=0)
+    G = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]).expand(3, 2, 3)
+    h = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [2.0, 0.0]])  # element 1: z1 <= -1 and z1 >= 1
+    with pytest.raises(SolveError, match=r"batch element 1: INFEASIBLE") as err:
+        qp_solve(data["Q"], data["q"], G=G, h=h)
+    assert err.value.elements == [1] and err.value.statuses == ["INFEASIBLE"]
+    _, info = qp_solve(data["Q"], data["q"], G=G, h=h, check=False, return_info=True)
+    assert info.status.tolist() == [0, int(QPStatus.INFEASIBLE), 0]
+
+
+def test_unbounded_problem_is_reported():
+    with pytest.raises(SolveError, match=r"UNBOUNDED.*primal residual"):
+        qp_solve(torch.zeros(2, 2), torch.tensor([1.0, 0.0]), G=torch.tensor([[0.0, 1.0]]), h=torch.ones(1))
+
+
+def test_bad_inputs_name_the_argument():
+    Q, q = torch.eye(3), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"`G` must have shape \(m=2, n=3\)"):
+        qp_solve(Q, q, G=torch.ones(2, 4), h=torch.ones(2))
+    with pytest.raises(ValueError, match="`A` and `b` must be given together"):
+        qp_solve(Q, q, A=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="different batch sizes"):
+        qp_solve(Q.expand(2, 3, 3), torch.zeros(3, 3))
+    with pytest.raises(TypeError, match="`h` has dtype torch.float32"):
+        qp_solve(Q, q, G=torch.ones(1, 3), h=torch.ones(1, dtype=torch.float32))
+    with pytest.raises(FloatingPointError, match="`q` contains NaN"):
+        qp_solve(Q, torch.tensor([0.0, float("nan"), 0.0]))
+    with pytest.raises(ValueError, match="`maxiter`"):
+        QPLayer(maxiter=0)
+
+
+def test_degenerate_solution_warns_and_gives_finite_gradient():
+    # z = 0 with the constraint z1 <= 0 weakly active (lambda = 0): K is singular.
+    q = torch.tensor([0.0, 1.0], requires_grad=True)
+    z = qp_solve(torch.eye(2), q, G=torch.tensor([[1.0, 0.0]]), h=torch.zeros(1))
+    with pytest.warns(CurvatureWarning, match="degenerate"):
+        (g,) = torch.autograd.grad(z.sum(), q)
+    assert torch.isfinite(g).all()
