@@ -20,7 +20,7 @@ class Status(enum.IntEnum):
     MAX_ITERATIONS = 1
     """The iteration budget ran out before the tolerance was reached."""
     BREAKDOWN = 2
-    """The method broke down: non-positive curvature in CG (the operator is not
+    """The method broke down, from non-positive curvature in CG (the operator is not
     positive definite), a zero denominator in BiCGStab, or a singular matrix in a
     direct solve."""
     NONFINITE = 3
