@@ -296,6 +296,20 @@ class SingleLoop(Algorithm):
             )
 
 
+def step_report(outer, state: State, d_x: Leaves, inner_residual, scale: float = 1.0,
+                linear_residual=float("nan")) -> StepInfo:
+    r"""The history record of a step: :math:`F` at the new iterate, ``scale`` times
+    :math:`\|d_x\|` as the hypergradient estimate, and the residuals given."""
+    with torch.no_grad():
+        value = outer(tree_unflatten([t.detach() for t in tree_leaves(state.x)], tree_flatten(state.x)[1]), state.y)
+        return StepInfo(
+            outer=float(value),
+            hypergradient_norm=float(scale * torch.sqrt(tree_sq_norm(d_x))),
+            inner_residual=float(inner_residual),
+            linear_residual=float(linear_residual),
+        )
+
+
 def power_schedule(base: float, k: int, exponent: float) -> float:
     r""":math:`\text{base} \cdot (k + 1)^{\text{exponent}}`."""
     return base * (k + 1) ** exponent

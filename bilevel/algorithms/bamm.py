@@ -9,7 +9,7 @@ import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
-from ._single_loop import SingleLoop, tree_sq_norm
+from ._single_loop import SingleLoop, step_report, tree_sq_norm
 
 
 @dataclass(frozen=True)
@@ -131,14 +131,8 @@ class BAMM(SingleLoop):
         self.move_x(state, d_x, s_x, project_x)
         state.y = tree_unflatten(ys_new, y_spec)
         ex["z"] = z
-        with torch.no_grad():
-            value = outer(tree_unflatten([t.detach() for t in tree_leaves(state.x)], x_spec), state.y)
-            return StepInfo(
-                outer=float(value),
-                hypergradient_norm=float(torch.sqrt(tree_sq_norm(d_x))),
-                inner_residual=float(torch.sqrt(tree_sq_norm([g.detach() for g in gf[n_x:]]))),
-                linear_residual=float(torch.sqrt(rr)),
-            )
+        residual = torch.sqrt(tree_sq_norm([g.detach() for g in gf[n_x:]]))
+        return step_report(outer, state, d_x, residual, linear_residual=torch.sqrt(rr))
 
 
 def _grads(outputs, inputs, grad_outputs=None, create_graph=False, retain_graph=None):

@@ -9,7 +9,7 @@ import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
-from ._single_loop import SingleLoop, tree_sq_norm, value_and_grads
+from ._single_loop import SingleLoop, step_report, tree_sq_norm, value_and_grads
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,7 @@ class BDA(SingleLoop):
         state.y = tree_unflatten([t.detach() for t in tree_leaves(y_final)], y_spec)
         _, _, gy = value_and_grads(inner, [t.detach() for t in tree_leaves(state.x)], tree_leaves(state.y),
                                    x_spec, y_spec, "y")
-        with torch.no_grad():
-            value = outer(state.x, state.y)
-        return StepInfo(
-            outer=float(value),
-            hypergradient_norm=float(torch.sqrt(tree_sq_norm(d_x))),
-            inner_residual=float(torch.sqrt(tree_sq_norm(gy))),
-        )
+        return step_report(outer, state, d_x, torch.sqrt(tree_sq_norm(gy)))
 
 
 __all__ = ["BDA"]

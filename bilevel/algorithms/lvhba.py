@@ -3,14 +3,16 @@ r"""LV-HBA: proximal Lagrangian value function, Hessian-free, for coupled inner 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
 from ._constraint_set import ConstraintProjection
-from ._single_loop import SingleLoop, check_constraint_value, power_schedule, tree_sq_norm, value_and_grads
+from ._single_loop import (
+    SingleLoop, check_constraint_value, power_schedule, step_report, tree_sq_norm, value_and_grads,
+)
 
 
 @dataclass(frozen=True)
@@ -216,14 +218,9 @@ class LVHBA(SingleLoop):
         state.y = tree_unflatten(list(new_y), y_spec)
         ex.update(theta=theta, lam=lam, z=z)
         with torch.no_grad():
-            value = outer(state.x, state.y)
             violation = constraint(state.x, state.y).clamp_min(0).max()
             gap = torch.sqrt(tree_sq_norm([y - t for y, t in zip(ys, theta)])) / g1
-            return StepInfo(
-                outer=float(value),
-                hypergradient_norm=float(c_k * torch.sqrt(tree_sq_norm(d_x))),
-                inner_residual=float(torch.maximum(gap, violation)),
-            )
+        return step_report(outer, state, d_x, torch.maximum(gap, violation), scale=c_k)
 
 
 def _flat_constraints(problem, xs, ys) -> Callable[[torch.Tensor], torch.Tensor]:

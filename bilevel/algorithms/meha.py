@@ -3,13 +3,13 @@ r"""MEHA: the Moreau-envelope based, single-loop, Hessian-free bilevel method.""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
-from ._single_loop import SingleLoop, power_schedule, tree_sq_norm, value_and_grads
+from ._single_loop import SingleLoop, power_schedule, step_report, tree_sq_norm, value_and_grads
 
 
 @dataclass(frozen=True)
@@ -158,11 +158,8 @@ class MEHA(SingleLoop):
             ys_new = project_y(ys_new)
         state.y = tree_unflatten(ys_new, y_spec)
         ex["theta"] = theta
-        with torch.no_grad():
-            gap = torch.sqrt(tree_sq_norm([y - t for y, t in zip(ys, theta)])) / gamma
-            grad_norm = c_k * torch.sqrt(tree_sq_norm(d_x))
-            outer_now = outer(tree_unflatten(xs_new, x_spec), state.y)
-        return StepInfo(outer=float(outer_now), hypergradient_norm=float(grad_norm), inner_residual=float(gap))
+        gap = torch.sqrt(tree_sq_norm([y - t for y, t in zip(ys, theta)])) / gamma
+        return step_report(outer, state, d_x, gap, scale=c_k)
 
 
 __all__ = ["MEHA"]

@@ -3,13 +3,13 @@ r"""The value-function penalty method and its fully first-order stochastic varia
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
-from ._single_loop import SingleLoop, tree_sq_norm, value_and_grads
+from ._single_loop import SingleLoop, step_report, tree_sq_norm, value_and_grads
 
 
 @dataclass(frozen=True)
@@ -144,13 +144,7 @@ class Penalty(SingleLoop):
         self.move_x(state, d_x, alpha, project_x)
         state.y = tree_unflatten(ys, y_spec)
         ex["z"] = z
-        with torch.no_grad():
-            value = outer(tree_unflatten([t.detach() for t in tree_leaves(state.x)], x_spec), state.y)
-            return StepInfo(
-                outer=float(value),
-                hypergradient_norm=float(torch.sqrt(tree_sq_norm(d_x))),
-                inner_residual=float(torch.sqrt(tree_sq_norm(gz))),
-            )
+        return step_report(outer, state, d_x, torch.sqrt(tree_sq_norm(gz)))
 
 
 __all__ = ["Penalty"]
