@@ -12,9 +12,11 @@ methods derive their steps from curvature estimates at the start point), on
   ``||x - x*|| / ||x*|| <= 1e-2``, each run stopped by the callback once the
   target is reached and held;
 * data hyper-cleaning on digits (``hyper_cleaning_digits()``, 50 % corrupted
-  labels), target: the hyper-objective ``Phi(x) = F(x, y*(x))`` (validation
-  cross-entropy of the classifier retrained at ``x``) within 1 % of the best
-  value any method reached in the same run.
+  labels), target: test accuracy >= 85 % of the classifier retrained at the
+  method's ``x`` (``y*(x)`` by L-BFGS; the unweighted classifier gets 66 %,
+  the one trained on the clean half only 95 %), also reporting the
+  hyper-objective ``Phi(x) = F(x, y*(x))`` (validation cross-entropy) where
+  the run stopped.
 
 Reported per run: iterations and wall time to the target (or "not reached"),
 median milliseconds per step, where and with what error the run stopped, and
@@ -89,7 +91,6 @@ class Run:
     status: str = ""  # "reached", "budget", "stalled", "error", "rejected"
     reason: str = ""  # error / rejection message
     crossings: int = 0  # times the target was reached and then left again (toys)
-    evaluations: list = field(default_factory=list)  # hyper-cleaning: (step, seconds, Phi)
     acc_star: Optional[float] = None  # hyper-cleaning: test accuracy of y*(x final)
     acc_own: Optional[float] = None  # hyper-cleaning: test accuracy of the method's own final y
     warnings: list = field(default_factory=list)
@@ -113,7 +114,6 @@ class Tracker:
         self.start = time.perf_counter()
         self.overhead = 0.0
         self.values: list[float] = []  # metric at every evaluation
-        self.evaluations: list[tuple[int, float, float]] = []  # (step, seconds, metric)
         self.step_times: list[float] = []
         self.candidate: Optional[tuple[int, float]] = None
         self.crossings = 0
@@ -134,7 +134,6 @@ class Tracker:
                 return False
             value = float(self.metric(state))
             self.values.append(value)
-            self.evaluations.append((k, self.elapsed(now), value))
             if self.tol is None:
                 return False
             if value <= self.tol:
@@ -196,7 +195,6 @@ def run_one(problem, key: str, label: str, method: str, budget: int, tracker_arg
     run.stop_step = 0 if state is None else state.iteration
     run.step_ms = 1e3 * statistics.median(tracker.step_times) if tracker.step_times else None
     run.crossings = tracker.crossings
-    run.evaluations = tracker.evaluations
     if tracker.values:
         run.stop_metric = tracker.values[-1]
     if tracker.candidate is not None and tracker.tol is not None:  # held until the stop (or the budget)
@@ -229,18 +227,28 @@ def without_projection(problem):
 
 
 class Cleaning:
-    """Hyper-cleaning: ``Phi(x) = F(x, y*(x))`` with ``y*(x)`` by L-BFGS warm-started at the last one."""
+    """Hyper-cleaning.  The tracked metric is the test error of the classifier retrained at ``x``,
+    ``y*(x)`` by L-BFGS warm-started at the previous evaluation's; ``Phi(x) = F(x, y*(x))`` is kept
+    on the side."""
 
     def __init__(self, quick: bool):
         self.problem = P.hyper_cleaning_digits(corruption=0.5)
+        self.accuracy = self.problem.data["accuracy"]
         self.maxiter = 100 if quick else 500
-        self.y_warm = self.problem.y0
-        self.y_star = None
+        self.reset()
         self.phi0 = self.phi(self.problem.x0)
-        self.acc0 = self.problem.data["accuracy"](self.y_star)
+        self.acc0 = self.accuracy(self.y_star)
+        # reference: weight 1 on the clean training examples only, 0 on the corrupted ones
+        self.reset()
+        oracle = torch.where(self.problem.data["corrupted"], -30.0, 30.0).to(self.problem.x0)
+        self.phi_oracle = self.phi(oracle)
+        self.acc_oracle = self.accuracy(self.y_star)
+        self.reset()
 
     def reset(self) -> None:
         self.y_warm = self.problem.y0
+        self.y_star = None
+        self.last_phi = None
 
     def phi(self, x) -> float:
         from bilevel.solvers import LBFGS
@@ -251,10 +259,12 @@ class Cleaning:
             y, _ = LBFGS(maxiter=self.maxiter).run(lambda y_, x_: p.inner(x_, y_), self.y_warm, x.detach())
         self.y_warm = self.y_star = y
         with torch.no_grad():
-            return float(p.outer(x, y))
+            self.last_phi = float(p.outer(x, y))
+        return self.last_phi
 
     def metric(self, state) -> float:
-        return self.phi(state.x)
+        self.phi(state.x)
+        return 1.0 - self.accuracy(self.y_star)
 
 
 # ---------------------------------------------------------------------------
@@ -295,34 +305,19 @@ def toy_runs(key: str, methods: list[str], budget: int, stall: bool) -> list[Run
     return runs
 
 
-def cleaning_runs(cleaning: Cleaning, methods: list[str], budget: int, every: int, rel_tol: float) -> list[Run]:
+def cleaning_runs(cleaning: Cleaning, methods: list[str], budget: int, every: int, target_acc: float) -> list[Run]:
     runs = []
     for method in methods:
         if not applies(method, "cleaning"):
             continue
         cleaning.reset()
-        run, tracker = run_one(cleaning.problem, "cleaning", method, method, budget, dict(every=every),
-                               cleaning.metric)
+        run, tracker = run_one(cleaning.problem, "cleaning", method, method, budget,
+                               dict(every=every, tol=1.0 - target_acc), cleaning.metric)
+        run.stop_metric = cleaning.last_phi
         if tracker.state is not None and cleaning.y_star is not None:
-            run.acc_star = cleaning.problem.data["accuracy"](cleaning.y_star)
-            run.acc_own = cleaning.problem.data["accuracy"](tracker.state.y)
+            run.acc_star = cleaning.accuracy(cleaning.y_star)
+            run.acc_own = cleaning.accuracy(tracker.state.y)
         runs.append(run)
-    # target: within rel_tol of the best Phi any method reached; the first evaluation from which on
-    # every later one is within it
-    values = [v for r in runs for _, _, v in r.evaluations if math.isfinite(v)]
-    if not values:
-        return runs
-    target = min(values) * (1 + rel_tol)
-    for r in runs:
-        hit = None
-        for step, seconds, value in reversed(r.evaluations):
-            if not value <= target:
-                break
-            hit = (step, seconds)
-        if hit is not None and r.status != "error":
-            r.hit_step, r.hit_time = hit
-            r.status = "reached"
-    cleaning.best, cleaning.target = min(values), target
     return runs
 
 
@@ -395,18 +390,25 @@ def print_wins(runs: list[Run], keys: list[str]) -> None:
         single = [r for r in ok if r.method not in CLASSICAL]
         if classical and single:
             c, s = min(classical, key=lambda r: r.hit_time), min(single, key=lambda r: r.hit_time)
-            if s.hit_time < c.hit_time:
-                line += f"; best single-loop/aggregation method {s.label} is {c.hit_time / s.hit_time:.1f}× " \
-                        f"faster than the best classical one ({c.label})"
-            else:
-                line += f"; best classical method {c.label} is {s.hit_time / c.hit_time:.1f}× faster than " \
-                        f"the best single-loop/aggregation one ({s.label})"
+            if {c.label, s.label} != {r.label for r in by_time[:2]}:
+                if s.hit_time < c.hit_time:
+                    line += f"; best single-loop/aggregation method {s.label} is {c.hit_time / s.hit_time:.1f}× " \
+                            f"faster than the best classical one ({c.label})"
+                else:
+                    line += f"; best classical method {c.label} is {s.hit_time / c.hit_time:.1f}× faster " \
+                            f"than the best single-loop/aggregation one ({s.label})"
+        elif single and any(r.method in CLASSICAL for r in rs):
+            line += "; no classical method (implicit, unrolled, one_step) reached it"
+        elif classical and any(r.method not in CLASSICAL for r in rs):
+            line += "; no single-loop/aggregation method reached it"
         missed = [r for r in rs if r.status != "reached"]
         if missed:
             parts = []
             for r in missed:
                 if r.status == "error":
                     parts.append(f"{r.label} (error)")
+                elif r.acc_star is not None:
+                    parts.append(f"{r.label} (test acc. {100 * r.acc_star:.1f}% at step {r.stop_step}, {r.status})")
                 else:
                     parts.append(f"{r.label} ({_cell_metric(r)} at step {r.stop_step}, {r.status})")
             line += "; not reached: " + ", ".join(parts)
@@ -431,7 +433,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: toy budget 40, hyper-cleaning budget 6 (Φ every 3 steps)")
+                        help="smoke test: toy budget 40, hyper-cleaning budget 6 (evaluated every 3 steps)")
     parser.add_argument("--problems", nargs="+", choices=PROBLEM_ORDER, default=None,
                         help="problems (default: all)")
     parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=None,
@@ -440,7 +442,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cleaning-budget", type=int, default=None,
                         help="steps per run on hyper-cleaning (default 500)")
     parser.add_argument("--eval-every", type=int, default=None,
-                        help="hyper-cleaning: evaluate Φ(x) every N steps (default 10)")
+                        help="hyper-cleaning: retrain at x and evaluate every N steps (default 10)")
+    parser.add_argument("--cleaning-target", type=float, default=0.85,
+                        help="hyper-cleaning: target test accuracy of the classifier retrained at x (default 0.85)")
     parser.add_argument("--no-stall-stop", action="store_true",
                         help="toys: run to the budget even when the error has stopped improving")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
@@ -481,7 +485,7 @@ def main(argv=None) -> int:
             except Exception as err:  # e.g. scikit-learn missing
                 print(f"hyper-cleaning: **failed to build**: {_short(err)}\n")
                 continue
-            runs += cleaning_runs(cleaning, methods, cleaning_budget, every, 0.01)
+            runs += cleaning_runs(cleaning, methods, cleaning_budget, every, args.cleaning_target)
         else:
             runs += toy_runs(key, methods, budget, stall=not args.no_stall_stop)
 
@@ -497,12 +501,13 @@ def main(argv=None) -> int:
           "(stalled)': stopped early because the best error of the second half of the run was not 1 % below "
           "that of the first half (checked from step 1000 on; --no-stall-stop runs to the budget).")
     if "cleaning" in keys and "cleaning" in {r.problem for r in runs}:
-        print(f"Hyper-cleaning: Φ(x) = validation cross-entropy of the classifier retrained at x "
-              f"(L-BFGS, warm-started), evaluated every {every} steps and at the last; Φ(x0) = "
-              f"{cleaning.phi0:.4f} (unweighted, test acc. {100 * cleaning.acc0:.1f}%); target Φ ≤ 1.01 × "
-              f"{getattr(cleaning, 'best', float('nan')):.4f}, the best Φ any method reached, from an "
-              "evaluation on to the end; runs go to the budget (the target is known only at the end). "
-              "Test acc.: the classifier retrained at the final x / the method's own final y.")
+        print(f"Hyper-cleaning: target test accuracy ≥ {100 * args.cleaning_target:g}% of the classifier "
+              f"retrained at x (y*(x) by L-BFGS, warm-started), evaluated every {every} steps and at the last, "
+              "held as on the toys; Φ(x) = F(x, y*(x)), the validation cross-entropy, where the run stopped. "
+              f"References: unweighted (x0) Φ = {cleaning.phi0:.4f}, test acc. {100 * cleaning.acc0:.1f}%; "
+              f"trained on the clean half only Φ = {cleaning.phi_oracle:.4f}, test acc. "
+              f"{100 * cleaning.acc_oracle:.1f}%. Test acc. column: the classifier retrained at the final x / "
+              "the method's own final y (single-loop methods move y towards the validation loss too).")
     print("Time: from the call of bilevel.solve (setup included) to the step, without the benchmark's "
           "own measurements. lvhba runs only on L (it needs inner constraints) and is the only method "
           "bilevel.solve accepts there; the others are tried on L and must be rejected.")
