@@ -49,7 +49,7 @@ class Penalty(SingleLoop):
     stability limit :math:`1/(L_F + \lambda_k L_f)`.
 
     Defaults come from curvature estimates at the start (power iteration):
-    :math:`L_F = \|\nabla^2_{yy}F\|`-scale joint norm, :math:`L_f = \|\nabla^2_{yy} f\|`,
+    :math:`L_F = \|\nabla^2 F\|` (joint Hessian in :math:`(x, y)`), :math:`L_f = \|\nabla^2_{yy} f\|`,
     :math:`\lambda_0 = \max(1, L_F / L_f)`, :math:`\alpha = \tfrac12/(L_F + \|\nabla^2 f\|)`.
     The history reports :math:`\|d_x\|` (the estimate of :math:`\nabla\psi_\lambda`)
     and :math:`\|\nabla_y f(x, z)\|` as the inner residual.
