@@ -246,7 +246,7 @@ def solve(
                 break
     finally:
         bar.close()
-    _warn_once(caught)
+        _warn_once(caught)  # also when a step raised: the warnings that led there
     return BilevelResult(x=state.x, y=state.y, history=history, converged=converged, state=state, message=message)
 
 

@@ -80,6 +80,11 @@ class CapturedTensorWarning(BilevelWarning):
     closure instead of an argument, so no implicit gradient flows to it."""
 
 
+class StepSizeWarning(BilevelWarning):
+    """A derived step size was too large: the iterates blew up, the method went
+    back to its last checkpoint and continues with a smaller step."""
+
+
 class BilevelError(RuntimeError):
     """Raised in strict mode where a warning would otherwise be issued."""
 
@@ -90,6 +95,7 @@ __all__ = [
     "ConvergenceWarning",
     "OptimalityWarning",
     "CurvatureWarning",
+    "StepSizeWarning",
     "CapturedTensorWarning",
     "BilevelError",
 ]

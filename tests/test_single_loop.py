@@ -3,6 +3,7 @@ problems of ALGORITHMS.md section 8 with known answers, in float64, from the
 problems' stated start points, with the methods' untuned defaults."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import bilevel
 from bilevel.algorithms import BAMM, BDA, LVHBA, MEHA, METHODS, Penalty
 from bilevel.problems import coupled_constraint, nonunique_lower_level, quadratic
 from bilevel.solvers import LBFGS
-from bilevel.status import CurvatureWarning
+from bilevel.status import CurvatureWarning, StepSizeWarning
 
 SINGLE_LOOP = ["penalty", "meha", "bamm", "bda"]
 
@@ -166,7 +167,24 @@ def test_divergent_step_size_is_reported_with_its_step(method):
     if method == "meha":
         options["beta"] = 50.0
     with pytest.raises(FloatingPointError, match=r"step \d+"):
-        run(problem, method, 2000, **options)
+        run(problem, method, 2000, backoffs=0, **options)
+
+
+def test_blown_up_x_step_backs_off_and_recovers():
+    """An x step 750 times too large: the method goes back to its last saved state
+    with a 10x smaller step (warning each time) until it is stable, then solves Q."""
+    problem = quadratic()
+    with pytest.warns(StepSizeWarning, match="went back to step") as caught:
+        result = run(problem, "penalty", 2000, lr=50.0)
+    assert len([w for w in caught if w.category is StepSizeWarning]) >= 1
+    assert any(abs(result.state.extras["x_step_scale"] - 10.0 ** -k) < 1e-12 for k in (1, 2, 3))
+    assert relative_error(problem, result.x) < 1e-2
+
+
+def test_blown_up_x_step_raises_after_the_last_backoff():
+    with pytest.raises(FloatingPointError, match=r"diverged at step \d+"):
+        with pytest.warns(StepSizeWarning):
+            run(quadratic(), "penalty", 2000, lr=1e6, backoffs=2)
 
 
 @pytest.mark.parametrize("cls, bad", [
@@ -213,7 +231,10 @@ def test_penalty_stochastic_minibatches_on_logistic_hpo():
     n = min(problem.data["X_train"].shape[0], problem.data["X_val"].shape[0])
     g = torch.Generator().manual_seed(0)
     batches = [torch.randperm(n, generator=g)[:32] for _ in range(10)]
-    result = bilevel.solve(problem, method="penalty", data=batches, max_steps=200, progress=False)
+    with warnings.catch_warnings():
+        # log-parametrized weights e^x: curvature grows fast with x, a back-off may be needed
+        warnings.simplefilter("ignore", StepSizeWarning)
+        result = bilevel.solve(problem, method="penalty", data=batches, max_steps=200, progress=False)
     assert result.state.extras["lam"] > result.state.extras["lam0"]
     assert outer_at_inner_solution(problem, result.x) < outer_at_inner_solution(problem, problem.x0)
 

@@ -21,6 +21,7 @@ iteration.  This module holds their common parts:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,6 +29,7 @@ import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ..problems import BilevelProblem
+from ..status import StepSizeWarning
 from ._base import Algorithm, State, StepInfo, bind_batch, fresh_leaves, make_optimizer
 
 Leaves = list
@@ -92,6 +94,102 @@ def curvature(
     return estimate
 
 
+def block_curvature(
+    fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, iterations: int = 20,
+) -> dict:
+    r"""Norms of the three blocks of :math:`\nabla^2 h = \begin{pmatrix} A & B \\ B^\top & C\end{pmatrix}`
+    (:math:`A = \nabla^2_{xx} h`, :math:`B = \nabla^2_{xy} h`, :math:`C = \nabla^2_{yy} h`)
+    as ``{"x": ||A||, "y": ||C||, "cross": ||B||}``.
+
+    Three power iterations run side by side on Hessian-vector products from one
+    linearization: on :math:`A` with tangents :math:`(v_x, 0)`, on :math:`C` with
+    :math:`(0, v_y)`, and on the symmetric :math:`\begin{pmatrix}0 & B\\ B^\top & 0\end{pmatrix}`
+    (whose norm is :math:`\|B\|`) from the off-diagonal parts of
+    :math:`\nabla^2 h\,(m_x, 0)` and :math:`\nabla^2 h\,(0, m_y)`: four products per
+    iteration, evaluated as one batched backward pass where the objective allows it.
+    The joint norm is at most :math:`\max(\|A\|, \|C\|) + \|B\|`.  Start vectors come
+    from a fixed seed, so every step size built on the estimates is reproducible.
+    """
+    gen = torch.Generator().manual_seed(0)
+    n_x = len(x_leaves)
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_(True) for t in x_leaves]
+        ys = [t.detach().requires_grad_(True) for t in y_leaves]
+        inputs = xs + ys
+        value = fun(tree_unflatten(xs, x_spec), tree_unflatten(ys, y_spec)).reshape(())
+        grads = torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not live:
+            return {"x": 0.0, "y": 0.0, "cross": 0.0}
+        dtype = inputs[0].dtype
+        tiny = torch.finfo(dtype).tiny
+
+        def draw(is_x: bool) -> list:
+            return [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) if (i < n_x) == is_x
+                    else torch.zeros_like(t) for i, t in enumerate(inputs)]
+
+        def unit(v: list) -> list:
+            size = torch.sqrt(sum((a * a).sum() for a in v)).clamp_min(tiny)
+            return [a / size for a in v]
+
+        def products(tangents: list) -> list:
+            """``H t`` for each tangent ``t`` (lists over all inputs), one batched pass if possible."""
+            stacked = [torch.stack([t[i] for t in tangents]) for i in live]
+            outs = [grads[i] for i in live]
+            try:
+                hv = torch.autograd.grad(outs, inputs, stacked, retain_graph=True, allow_unused=True,
+                                         is_grads_batched=True)
+                return [[torch.zeros_like(t) if h is None else h[j].detach() for t, h in zip(inputs, hv)]
+                        for j in range(len(tangents))]
+            except RuntimeError:  # an operation without a batching rule: one product at a time
+                results = []
+                for t in tangents:
+                    hv = torch.autograd.grad(outs, inputs, [t[i] for i in live], retain_graph=True,
+                                             allow_unused=True)
+                    results.append([torch.zeros_like(a) if h is None else h.detach() for a, h in zip(inputs, hv)])
+                return results
+
+        def part(v: list, is_x: bool) -> list:
+            return [a if (i < n_x) == is_x else torch.zeros_like(a) for i, a in enumerate(v)]
+
+        a, c, m = unit(draw(True)), unit(draw(False)), unit([p + q for p, q in zip(draw(True), draw(False))])
+        norms = torch.zeros(3, dtype=dtype)
+        for _ in range(iterations):
+            ha, hc, hmx, hmy = products([a, c, part(m, True), part(m, False)])
+            a, c = part(ha, True), part(hc, False)
+            m = [p + q for p, q in zip(part(hmy, True), part(hmx, False))]  # (B m_y, B^T m_x)
+            norms = torch.stack([torch.sqrt(sum((t * t).sum() for t in v)) for v in (a, c, m)])
+            a, c, m = unit(a), unit(c), unit(m)
+    x_norm, y_norm, cross = (float(t) for t in norms)
+    if not all(math.isfinite(t) for t in (x_norm, y_norm, cross)):
+        raise FloatingPointError("the Hessian-vector products at the start point are not finite.")
+    return {"x": x_norm, "y": y_norm, "cross": cross}
+
+
+def coupled_step(x_curv: float, y_curv: float, cross: float) -> float:
+    r"""The largest step :math:`\alpha` for :math:`x` that keeps joint gradient steps
+    stable when :math:`y` moves with step :math:`1/\|C\|`.
+
+    With step :math:`\alpha` on :math:`x` and :math:`\tau = 1/\|C\|` on :math:`y`, the
+    scaled Hessian :math:`P^{1/2}\nabla^2 h\,P^{1/2}`, :math:`P = \operatorname{diag}(\alpha I, \tau I)`,
+    has norm at most :math:`\max(\alpha\|A\|, 1) + \sqrt{\alpha\tau}\,\|B\|`; asking
+    :math:`\alpha\|A\| \le \tfrac12` and :math:`\sqrt{\alpha\tau}\|B\| \le \tfrac12` gives
+
+    .. math:: \alpha = \min\Bigl(\frac{1}{2\|A\|},\ \frac{\|C\|}{4\|B\|^2}\Bigr),
+
+    which, unlike :math:`\tfrac12/\|\nabla^2 h\|`, lets :math:`x` move fast when it is
+    weakly coupled to a stiff :math:`y` (e.g. one weight per training example in
+    data hyper-cleaning, where :math:`\|B\| = O(n^{-1/2})`).  Without coupling or
+    curvature in :math:`x` the bound falls back to :math:`\tfrac12/\max(\|C\|, 1)`.
+    """
+    bounds = []
+    if x_curv > 0:
+        bounds.append(0.5 / x_curv)
+    if cross > 0:
+        bounds.append(y_curv / (4.0 * cross ** 2) if y_curv > 0 else 0.5 / cross)
+    return min(bounds) if bounds else 0.5 / max(y_curv, 1.0)
+
+
 def set_projection(spec: Any, tree_example: Any, name: str) -> Optional[Callable[[Leaves], Leaves]]:
     """A projection on a list of leaves from ``x_set`` / ``y_set``: ``None``, a set
     (or callable ``z -> P(z)``) applied to every leaf, or a tree of sets / ``None``
@@ -154,6 +252,14 @@ class SingleLoop(Algorithm):
         rescale_every: re-estimate the curvature scales (8 power iterations each)
             every this many steps, so the derived steps follow a curvature that
             changes as the iterates move (default 25; 0: never).
+        backoffs: how many times a run whose iterates blow up (non-finite, or
+            :math:`10^8` times the start norm) goes back to the state saved at the
+            last re-estimate and continues with a 10 times smaller :math:`x` step,
+            warning :class:`~bilevel.status.StepSizeWarning` (default 3; the saved
+            state is one copy of the iterates).  After that the blow-up raises
+            ``FloatingPointError`` naming the step.  Curvature that grows fast
+            with :math:`x` (e.g. log-parametrized weights :math:`e^{x}`) can outrun
+            the estimates between two re-estimates; this is the safeguard.
     """
 
     outer_optimizer: Any = "sgd"
@@ -163,6 +269,7 @@ class SingleLoop(Algorithm):
     curvature_iterations: int = 20
     warmup: int = 200
     rescale_every: int = 25
+    backoffs: int = 3
 
     # -- set-up ---------------------------------------------------------------
     def init(self, problem: BilevelProblem, x0=None, y0=None) -> State:
@@ -194,22 +301,29 @@ class SingleLoop(Algorithm):
         return {}
 
     def scales(self, problem: BilevelProblem, state: State, batch: Any = None, iterations: Optional[int] = None) -> dict:
-        r"""Curvature scales at the start point: ``outer_xy``, ``inner_xy`` (joint
-        Hessian norms), ``inner_y`` (lower block) and ``inner_weak_convexity``
-        (:math:`\max(0, -\lambda_{\min}(\nabla^2_{yy} f))`)."""
+        r"""Curvature scales at the current point, from Hessian-vector products.
+
+        For ``h`` = ``outer`` (prefix ``outer_``) and ``inner`` (``inner_``): ``_x``,
+        ``_y`` and ``_cross``, the norms of the blocks :math:`\nabla^2_{xx} h`,
+        :math:`\nabla^2_{yy} h`, :math:`\nabla^2_{xy} h` (:func:`block_curvature`);
+        ``_xy``, the bound :math:`\max(\|A\|, \|C\|) + \|B\|` on the joint
+        Hessian norm; and ``inner_weak_convexity``,
+        :math:`\max(0, -\lambda_{\min}(\nabla^2_{yy} f))`.
+        """
         outer, inner = bind_batch(problem, batch if batch is not None else problem.example_batch)
         xs, x_spec = tree_flatten(state.x)
         ys, y_spec = tree_flatten(state.y)
         k = self.curvature_iterations if iterations is None else iterations
-        inner_y = curvature(inner, xs, ys, x_spec, y_spec, "y", k)
+        out = {}
+        for name, fun in (("outer", outer), ("inner", inner)):
+            blocks = block_curvature(fun, xs, ys, x_spec, y_spec, k)
+            out.update({f"{name}_{key}": value for key, value in blocks.items()})
+            out[f"{name}_xy"] = max(blocks["x"], blocks["y"]) + blocks["cross"]
+        inner_y = out["inner_y"]
         lowest = inner_y - curvature(inner, xs, ys, x_spec, y_spec, "y", k, shift=inner_y) if inner_y > 0 else 0.0
-        return {
-            "outer_xy": curvature(outer, xs, ys, x_spec, y_spec, "xy", k),
-            "inner_xy": curvature(inner, xs, ys, x_spec, y_spec, "xy", k),
-            "inner_y": inner_y,
-            # weak-convexity modulus rho of f(x, .) at the start (0 when convex there)
-            "inner_weak_convexity": max(0.0, -lowest) if -lowest > 1e-6 * inner_y else 0.0,
-        }
+        # weak-convexity modulus rho of f(x, .) (0 when convex there)
+        out["inner_weak_convexity"] = max(0.0, -lowest) if -lowest > 1e-6 * inner_y else 0.0
+        return out
 
     def _warm_up(self, problem: BilevelProblem, state: State, project_y) -> None:
         r"""Up to ``warmup`` projected gradient steps :math:`y \leftarrow P_Y(y - \nabla_y f / L)`
@@ -244,6 +358,9 @@ class SingleLoop(Algorithm):
     def step(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
         outer, inner = bind_batch(problem, batch)
         project_x, project_y = self._projections(problem, state.x, state.y)
+        if self.backoffs and (state.iteration == 0 or (
+                self.rescale_every and state.iteration % self.rescale_every == 0)):
+            _save_rollback(state)
         if self.rescale_every and state.iteration and state.iteration % self.rescale_every == 0:
             # on the problem's example batch: one mini-batch's curvature is too noisy a scale
             scales = self.scales(problem, state, None, iterations=8)
@@ -254,7 +371,9 @@ class SingleLoop(Algorithm):
         info = self.update(problem, outer, inner, state, batch, project_x, project_y)
         state.iteration += 1
         state.info = info
-        self._check_divergence(state)
+        if self._check_divergence(state):  # went back to a saved state: report where it stands
+            with torch.no_grad():
+                state.info = StepInfo(outer=float(outer(state.x, state.y)))
         return state
 
     def update(self, problem, outer, inner, state: State, batch, project_x, project_y) -> StepInfo:
@@ -263,6 +382,7 @@ class SingleLoop(Algorithm):
 
     def move_x(self, state: State, direction: Leaves, step: float, project_x) -> None:
         r""":math:`x \leftarrow P_X(x - \text{step}\cdot d_x)` through the outer optimizer."""
+        step = step * state.extras.get("x_step_scale", 1.0)
         for group in state.optimizer.param_groups:
             group["lr"] = step
         for leaf, d in zip(tree_leaves(state.x), direction):
@@ -284,16 +404,51 @@ class SingleLoop(Algorithm):
                 y_leaves = project_y(y_leaves)
         state.y = tree_unflatten(list(y_leaves), tree_flatten(state.y)[1])
 
-    def _check_divergence(self, state: State) -> None:
+    def _check_divergence(self, state: State) -> bool:
+        """Raise on blown-up iterates, or go back to the saved state (``True``)."""
         size = float(tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)))
         start = state.extras.get("start_size", 0.0)
         if not math.isfinite(size) or size > 1e16 * max(1.0, start):
+            failed = state.iteration
+            if _roll_back(state, self.backoffs):
+                warnings.warn(
+                    f"{type(self).__name__}: the iterates blew up at step {failed} with x step "
+                    f"{state.extras.get('x_step', float('nan')):.3g}; went back to step {state.iteration} and "
+                    f"continue with the x step scaled by {state.extras['x_step_scale']:.0e}.",
+                    StepSizeWarning, stacklevel=4,
+                )
+                return True
             raise FloatingPointError(
                 f"{type(self).__name__}: the iterates diverged at step {state.iteration} "
                 f"(|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}, "
                 f"{math.sqrt(max(start, 0.0)):.3g} at the start); lower the step sizes "
                 f"(the x step is {state.extras.get('x_step', float('nan')):.3g})."
             )
+        return False
+
+
+_ROLLBACK = "rollback"
+
+
+def _save_rollback(state: State) -> None:
+    """Keep a copy of the state (without the previous copy) to go back to."""
+    saved = {k: v for k, v in state.extras.items() if k != _ROLLBACK}
+    state.extras.pop(_ROLLBACK, None)
+    state.extras = saved
+    state.extras[_ROLLBACK] = state.state_dict()
+
+
+def _roll_back(state: State, limit: int) -> bool:
+    """Restore the saved copy with a 10 times smaller x step, unless ``limit``
+    back-offs were taken already or there is no copy."""
+    saved = state.extras.get(_ROLLBACK)
+    taken = state.extras.get("backoffs_taken", 0)
+    if saved is None or taken >= limit:
+        return False
+    scale = state.extras.get("x_step_scale", 1.0) * 0.1
+    state.load_state_dict(saved)
+    state.extras.update({"x_step_scale": scale, "backoffs_taken": taken + 1, _ROLLBACK: saved})
+    return True
 
 
 def step_report(outer, state: State, d_x: Leaves, inner_residual, scale: float = 1.0,
@@ -315,4 +470,4 @@ def power_schedule(base: float, k: int, exponent: float) -> float:
     return base * (k + 1) ** exponent
 
 
-__all__ = ["SingleLoop", "value_and_grads", "curvature", "set_projection", "power_schedule"]
+__all__ = ["SingleLoop", "value_and_grads", "curvature", "block_curvature", "coupled_step", "set_projection", "power_schedule"]

@@ -9,7 +9,7 @@ import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
-from ._single_loop import SingleLoop, power_schedule, step_report, tree_sq_norm, value_and_grads
+from ._single_loop import SingleLoop, coupled_step, power_schedule, step_report, tree_sq_norm, value_and_grads
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,13 @@ class MEHA(SingleLoop):
     with Hessian-vector products): with :math:`L_f = \|\nabla^2_{yy} f\|`,
     :math:`\gamma = \min(10/L_f, 1/(4\rho))` with :math:`\rho` the weak-convexity
     modulus seen at the start (the smallest Hessian eigenvalue, by a shifted
-    power iteration), :math:`\eta = 1/(L_f + 1/\gamma)`, and
-    :math:`\alpha = \beta = \tfrac12 / (\|\nabla^2 F\|/c + \|\nabla^2 f\| + 1/\gamma)`
-    (joint Hessians in :math:`(x, y)`), and :math:`p = 0.4`.  A large
+    power iteration), :math:`\eta = 1/(L_f + 1/\gamma)`,
+    :math:`\beta = \tfrac12 / (\|\nabla^2_{yy} F\|/c + L_f + 1/\gamma)`,
+    :math:`\alpha = \min\bigl(\tfrac{1}{2\|A\|}, \tfrac{1}{4\beta\|B\|^2}\bigr)` with
+    :math:`\|A\| = \|\nabla^2_{xx}F\|/c + 2\|\nabla^2_{xx}f\|`,
+    :math:`\|B\| = \|\nabla^2_{xy}F\|/c + 2\|\nabla^2_{xy}f\|` (the coupled-block step of
+    :func:`~bilevel.algorithms._single_loop.coupled_step`; it lets a weakly coupled
+    :math:`x` move fast), and :math:`p = 0.4`.  A large
     :math:`\gamma` brings :math:`v_\gamma` close to the value function, which
     shrinks the :math:`O(1/c_k)` bias on strongly convex lower levels (on problem
     Q: 0.8 % relative error in :math:`x` after 20 000 steps, against 7.7 % with
@@ -59,7 +63,7 @@ class MEHA(SingleLoop):
 
     Args:
         lr: :math:`\alpha`, the step of :math:`x` (``None``: derived).
-        beta: the step of :math:`y` (``None``: :math:`\alpha`).
+        beta: the step of :math:`y` (``None``: derived).
         eta: the step of :math:`\theta` (``None``: derived).
         gamma: the Moreau parameter :math:`\gamma` (``None``: derived; must be
             below :math:`1/(2\rho)` for a :math:`\rho`-weakly convex lower level).
@@ -111,8 +115,10 @@ class MEHA(SingleLoop):
         lf = scales["inner_y"] if scales["inner_y"] > 0 else 1.0
         gamma = extras["gamma"]  # fixed for the run: it defines the reformulation
         eta = self.eta if self.eta is not None else 1.0 / (lf + 1.0 / gamma)
-        alpha = 0.5 / (scales["outer_xy"] / self.c + scales["inner_xy"] + 1.0 / gamma)
-        beta = self.beta if self.beta is not None else (self.lr if self.lr is not None else alpha)
+        y_curv = scales["outer_y"] / self.c + lf + 1.0 / gamma
+        alpha = coupled_step(scales["outer_x"] / self.c + 2 * scales["inner_x"], y_curv,
+                             scales["outer_cross"] / self.c + 2 * scales["inner_cross"])
+        beta = self.beta if self.beta is not None else 0.5 / y_curv
         return {"x_step": alpha, "y_step": beta, "eta": eta}
 
     def _lower(self, inner):
