@@ -19,11 +19,26 @@ element); times are the median of ``--repeats`` rounds after a warm-up, all
 methods measured in the same run, so the ratios are side by side.  Solutions
 and gradients are compared with QPLayer's.
 
+A second section benchmarks the mixture-of-experts hard constraint
+(``HardConstraintMoE``, Chalapathi, Du and Krishnapriyan, ICLR 2024) on the heat
+equation of ``bilevel.problems.heat_1d``:
+
+* MoE with K experts (spatial splits) vs the single global constraint
+  (``HardConstraint``, K = 1) and the soft constraint: time per training step
+  (basis + derivatives, K batched Gauss-Newton solves, batched implicit backward,
+  Adam step), time of the layer alone (forward + backward at a fixed basis), and
+  after training the RMS PDE residual at the collocation points and the relative
+  error to the exact solution;
+* batched vs looped experts: the K expert problems in one ``HardConstraintMoE``
+  call vs a Python loop of ``HardConstraint`` calls, one per expert, forward +
+  backward at a fixed basis, with the differences of solutions and gradients.
+
 Usage::
 
-    python benchmarks/layers.py                  # B = 64, n = 20, m = 10 on CPU
+    python benchmarks/layers.py                  # B = 64, n = 20, m = 10 on CPU, then the MoE section
     python benchmarks/layers.py --device cuda    # torch methods on the GPU (cvxpylayers stays on CPU)
     python benchmarks/layers.py --quick          # smoke test
+    python benchmarks/layers.py --only moe       # one section: qp or moe
 """
 
 from __future__ import annotations
@@ -44,7 +59,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _machine import busy as _busy
 from _machine import load_average as _load
 
-from bilevel.layers import ConvexLayer, QPLayer
+from bilevel.layers import (
+    BoxPartition,
+    ConvexLayer,
+    HardConstraint,
+    HardConstraintMoE,
+    QPLayer,
+    SoftConstraint,
+    evaluate_basis,
+)
+from bilevel.problems import heat_1d
+from bilevel.solvers import GaussNewton
+from bilevel.status import BilevelWarning
 
 
 def make_batch(B: int, n: int, m: int, device: str, seed: int = 0) -> list[torch.Tensor]:
@@ -116,38 +142,8 @@ def timed(fn, data, w, batched, device, repeats):
     return statistics.median(times), out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--n", type=int, default=20, help="variables")
-    parser.add_argument("--m", type=int, default=10, help="inequalities")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="B = 8, 2 repeats: a smoke test")
-    parser.add_argument("--no-peers", action="store_true", help="skip cvxpylayers")
-    parser.add_argument("--no-loop", action="store_true", help="skip the looped (one call per element) timings")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: batched LAPACK calls with 2 threads on a "
-                             "loaded 2-core machine spin and distort the ratios)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.batch, args.repeats = 8, 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore", DeprecationWarning)
+def qp_section(args) -> None:
     B, n, m = args.batch, args.n, args.m
-
-    print("# bilevel optimization-layer benchmark" + (" (--quick)" if args.quick else ""))
-    print()
-    gpu = f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
-    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, float64; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}; "
-          f"python {platform.python_version()}; {args.threads} torch threads")
-    busy = _busy()
-    print(f"load average at start {_load()}" + (f"; CPUs {100 * busy:.0f}% busy" if busy is not None else ""))
-    if busy is not None and busy > 0.25:
-        print(f"\n**Warning: other processes kept {100 * busy:.0f}% of the CPUs busy; timings are inflated.**")
     print(f"\nQP batch: B = {B}, n = {n} variables, m = {m} inequalities; forward + backward "
           f"(gradients w.r.t. L, q, G, h) of sum(w * z); median of {args.repeats} rounds after a warm-up; "
           f"device {args.device} (Clarabel and cvxpylayers always on CPU).")
@@ -181,6 +177,210 @@ def main(argv=None) -> int:
         print(f"| {name} | {1e3 * t_b:.1f} | {loop} | {ratio} | {t_b / reference[0]:.1f} | {dz:.1e} | {dg:.1e} |")
     for note in notes:
         print(f"\n{note}")
+
+
+# ----------------------------------------------------------------------------- MoE hard constraints
+
+MOE_FIELDS = {"u": (), "u_x": (0,), "u_t": (1,), "u_xx": (0, 0)}
+
+
+def moe_setup(grid: int, device: str, dtype=torch.float64) -> dict:
+    """The heat equation of the tutorial examples/plot_moe_pde.py on a ``grid`` x ``grid`` mesh."""
+    problem = heat_1d(nu=0.1)
+    points, kind = problem.collocation(grid, grid, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(0)
+    measured = torch.rand(64, 2, generator=g, dtype=dtype).to(device)
+    test = problem.grid(41, 41, dtype=dtype, device=device)
+    return {"problem": problem, "points": points, "kind": kind, "measured": measured, "u_measured": problem.exact(measured),
+                "test": test, "u_test": problem.exact(test)}
+
+
+def moe_network(N: int, device: str, dtype=torch.float64) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, N)
+    ).to(device=device, dtype=dtype)
+
+
+def moe_variant(name: str, K: int, N: int, s: dict, gamma: float):
+    """(layer, partition) for "soft", or a hard constraint with K experts (K = 1: HardConstraint)."""
+    problem = s["problem"]
+    part = BoxPartition(problem.lower, problem.upper, (K, 1))
+    if name == "soft":
+        return SoftConstraint(problem.residual, N, dtype=s["points"].dtype, device=s["points"].device), part
+    if K == 1:
+        return HardConstraint(problem.residual, solver=GaussNewton(), regularization=gamma), part
+    return HardConstraintMoE(problem.residual, part(s["points"]), solver=GaussNewton(), regularization=gamma), part
+
+
+def moe_train(layer, part, N: int, s: dict, steps: int, device: str) -> dict:
+    """Train the tutorial's model; per-step times, then residual and error of the trained model."""
+    net = moe_network(N, device)
+    optimizer = torch.optim.Adam([*net.parameters(), *layer.parameters()], lr=1e-2)
+    experts_measured = part(s["measured"])
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        basis = evaluate_basis(net, s["points"], MOE_FIELDS)
+        omega = layer(basis, s["points"], s["kind"])
+        u = layer.fields(omega, net(s["measured"]), experts_measured)
+        loss = ((u - s["u_measured"]) ** 2).mean()
+        if isinstance(layer, SoftConstraint):
+            loss = loss + layer.penalty(omega, basis, s["points"], s["kind"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    basis = evaluate_basis(net, s["points"], MOE_FIELDS)
+    omega = layer(basis, s["points"], s["kind"]).detach()
+    residual = layer.pde_residual(omega, basis, s["points"], s["kind"]).detach()
+    u = layer.fields(omega, net(s["test"]), part(s["test"])).detach()
+    # the layer alone at the trained basis: forward + backward
+    basis = {k: v.detach().requires_grad_() for k, v in basis.items()}
+    w = torch.randn(omega.shape, generator=torch.Generator().manual_seed(2), dtype=omega.dtype).to(device)
+
+    def layer_call():
+        out = layer(basis, s["points"], s["kind"])
+        torch.autograd.grad((out * w).sum(), list(basis.values()), allow_unused=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return {"step": statistics.median(times[1:] if len(times) > 1 else times),
+                "layer": _median_time(layer_call, 5),
+                "residual": float(residual.pow(2).mean().sqrt()),
+                "error": float((u - s["u_test"]).norm() / s["u_test"].norm())}
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def moe_batched_vs_looped(K: int, N: int, s: dict, repeats: int, device: str, gamma: float) -> tuple:
+    """Forward + backward of K expert problems: one batched call vs a loop of K calls."""
+    problem, points, kind = s["problem"], s["points"], s["kind"]
+    part = BoxPartition(problem.lower, problem.upper, (K, 1))
+    experts = part(points)
+    g = torch.Generator().manual_seed(4)
+    W = (3 * torch.randn(2, N, generator=g, dtype=points.dtype)).to(device)
+    c = torch.randn(N, generator=g, dtype=points.dtype).to(device)
+    basis = evaluate_basis(lambda z: torch.tanh(z @ W + c), points, MOE_FIELDS)  # random features
+    w = torch.randn(K, N, generator=torch.Generator().manual_seed(3), dtype=points.dtype).to(device)
+    moe = HardConstraintMoE(problem.residual, experts, solver=GaussNewton(), regularization=gamma)
+    single = HardConstraint(problem.residual, solver=GaussNewton(), regularization=gamma)
+    index = [(experts == k).nonzero().reshape(-1) for k in range(K)]
+
+    def batched():
+        b = {k: v.detach().requires_grad_() for k, v in basis.items()}
+        omega = moe(b, points, kind)
+        grads = torch.autograd.grad((omega * w).sum(), list(b.values()))
+        return omega.detach(), grads
+
+    def looped():
+        b = {k: v.detach().requires_grad_() for k, v in basis.items()}
+        omegas = [single({n: v[i] for n, v in b.items()}, points[i], kind[i])[0] for i in index]
+        omega = torch.stack(omegas)
+        grads = torch.autograd.grad((omega * w).sum(), list(b.values()))
+        return omega.detach(), grads
+
+    t_b, t_l = _median_time(batched, repeats), _median_time(looped, repeats)
+    (ob, gb), (ol, gl) = batched(), looped()
+    d_omega = float((ob - ol).abs().max() / ob.abs().max())
+    d_grad = max(float((x - y).abs().max() / x.abs().max()) for x, y in zip(gb, gl))
+    return t_b, t_l, d_omega, d_grad
+
+
+def moe_section(args) -> None:
+    device, steps, gamma = args.device, args.moe_steps, args.moe_regularization
+    grid, N = (16, 16) if args.quick else (24, 16)
+    Ks = (2, 4) if args.quick else (2, 4, 8)
+    s = moe_setup(grid, device)
+    print("\n## MoE hard constraints (HardConstraintMoE) on the heat equation u_t = 0.1 u_xx\n")
+    print(f"{grid} x {grid} collocation points, N = {N} basis functions from an MLP 2-32-32-N, experts = spatial "
+          f"slabs (BoxPartition splits (K, 1)), Gauss-Newton (the PDE is linear in the coefficients), "
+          f"regularization {gamma:g}; "
+          f"{steps} Adam steps on the misfit at 64 measurements (+ the penalty for soft); device {device}.")
+    print("step ms: median time of a training step; layer ms: forward + backward of the layer alone at the "
+          "trained basis (median of 5); residual: RMS PDE residual at the collocation points; error: relative "
+          "L2 error to the exact solution on a 41 x 41 grid; solver warnings: BilevelWarnings during training "
+          "(forward solves and backward certificates).\n")
+    rows = []
+    for name, K in [("soft", 1), ("hard", 1)] + [("hard", K) for K in Ks]:
+        layer, part = moe_variant(name, K, N, s, gamma)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BilevelWarning)
+            result = moe_train(layer, part, N, s, steps, device)
+        result["warnings"] = sum(issubclass(w.category, BilevelWarning) for w in caught)
+        rows.append((name if name == "soft" else ("single (K = 1)" if K == 1 else f"MoE K = {K}"), result))
+    ref = rows[1][1]
+    print("| variant | step ms | step / single | layer ms | layer / single | PDE residual (RMS) | relative error "
+          "| solver warnings |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        solve = "- | -" if name == "soft" else f"{1e3 * r['layer']:.1f} | {r['layer'] / ref['layer']:.2f}"
+        print(f"| {name} | {1e3 * r['step']:.1f} | {r['step'] / ref['step']:.2f} | {solve} | "
+              f"{r['residual']:.1e} | {r['error']:.1e} | {r['warnings']} |")
+
+    print(f"\nBatched vs looped experts: forward + backward of the K expert problems at a fixed basis "
+          f"(N random features tanh(W z + c)), one HardConstraintMoE call vs K HardConstraint calls; median of {args.repeats}.\n")
+    print("| K | points / expert | batched ms | looped ms | looped / batched | max rel d omega | max rel d grad "
+          "| solver warnings |")
+    print("|---|---|---|---|---|---|---|---|")
+    for K in (2, 4, 8) if args.quick else (2, 4, 8, 16):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BilevelWarning)
+            t_b, t_l, d_o, d_g = moe_batched_vs_looped(K, N, s, args.repeats, device, gamma)
+        n_warn = sum(issubclass(w.category, BilevelWarning) for w in caught)
+        print(f"| {K} | {grid * grid // K} | {1e3 * t_b:.1f} | {1e3 * t_l:.1f} | {t_l / t_b:.1f} | {d_o:.1e} | "
+              f"{d_g:.1e} | {n_warn} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--n", type=int, default=20, help="variables")
+    parser.add_argument("--m", type=int, default=10, help="inequalities")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="B = 8, 2 repeats: a smoke test")
+    parser.add_argument("--no-peers", action="store_true", help="skip cvxpylayers")
+    parser.add_argument("--no-loop", action="store_true", help="skip the looped (one call per element) timings")
+    parser.add_argument("--only", choices=["qp", "moe"], default=None, help="run one section only")
+    parser.add_argument("--moe-steps", type=int, default=60, help="training steps per MoE variant")
+    parser.add_argument("--moe-regularization", type=float, default=1e-8,
+                        help="gamma of the hard constraints (bounds the conditioning of small experts)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (default 1: batched LAPACK calls with 2 threads on a "
+                             "loaded 2-core machine spin and distort the ratios)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats, args.moe_steps = 8, 2, 10
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+    print("# bilevel optimization-layer benchmark" + (" (--quick)" if args.quick else ""))
+    print()
+    gpu = f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
+    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, float64; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}; "
+          f"python {platform.python_version()}; {args.threads} torch threads")
+    busy = _busy()
+    print(f"load average at start {_load()}" + (f"; CPUs {100 * busy:.0f}% busy" if busy is not None else ""))
+    if busy is not None and busy > 0.25:
+        print(f"\n**Warning: other processes kept {100 * busy:.0f}% of the CPUs busy; timings are inflated.**")
+    if args.only in (None, "qp"):
+        qp_section(args)
+    if args.only in (None, "moe"):
+        moe_section(args)
     return 0
 
 

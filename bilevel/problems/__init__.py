@@ -17,18 +17,27 @@ Hyper-parameter problems (closed forms where they exist):
 * :func:`ridge`, :func:`ridge_diabetes` / :class:`RidgeHPO` — one ridge penalty per feature;
 * :func:`logistic_breast_cancer` — one logistic L2 penalty per feature;
 * :func:`hyper_cleaning_digits` — data hyper-cleaning, one weight per training example.
+
+PDEs with closed-form solutions (for the hard-constraint layers, :class:`PDEProblem`):
+
+* :func:`heat_1d` — the heat equation :math:`u_t = \\nu u_{xx}`, a decaying sine;
+* :func:`burgers_1d` — viscous Burgers, the Cole-Hopf solution.
 """
 
 from .base import BilevelProblem, Solution
 from .classification import hyper_cleaning_digits, logistic_breast_cancer
+from .pde import PDEProblem, burgers_1d, heat_1d
 from .ridge import RidgeHPO, ridge, ridge_diabetes
 from .toys import coupled_constraint, nonunique_lower_level, project_below_diagonal, quadratic
 
 __all__ = [
     "BilevelProblem",
+    "PDEProblem",
     "RidgeHPO",
     "Solution",
+    "burgers_1d",
     "coupled_constraint",
+    "heat_1d",
     "hyper_cleaning_digits",
     "logistic_breast_cancer",
     "nonunique_lower_level",
