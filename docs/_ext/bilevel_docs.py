@@ -51,6 +51,9 @@ TUTORIALS = (
     "scipy_solver.py",
     "plot_cg_neumann_unrolled.py",
     "plot_hyper_cleaning.py",
+    "plot_single_loop.py",
+    "plot_convex_layer.py",
+    "plot_moe_pde.py",
 )
 """Order of the gallery; files not listed follow, alphabetically."""
 
