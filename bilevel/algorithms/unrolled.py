@@ -28,7 +28,8 @@ class Unrolled(Algorithm):
     Args:
         steps: :math:`T`, inner steps per outer step (default 100).
         step_size: :math:`s`; ``None`` uses :math:`1/L` with :math:`L` the largest
-            inner Hessian eigenvalue at the start (power iteration), estimated once.
+            inner Hessian eigenvalue (power iteration), re-estimated at every outer
+            step from the previous estimate's eigenvector.
         truncate: differentiate only the last ``truncate`` steps.
         warm_start: start each inner run from the previous :math:`y_T`.
 

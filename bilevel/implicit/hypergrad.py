@@ -117,8 +117,10 @@ def hypergrad(
         inner: lower-level objective ``inner(x, y)`` (scalar), minimized by ``y``.
         x: upper variable, a tensor or tree of tensors.
         y: an (approximate) inner solution :math:`y^\star(x)`, tensor or tree.
-        solve: linear solver for the Hessian system; default CG with a budget of
-            ``min(10 dim(y), 1000)`` steps and a dtype-scaled tolerance.
+        solve: linear solver for the Hessian system; default
+            :class:`~bilevel.implicit.linear_solve.Auto`: a dense Cholesky solve
+            for at most 128 unknowns, otherwise CG with a budget of
+            ``min(10 dim(y), 1000)`` products and a dtype-scaled tolerance.
         damping: :math:`\epsilon \ge 0`, remedy for singular / indefinite Hessians.
         strict: raise :class:`~bilevel.status.BilevelError` when a certificate fails.
         residual_tol: tolerance on the estimated distance of ``y`` to the inner
