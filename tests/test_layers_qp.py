@@ -139,3 +139,30 @@ def test_degenerate_solution_warns_and_gives_finite_gradient():
     with pytest.warns(CurvatureWarning, match="degenerate"):
         (g,) = torch.autograd.grad(z.sum(), q)
     assert torch.isfinite(g).all()
+
+
+def test_degenerate_elements_are_marked_in_the_info():
+    # element 0 weakly active (q1 = 0 puts the unconstrained optimum on z1 <= 0), element 1 not
+    q = torch.tensor([[0.0, 1.0], [2.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    Q = torch.eye(2, dtype=torch.float64).expand(2, 2, 2)
+    G, h = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64).expand(2, 1, 2), torch.zeros(2, 1, dtype=torch.float64)
+    z, info = qp_solve(Q, q, G=G, h=h, return_info=True)
+    assert not info.degenerate.any()                     # not known before the backward pass
+    with pytest.warns(CurvatureWarning, match="info.degenerate"):
+        z.sum().backward()
+    assert info.degenerate.tolist() == [True, False]
+
+
+def test_qp_solve_under_torch_func_grad_matches_autograd():
+    torch.manual_seed(0)
+    M = torch.randn(4, 4, dtype=torch.float64)
+    Q = M @ M.T + torch.eye(4, dtype=torch.float64)
+    G, h = torch.randn(3, 4, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    A, b = torch.ones(1, 4, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    q = torch.randn(4, dtype=torch.float64)
+    loss = lambda q_, h_: (qp_solve(Q, q_, A, b, G, h_) ** 2).sum()
+    g_func = torch.func.grad(loss, argnums=(0, 1))(q, h)
+    q_, h_ = q.clone().requires_grad_(), h.clone().requires_grad_()
+    g_auto = torch.autograd.grad(loss(q_, h_), (q_, h_))
+    for a, b_ in zip(g_func, g_auto):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import enum
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -114,6 +114,10 @@ class QPInfo:
         dual_residual: :math:`\\|Qz + q + A^\\top\\nu + G^\\top\\lambda\\|_\\infty`.
         gap: the duality gap :math:`s^\\top\\lambda`.
         status: :class:`QPStatus` codes (``int64``).
+        degenerate: ``True`` where the backward pass found the KKT matrix singular
+            or nearly so (a weakly active constraint, dependent active
+            constraints): the gradient there is one generalized gradient.  Filled
+            in by ``backward``; all ``False`` before it runs.
     """
 
     eq_dual: torch.Tensor
@@ -124,6 +128,7 @@ class QPInfo:
     dual_residual: torch.Tensor
     gap: torch.Tensor
     status: torch.Tensor
+    degenerate: torch.Tensor
 
     @property
     def converged(self) -> torch.Tensor:
@@ -330,7 +335,7 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
     failed = (status == QPStatus.MAX_ITERATIONS) | (status == QPStatus.NONFINITE)
     if bool(failed.any()):  # classify from the last iterate, where the certificates have grown
         status = _classify(status, failed, Q, q, A, b, G, h, state[0], state[1], state[2])
-    info = QPInfo(y, lam, s, iterations, *best_figures, status)
+    info = QPInfo(y, lam, s, iterations, *best_figures, status, torch.zeros_like(status, dtype=torch.bool))
     return z, y, lam, s, info
 
 
@@ -388,25 +393,39 @@ class _Options:
     batched: bool
     stage: str
     info: QPInfo | None = None
+    reports: list = field(default_factory=list)  # the QPInfo objects handed out, updated by backward
 
 
 class _QPFunction(torch.autograd.Function):
+    """Forward: the interior point method; backward: the OptNet adjoint.  Written
+    with ``setup_context`` so that it also runs under ``torch.func.grad`` /
+    ``functional_call`` (first order: the backward is not differentiable)."""
+
     @staticmethod
-    def forward(ctx, options: _Options, Q, q, A, b, G, h):
+    def forward(options: _Options, Q, q, A, b, G, h):
         with torch.no_grad():
             z, y, lam, _, info = _interior_point(Q, q, A, b, G, h, options.tol, options.maxiter)
         options.info = info
+        options.reports.append(info)
         if options.check:
             _raise_failures(info, options.batched, options.stage)
+        return z, y, lam
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        options, Q, _, A, _, G, h = inputs
+        z, y, lam = output
+        ctx.mark_non_differentiable(y, lam)
         ctx.save_for_backward(Q, A, G, h, z, y, lam)
-        ctx.stage = options.stage
-        return z
+        ctx.options = options
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, z_bar):
+    def backward(ctx, z_bar, _y_bar, _lam_bar):
         Q, A, G, h, z, y, lam = ctx.saved_tensors
-        d_z, d_y, d_l = _adjoint(Q, A, G, h, z, lam, z_bar, ctx.stage)
+        d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, z_bar, ctx.options.stage)
+        for report in ctx.options.reports:  # frozen dataclasses: set, not mutated in place (torch.func)
+            object.__setattr__(report, "degenerate", degenerate.detach().reshape(report.status.shape))
         need = ctx.needs_input_grad
         outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
         grads = (
@@ -445,18 +464,19 @@ def _adjoint(Q, A, G, h, z, lam, z_bar, stage):
     weak = (lam <= small * (1 + _inf_norm(lam)).unsqueeze(-1)) & (slack <= small * (1 + _inf_norm(h)).unsqueeze(-1))
     degenerate = singular | (weak.any(-1) if m else torch.zeros_like(singular))
     if bool(degenerate.any()):
+        # one fixed text, so that a training loop shows it once; the elements are in info.degenerate
         warnings.warn(
-            f"{stage}: the solution is degenerate for batch elements "
-            f"{degenerate.nonzero().reshape(-1).tolist()[:8]} (a weakly active constraint with zero "
+            f"{stage}: a degenerate solution in the batch (a weakly active constraint with zero "
             "multiplier, linearly dependent active constraints, or Q singular on their null space): "
             "the KKT matrix is singular or nearly so, the solution map is not differentiable there, "
-            "and the gradient returned is one of its generalized gradients.",
+            "and the gradient returned is one of its generalized gradients. The elements are marked "
+            "in `info.degenerate` (QPLayer.last_info, or qp_solve(..., return_info=True)).",
             CurvatureWarning,
             stacklevel=3,
         )
     if not bool(torch.isfinite(u).all()):
         raise FloatingPointError(f"{stage}: the adjoint KKT solve returned NaN or inf.")
-    return u[..., :n], u[..., n:n + p], u[..., n + p:]
+    return u[..., :n], u[..., n:n + p], u[..., n + p:], degenerate
 
 
 _PROMOTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -548,11 +568,12 @@ def qp_solve(
     tensors = (0.5 * (Qf + Qf.mT),) + tensors[1:]
     options = _Options(_default_tol(work) if tol is None else float(tol), maxiter, check, B is not None,
                        "qp_solve")
-    z = _QPFunction.apply(options, *tensors).to(q.dtype)
+    z = _QPFunction.apply(options, *tensors)[0].to(q.dtype)
     info = options.info
     if B is None:
         z = z[0]
         info = QPInfo(*(getattr(info, f)[0] for f in info.__dataclass_fields__))
+        options.reports.append(info)
     return (z, info) if return_info else z
 
 
