@@ -1,6 +1,6 @@
 """bilevel: bilevel optimization and implicit differentiation for PyTorch."""
 
-from . import algorithms, hpo, implicit, layers, problems, solvers, status
+from . import algorithms, distributed, hpo, implicit, layers, problems, solvers, status
 from .api import BilevelResult, solve
 from .implicit import custom_fixed_point, custom_root, hypergrad
 from .problems import BilevelProblem
@@ -19,6 +19,7 @@ __all__ = [
     "solve",
     "BilevelResult",
     "algorithms",
+    "distributed",
     "solvers",
     "BilevelProblem",
     "BilevelError",
