@@ -61,6 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _machine import busy as _busy  # noqa: E402
 from _machine import load_average as _load  # noqa: E402
+from _machine import proc_status_kib as _status_kb  # noqa: E402
 
 import bilevel  # noqa: E402
 from bilevel.implicit import CG  # noqa: E402
@@ -345,17 +346,6 @@ def _rss_peak_reset() -> bool:
         return True
     except OSError:
         return False
-
-
-def _status_kb(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def peak_memory_mb(fn: Callable[[], Any], device) -> Optional[float]:

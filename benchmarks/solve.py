@@ -52,6 +52,7 @@ import torch
 
 import bilevel
 from _machine import busy as _busy, load_average as _load  # noqa: E402
+from _machine import proc_status_kib as _proc_status  # noqa: E402
 from bilevel import problems as P
 from bilevel.status import BilevelWarning
 
@@ -244,16 +245,6 @@ def print_solve_table(key: str, spec: Spec, problem, rows: list[Row], phi0: floa
 # ---------------------------------------------------------------------------
 
 
-def _proc_status(key: str) -> Optional[int]:
-    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``), or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _reset_peak() -> bool:
