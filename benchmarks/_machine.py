@@ -41,3 +41,13 @@ def proc_status_kib(key: str) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -62,6 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _machine import busy as _busy  # noqa: E402
 from _machine import load_average as _load  # noqa: E402
 from _machine import proc_status_kib as _status_kb  # noqa: E402
+from _machine import reset_peak_rss  # noqa: E402
 
 import bilevel  # noqa: E402
 from bilevel.implicit import CG  # noqa: E402
@@ -340,12 +341,7 @@ def _release_free_memory() -> None:
 def _rss_peak_reset() -> bool:
     gc.collect()
     _release_free_memory()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return reset_peak_rss()
 
 
 def peak_memory_mb(fn: Callable[[], Any], device) -> Optional[float]:

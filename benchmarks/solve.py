@@ -53,6 +53,7 @@ import torch
 import bilevel
 from _machine import busy as _busy, load_average as _load  # noqa: E402
 from _machine import proc_status_kib as _proc_status  # noqa: E402
+from _machine import reset_peak_rss as _reset_peak  # noqa: E402
 from bilevel import problems as P
 from bilevel.status import BilevelWarning
 
@@ -247,14 +248,6 @@ def print_solve_table(key: str, spec: Spec, problem, rows: list[Row], phi0: floa
 
 
 
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _trim() -> None:
