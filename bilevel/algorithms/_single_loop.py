@@ -432,9 +432,7 @@ _ROLLBACK = "rollback"
 
 def _save_rollback(state: State) -> None:
     """Keep a copy of the state (without the previous copy) to go back to."""
-    saved = {k: v for k, v in state.extras.items() if k != _ROLLBACK}
     state.extras.pop(_ROLLBACK, None)
-    state.extras = saved
     state.extras[_ROLLBACK] = state.state_dict()
 
 
