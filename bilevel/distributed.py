@@ -359,6 +359,18 @@ def shard(tree: TensorTree, *, group: Optional[ProcessGroup] = None, dim: int = 
         ValueError: a tensor's size along ``dim`` is not divisible by the
             number of ranks (equal shards are what make the mean of the
             per-rank means the mean over the whole batch).
+
+    Example:
+        With 2 ranks, rank 0 would get rows 0-1 and rank 1 rows 2-3; a
+        one-process group (for show) keeps everything:
+
+        >>> import torch, torch.distributed as dist, bilevel
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> X, t = torch.arange(8.0).reshape(4, 2), torch.arange(4)
+        >>> Xr, tr = bilevel.distributed.shard((X, t))
+        >>> Xr.shape, tr.tolist()
+        (torch.Size([4, 2]), [0, 1, 2, 3])
+        >>> dist.destroy_process_group()
     """
     _require_group("shard", group)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -390,8 +402,25 @@ def broadcast(
         src: the global rank whose values are sent (default 0).
         group: the process group (default: the default group).
 
+    Returns:
+        A tree of new tensors holding rank ``src``'s values (non-tensor leaves
+        kept), or the module itself, updated in place.
+
     Raises:
         RuntimeError: no process group is initialized.
+
+    Example:
+        Every rank calls it with its own start point and gets rank 0's; shown
+        with a one-process group:
+
+        >>> import torch, torch.distributed as dist, bilevel
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> bilevel.distributed.broadcast({"y": torch.ones(2), "steps": 3})
+        {'y': tensor([1., 1.]), 'steps': 3}
+        >>> model = torch.nn.Linear(2, 1)
+        >>> bilevel.distributed.broadcast(model) is model          # updated in place
+        True
+        >>> dist.destroy_process_group()
     """
     _require_group("broadcast", group)
     if isinstance(tree, nn.Module):
@@ -417,8 +446,25 @@ def is_replicated(tree: Union[TensorTree, nn.Module], *, group: Optional[Process
     call it, with trees of the same structure and shapes.  Returns the same
     answer on every rank.
 
+    Args:
+        tree: a tensor tree, or an ``nn.Module`` (its parameters and buffers).
+        group: the process group (default: the default group).
+
+    Returns:
+        ``True`` if every tensor equals, bit for bit, its copy on the group's
+        first rank, on every rank; ``False`` otherwise (on every rank).
+
     Raises:
         RuntimeError: no process group is initialized.
+
+    Example:
+        At the end of a data-parallel run (a one-process group, for show):
+
+        >>> import torch, torch.distributed as dist, bilevel
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> bilevel.distributed.is_replicated((torch.ones(3), torch.zeros(2, 2)))
+        True
+        >>> dist.destroy_process_group()
     """
     _require_group("is_replicated", group)
     tensors = list(tree.parameters()) + list(tree.buffers()) if isinstance(tree, nn.Module) else [

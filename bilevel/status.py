@@ -13,7 +13,21 @@ import enum
 
 
 class Status(enum.IntEnum):
-    """Outcome of an iterative routine, one code per batch element."""
+    """Outcome of an iterative routine, one code per batch element.
+
+    An :class:`enum.IntEnum`, so a batch of outcomes is an integer tensor of
+    these codes (e.g. ``info.status`` of a linear solve), and each member's
+    :attr:`message` names the remedy.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.status import Status
+        >>> codes = torch.tensor([0, 1])                 # a batch of two outcomes
+        >>> [Status(int(c)).name for c in codes]
+        ['SUCCESS', 'MAX_ITERATIONS']
+        >>> Status.MAX_ITERATIONS.message.split(";")[1].strip()
+        'raise `maxiter`, loosen `tol`, or precondition the system'
+    """
 
     SUCCESS = 0
     """The tolerance was reached."""
@@ -31,6 +45,7 @@ class Status(enum.IntEnum):
 
     @property
     def message(self) -> str:
+        """What happened and how to fix it, in one sentence."""
         return _MESSAGES[self]
 
 

@@ -48,6 +48,20 @@ class HPOResult:
         state: a checkpoint, ``tuner.state_dict()`` at the end.
         train_steps: training (weight) steps taken in all, warm-up included.
         message: why the run stopped.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.hpo import Hyper, implicit_hpo
+        >>> X = torch.randn(30, 2, generator=torch.Generator().manual_seed(1))
+        >>> data = [(X, X.sum(-1))]
+        >>> loss = lambda m, b, hp=None: ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean() + (
+        ...     0 if hp is None else hp["decay"] * (m.weight ** 2).sum())
+        >>> result = implicit_hpo(torch.nn.Linear(2, 1), loss, loss, data, data,
+        ...                       {"decay": Hyper(0.1, low=0.0)}, max_steps=3, progress=False)
+        >>> result.message, result.train_steps               # 3 hyper-steps of 10 training steps
+        ('reached max_steps=3', 30)
+        >>> sorted(result.hparams), len(result.history["val_loss"]), result.state["iteration"]
+        (['decay'], 3, 3)
     """
 
     hparams: dict
@@ -164,7 +178,49 @@ def _dataset_len(loader: Any) -> Optional[int]:
 
 class Tuner:
     """Base class of :class:`~bilevel.hpo.ImplicitHPO` and
-    :class:`~bilevel.hpo.HypernetworkHPO` (see those for the arguments)."""
+    :class:`~bilevel.hpo.HypernetworkHPO`: the hyper-step loop, progress,
+    history and checkpoints they share.
+
+    A subclass provides one training step, one hyper-step and the current
+    weights; :meth:`run` does the warm-up, the loop, the history and the
+    warnings, and :meth:`state_dict` / :meth:`load_state_dict` checkpoint it.
+    The subclasses document their own arguments in full.
+
+    Args:
+        model: the network (copied; the copy is trained).
+        train_loss: ``train_loss(model, batch, hparams) -> scalar``.
+        val_loss: ``val_loss(model, batch) -> scalar``.
+        train_loader, val_loader: re-iterable sources of batches, cycled.
+        spec: a :class:`~bilevel.hpo.HyperSpec` (or a dict of
+            :class:`~bilevel.hpo.Hyper`).
+        hyper_optimizer, hyper_lr: the hyper-parameters' optimizer (name,
+            ``torch.optim`` class or factory) and learning rate.
+        warmup_steps: training steps before the first hyper-step.
+        progress: show a tqdm bar in :meth:`run`.
+
+    Example:
+        A run interrupted after 2 hyper-steps and resumed from its checkpoint
+        ends where an uninterrupted run of 4 does:
+
+        >>> import torch
+        >>> from bilevel.hpo import Hyper, ImplicitHPO, Tuner
+        >>> X = torch.randn(30, 2, generator=torch.Generator().manual_seed(1))
+        >>> data = [(X, X.sum(-1))]
+        >>> loss = lambda m, b, hp=None: ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean() + (
+        ...     0 if hp is None else hp["decay"] * (m.weight ** 2).sum())
+        >>> def make():
+        ...     torch.manual_seed(0)
+        ...     return ImplicitHPO(torch.nn.Linear(2, 1), loss, loss, data, data,
+        ...                        {"decay": Hyper(0.1, low=0.0)}, progress=False)
+        >>> whole = make(); _ = whole.run(4)
+        >>> first = make(); _ = first.run(2)
+        >>> second = make().load_state_dict(first.state_dict())
+        >>> result = second.run(4)
+        >>> isinstance(second, Tuner), result.history["step"]
+        (True, [1, 2, 3, 4])
+        >>> torch.equal(result.hparams["decay"], whole.hparams["decay"])
+        True
+    """
 
     _desc = "hpo"
     _extra_keys: tuple = ()

@@ -81,7 +81,19 @@ class GatedBestResponse(_BestResponse):
     Args:
         weights: the model's parameters; :math:`w^0` starts there, :math:`w^1` at 0.
         center: :math:`c` (flat raw hyper-parameters).
-        generator: random generator for the gates' start :math:`A \sim N(0, 1/d)`.
+        generator: random generator for the gates' start :math:`A \sim N(0, 1/d)`
+            (default: torch's global generator).
+
+    Example:
+        >>> import torch
+        >>> from bilevel.hpo import GatedBestResponse
+        >>> br = GatedBestResponse({"w": torch.ones(2, 3)}, center=torch.zeros(1),
+        ...                        generator=torch.Generator().manual_seed(0))
+        >>> br(torch.tensor([0.7]))["w"]                    # w^1 = 0 at the start
+        tensor([[1., 1., 1.],
+                [1., 1., 1.]], grad_fn=<AddBackward0>)
+        >>> [tuple(p.shape) for p in br.parameters()]       # w^0, w^1, one gate per row
+        [(2, 3), (2, 3), (1, 2)]
 
     References:
         MacKay, M., Vicol, P., Lorraine, J., Duvenaud, D. and Grosse, R.

@@ -278,6 +278,30 @@ def hypernetwork_hpo(
     ``max_steps`` hyper-steps in all; ``resume`` a checkpoint (``result.state``)
     to continue from; ``options`` are :class:`HypernetworkHPO`'s keyword arguments.
 
+    Args:
+        model: the network (copied); its parameters start the hypernetwork.
+        train_loss: ``train_loss(model, batch, hparams) -> scalar``.
+        val_loss: ``val_loss(model, batch) -> scalar``.
+        train_loader, val_loader: re-iterable sources of batches, cycled.
+        spec: a :class:`~bilevel.hpo.HyperSpec` of fixed-shape hyper-parameters
+            (or a dict of :class:`~bilevel.hpo.Hyper`).
+        max_steps: hyper-steps in all, those of a resumed run included (default 100).
+        resume: a checkpoint (``result.state`` or ``tuner.state_dict()``) to
+            continue from; ``None`` starts afresh.
+        callback: ``callback(tuner, record)`` after each hyper-step; returning
+            ``True`` stops the run.
+        options: keyword arguments of :class:`HypernetworkHPO`
+            (``best_response``, ``weight_steps``, ``weight_lr``, ``hyper_lr``,
+            ``sigma``, ``progress``, ...).
+
+    Returns:
+        An :class:`~bilevel.hpo.HPOResult`: the tuned hyper-parameters and
+        model (its weights the best response at them), the history and a
+        checkpoint.
+
+    Raises:
+        ValueError / TypeError: as :class:`HypernetworkHPO`, naming the argument.
+
     Example:
         >>> import torch
         >>> from bilevel.hpo import Hyper, hypernetwork_hpo

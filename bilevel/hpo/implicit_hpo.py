@@ -251,6 +251,29 @@ def implicit_hpo(
     the resumed run ends where an uninterrupted one would.  ``options`` are
     :class:`ImplicitHPO`'s keyword arguments.
 
+    Args:
+        model: the network, a :class:`torch.nn.Module` (copied; the copy is trained).
+        train_loss: ``train_loss(model, batch, hparams) -> scalar``; ``hparams``
+            maps each name of the spec to its constrained value.
+        val_loss: ``val_loss(model, batch) -> scalar``.
+        train_loader, val_loader: re-iterable sources of batches, cycled.
+        spec: a :class:`~bilevel.hpo.HyperSpec` (or a dict of
+            :class:`~bilevel.hpo.Hyper`).
+        max_steps: hyper-steps in all, those of a resumed run included (default 100).
+        resume: a checkpoint (``result.state`` or ``tuner.state_dict()``) to
+            continue from; ``None`` starts afresh.
+        callback: ``callback(tuner, record)`` after each hyper-step; returning
+            ``True`` stops the run.
+        options: keyword arguments of :class:`ImplicitHPO` (``inner_steps``,
+            ``inner_lr``, ``hyper_lr``, ``solve``, ``progress``, ...).
+
+    Returns:
+        An :class:`~bilevel.hpo.HPOResult`: the tuned hyper-parameters and
+        model, the history and a checkpoint.
+
+    Raises:
+        ValueError / TypeError: as :class:`ImplicitHPO`, naming the argument.
+
     Example:
         >>> import torch
         >>> from bilevel.hpo import Hyper, implicit_hpo

@@ -243,6 +243,16 @@ class HyperSpec(dict):
 
     A ``dict`` of :class:`Hyper`; plain dicts are accepted wherever a spec is.
 
+    Args:
+        args: at most one mapping (or iterable of ``(name, Hyper)`` pairs), as
+            for :class:`dict`.
+        hypers: ``name=Hyper(...)`` pairs; names are non-empty strings, the
+            keys of ``hparams`` in the training loss.
+
+    Raises:
+        TypeError: a value is not a :class:`Hyper`.
+        ValueError: a name is empty, or no hyper-parameter is given.
+
     Example:
         >>> import torch
         >>> from bilevel.hpo import Hyper, HyperSpec

@@ -44,6 +44,23 @@ class ImplicitInfo:
         linear_solve: the adjoint solve's :class:`LinearSolveInfo`.
         damping: the damping added to the system (0 if none).
         solver: the linear solver used.
+
+    Example:
+        A function made differentiable by :func:`~bilevel.custom_root` keeps the
+        certificate of its last backward pass in ``.last_info``:
+
+        >>> import torch, bilevel
+        >>> f = lambda w, lam: 0.5 * ((w - 1) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
+        >>> @bilevel.custom_root(bilevel.implicit.stationarity(f))
+        ... def argmin(lam):                           # w* = 1 / (1 + lam)
+        ...     return torch.ones(3, dtype=lam.dtype) / (1 + lam)
+        >>> lam = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        >>> argmin(lam).sum().backward()
+        >>> lam.grad                                   # -3 / (1 + lam)^2
+        tensor(-0.7500, dtype=torch.float64)
+        >>> info = argmin.last_info
+        >>> info.ok, bool(info.linear_solve.converged), float(info.optimality_residual)
+        (True, True, 0.0)
     """
 
     optimality_residual: Optional[torch.Tensor]

@@ -26,7 +26,16 @@ class Condition:
         fn: the residual function ``fn(sol, *args) -> tree shaped like sol``.
         symmetric: whether the Jacobian ``d fn / d sol`` is symmetric (true for
             the gradient of an objective); it picks CG as the default solve.
-        name: a label used in messages.
+        name: a label used in messages (default: ``fn``'s ``__name__``).
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit import Condition
+        >>> c = Condition(lambda x, a: x ** 3 - a, name="cube_root")   # zero at x = a^(1/3)
+        >>> c
+        Condition(cube_root, symmetric=False)
+        >>> c(torch.tensor([2.0]), torch.tensor([8.0]))
+        tensor([0.])
     """
 
     def __init__(self, fn: Callable[..., TensorTree], *, symmetric: bool = False, name: Optional[str] = None):
@@ -44,7 +53,25 @@ class Condition:
 
 
 def is_symmetric(residual: Callable) -> bool:
-    """Whether ``residual`` is declared to have a symmetric Jacobian in ``sol``."""
+    """Whether ``residual`` is declared to have a symmetric Jacobian in ``sol``.
+
+    :func:`~bilevel.implicit.custom_root` asks this to pick its default linear
+    solver (CG if symmetric, GMRES otherwise).
+
+    Args:
+        residual: a :class:`Condition`, or any callable; a plain function counts
+            as not symmetric unless it carries a true ``symmetric`` attribute.
+
+    Returns:
+        ``True`` when the Jacobian is declared symmetric, else ``False``.
+
+    Example:
+        >>> from bilevel.implicit.conditions import is_symmetric, stationarity
+        >>> is_symmetric(stationarity(lambda w: (w ** 2).sum()))
+        True
+        >>> is_symmetric(lambda w: w - 1)
+        False
+    """
     return bool(getattr(residual, "symmetric", False))
 
 
@@ -94,7 +121,20 @@ def fixed_point_residual(T: FixedPointMap, *, symmetric: bool = False) -> Condit
 
     Args:
         T: the map ``T(sol, *args)``, returning a tree shaped like ``sol``.
-        symmetric: declare ``dT/dsol`` symmetric.
+        symmetric: declare ``dT/dsol`` symmetric (default ``False``).
+
+    Returns:
+        A :class:`Condition` ``residual(sol, *args) = T(sol, *args) - sol``.
+
+    Example:
+        The square root of :math:`a` is the fixed point of Heron's map
+        :math:`T(s, a) = (s + a / s) / 2`:
+
+        >>> import torch
+        >>> from bilevel.implicit import fixed_point_residual
+        >>> residual = fixed_point_residual(lambda s, a: 0.5 * (s + a / s))
+        >>> residual(torch.tensor([3.0]), torch.tensor([9.0]))
+        tensor([0.])
     """
     if not callable(T):
         raise TypeError(f"`T` must be callable T(sol, *args); got {type(T).__name__}.")

@@ -286,6 +286,9 @@ def project_linf_ball(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
         z: tensor of shape ``(*batch, n)``.
         radius: :math:`r > 0`, a number or a tensor broadcastable to ``batch``.
 
+    Returns:
+        A tensor of shape ``(*batch, n)``.
+
     Example:
         >>> import torch
         >>> project_linf_ball(torch.tensor([2.0, -0.5]))
@@ -362,6 +365,9 @@ def project_hyperplane(z: torch.Tensor, a: torch.Tensor, b: Scalar) -> torch.Ten
         a: non-zero tensor of shape ``(*batch, n)`` (broadcasting).
         b: number or tensor of shape ``batch``.
 
+    Returns:
+        A tensor of shape ``(*batch, n)`` (the broadcast batch shape of ``z`` and ``a``).
+
     Example:
         >>> import torch
         >>> project_hyperplane(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]), 0.0)
@@ -380,6 +386,9 @@ def project_halfspace(z: torch.Tensor, a: torch.Tensor, b: Scalar) -> torch.Tens
         z: tensor of shape ``(*batch, n)``.
         a: non-zero tensor of shape ``(*batch, n)`` (broadcasting).
         b: number or tensor of shape ``batch``.
+
+    Returns:
+        A tensor of shape ``(*batch, n)`` (the broadcast batch shape of ``z`` and ``a``).
 
     Example:
         >>> import torch
@@ -405,6 +414,9 @@ def kl_projection_simplex(y: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor
     Args:
         y: tensor of shape ``(*batch, n)`` (dual / log-space point).
         radius: :math:`r > 0`, a number or a tensor broadcastable to ``batch``.
+
+    Returns:
+        :math:`r\,\operatorname{softmax}(y)`, a tensor of shape ``(*batch, n)`` on the simplex.
 
     Example:
         >>> import torch
@@ -443,6 +455,21 @@ class ConvexSet:
     a solution with respect to a bound or a radius, use the ``project_*``
     function and pass that tensor among the condition's ``projection_args``
     (e.g. ``projected_gradient(f, project_box)`` with ``projection_args=(lo, hi)``).
+
+    Example:
+        A set of one's own needs only :meth:`project`:
+
+        >>> import torch
+        >>> class AtMost(ConvexSet):                 # {x : x_i <= c}
+        ...     def __init__(self, c):
+        ...         self.c = c
+        ...     def project(self, z):
+        ...         return torch.clamp(z, max=self.c)
+        >>> s = AtMost(1.0)
+        >>> s(torch.tensor([0.5, 2.0]))
+        tensor([0.5000, 1.0000])
+        >>> s.contains(torch.tensor([0.5, 2.0]))
+        tensor(False)
     """
 
     def project(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -562,6 +589,10 @@ class Simplex(ConvexSet):
 class L1Ball(ConvexSet):
     r"""The l1 ball :math:`\{x : \|x\|_1 \le r\}` along the last dim.
 
+    Args:
+        radius: :math:`r > 0` (number or tensor broadcastable to the batch shape;
+            default 1).
+
     Example:
         >>> import torch
         >>> L1Ball(1.0).project(torch.tensor([2.0, 0.0]))
@@ -580,6 +611,10 @@ class L1Ball(ConvexSet):
 @dataclass(frozen=True, eq=False)
 class L2Ball(ConvexSet):
     r"""The Euclidean ball :math:`\{x : \|x\|_2 \le r\}` along the last dim.
+
+    Args:
+        radius: :math:`r > 0` (number or tensor broadcastable to the batch shape;
+            default 1).
 
     Example:
         >>> import torch

@@ -63,6 +63,15 @@ def _soft_threshold(z: torch.Tensor, t) -> torch.Tensor:
 def prox_none(z: torch.Tensor, hyperparams: Any = None, scaling: Scalar = 1.0) -> torch.Tensor:
     r"""Proximal operator of :math:`g = 0`: the identity, :math:`\operatorname{prox}(z) = z`.
 
+    Args:
+        z: tensor of any shape.
+        hyperparams: ignored (there is no hyper-parameter); accepted so that
+            every operator has the signature ``prox(z, hyperparams, scaling)``.
+        scaling: ignored (the identity does not depend on the step size).
+
+    Returns:
+        ``z`` itself.
+
     Example:
         >>> import torch
         >>> prox_none(torch.tensor([1.0, -2.0]))
@@ -88,6 +97,9 @@ def prox_lasso(z: torch.Tensor, l1reg: Scalar = 1.0, scaling: Scalar = 1.0) -> t
             (one per coordinate), may require grad.
         scaling: :math:`s \ge 0` (step size).
 
+    Returns:
+        :math:`\operatorname{prox}_{s g}(z)`, shaped like ``z``.
+
     Example:
         >>> import torch
         >>> prox_lasso(torch.tensor([2.0, -0.5, -3.0]), 1.0)
@@ -111,6 +123,9 @@ def prox_nonnegative_lasso(z: torch.Tensor, l1reg: Scalar = 1.0, scaling: Scalar
         l1reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to ``z``.
         scaling: :math:`s \ge 0`.
 
+    Returns:
+        :math:`\operatorname{prox}_{s g}(z)`, shaped like ``z``.
+
     Example:
         >>> import torch
         >>> prox_nonnegative_lasso(torch.tensor([2.0, -0.5]), 1.0)
@@ -133,6 +148,9 @@ def prox_ridge(z: torch.Tensor, l2reg: Scalar = 1.0, scaling: Scalar = 1.0) -> t
         z: tensor of any shape.
         l2reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to ``z``.
         scaling: :math:`s \ge 0`.
+
+    Returns:
+        :math:`\operatorname{prox}_{s g}(z)`, shaped like ``z``.
 
     Example:
         >>> import torch
@@ -159,6 +177,9 @@ def prox_elastic_net(
         hyperparams: the pair ``(l1reg, l2reg)`` = :math:`(\lambda_1, \lambda_2)`,
             each a non-negative number or a tensor broadcastable to ``z``.
         scaling: :math:`s \ge 0`.
+
+    Returns:
+        :math:`\operatorname{prox}_{s g}(z)`, shaped like ``z``.
 
     Example:
         >>> import torch
@@ -195,6 +216,9 @@ def prox_group_lasso(z: torch.Tensor, l2reg: Scalar = 1.0, scaling: Scalar = 1.0
         z: tensor of shape ``(*groups, size)``.
         l2reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to ``groups``.
         scaling: :math:`s \ge 0`.
+
+    Returns:
+        :math:`\operatorname{prox}_{s g}(z)`, shaped like ``z``.
 
     Example:
         >>> import torch

@@ -447,7 +447,34 @@ def custom_fixed_point(
 
     Equivalent to :func:`custom_root` with the residual :math:`T(s, \theta) - s`,
     whose Jacobian :math:`\partial_s T - I` is in general not symmetric, so the
-    default solve is GMRES.  Arguments as in :func:`custom_root`.
+    default solve is GMRES.  The adjoint system solved in the backward pass is
+    :math:`(I - \partial_s T)^\top u = \bar s`, and
+    :math:`\bar\theta = (\partial_\theta T)^\top u`.
+
+    Args:
+        T: the map ``T(sol, *args)``, returning a tree shaped like ``sol``,
+            whose fixed point the decorated solver returns.
+        solve: linear solver for the adjoint system (any
+            :mod:`~bilevel.implicit.linear_solve` object); ``None`` picks GMRES
+            with dtype-scaled tolerances.
+        has_aux: the solver returns ``(sol, aux)``; ``aux`` is passed through
+            without gradient.
+        damping: :math:`\epsilon \ge 0` added to the system, as in
+            :func:`custom_root` (a remedy when :math:`I - \partial_s T` is
+            singular; biases the gradient by :math:`O(\epsilon)`).
+        strict: raise :class:`~bilevel.status.BilevelError` instead of warning
+            when a certificate fails.
+        residual_tol: tolerance on the estimated distance to the fixed point,
+            as in :func:`custom_root` (default ``eps ** 0.25`` of the dtype).
+
+    Returns:
+        A decorator; the decorated function has the solver's signature and keeps
+        the last backward certificate in ``.last_info``
+        (:class:`~bilevel.implicit.ImplicitInfo`).
+
+    Raises:
+        FloatingPointError: the solver returned NaN/inf, or the adjoint solve did.
+        ValueError: ``T``'s output does not match the solution's structure.
 
     Example:
         >>> import torch, bilevel

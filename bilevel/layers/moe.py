@@ -164,6 +164,22 @@ def evaluate_basis(
     come from nested :func:`torch.func.jacfwd` under :func:`torch.func.vmap`, and
     stay differentiable with respect to the network's parameters.
 
+    Args:
+        fn: the basis network, ``fn(points) -> (P, N)`` for points ``(P, d)``
+            (applied to one point at a time, as a batch of one).
+        points: floating tensor ``(P, d)``, the collocation points :math:`z_p`.
+        derivatives: ``{name: (j_1, ..., j_r)}``, the input indices to
+            differentiate by, in order; ``()`` for the values themselves.
+
+    Returns:
+        ``{name: tensor (P, N)}``, one entry per key of ``derivatives``: the
+        ``basis`` argument of the hard-constraint layers.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+        ValueError: ``points`` is not a floating ``(P, d)`` tensor, or an index
+            of ``derivatives`` is not in ``[0, d)``.
+
     Example:
         >>> import torch
         >>> from bilevel.layers import evaluate_basis
@@ -616,6 +632,17 @@ class HardConstraint(HardConstraintMoE):
     over all collocation points (any number ``P`` per call), by the same code
     path as the mixture (a batch of one).  Arguments as in
     :class:`HardConstraintMoE`, without ``experts``; the output has shape ``(1, N)``.
+
+    Args:
+        residual: the pointwise residual ``residual(fields, *data)``, as in
+            :class:`HardConstraintMoE`.
+        solver: a :class:`~bilevel.solvers.LevenbergMarquardt` (default) or
+            :class:`~bilevel.solvers.GaussNewton`.
+        regularization: :math:`\gamma \ge 0` (default 0).
+        solve: linear solver of the backward system (default: the solver's
+            ``implicit_solve``, else a dense solve for :math:`N \le 128`).
+        strict: raise :class:`~bilevel.status.BilevelError` instead of warning
+            when the solve or the backward certificate fails.
 
     Example:
         >>> import torch

@@ -35,6 +35,15 @@ class Solution:
         x: the optimal upper-level variable :math:`x^\star` (same tree as ``x0``).
         y: the matching lower-level variable :math:`y^\star` (same tree as ``y0``).
         value: the optimal outer value :math:`F(x^\star, y^\star)`.
+
+    Example:
+        >>> from bilevel.problems import quadratic
+        >>> p = quadratic()                      # Q: every answer in closed form
+        >>> s = p.solution
+        >>> s.x.shape, s.y.shape
+        (torch.Size([3]), torch.Size([5]))
+        >>> abs(float(p.outer(s.x, s.y)) - s.value) < 1e-12
+        True
     """
 
     x: Optional[TensorTree] = None

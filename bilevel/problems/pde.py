@@ -57,6 +57,15 @@ class PDEProblem:
         operator: the PDE operator on fields, ``operator(fields) -> (P,)``, zero
             for the exact solution; ``fields`` maps ``"u"``, ``"u_x"``, ``"u_t"``,
             ``"u_xx"`` to tensors of shape ``(P,)``.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.problems import heat_1d
+        >>> p = heat_1d(nu=0.1)
+        >>> p.name, p.lower, p.upper
+        ('heat', (0.0, 0.0), (1.0, 1.0))
+        >>> p.exact(torch.tensor([[0.5, 0.0]], dtype=torch.float64))     # sin(pi x) at t = 0
+        tensor([1.], dtype=torch.float64)
     """
 
     name: str
@@ -152,6 +161,12 @@ def heat_1d(nu: float = 0.1, t_max: float = 1.0) -> PDEProblem:
         nu: diffusion coefficient :math:`\nu > 0` (default 0.1).
         t_max: final time :math:`T > 0` (default 1).
 
+    Returns:
+        A :class:`PDEProblem` named ``"heat"`` on :math:`[0, 1]\times[0, T]`.
+
+    Raises:
+        ValueError: ``nu`` or ``t_max`` is not a positive float.
+
     Example:
         >>> import torch
         >>> from bilevel.problems import heat_1d
@@ -189,6 +204,12 @@ def burgers_1d(nu: float = 0.1, a: float = 2.0, t_max: float = 1.0) -> PDEProble
         nu: viscosity :math:`\nu > 0` (default 0.1).
         a: the constant :math:`a > 1` (default 2).
         t_max: final time :math:`T > 0` (default 1).
+
+    Returns:
+        A :class:`PDEProblem` named ``"burgers"`` on :math:`[0, 1]\times[0, T]`.
+
+    Raises:
+        ValueError: ``nu`` or ``t_max`` is not positive, or ``a <= 1``.
 
     Example:
         >>> import torch

@@ -26,7 +26,7 @@ __all__ = ["RidgeHPO", "ridge", "ridge_diabetes"]
 
 @dataclass
 class RidgeHPO:
-    """Per-feature ridge hyper-parameter problem with its closed forms.
+    r"""Per-feature ridge hyper-parameter problem with its closed forms.
 
     ``inner(lam, w)`` and ``outer(lam, w)`` take the upper variable first;
     :meth:`as_problem` bundles them into a :class:`BilevelProblem`.
@@ -34,6 +34,20 @@ class RidgeHPO:
     Attributes:
         X, t: training design ``(n, d)`` and targets ``(n,)``.
         X_val, t_val: validation design ``(n_val, d)`` and targets ``(n_val,)``.
+
+    Example:
+        With :math:`X = I` and :math:`\lambda = 0`, :math:`w^\star = (X^\top X + I)^{-1} X^\top t`:
+
+        >>> import torch, bilevel
+        >>> from bilevel.problems import RidgeHPO
+        >>> X, t = torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        >>> hpo = RidgeHPO(X, t, X, t)
+        >>> lam = torch.zeros(3, dtype=torch.float64)
+        >>> hpo.solution(lam)
+        tensor([0.5000, 0.5000, 0.5000], dtype=torch.float64)
+        >>> g = bilevel.hypergrad(hpo.outer, hpo.inner, lam, hpo.solution(lam))
+        >>> torch.allclose(g, hpo.hypergradient(lam))         # the closed form
+        True
     """
 
     X: torch.Tensor
@@ -152,6 +166,28 @@ def ridge_diabetes(
     Rows are shuffled with ``seed`` and split into training and validation
     sets; the target is centred on the training mean.  Needs ``scikit-learn``
     (``pip install bilevel[data]``).
+
+    Args:
+        train_fraction: share of the rows used for training, in ``(0, 1)``
+            (default 0.67); the rest validate.
+        seed: seed of the row shuffle (default 0).
+        dtype: floating dtype of the data (default float64).
+
+    Returns:
+        A :class:`RidgeHPO` (10 log-penalties, one per feature); its
+        :meth:`~RidgeHPO.as_problem` gives the :class:`BilevelProblem`.
+
+    Raises:
+        ImportError: scikit-learn is not installed.
+        ValueError: ``train_fraction`` is not in ``(0, 1)``.
+
+    Example:
+        >>> from bilevel.problems import ridge_diabetes
+        >>> hpo = ridge_diabetes()
+        >>> hpo.X.shape, hpo.X_val.shape
+        (torch.Size([296, 10]), torch.Size([146, 10]))
+        >>> hpo.as_problem().x0.shape
+        torch.Size([10])
     """
     try:
         from sklearn.datasets import load_diabetes

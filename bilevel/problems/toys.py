@@ -179,6 +179,13 @@ def project_below_diagonal(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     The set is a product of half-planes :math:`\{y_i \le x_i\}`: where
     :math:`y_i > x_i` both move to :math:`(x_i + y_i)/2`, elsewhere nothing moves.
 
+    Args:
+        x: the upper-level variable, a tensor.
+        y: the lower-level variable, a tensor of ``x``'s shape.
+
+    Returns:
+        The pair ``(x', y')``, the point of :math:`C` nearest to ``(x, y)``.
+
     Example:
         >>> project_below_diagonal(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]))
         (tensor([0.5000, 1.0000]), tensor([0.5000, 0.0000]))
