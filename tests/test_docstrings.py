@@ -78,27 +78,6 @@ PENDING_OTHER_OWNERS: set[str] = {
     "bilevel.algorithms.BAMM",
     "bilevel.algorithms.BDA",
     "bilevel.algorithms.LVHBA",
-    # bilevel/implicit/hypergrad.py
-    "bilevel.implicit.unrolled_hypergrad",  # Example
-    "bilevel.implicit.one_step_hypergrad",  # Args, Returns, Example
-    # bilevel/implicit/linear_solve/
-    "bilevel.implicit.linear_solve.LinearSolveInfo",  # Example
-    "bilevel.implicit.linear_solve.LinearSolver",  # Example
-    "bilevel.implicit.linear_solve.KrylovSolver",  # Args (maxiter, tol, atol), Example
-    "bilevel.implicit.linear_solve.materialize",  # Args, Returns, Example
-    "bilevel.implicit.linear_solve.resolve_maxiter",  # Args, Returns, Example
-    # bilevel/implicit/operators.py
-    "bilevel.implicit.operators.Linearization",  # Args (transpose_matvec, cross), Example
-    "bilevel.implicit.operators.linearize",  # Example
-    "bilevel.implicit.operators.densify",  # Returns, Example
-    "bilevel.implicit.operators.hessian_operator",  # Args, Returns
-    "bilevel.implicit.operators.hvp",  # Args, Returns, Example
-    "bilevel.implicit.operators.jacobian_matvec",  # Args, Returns, Example
-    "bilevel.implicit.operators.linearize_transpose",  # Args, Returns, Example
-    "bilevel.implicit.operators.cross_transpose",  # Args, Returns, Example
-    "bilevel.implicit.operators.split_differentiable",  # Args, Returns, Example
-    "bilevel.implicit.operators.batched",  # Args, Returns, Example
-    "bilevel.implicit.operators.damped",  # Args, Returns, Example
     # bilevel/layers/convex.py and qp.py
     "bilevel.layers.ConvexLayer",  # Example is a literal block, not a >>> doctest
     "bilevel.layers.QPInfo",  # Example

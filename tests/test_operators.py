@@ -131,11 +131,11 @@ def test_densify_is_the_same_operator_and_keeps_cg_iterates():
     assert int(info_dense.iterations) == int(info_op.iterations) == 3
 
 
-def test_densify_batched_pytree_and_when_it_declines():
+def test_densify_pytree_and_when_it_declines():
     from bilevel.implicit import CG, Direct
     from bilevel.implicit.operators import densify
 
-    A = torch.randn(3, 4, 4)  # 3 independent systems, 4 unknowns in a tree of 3 + 1
+    A = torch.randn(4, 4)  # 4 unknowns in a tree of 3 + 1
 
     def to_flat(tree):
         return torch.cat([tree["a"], tree["b"].unsqueeze(-1)], -1)
@@ -146,14 +146,19 @@ def test_densify_batched_pytree_and_when_it_declines():
     def op(tree):
         return to_tree((A @ to_flat(tree).unsqueeze(-1)).squeeze(-1))
 
-    example = to_tree(torch.randn(3, 4))
-    dense = densify(op, example, 1, CG())
-    u = to_tree(torch.randn(3, 4))
+    example = to_tree(torch.randn(4))
+    dense = densify(op, example, 0, CG())
+    assert dense is not op
+    u = to_tree(torch.randn(4))
     torch.testing.assert_close(to_flat(dense(u)), to_flat(op(u)))
-    torch.testing.assert_close(to_flat(dense.transpose(u)), (A.mT @ to_flat(u).unsqueeze(-1)).squeeze(-1))
-    assert densify(op, example, 1, Direct()) is op  # Direct materializes by itself
-    assert densify(op, example, 1, object()) is op  # an unknown solver has no budget
-    assert densify(op, example, 1, CG(maxiter=0 + 1) ) is not op  # 1 product >= 4 / 12
+    torch.testing.assert_close(to_flat(dense.transpose(u)), A.mT @ to_flat(u))
+    assert densify(op, example, 0, Direct()) is op  # Direct materializes by itself
+    assert densify(op, example, 0, object()) is op  # an unknown solver has no budget
+    assert densify(op, example, 0, CG(maxiter=1)) is not op  # 1 product >= 4 / 12
+    # a batch of systems is never materialized: the vmap over the basis would copy
+    # each system's data once per basis vector
+    batched_example = to_tree(torch.randn(3, 4))
+    assert densify(op, batched_example, 1, CG()) is op
     double = lambda v: 2 * v  # noqa: E731
     assert densify(double, torch.randn(500), 0, CG()) is double  # too large to materialize
 

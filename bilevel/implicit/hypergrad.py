@@ -247,6 +247,22 @@ def unrolled_hypergrad(
 
     Returns:
         ``dF/dx`` shaped like ``x`` (and :math:`y_T` if ``return_solution``).
+
+    Example:
+        On :math:`f = \tfrac12\|y\|^2 - x^\top y` (so :math:`y^\star = x`), steps
+        of size :math:`s = 1/2` from :math:`y_0 = 0` give :math:`y_T = (1 - 2^{-T})\, x`,
+        hence :math:`dF/dx = (1 - 2^{-T})\, (y_T - t)` for :math:`F = \tfrac12\|y - t\|^2`:
+
+        >>> import torch, bilevel
+        >>> t = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> inner = lambda x, y: 0.5 * (y ** 2).sum() - x @ y
+        >>> outer = lambda x, y: 0.5 * ((y - t) ** 2).sum()
+        >>> x = torch.tensor([3.0, -1.0], dtype=torch.float64)
+        >>> g, yT = bilevel.implicit.unrolled_hypergrad(
+        ...     outer, inner, x, torch.zeros_like(x), steps=3, step_size=0.5, return_solution=True)
+        >>> c = 1 - 0.5 ** 3
+        >>> torch.allclose(yT, c * x), torch.allclose(g, c * (c * x - t))
+        (True, True)
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"unrolled_hypergrad: `steps` must be a positive int; got {steps!r}.")
@@ -297,8 +313,34 @@ def one_step_hypergrad(
     .. math:: \nabla_x F(x, y') - \xi\, \nabla^2_{xy} f(x, y)\, \nabla_y F(x, y').
 
     A cheap, biased baseline (exact only when the step reaches :math:`y^\star`);
-    ``step_size`` :math:`\xi` defaults to :math:`1 / L` as in
-    :func:`unrolled_hypergrad`.
+    it is :func:`unrolled_hypergrad` with ``steps=1``.
+
+    Args:
+        outer: upper-level objective ``outer(x, y)`` (scalar).
+        inner: lower-level objective ``inner(x, y)`` (scalar).
+        x: upper variable, a tensor or tree of tensors.
+        y: the current inner iterate, the start of the step (tensor or tree).
+        step_size: :math:`\xi > 0`; ``None`` uses :math:`1 / L` with :math:`L` the
+            largest eigenvalue of :math:`\nabla^2_{yy} f(x, y)` (power iteration),
+            as in :func:`unrolled_hypergrad`.
+
+    Returns:
+        The approximate ``dF/dx``, with the structure of ``x``.
+
+    Example:
+        On a quadratic inner problem :math:`f = \tfrac12\|y\|^2 - x^\top y`, the step
+        :math:`\xi = 1` lands on :math:`y^\star = x` from anywhere, and the one-step
+        hypergradient equals the implicit one:
+
+        >>> import torch, bilevel
+        >>> inner = lambda x, y: 0.5 * (y ** 2).sum() - x @ y
+        >>> outer = lambda x, y: 0.5 * ((y - 1) ** 2).sum()
+        >>> x = torch.tensor([3.0, -1.0], dtype=torch.float64)
+        >>> g = bilevel.implicit.one_step_hypergrad(outer, inner, x, torch.zeros_like(x), step_size=1.0)
+        >>> g
+        tensor([ 2., -2.], dtype=torch.float64)
+        >>> torch.allclose(g, bilevel.hypergrad(outer, inner, x, x))
+        True
     """
     return unrolled_hypergrad(outer, inner, x, y, 1, step_size)
 

@@ -35,8 +35,26 @@ from .linear_solve import materialize
 def split_differentiable(args: Sequence[Any]) -> tuple[list[torch.Tensor], Callable[[Sequence[torch.Tensor]], tuple]]:
     """Split ``args`` into their floating-point tensor leaves and a rebuild function.
 
-    Returns ``(leaves, rebuild)`` with ``rebuild(new_leaves)`` returning ``args``
-    with those leaves replaced: a function of tensors only, as :func:`torch.func.vjp` needs.
+    The other leaves (integer tensors, numbers, ``None``, ...) are held fixed, so
+    ``rebuild`` is a function of tensors only, as :func:`torch.func.vjp` needs.
+
+    Args:
+        args: the arguments, each a leaf or a tree of leaves (tuple, list, dict).
+
+    Returns:
+        ``(leaves, rebuild)``: the floating-point tensor leaves in flattening order,
+        and ``rebuild(new_leaves)``, which returns ``args`` (as a tuple) with those
+        leaves replaced by ``new_leaves``, in the same order.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.operators import split_differentiable
+        >>> args = (torch.tensor([1.0, 2.0]), 3, {"idx": torch.tensor([0, 1]), "w": torch.tensor(0.5)})
+        >>> leaves, rebuild = split_differentiable(args)
+        >>> leaves
+        [tensor([1., 2.]), tensor(0.5000)]
+        >>> rebuild([2 * t for t in leaves])
+        (tensor([2., 4.]), 3, {'idx': tensor([0, 1]), 'w': tensor(1.)})
     """
     return split_leaves(tuple(args), lambda x: torch.is_tensor(x) and x.is_floating_point())
 
@@ -47,19 +65,67 @@ def linearize_transpose(residual: Residual, sol: TensorTree, *args: Any) -> tupl
 
     For ``residual = grad f`` this is the Hessian-vector product :math:`H u`
     (reverse-over-reverse).
+
+    Args:
+        residual: the map ``residual(sol, *args)``, from a tree like ``sol`` to a tree.
+        sol: the point :math:`s` of the linearization (tensor or tree).
+        *args: further arguments of ``residual``, held fixed.
+
+    Returns:
+        ``(value, matvec)``: ``residual(sol, *args)``, and the map
+        :math:`u \mapsto J^\top u` from trees like ``value`` to trees like ``sol``.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.operators import linearize_transpose
+        >>> A = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> F = lambda s, A: A @ s ** 2                          # J = A diag(2 s)
+        >>> value, matvec = linearize_transpose(F, torch.tensor([1.0, -1.0]), A)
+        >>> value, matvec(torch.tensor([1.0, 0.0]))              # the first row of J
+        (tensor([3., 7.]), tensor([ 2., -4.]))
     """
     value, pullback = vjp(lambda s: residual(s, *args), sol)
     return value, lambda u: pullback(u)[0]
 
 
 def jacobian_matvec(residual: Residual, sol: TensorTree, *args: Any) -> Matvec:
-    r"""The map :math:`w \mapsto J w`, :math:`J = \partial_{sol}` residual (forward mode)."""
+    r"""The map :math:`w \mapsto J w`, :math:`J = \partial_{sol}` residual (forward mode).
+
+    Each product is one :func:`torch.func.jvp` through ``residual``.
+
+    Args:
+        residual: the map ``residual(sol, *args)``, from a tree like ``sol`` to a tree.
+        sol: the point :math:`s` at which :math:`J` is taken (tensor or tree).
+        *args: further arguments of ``residual``, held fixed.
+
+    Returns:
+        The map :math:`w \mapsto J w`, from trees like ``sol`` to trees like the
+        residual's value.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.operators import jacobian_matvec
+        >>> A = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> F = lambda s, A: A @ s ** 2                          # J = A diag(2 s)
+        >>> matvec = jacobian_matvec(F, torch.tensor([1.0, -1.0]), A)
+        >>> matvec(torch.tensor([1.0, 0.0]))                     # the first column of J
+        tensor([2., 6.])
+    """
     return lambda w: jvp(lambda s: residual(s, *args), (sol,), (w,))[1]
 
 
 def hessian_operator(objective: Objective, sol: TensorTree, *args: Any) -> tuple[TensorTree, Matvec]:
     r"""Gradient :math:`\nabla_{sol} f` and the Hessian-vector product
     :math:`v \mapsto \nabla^2_{sol\,sol} f \, v`, linearized once.
+
+    Args:
+        objective: the scalar function ``objective(sol, *args)``.
+        sol: the point (tensor or tree) at which the Hessian is taken.
+        *args: further arguments of ``objective``, held fixed.
+
+    Returns:
+        ``(gradient, hvp)``: :math:`\nabla_{sol} f` (a tree like ``sol``), and the
+        Hessian-vector product, a map from trees like ``sol`` to trees like ``sol``.
 
     Example:
         >>> import torch
@@ -74,7 +140,29 @@ def hessian_operator(objective: Objective, sol: TensorTree, *args: Any) -> tuple
 
 def hvp(objective: Objective, sol: TensorTree, tangent: TensorTree, *args: Any) -> TensorTree:
     r"""One Hessian-vector product :math:`\nabla^2_{sol\,sol} f(sol, *args)\, v`
-    (forward-over-reverse; for many products use :func:`hessian_operator`)."""
+    (forward-over-reverse; for many products use :func:`hessian_operator`).
+
+    Args:
+        objective: the scalar function ``objective(sol, *args)``.
+        sol: the point (tensor or tree) at which the Hessian is taken.
+        tangent: the vector :math:`v`, a tree like ``sol``.
+        *args: further arguments of ``objective``, held fixed.
+
+    Returns:
+        :math:`\nabla^2_{sol\,sol} f \, v`, a tree like ``sol``.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.operators import hvp
+        >>> X = torch.tensor([[1.0, 2.0], [0.5, -1.0], [0.0, 3.0]], dtype=torch.float64)
+        >>> f = lambda w, X: torch.logsumexp(X @ w, 0)
+        >>> w = torch.tensor([0.1, -0.2], dtype=torch.float64)
+        >>> v = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> p = torch.softmax(X @ w, 0)
+        >>> H = X.T @ (torch.diag(p) - torch.outer(p, p)) @ X     # the Hessian of f
+        >>> torch.allclose(hvp(f, w, v, X), H @ v)
+        True
+    """
     return jvp(lambda s: grad(objective)(s, *args), (sol,), (tangent,))[1]
 
 
@@ -84,6 +172,26 @@ def cross_transpose(residual: Residual, sol: TensorTree, args: Sequence[Any], u:
     (in :func:`split_differentiable` order).
 
     For ``residual = grad_y f`` this is :math:`\nabla^2_{x y} f \, u`.
+
+    Args:
+        residual: the map ``residual(sol, *args)``.
+        sol: the point :math:`s`, held fixed (tensor or tree).
+        args: the arguments of ``residual`` after ``sol``, as one sequence; their
+            floating tensor leaves are differentiated, the other leaves held fixed.
+        u: the cotangent, a tree like the residual's value.
+
+    Returns:
+        A list with :math:`(\partial_{\theta} F)^\top u` for each floating tensor
+        leaf :math:`\theta` of ``args``, each shaped like that leaf (empty when
+        there is none).
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.operators import cross_transpose
+        >>> F = lambda y, x, k: k * x * y                  # d/dx: diag(k y); k is not a tensor
+        >>> y, x = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+        >>> cross_transpose(F, y, (x, 2.0), torch.tensor([1.0, -1.0]))
+        [tensor([ 2., -4.])]
     """
     leaves, rebuild = split_differentiable(args)
     if not leaves:
@@ -95,11 +203,29 @@ def cross_transpose(residual: Residual, sol: TensorTree, args: Sequence[Any], u:
 class Linearization:
     r"""A residual :math:`F(s, \theta)` linearized once at a point.
 
-    Attributes:
-        value: :math:`F(s, \theta)` (a tree like ``sol``).
+    Built by :func:`linearize`; the three arguments are kept as attributes of
+    the same names.  :attr:`transpose_matvec` gives :math:`(\partial_s F)^\top u`
+    and :attr:`cross` gives :math:`(\partial_\theta F)^\top u`, both reusing the
+    one recorded graph.
 
-    :meth:`transpose_matvec` gives :math:`(\partial_s F)^\top u` and :meth:`cross`
-    gives :math:`(\partial_\theta F)^\top u`, both reusing the one recorded graph.
+    Args:
+        value: :math:`F(s, \theta)` (a tree like ``sol``).
+        transpose_matvec: the map :math:`u \mapsto (\partial_s F)^\top u`, from
+            trees like ``value`` to trees like ``sol``.
+        cross: the map :math:`u \mapsto (\partial_\theta F)^\top u`, returning a
+            list with one entry per floating tensor leaf of the arguments (in
+            :func:`split_differentiable` order).
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.operators import linearize
+        >>> F = lambda s, theta: theta * s ** 2 - 1     # d/ds: diag(2 theta s), d/dtheta: diag(s^2)
+        >>> lin = linearize(F, torch.tensor([1.0, 2.0]), (torch.tensor([3.0, 0.5]),), wrt_args=True)
+        >>> lin.value
+        tensor([2., 1.])
+        >>> u = torch.tensor([1.0, 1.0])
+        >>> lin.transpose_matvec(u), lin.cross(u)
+        (tensor([6., 2.]), [tensor([1., 4.])])
     """
 
     def __init__(self, value, transpose_matvec: Matvec, cross: Callable[[TensorTree], list]):
@@ -128,6 +254,23 @@ def linearize(
 
     Returns:
         A :class:`Linearization`.
+
+    Example:
+        With ``objective`` given, the residual is its gradient and
+        :attr:`Linearization.transpose_matvec` is the Hessian-vector product:
+
+        >>> import torch
+        >>> from bilevel.implicit.operators import linearize
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> f = lambda s, x: 0.5 * s @ A @ s - x @ s         # gradient A s - x
+        >>> s = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        >>> x = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> lin = linearize(torch.func.grad(f), s, (x,), objective=f, wrt_args=True)
+        >>> lin.value
+        tensor([1., 0.], dtype=torch.float64)
+        >>> u = torch.tensor([1.0, -1.0], dtype=torch.float64)
+        >>> torch.allclose(lin.transpose_matvec(u), A @ u), lin.cross(u)  # cross: -I u
+        (True, [tensor([-1.,  1.], dtype=torch.float64)])
     """
     leaves = [t for t in tree_leaves((sol, tuple(args))) if torch.is_tensor(t)]
     if inside_transform() or any(is_transformed(t) for t in leaves):
@@ -191,7 +334,13 @@ def densify(operator: Matvec, example: TensorTree, batch_dims: int, solver: Any)
     single vmapped product over the identity (measured at 3, 7 and 19 products'
     cost for ridge Hessians with n = 20, 100, 300); every later product is a small
     dense matvec.  The solver's iterates are unchanged up to rounding.  Operators
-    that cannot be vmapped, and larger systems, are returned as they are.
+    that cannot be vmapped, larger systems and batches of systems
+    (``batch_dims > 0``) are returned as they are: for a batch, the vmap over the
+    identity runs on top of the batch dimension, and the batching rules then
+    copy the per-system data once per basis vector (the product's data, e.g. a
+    ``(B, m, n)`` design matrix, ``n`` times), which costs about as much as the
+    ``<= n`` products a Krylov solve would take (64 ridge problems with n = 20:
+    54 ms materialized vs 24 ms not, 2 threads).
 
     Args:
         operator: a linear map on trees shaped like ``example``.
@@ -199,11 +348,32 @@ def densify(operator: Matvec, example: TensorTree, batch_dims: int, solver: Any)
             ``batch_dims`` dimensions index independent systems).
         batch_dims: number of leading batch dimensions.
         solver: the linear solver that will use the operator.
+
+    Returns:
+        A linear map on the same trees: a dense matvec (marked ``self_adjoint``
+        when ``operator`` is, else given a dense ``transpose``), or ``operator``
+        itself when it is not materialized.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.linear_solve import CG
+        >>> from bilevel.implicit.operators import batched, densify, hessian_operator
+        >>> X = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
+        >>> f = lambda w: 0.5 * ((X @ w) ** 2).sum() + 0.5 * (w ** 2).sum()  # H = X^T X + I
+        >>> w = torch.zeros(3, dtype=torch.float64)
+        >>> _, H = hessian_operator(f, w)
+        >>> dense = densify(H, w, 0, CG())
+        >>> v = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+        >>> dense is H, torch.allclose(dense(v), X.T @ (X @ v) + v)
+        (False, True)
+        >>> H_batch = batched(H)                              # a batch of systems: kept
+        >>> densify(H_batch, torch.zeros(4, 3, dtype=torch.float64), 1, CG()) is H_batch
+        True
     """
     rav = Raveler(example, batch_dims)
     n = rav.size
     budget = getattr(solver, "max_products", lambda n: 0)(n)
-    if n > DENSE_MAX_SIZE or budget < n / 12:
+    if batch_dims > 0 or n > DENSE_MAX_SIZE or budget < n / 12:
         return operator
     batch = tuple(rav.batch_shape)
     nbatch = math.prod(batch)
@@ -231,13 +401,52 @@ def densify(operator: Matvec, example: TensorTree, batch_dims: int, solver: Any)
 
 
 def batched(operator: Matvec, in_dims: int = 0) -> Matvec:
-    """Map a linear ``operator`` over a leading dimension of tangents with vmap:
-    ``batched(op)(V)[i] == op(V[i])``, in one call."""
+    r"""Map a linear ``operator`` over a leading dimension of tangents with vmap:
+    ``batched(op)(V)[i] == op(V[i])``, in one call.
+
+    Args:
+        operator: a linear map on trees, compatible with :func:`torch.func.vmap`.
+        in_dims: the dimension of the tangents that indexes them (as ``in_dims``
+            of :func:`torch.func.vmap`), default 0.
+
+    Returns:
+        The batched operator; its outputs are stacked along dimension 0.
+
+    Example:
+        The Hessian, as the Hessian-vector products with the identity's rows:
+
+        >>> import torch
+        >>> from bilevel.implicit.operators import batched, hessian_operator
+        >>> f = lambda w: torch.logsumexp(w, 0) + (w ** 4).sum()
+        >>> w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+        >>> _, hvp = hessian_operator(f, w)
+        >>> p = torch.softmax(w, 0)
+        >>> H = torch.diag(p) - torch.outer(p, p) + torch.diag(12 * w ** 2)
+        >>> torch.allclose(batched(hvp)(torch.eye(3, dtype=torch.float64)), H)
+        True
+    """
     return vmap(operator, in_dims=in_dims)
 
 
 def damped(operator: Matvec, damping: float) -> Matvec:
-    r"""The operator :math:`v \mapsto A v + \epsilon v` (Tikhonov damping)."""
+    r"""The operator :math:`v \mapsto A v + \epsilon v` (Tikhonov damping).
+
+    Args:
+        operator: the linear map :math:`v \mapsto A v` on trees.
+        damping: :math:`\epsilon`, added to every eigenvalue of :math:`A`.
+
+    Returns:
+        The damped operator, marked ``self_adjoint`` when ``operator`` is and given
+        the damped ``transpose`` when ``operator`` has one; ``operator`` itself
+        when ``damping == 0``.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.operators import damped
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+        >>> damped(lambda v: A @ v, 0.5)(torch.tensor([1.0, -1.0]))  # (A + 0.5 I) v
+        tensor([ 1.5000, -2.5000])
+    """
     if damping == 0:
         return operator
 

@@ -30,6 +30,20 @@ class LinearSolveInfo:
         residual_norm: ``||b - A x||`` at the returned ``x``.
         b_norm: ``||b||``.
         status: :class:`~bilevel.status.Status` codes (``int64``).
+
+    Example:
+        Two systems solved together (``batch_dims=1``); the second has
+        :math:`b = 0` and is solved by :math:`x = 0` without an iteration:
+
+        >>> import torch
+        >>> from bilevel.implicit.linear_solve import CG
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+        >>> x, info = CG()(lambda v: v @ A, b, batch_dims=1)
+        >>> info.converged, info.iterations
+        (tensor([True, True]), tensor([2, 0]))
+        >>> bool((info.relative_residual < 1e-12).all()), info.summary()
+        (True, 'linear solve converged')
     """
 
     iterations: torch.Tensor
@@ -73,6 +87,28 @@ class LinearSolver:
     ``None``, and ``flatten``, which turns any other tree-to-tree map (a
     preconditioner) into a flat one; it returns ``(x, iterations, status)``.  The
     base class recomputes the true residual and builds the info.
+
+    Example:
+        A solver for diagonal operators (one product recovers the diagonal); the
+        base class handles the tree ``b`` and reports the true residual:
+
+        >>> import torch
+        >>> from dataclasses import dataclass
+        >>> from bilevel.implicit.linear_solve import LinearSolver
+        >>> from bilevel.status import Status
+        >>> @dataclass(frozen=True)
+        ... class Diagonal(LinearSolver):
+        ...     def _solve(self, matvec, b, x0, flatten):
+        ...         x = b / matvec(torch.ones_like(b))
+        ...         ones = torch.ones(b.shape[0], dtype=torch.int64)
+        ...         return x, ones, torch.full_like(ones, Status.SUCCESS)
+        >>> d = {"u": torch.tensor([2.0, 4.0]), "w": torch.tensor(8.0)}
+        >>> b = {"u": torch.ones(2), "w": torch.tensor(2.0)}
+        >>> x, info = Diagonal()(lambda v: {k: d[k] * v[k] for k in v}, b)
+        >>> x
+        {'u': tensor([0.5000, 0.2500]), 'w': tensor(0.2500)}
+        >>> float(info.residual_norm), bool(info.converged)
+        (0.0, True)
     """
 
     def __call__(
@@ -202,17 +238,68 @@ def _sync_every(x: torch.Tensor) -> int:
 
 
 def resolve_maxiter(maxiter: Optional[int], n: int) -> int:
-    """``maxiter=None`` means ``10 n``, at most 1000."""
+    """The iteration budget of a Krylov solve: ``maxiter=None`` means ``10 n``, at most 1000.
+
+    Args:
+        maxiter: the budget a solver was given, a positive int or ``None``.
+        n: number of unknowns of one system.
+
+    Returns:
+        ``maxiter`` itself when it is an int, else ``min(10 n, 1000)``.
+
+    Example:
+        >>> from bilevel.implicit.linear_solve import resolve_maxiter
+        >>> resolve_maxiter(None, 20), resolve_maxiter(None, 500), resolve_maxiter(50, 500)
+        (200, 1000, 50)
+    """
     return maxiter if maxiter is not None else min(10 * n, 1000)
 
 
 @dataclass(frozen=True)
 class KrylovSolver(LinearSolver):
-    """Base of the iterative solvers: an iteration budget and a tolerance.
+    r"""Base of the iterative solvers: an iteration budget and a tolerance.
 
     Subclasses implement ``_iterate(matvec, b, x0, threshold, maxiter, flatten)``
     on flat ``(B, n)`` tensors, with ``threshold`` the per-element stopping
-    threshold ``max(tol * ||b||, atol)`` and ``maxiter`` resolved from ``None``.
+    threshold ``max(tol * ||b||, atol)`` and ``maxiter`` resolved from ``None``
+    (:func:`resolve_maxiter`); it returns ``(x, iterations, status)`` as
+    :meth:`LinearSolver._solve` does.  A claimed success is re-checked against the
+    true residual: a residual above 10 times the threshold is reported as
+    :attr:`~bilevel.status.Status.MAX_ITERATIONS`.
+
+    Args:
+        maxiter: iteration budget per element, a positive int; ``None`` means
+            ``10 n`` capped at 1000.  Default 100.
+        tol: relative tolerance on the residual norm, in (0, 1); ``None``
+            (default) is ``sqrt(eps)`` of the dtype.
+        atol: absolute tolerance on the residual norm, non-negative, default 0.
+
+    Example:
+        Richardson's iteration :math:`x \leftarrow x + (b - A x)`, which converges
+        when the spectral radius of :math:`I - A` is below 1:
+
+        >>> import torch
+        >>> from dataclasses import dataclass
+        >>> from bilevel.implicit.linear_solve import KrylovSolver
+        >>> from bilevel.status import Status
+        >>> @dataclass(frozen=True)
+        ... class Richardson(KrylovSolver):
+        ...     def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
+        ...         x = torch.zeros_like(b) if x0 is None else x0
+        ...         r, k = b - matvec(x), 0
+        ...         while k < maxiter and bool((r.norm(dim=-1) > threshold).any()):
+        ...             x = x + r
+        ...             r, k = b - matvec(x), k + 1
+        ...         iterations = torch.full(b.shape[:1], k)
+        ...         return x, iterations, torch.full_like(iterations, Status.SUCCESS)
+        >>> A = torch.tensor([[1.0, 0.5], [0.0, 0.5]], dtype=torch.float64)
+        >>> b = torch.ones(2, dtype=torch.float64)
+        >>> x, info = Richardson(tol=1e-10)(lambda v: A @ v, b)
+        >>> torch.allclose(A @ x, b), bool(info.converged)
+        (True, True)
+        >>> x, info = Richardson(maxiter=3)(lambda v: A @ v, b)  # stopped too early
+        >>> Status(int(info.status)).name, int(info.iterations)
+        ('MAX_ITERATIONS', 3)
     """
 
     maxiter: Optional[int] = 100
@@ -234,7 +321,29 @@ class KrylovSolver(LinearSolver):
 
 
 def materialize(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
-    """The ``(B, n, n)`` matrices of a flat batched ``matvec``, by one vmap over ``e_j``."""
+    """The ``(B, n, n)`` matrices of a flat batched ``matvec``, by one vmap over ``e_j``.
+
+    Args:
+        matvec: a linear map of ``(B, n)`` tensors, ``v -> (A_1 v_1, ..., A_B v_B)``;
+            it must work under :func:`torch.func.vmap`.
+        b: a ``(B, n)`` tensor giving the batch size, the size, the dtype and the
+            device (its values are not used).
+
+    Returns:
+        The matrices :math:`A_i` stacked into a ``(B, n, n)`` tensor.
+
+    Raises:
+        RuntimeError: ``matvec`` cannot be vmapped (unless it also fails on ``b``
+            alone: that error is raised as it is).
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.linear_solve import materialize
+        >>> A = torch.arange(8.0).reshape(2, 2, 2)             # two 2 x 2 matrices
+        >>> matvec = lambda v: (A @ v.unsqueeze(-1)).squeeze(-1)
+        >>> torch.equal(materialize(matvec, torch.zeros(2, 2)), A)
+        True
+    """
     nbatch, n = b.shape
     basis = torch.eye(n, dtype=b.dtype, device=b.device).unsqueeze(1).expand(n, nbatch, n)
     try:
