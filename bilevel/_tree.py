@@ -90,10 +90,10 @@ class Raveler:
         for d in self.dtypes[1:]:
             self.dtype = torch.promote_types(self.dtype, d)
         self.size = sum(self.sizes)
-        self._bare = len(leaves) == 1 and torch.is_tensor(example)  # a plain tensor, no tree
+        self.bare = len(leaves) == 1 and torch.is_tensor(example)  # a plain tensor, no tree
 
     def ravel(self, tree: TensorTree) -> torch.Tensor:
-        if self._bare and torch.is_tensor(tree):
+        if self.bare and torch.is_tensor(tree):
             return tree.reshape(tree.shape[: tree.dim() - len(self.shapes[0])] + (-1,))
         leaves = tree_leaves(tree)
         if len(leaves) == 1:
@@ -107,7 +107,7 @@ class Raveler:
 
     def unravel(self, flat: torch.Tensor) -> TensorTree:
         batch = flat.shape[:-1]
-        if self._bare:
+        if self.bare:
             return flat.reshape(tuple(batch) + tuple(self.shapes[0]))
         if len(self.shapes) == 1:
             return tree_unflatten([flat.reshape(tuple(batch) + tuple(self.shapes[0]))], self.spec)

@@ -387,11 +387,13 @@ def densify(operator: Matvec, example: TensorTree, batch_dims: int, solver: Any)
     except Exception:  # noqa: BLE001 - an optimization only: keep the operator as it is
         return operator
 
+    matrix_t = matrix.mT  # row vectors times the transpose: one matmul for any leading shape
+
     def dense(v):
-        return rav.unravel((matrix @ rav.ravel(v).unsqueeze(-1)).squeeze(-1))
+        return rav.unravel(rav.ravel(v) @ matrix_t)
 
     def dense_transpose(v):
-        return rav.unravel((matrix.mT @ rav.ravel(v).unsqueeze(-1)).squeeze(-1))
+        return rav.unravel(rav.ravel(v) @ matrix)
 
     if getattr(operator, "self_adjoint", False):
         dense.self_adjoint = True

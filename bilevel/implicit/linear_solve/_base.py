@@ -134,6 +134,15 @@ class LinearSolver:
         nbatch = math.prod(batch)
 
         def flatten(tree_fn: Matvec) -> FlatMatvec:
+            if rav.bare and not batch:  # one plain tensor: two reshapes per product
+                shape = rav.shapes[0]
+
+                def flat_fn(v: torch.Tensor) -> torch.Tensor:
+                    out = tree_fn(v.reshape(shape))
+                    return (out if torch.is_tensor(out) else rav.ravel(out)).reshape(1, n)
+
+                return flat_fn
+
             def flat_fn(v: torch.Tensor) -> torch.Tensor:
                 out = tree_fn(rav.unravel(v.reshape(tuple(batch) + (n,))))
                 return rav.ravel(out).reshape(nbatch, n)
