@@ -396,3 +396,90 @@ def test_captured_tensor_requiring_grad_is_flagged():
         warnings.simplefilter("error", CapturedTensorWarning)
         with pytest.raises(CapturedTensorWarning, match="nu"):
             layer(basis, x)
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def _devices_setup(devices, K=4):
+    """A Burgers MoE (nonlinear experts, learnable coefficient) with the experts spread over ``devices``."""
+
+    class Burgers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.log_nu = torch.nn.Parameter(torch.tensor(math.log(0.1), dtype=torch.float64))
+            self.problem = burgers_1d(nu=0.1)
+
+        def forward(self, f, pts, kind):
+            pde = f["u_t"] + f["u"] * f["u_x"] - self.log_nu.exp() * f["u_xx"]
+            return torch.where(kind == 0, pde, f["u"] - self.problem.exact(pts))
+
+    problem = burgers_1d(nu=0.1)
+    pts, kind = problem.collocation(12, 8)
+    part = BoxPartition(problem.lower, problem.upper, (K, 1))
+    layer = HardConstraintMoE(Burgers(), part(pts), solver=GaussNewton(tol=1e-13), devices=devices)
+    basis = {k: v.detach().requires_grad_() for k, v in evaluate_basis(features(5, seed=4), pts, FIELDS).items()}
+    return layer, basis, pts, kind
+
+
+@pytest.mark.parametrize("devices", [["cpu", "cpu"], ["cpu", "cpu", "cpu"], ["cpu"] * 4])
+def test_experts_spread_over_devices_equal_one_device(devices):
+    one, basis, pts, kind = _devices_setup(None)
+    spread, _, _, _ = _devices_setup(devices)
+    w = torch.randn(4, 5, dtype=torch.float64)
+    outs, grads = [], []
+    for layer in (one, spread):
+        omega = layer(basis, pts, kind)
+        outs.append(omega.detach())
+        grads.append(torch.autograd.grad((omega * w).sum(), [*basis.values(), layer.residual.log_nu]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=1e-10)
+    for g_spread, g_one in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_spread, g_one, atol=1e-9, rtol=1e-8)
+    # per-expert solver info in expert order; one backward certificate per device group
+    assert spread.last_info.iterations.shape == (4,) and spread.last_info.converged.all()
+    torch.testing.assert_close(spread.last_info.residual_norm, one.last_info.residual_norm, atol=1e-12, rtol=0)
+    groups = spread.implicit_info if len(devices) > 1 else [spread.implicit_info]
+    assert [info.optimal.numel() for info in groups] == [len(r) for r in torch.arange(4).tensor_split(len(devices))]
+    assert "devices=['cpu'" in repr(spread)
+
+
+def test_gradcheck_experts_over_two_devices():
+    layer, basis, pts, kind = _devices_setup(["cpu", "cpu"], K=3)
+    names = list(basis)
+
+    def f(*leaves):
+        return layer(dict(zip(names, leaves)), pts, kind)
+
+    assert torch.autograd.gradcheck(f, tuple(basis[k] for k in names), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+def test_non_converged_expert_on_a_later_device_is_named_globally():
+    x = torch.linspace(0, 1, 12, dtype=torch.float64)
+    basis = torch.stack([torch.ones_like(x), x], 1)
+    experts = (x > 0.5).long()
+    y = torch.where(experts == 0, torch.exp(0.1 * x), torch.exp(8 + 3 * x))
+    layer = HardConstraintMoE(lambda u, y: torch.exp(u) - y, experts, solver=LevenbergMarquardt(maxiter=3),
+                              devices=["cpu", "cpu"])
+    with pytest.warns(ConvergenceWarning, match=r"experts \[1\]: expert 1"):
+        layer(basis, y)
+    assert layer.last_info.converged.tolist() == [True, False]
+
+
+def test_devices_bad_input():
+    experts = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="`devices` must be a non-empty list"):
+        HardConstraintMoE(linear_residual, experts, devices="cpu")
+    with pytest.raises(ValueError, match="`devices` must be a non-empty list"):
+        HardConstraintMoE(linear_residual, experts, devices=[])
+    with pytest.raises(ValueError, match="3 devices for 2 expert"):
+        HardConstraintMoE(linear_residual, experts, devices=["cpu"] * 3)
+    with pytest.raises(ValueError, match="`devices` must hold torch devices"):
+        HardConstraintMoE(linear_residual, experts, devices=["not-a-device"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_experts_on_cpu_and_cuda_equal_one_device():
+    one, basis, pts, kind = _devices_setup(None)
+    spread, _, _, _ = _devices_setup(["cpu", "cuda"])
+    torch.testing.assert_close(spread(basis, pts, kind).detach(), one(basis, pts, kind).detach(), atol=1e-10, rtol=1e-8)

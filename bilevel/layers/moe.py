@@ -336,10 +336,17 @@ class HardConstraintMoE(_BasisExpansion):
     (Interface conditions between experts are not imposed: experts are
     independent, as in the paper.)
 
-    Devices: the experts are independent, so groups of experts could run on
-    different devices (the basis rows of a group moved there, one batched call per
-    device, the coefficients gathered back).  This layer runs all experts on the
-    device of ``basis``; a multi-device variant is not implemented.
+    Devices: the experts are independent, so with ``devices=[d_0, ..., d_{D-1}]``
+    they are split into :math:`D` contiguous groups of :math:`\lceil K/D\rceil` or
+    :math:`\lfloor K/D\rfloor` experts; group :math:`g` gets its basis rows, data,
+    warm start and residual parameters copied to :math:`d_g`, is solved there by
+    one batched call and differentiated there by one batched adjoint solve, and
+    its coefficients are copied back to the device of ``basis`` (the copies are
+    differentiable, so gradients flow back the same way).  The groups are issued
+    one after the other from one Python thread: on GPUs the kernels of a group are
+    queued asynchronously, so the devices overlap as far as the solver's
+    convergence checks (host reads) allow.  Without ``devices`` every expert runs
+    on the device of ``basis``.
 
     Args:
         residual: the pointwise residual ``residual(fields, *data)`` (see above).
@@ -354,6 +361,10 @@ class HardConstraintMoE(_BasisExpansion):
             ``implicit_solve``, else a batched dense solve for :math:`N \le 128`).
         strict: raise :class:`~bilevel.status.BilevelError` instead of warning
             when an expert's solve or the backward certificate fails.
+        devices: optional list of ``D <= K`` devices (``torch.device`` or strings
+            such as ``"cuda:1"``, repeats allowed) over which the experts are spread
+            in contiguous groups (see "Devices" above); default: the device of
+            ``basis``.
 
     Example:
         >>> import torch
@@ -385,6 +396,7 @@ class HardConstraintMoE(_BasisExpansion):
         regularization: float = 0.0,
         solve: LinearSolver | None = None,
         strict: bool = False,
+        devices: Sequence[torch.device | str] | None = None,
     ):
         super().__init__()
         self._check_residual_fn(residual)
@@ -403,10 +415,11 @@ class HardConstraintMoE(_BasisExpansion):
         self.solver = dataclasses.replace(solver, batch_dims=1)
         self.regularization, self.solve, self.strict = float(regularization), solve, bool(strict)
         self.last_info: SolverInfo | None = None  # per expert, of the last forward pass
-        self._root = None
+        self._roots: list = []  # one differentiable solve per device group, of the last forward pass
         if experts is None:  # one expert over all points (HardConstraint)
             self.register_buffer("experts", None)
             self.num_experts = 1
+            self.devices = self._check_devices(devices)
             return
         if not torch.is_tensor(experts) or experts.dim() != 1 or experts.dtype not in (torch.int64, torch.int32):
             got = f"shape {tuple(experts.shape)}, dtype {experts.dtype}" if torch.is_tensor(experts) else type(experts).__name__
@@ -426,12 +439,40 @@ class HardConstraintMoE(_BasisExpansion):
                 f"experts {empty[:8]} have none (use fewer splits or more points)."
             )
         self.num_experts = K
+        self.devices = self._check_devices(devices)
         self.register_buffer("experts", experts)
         gather, mask = _layout(experts, K)
         self.register_buffer("_gather", gather, persistent=False)
         self.register_buffer("_mask", mask, persistent=False)
 
     # ------------------------------------------------------------------ layout
+
+    def _check_devices(self, devices) -> list[torch.device] | None:
+        if devices is None:
+            return None
+        if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence) or not devices:
+            raise ValueError(
+                f"{self._stage()}: `devices` must be a non-empty list of devices, e.g. ['cuda:0', 'cuda:1']; "
+                f"got {devices!r}."
+            )
+        try:
+            parsed = [torch.device(d) for d in devices]
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"{self._stage()}: `devices` must hold torch devices or their names; got {devices!r} ({err}).") from None
+        if len(parsed) > self.num_experts:
+            raise ValueError(
+                f"{self._stage()}: {len(parsed)} devices for {self.num_experts} expert(s); give at most one device per expert."
+            )
+        return parsed
+
+    def _groups(self, K: int, device: torch.device) -> list[tuple[torch.device, slice]]:
+        """``(device, experts)`` of each group: contiguous, balanced slices of ``0 .. K-1``."""
+        if self.devices is None:
+            return [(device, slice(0, K))]
+        D = len(self.devices)
+        sizes = [K // D + (g < K % D) for g in range(D)]  # the first K mod D groups get one more
+        bounds = [sum(sizes[:g]) for g in range(D + 1)]
+        return [(d, slice(lo, hi)) for d, lo, hi in zip(self.devices, bounds[:-1], bounds[1:])]
 
     def _experts_for(self, points: int) -> torch.Tensor:
         if self.experts is None:
@@ -463,6 +504,17 @@ class HardConstraintMoE(_BasisExpansion):
                     f"{self._stage()}: `data[{i}]` has dtype {d.dtype} on {d.device} but `basis` has {ref.dtype} "
                     f"on {ref.device}; floating inputs must share dtype and device."
                 )
+
+    @staticmethod
+    def _merge(infos: list, device: torch.device) -> SolverInfo:
+        """The per-group solver infos as one, in expert order, on ``device``."""
+        if len(infos) == 1:
+            return infos[0]
+        return dataclasses.replace(infos[0], **{
+            f.name: None if getattr(infos[0], f.name) is None
+            else torch.cat([getattr(i, f.name).to(device) for i in infos])
+            for f in dataclasses.fields(infos[0])
+        })
 
     def _report(self, info: SolverInfo) -> None:
         failed = (~info.converged).reshape(-1)
@@ -541,23 +593,32 @@ class HardConstraintMoE(_BasisExpansion):
             r = one(omega, params, mask, *tensors)
             return 0.5 * (r * r).sum()
 
-        layer = self
+        infos: list = []
 
         def run(*args, init):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # reported per expert below
-                sol, info = layer.solver.run(batched, init, *args)
-            layer.last_info = info
-            layer._report(info)
+                sol, info = self.solver.run(batched, init, *args)
+            infos.append(info)
             return sol
 
         tol = self.solver.tol
         residual_tol = max(default_tol(ref.dtype) if tol is None else float(tol), default_residual_tol(ref.dtype))
         solve = self.solve if self.solve is not None else self.solver.implicit_solve
-        self._root = custom_root(
-            stationarity(objective), solve=solve, residual_tol=residual_tol, batch_dims=1, strict=self.strict
-        )(run)
-        return self._root(*args, init=init.detach())
+        self._roots, omegas = [], []
+        for device, part in self._groups(K, ref.device):
+            root = custom_root(
+                stationarity(objective), solve=solve, residual_tol=residual_tol, batch_dims=1, strict=self.strict
+            )(run)
+            group_args = (
+                {name: p[part].to(device) for name, p in params.items()},
+                *(t[part].to(device) for t in args[1:]),
+            )
+            omegas.append(root(*group_args, init=init[part].detach().to(device)).to(ref.device))
+            self._roots.append(root)
+        self.last_info = self._merge(infos, ref.device)
+        self._report(self.last_info)
+        return omegas[0] if len(omegas) == 1 else torch.cat(omegas)
 
     def _check_rows(self, r0: torch.Tensor, mask: torch.Tensor, N: int) -> None:
         if self.regularization:
@@ -574,11 +635,16 @@ class HardConstraintMoE(_BasisExpansion):
 
     @property
     def implicit_info(self):
-        """The certificate of the last backward pass (per expert), or ``None`` before one."""
-        return None if self._root is None else self._root.last_info
+        """The certificate of the last backward pass (per expert), or ``None`` before one;
+        with ``devices``, a list of them, one per device group."""
+        if not self._roots:
+            return None
+        infos = [root.last_info for root in self._roots]
+        return infos[0] if len(infos) == 1 else infos
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, solver={self.solver!r}, regularization={self.regularization}"
+        devices = "" if self.devices is None else f", devices={[str(d) for d in self.devices]}"
+        return f"num_experts={self.num_experts}, solver={self.solver!r}, regularization={self.regularization}{devices}"
 
 
 def _expert_residual(residual: PointwiseResidual, spec, gamma: float, stage: str) -> Callable:
