@@ -292,7 +292,7 @@ class _Root(torch.autograd.Function):
                 full[i] = a
             return system.batched_residual()(sol, full)
 
-        _, dres = jvp(of_args, tuple(tensors[i] for i in float_pos), tuple(tangents[i] for i in float_pos))
+        _, dres = jvp(of_args, tuple(tensors[i].contiguous() for i in float_pos), tuple(tangents[i] for i in float_pos))
         forward_system = dataclasses.replace(system, transpose=False)
         b = [-x for x in tree_leaves(dres)]
         return tuple(solve_adjoint(forward_system, b, sol_leaves, tensors))

@@ -24,6 +24,8 @@ first, then the arguments it depends on) in two ways:
     differentiated; gradients w.r.t. every floating tensor in ``args`` come from
     the implicit function theorem.  ``implicit_solve`` (a field of every solver)
     is the linear solver of that backward system (``None``: custom_root's default).
+    For a batch of least-squares problems (``batch_dims > 0``) the condition is
+    one problem's and ``custom_root`` solves one backward system per problem.
 
 Tolerance rule
 --------------
@@ -40,7 +42,11 @@ with ``tol=None`` meaning :math:`\sqrt{\varepsilon}` of the dtype of ``init``
 Relative to the initial residual, the rule is reachable in either precision
 whatever the scale of the objective (a ridge problem on raw features, with a
 Hessian norm in the thousands, stops at the same relative accuracy as a
-standardized one).  The threshold is kept in ``info.tolerance``.
+standardized one).  The threshold is kept in ``info.tolerance``.  The
+least-squares solvers raise a threshold that lies below the rounding floor of
+:math:`J^\top r` to that floor, and :class:`LevenbergMarquardt` also tests its
+step, so that damping cannot stop it short of the root of an ill-conditioned
+problem (:mod:`bilevel.solvers.least_squares`).
 
 For :meth:`__call__`, the condition handed to ``custom_root`` is divided by
 :math:`\max(1, r(x_0))`: the same normalization, a constant that leaves the
@@ -97,7 +103,8 @@ class SolverInfo:
             where not available.
         status: :class:`~bilevel.status.Status` codes (``int64``).
         tolerance: the threshold ``residual_norm`` was compared with,
-            ``tol * max(1, initial residual)``.
+            ``tol * max(1, initial residual)`` (for least squares, at least the
+            rounding floor of ``||J^T r||`` where the element stopped).
     """
 
     iterations: torch.Tensor
@@ -198,9 +205,15 @@ class Solver:
         normalized.__name__ = getattr(fun, "__name__", "fun")
         return stationarity(normalized)
 
-    def _differentiable(self, condition: Condition, solve: Callable, dtype: torch.dtype) -> Callable:
+    def _differentiable(
+        self, condition: Condition, solve: Callable, dtype: torch.dtype, batch_dims: int = 0
+    ) -> Callable:
+        """``solve`` made differentiable by ``custom_root(condition)``; with ``batch_dims``
+        leading dimensions of independent problems (``condition`` is then one problem's)."""
         residual_tol = max(self._tol(dtype), default_residual_tol(dtype))
-        return custom_root(condition, solve=self.implicit_solve, residual_tol=residual_tol)(solve)
+        return custom_root(
+            condition, solve=self.implicit_solve, residual_tol=residual_tol, batch_dims=batch_dims
+        )(solve)
 
     def _tol(self, dtype: torch.dtype) -> float:
         return default_tol(dtype) if self.tol is None else float(self.tol)
