@@ -13,6 +13,12 @@ checkpoint (``resume=``) so that an interrupted run ends where the uninterrupted
 one ends.  Certificate warnings of the inner steps (inexact inner solutions,
 unconverged linear solves) are collected and issued once at the end, with
 their count and worst residual.
+
+On accelerators the loop does not wait for the device after every step: the
+steps report 0-d tensors, and the driver reads the records (and the finiteness
+of the iterates) every 8 steps in one host read, then fills the history, the
+progress bar and the errors exactly as a step-by-step read would.  With ``tol``
+or a ``callback``, which need each step's values, it reads every step.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ._tree import tree_leaves
-from .algorithms import METHODS, Algorithm, State
+from .algorithms import METHODS, Algorithm, State, StepInfo
+from .algorithms._base import host_floats
+from .implicit.linear_solve._base import _sync_every
 from .problems import BilevelProblem
 from .status import BilevelWarning
 from .typing import TensorTree
@@ -221,6 +229,10 @@ def solve(
     history: dict = {key: [] for key in HISTORY_KEYS}
     caught: dict = defaultdict(list)
     converged, message = False, f"reached max_steps={max_steps}"
+    # Records are read from the device every `every` steps (one host read for all of them), or
+    # every step where the stopping rule or the callback needs each step's values.
+    every = 1 if tol is not None or callback is not None else _sync_every(tree_leaves(state.x)[0])
+    pending: list = []
     start = time.perf_counter()
     bar = tqdm(total=max_steps, initial=min(state.iteration, max_steps), disable=not progress, desc="bilevel")
     try:
@@ -229,19 +241,25 @@ def solve(
             batch = batches.next()
             with warnings.catch_warnings(record=True) as records:
                 warnings.simplefilter("always", BilevelWarning)
-                state = algorithm.step(problem, state, batch)
+                try:
+                    state = algorithm.step(problem, state, batch)
+                except Exception:
+                    _flush(pending, history, bar)  # a non-finite earlier step raises its own error
+                    raise
             _sort_warnings(records, caught, state.iteration)
-            record = _record(history, state, time.perf_counter() - tick)
-            _check_finite(state, record)
-            bar.update(1)
-            bar.set_postfix(outer=f"{record['outer']:.4g}", grad=f"{record['hypergradient_norm']:.2g}")
-            if tol is not None and record["hypergradient_norm"] <= tol:
-                converged, message = True, f"hypergradient norm {record['hypergradient_norm']:.3g} <= tol={tol}"
-                break
-            if callback is not None and callback(state, record):
-                message = "stopped by the callback"
-                break
+            _queue(pending, state, time.perf_counter() - tick)
+            if len(pending) >= every or state.iteration >= max_steps:
+                state = _settle(algorithm, problem, state, batch, pending, caught)
+                record = _flush(pending, history, bar)
+                if tol is not None and record["hypergradient_norm"] <= tol:
+                    converged, message = True, f"hypergradient norm {record['hypergradient_norm']:.3g} <= tol={tol}"
+                    break
+                if callback is not None and callback(state, record):
+                    message = "stopped by the callback"
+                    break
             if max_time is not None and time.perf_counter() - start >= max_time:
+                state = _settle(algorithm, problem, state, batch, pending, caught)
+                _flush(pending, history, bar)
                 message = f"reached max_time={max_time} s"
                 break
     finally:
@@ -284,30 +302,70 @@ def _warn_once(caught: dict) -> None:
         )
 
 
-def _record(history: dict, state: State, seconds: float) -> dict:
+@dataclass
+class _Pending:
+    """A step's record before it is read from the device."""
+
+    step: int
+    info: StepInfo
+    finite: list  # per leaf of (x, y): 0-d bool tensors
+    seconds: float
+
+
+def _queue(pending: list, state: State, seconds: float) -> None:
+    """Keep the step's record (tensors); a step that went back to a saved state
+    voids the records from the step that blew up on."""
     info = state.info
-    record = {
-        "step": state.iteration,
-        "outer": info.outer,
-        "hypergradient_norm": info.hypergradient_norm,
-        "inner_residual": info.inner_residual,
-        "linear_residual": info.linear_residual,
-        "time": seconds,
-    }
-    for key, value in record.items():
-        history[key].append(value)
+    if info.rolled_back_at is not None:
+        pending[:] = [p for p in pending if p.step < info.rolled_back_at]
+    finite = [torch.isfinite(t).all() for t in tree_leaves(state.x) + tree_leaves(state.y)]
+    pending.append(_Pending(state.iteration, info, finite, seconds))
+
+
+def _settle(algorithm: Algorithm, problem: BilevelProblem, state: State, batch: Any, pending: list,
+            caught: dict) -> State:
+    """Let the algorithm finish its deferred checks before the records are read."""
+    info = state.info
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always", BilevelWarning)
+        state = algorithm.settle(problem, state, batch)
+    _sort_warnings(records, caught, state.iteration)
+    if state.info is not info:  # it went back to a saved state: that is the step's record
+        _queue(pending, state, 0.0)
+    return state
+
+
+def _flush(pending: list, history: dict, bar) -> Optional[dict]:
+    """Read the pending records (one host read), append them to the history, and
+    raise at the first step whose iterates or outer value are not finite."""
+    if not pending:
+        return None
+    values = []
+    for p in pending:
+        values.extend(p.info.values())
+        values.extend(p.finite)
+    numbers = host_floats(values)
+    records, at = [], 0
+    for p in pending:
+        p.info.set_floats(numbers[at:at + 4])
+        finite = all(numbers[at + 4:at + 4 + len(p.finite)])
+        at += 4 + len(p.finite)
+        records.append((p, finite))
+    pending.clear()
+    record = None
+    for p, finite in records:
+        record = {"step": p.step, **dict(zip(HISTORY_KEYS[1:5], p.info.floats())), "time": p.seconds}
+        for key, value in record.items():
+            history[key].append(value)
+        if not finite or not math.isfinite(record["outer"]):
+            raise FloatingPointError(
+                f"solve: step {p.step}: the iterates became non-finite (outer value "
+                f"{record['outer']}, hypergradient norm {record['hypergradient_norm']}); lower the "
+                "outer learning rate `lr` or check the objectives for NaN."
+            )
+        bar.update(1)
+    bar.set_postfix(outer=f"{record['outer']:.4g}", grad=f"{record['hypergradient_norm']:.2g}")
     return record
-
-
-def _check_finite(state: State, record: dict) -> None:
-    leaves = tree_leaves(state.x) + tree_leaves(state.y)
-    finite = all(bool(torch.isfinite(t).all()) for t in leaves)
-    if not finite or not math.isfinite(record["outer"]):
-        raise FloatingPointError(
-            f"solve: step {state.iteration}: the iterates became non-finite (outer value "
-            f"{record['outer']}, hypergradient norm {record['hypergradient_norm']}); lower the "
-            "outer learning rate `lr` or check the objectives for NaN."
-        )
 
 
 __all__ = ["solve", "BilevelResult", "HISTORY_KEYS"]

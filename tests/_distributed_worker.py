@@ -107,13 +107,25 @@ def _batches(take, steps: int = 4) -> list:
     return batches
 
 
+METHODS = {
+    "implicit": {"lr": 0.1},
+    "unrolled": {"lr": 0.1},
+    "one_step": {"lr": 0.1},
+    "penalty": {"warmup": 20},
+    "meha": {"warmup": 20},
+    "bamm": {"warmup": 20},
+    "bda": {"warmup": 20},
+}
+
+
 def solve_runs(wrap, take) -> dict:
-    """(ii) bilevel.solve(method="implicit") and (iii) a single-loop method
-    ("penalty", stochastic F2SA schedule) on mini-batches."""
+    """(ii) bilevel.solve with the double-loop methods (implicit, unrolled, one_step)
+    and (iii) the single-loop methods (penalty with its stochastic F2SA schedule,
+    MEHA, sl-BAMM, BDA) on mini-batches."""
     x0 = torch.full((10,), -1.0, dtype=torch.float64)
     y0 = _split(torch.zeros(10, dtype=torch.float64))
     out = {}
-    for method, options in (("implicit", {"lr": 0.1}), ("penalty", {"warmup": 20})):
+    for method, options in METHODS.items():
         result = bilevel.solve(wrap(outer), wrap(inner), x0, y0, method=method, data=_batches(take), max_steps=4,
                                progress=False, **options)
         out[method] = {"x": result.x, "y": result.y, "outer": torch.tensor(result.history["outer"])}

@@ -83,9 +83,10 @@ def test_hypergradient_equals_one_process_on_the_concatenated_batch(ranks):
     assert (local - expected["default d=10"]).abs().max() > 1e-3
 
 
-def test_implicit_and_penalty_iterates_equal_one_process(ranks):
+def test_every_method_iterates_equal_one_process(ranks):
     expected = worker.solve_runs(_identity, lambda b: b)
-    for method in ("implicit", "penalty"):
+    assert set(ranks[0]["solve"]) == set(worker.METHODS)
+    for method in worker.METHODS:
         got = ranks[0]["solve"][method]
         _assert_tree_close(got, expected[method])
         # and the run moved: the comparison is not between two start points

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -36,14 +36,91 @@ _OPTIMIZERS = {
 }
 
 
-@dataclass
-class StepInfo:
-    """What one outer step measured (floats, for the history)."""
+def host_floats(values: Sequence[Any]) -> list:
+    """Python floats of numbers and one-element tensors, with one host read per
+    device (instead of one ``float(t)`` per tensor): the values are stacked on
+    their device, in float64 (float32 on MPS), and read together."""
+    out: list = [None] * len(values)
+    groups: dict = {}
+    for i, value in enumerate(values):
+        if torch.is_tensor(value):
+            groups.setdefault(value.device, []).append(i)
+        else:
+            out[i] = float(value)
+    for device, where in groups.items():
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        stacked = torch.stack([values[i].detach().reshape(()).to(dtype) for i in where])
+        for i, number in zip(where, stacked.tolist()):
+            out[i] = number
+    return out
 
-    outer: float = float("nan")
-    hypergradient_norm: float = float("nan")
-    inner_residual: float = float("nan")
-    linear_residual: float = float("nan")
+
+_NAN = float("nan")
+_STEP_FIELDS = ("outer", "hypergradient_norm", "inner_residual", "linear_residual")
+
+
+class StepInfo:
+    """What one outer step measured, for the history.
+
+    The values may be Python numbers or one-element tensors: a step that keeps
+    them on its device reports without a host synchronization, and the first
+    read of an attribute converts all four to Python floats at once (one read,
+    cached).  :func:`bilevel.solve` converts the records of several steps
+    together.
+
+    Attributes:
+        outer: :math:`F` at the new iterate.
+        hypergradient_norm: norm of the hypergradient (or of its estimate).
+        inner_residual: the lower level's optimality residual.
+        linear_residual: relative residual of the linear solve (if any).
+        rolled_back_at: set by a step that went back to a saved state: the
+            step at which the iterates blew up (the records from there on
+            are void); ``None`` otherwise.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.algorithms import StepInfo
+        >>> info = StepInfo(outer=torch.tensor(0.5), hypergradient_norm=torch.tensor(2.0))
+        >>> info.outer, info.hypergradient_norm      # read when asked, all four at once
+        (0.5, 2.0)
+    """
+
+    __slots__ = ("_values", "_floats", "rolled_back_at")
+
+    def __init__(self, outer: Any = _NAN, hypergradient_norm: Any = _NAN, inner_residual: Any = _NAN,
+                 linear_residual: Any = _NAN, rolled_back_at: Optional[int] = None):
+        self._values = (outer, hypergradient_norm, inner_residual, linear_residual)
+        self._floats: Optional[tuple] = None
+        self.rolled_back_at = rolled_back_at
+
+    def values(self) -> tuple:
+        """The four values as given (numbers or tensors), without a host read."""
+        return self._values if self._floats is None else self._floats
+
+    def floats(self) -> tuple:
+        """The four values as Python floats (one host read the first time)."""
+        if self._floats is None:
+            self.set_floats(host_floats(self._values))
+        return self._floats
+
+    def set_floats(self, numbers: Sequence[float]) -> None:
+        """Cache the values read by the caller (``numbers`` in the order of :meth:`values`)."""
+        self._floats = tuple(numbers)
+        self._values = self._floats
+
+    outer = property(lambda self: self.floats()[0])
+    hypergradient_norm = property(lambda self: self.floats()[1])
+    inner_residual = property(lambda self: self.floats()[2])
+    linear_residual = property(lambda self: self.floats()[3])
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in zip(_STEP_FIELDS, self.floats()))
+        return f"StepInfo({fields})"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, StepInfo):
+            return NotImplemented
+        return self.floats() == other.floats() and self.rolled_back_at == other.rolled_back_at
 
 
 @dataclass
@@ -91,6 +168,7 @@ class State:
                     )
                 mine.copy_(saved)
         self.y = tree_map(lambda t: t.detach().clone(), checkpoint["y"])
+        self.__dict__.pop("_deferred", None)  # checks a step deferred belong to the iterates replaced here
         self.iteration = int(checkpoint["iteration"])
         self.extras = copy.deepcopy(checkpoint.get("extras", {}))
         if self.optimizer is not None and checkpoint.get("optimizer") is not None:
@@ -174,13 +252,32 @@ class Algorithm:
         """Returns ``(y, dF/dx, info)`` at ``state.x``."""
         raise NotImplementedError
 
+    def settle(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
+        """Finish the checks that steps deferred to avoid host synchronizations
+        (on accelerators; nothing to do on the CPU, nor for most algorithms).
+        :func:`bilevel.solve` calls it before it reads the step records.  A
+        check that fails acts as it would have in its step: it raises, or goes
+        back to a saved state (then ``state.info.rolled_back_at`` is set)."""
+        return state
+
     def replace(self, **changes) -> "Algorithm":
         return dataclasses.replace(self, **changes)
 
 
-def tree_norm_float(tree: TensorTree) -> float:
+def tree_norm(tree: TensorTree) -> torch.Tensor:
+    """The Euclidean norm of all leaves together, as a 0-d tensor (no host read)."""
     leaves = tree_leaves(tree)
-    return float(torch.sqrt(sum((t.detach() ** 2).sum() for t in leaves)))
+    return torch.sqrt(sum((t.detach() ** 2).sum() for t in leaves))
+
+
+def tree_norm_float(tree: TensorTree) -> float:
+    return float(tree_norm(tree))
+
+
+def report_value(value: torch.Tensor) -> torch.Tensor:
+    """A user objective's value for a :class:`StepInfo`: detached and copied, since
+    it is read later and may share memory with an iterate updated in place."""
+    return value.detach().reshape(()).clone()
 
 
 __all__ = [
@@ -190,5 +287,8 @@ __all__ = [
     "make_optimizer",
     "bind_batch",
     "fresh_leaves",
+    "host_floats",
+    "report_value",
+    "tree_norm",
     "tree_norm_float",
 ]

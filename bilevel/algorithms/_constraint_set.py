@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._base import host_floats
+
 
 class ConstraintProjection:
     """Projects flat vectors onto ``{w : g(w) <= 0} ∩ S``.
@@ -47,6 +49,7 @@ class ConstraintProjection:
         self.affine = bool(torch.allclose(self.jacobian(probe), jac, rtol=1e-10, atol=1e-12))
         self.fixed = (jac, g(w_example).detach() - jac @ w_example) if self.affine else None
         self.dual: Optional[torch.Tensor] = None
+        self._lipschitz: Optional[tuple] = None  # (Jacobian, ||J||_2^2)
 
     def jacobian(self, w: torch.Tensor) -> torch.Tensor:
         jac = torch.func.jacrev(self.g)(w.detach())
@@ -55,8 +58,10 @@ class ConstraintProjection:
     def __call__(self, w0: torch.Tensor) -> torch.Tensor:
         w0 = w0.detach()
         inside = w0 if self.project_simple is None else self.project_simple(w0)
-        scale = self.tol * (1.0 + float(w0.abs().max()))
-        if float(self.g(inside).max()) <= scale and torch.equal(inside, w0):
+        same = (inside == w0).all() if inside is not w0 else True  # torch.equal, without its own read
+        magnitude, g_max, same = host_floats([w0.abs().max(), self.g(inside).max(), same])  # one read
+        scale = self.tol * (1.0 + magnitude)
+        if g_max <= scale and same:
             return w0
         w = inside
         for _ in range(self.max_rounds):
@@ -78,7 +83,9 @@ class ConstraintProjection:
     def _linear(self, w0: torch.Tensor, jac: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
         """Projection onto ``{w in S : jac w + h <= 0}`` by FISTA on the dual."""
         m = jac.shape[0]
-        lipschitz = float(torch.linalg.matrix_norm(jac, 2)) ** 2
+        if self._lipschitz is None or self._lipschitz[0] is not jac:  # one SVD per Jacobian (affine g: one)
+            self._lipschitz = (jac, float(torch.linalg.matrix_norm(jac, 2)) ** 2)
+        lipschitz = self._lipschitz[1]
         if lipschitz == 0.0:
             return w0 if self.project_simple is None else self.project_simple(w0)
         mu = self.dual if self.dual is not None and self.dual.shape == (m,) else torch.zeros(m, dtype=w0.dtype, device=w0.device)
@@ -90,12 +97,14 @@ class ConstraintProjection:
             t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
             nu = mu_next + ((t - 1) / t_next) * (mu_next - mu)
             mu, t = mu_next, t_next
-            if i % 10 == 9:
+            if i % 10 == 9:  # every 10 iterations, one host read for the stopping rule and the blow-up test
                 primal = self._primal(w0, jac, mu)
                 residual = jac @ primal + h
-                if float(residual.max()) <= scale and float((mu * residual).abs().max()) <= scale * (1 + float(mu.abs().max())):
+                worst, complementarity, size, finite = host_floats(
+                    [residual.max(), (mu * residual).abs().max(), mu.abs().max(), torch.isfinite(mu).all()])
+                if worst <= scale and complementarity <= scale * (1 + size):
                     break
-                if not bool(torch.isfinite(mu).all()) or float(mu.abs().max()) > 1e12:
+                if not finite or size > 1e12:
                     raise ValueError("the constraint set {g(x, y) <= 0} is empty (the projection's multipliers "
                                      "diverge): the constraints are infeasible.")
         self.dual = mu

@@ -28,9 +28,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
+from ..implicit.linear_solve._base import _sync_every
 from ..problems import BilevelProblem
 from ..status import StepSizeWarning
-from ._base import Algorithm, State, StepInfo, bind_batch, fresh_leaves, make_optimizer
+from ._base import Algorithm, State, StepInfo, bind_batch, fresh_leaves, host_floats, make_optimizer, report_value
 
 Leaves = list
 
@@ -110,6 +111,17 @@ def block_curvature(
     The joint norm is at most :math:`\max(\|A\|, \|C\|) + \|B\|`.  Start vectors come
     from a fixed seed, so every step size built on the estimates is reproducible.
     """
+    return _checked_blocks(*_block_norms(fun, x_leaves, y_leaves, x_spec, y_spec, iterations).tolist())
+
+
+def _checked_blocks(x_norm: float, y_norm: float, cross: float) -> dict:
+    if not all(math.isfinite(t) for t in (x_norm, y_norm, cross)):
+        raise FloatingPointError("the Hessian-vector products at the start point are not finite.")
+    return {"x": x_norm, "y": y_norm, "cross": cross}
+
+
+def _block_norms(fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, iterations: int) -> torch.Tensor:
+    """The three norms of :func:`block_curvature` as a tensor on the device (no host read)."""
     gen = torch.Generator().manual_seed(0)
     n_x = len(x_leaves)
     with torch.enable_grad():
@@ -120,7 +132,7 @@ def block_curvature(
         grads = torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not live:
-            return {"x": 0.0, "y": 0.0, "cross": 0.0}
+            return torch.zeros(3, dtype=inputs[0].dtype, device=inputs[0].device)
         dtype = inputs[0].dtype
         tiny = torch.finfo(dtype).tiny
 
@@ -153,17 +165,14 @@ def block_curvature(
             return [a if (i < n_x) == is_x else torch.zeros_like(a) for i, a in enumerate(v)]
 
         a, c, m = unit(draw(True)), unit(draw(False)), unit([p + q for p, q in zip(draw(True), draw(False))])
-        norms = torch.zeros(3, dtype=dtype)
+        norms = torch.zeros(3, dtype=dtype, device=inputs[0].device)
         for _ in range(iterations):
             ha, hc, hmx, hmy = products([a, c, part(m, True), part(m, False)])
             a, c = part(ha, True), part(hc, False)
             m = [p + q for p, q in zip(part(hmy, True), part(hmx, False))]  # (B m_y, B^T m_x)
             norms = torch.stack([torch.sqrt(sum((t * t).sum() for t in v)) for v in (a, c, m)])
             a, c, m = unit(a), unit(c), unit(m)
-    x_norm, y_norm, cross = (float(t) for t in norms)
-    if not all(math.isfinite(t) for t in (x_norm, y_norm, cross)):
-        raise FloatingPointError("the Hessian-vector products at the start point are not finite.")
-    return {"x": x_norm, "y": y_norm, "cross": cross}
+    return norms
 
 
 def coupled_step(x_curv: float, y_curv: float, cross: float) -> float:
@@ -207,6 +216,11 @@ def set_projection(spec: Any, tree_example: Any, name: str) -> Optional[Callable
             f"({treedef}); got {spec!r}."
         )
     return lambda ls: [t if s is None else s(t) for s, t in zip(sets, ls)]
+
+
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """float64 where the device has it: comparisons then match the host's, in double."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
 
 
 def tree_sq_norm(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -259,7 +273,11 @@ class SingleLoop(Algorithm):
             state is one copy of the iterates).  After that the blow-up raises
             ``FloatingPointError`` naming the step.  Curvature that grows fast
             with :math:`x` (e.g. log-parametrized weights :math:`e^{x}`) can outrun
-            the estimates between two re-estimates; this is the safeguard.
+            the estimates between two re-estimates; this is the safeguard.  The
+            test reads :math:`\|(x, y)\|` on the host after every step on the CPU;
+            on accelerators every 8 steps, at each re-estimate and when a step
+            fails (one read for the steps since the last look), and it acts on the
+            first blown-up step as the CPU would, naming that step.
     """
 
     outer_optimizer: Any = "sgd"
@@ -315,8 +333,11 @@ class SingleLoop(Algorithm):
         ys, y_spec = tree_flatten(state.y)
         k = self.curvature_iterations if iterations is None else iterations
         out = {}
-        for name, fun in (("outer", outer), ("inner", inner)):
-            blocks = block_curvature(fun, xs, ys, x_spec, y_spec, k)
+        norms = [_block_norms(fun, xs, ys, x_spec, y_spec, k) for fun in (outer, inner)]
+        same_device = norms[0].device == norms[1].device
+        numbers = torch.cat(norms).tolist() if same_device else norms[0].tolist() + norms[1].tolist()  # one read
+        for name, (x_norm, y_norm, cross) in (("outer", numbers[:3]), ("inner", numbers[3:])):
+            blocks = _checked_blocks(x_norm, y_norm, cross)
             out.update({f"{name}_{key}": value for key, value in blocks.items()})
             out[f"{name}_xy"] = max(blocks["x"], blocks["y"]) + blocks["cross"]
         inner_y = out["inner_y"]
@@ -335,18 +356,28 @@ class SingleLoop(Algorithm):
         lipschitz = curvature(inner, xs, ys, x_spec, y_spec, "y", self.curvature_iterations)
         if not lipschitz > 0:
             return
-        first = None
-        for _ in range(self.warmup):
+        sync = _sync_every(ys[0])
+        first = stopped = None
+        for i in range(self.warmup):
             _, _, gy = value_and_grads(inner, xs, ys, x_spec, y_spec, "y")
-            size = float(tree_sq_norm(gy))
-            first = size if first is None else first
-            if not math.isfinite(size) or size <= 1e-6 * first:
-                break
+            if sync == 1:  # on the host: stop as soon as the rule says so
+                size = float(tree_sq_norm(gy))
+                first = size if first is None else first
+                if not math.isfinite(size) or size <= 1e-6 * first:
+                    break
+            else:  # on the device: freeze y once the rule holds, look every `sync` steps
+                size = tree_sq_norm(gy).detach().to(_wide(gy[0]))
+                first = size if first is None else first
+                stop = ~torch.isfinite(size) | (size <= 1e-6 * first)
+                stopped = stop if stopped is None else stopped | stop
             with torch.no_grad():
-                ys = [t - g / lipschitz for t, g in zip(ys, gy)]
+                new = [t - g / lipschitz for t, g in zip(ys, gy)]
             if project_y is not None:
-                ys = project_y(ys)
-        if all(bool(torch.isfinite(t).all()) for t in ys):
+                new = project_y(new)
+            ys = new if stopped is None else [torch.where(stopped, old, t) for old, t in zip(ys, new)]
+            if stopped is not None and (i + 1) % sync == 0 and bool(stopped):
+                break
+        if all(host_floats([torch.isfinite(t).all() for t in ys])):
             state.y = tree_unflatten(ys, y_spec)
 
     def _projections(self, problem: BilevelProblem, x, y):
@@ -358,8 +389,10 @@ class SingleLoop(Algorithm):
     def step(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
         outer, inner = bind_batch(problem, batch)
         project_x, project_y = self._projections(problem, state.x, state.y)
-        if self.backoffs and (state.iteration == 0 or (
-                self.rescale_every and state.iteration % self.rescale_every == 0)):
+        boundary = state.iteration == 0 or (self.rescale_every and state.iteration % self.rescale_every == 0)
+        if boundary and self._settle_divergence(state, outer):
+            return state  # a deferred check found a blow-up before the state is saved anew: went back
+        if self.backoffs and boundary:
             _save_rollback(state)
         if self.rescale_every and state.iteration and state.iteration % self.rescale_every == 0:
             # on the problem's example batch: one mini-batch's curvature is too noisy a scale
@@ -368,12 +401,22 @@ class SingleLoop(Algorithm):
             state.extras.update(self.step_sizes(scales, state.extras))
             if self.lr is not None:
                 state.extras["x_step"] = float(self.lr)
-        info = self.update(problem, outer, inner, state, batch, project_x, project_y)
+        try:
+            info = self.update(problem, outer, inner, state, batch, project_x, project_y)
+        except Exception as error:  # blown-up iterates of a step not checked yet may be the cause
+            if self._settle_divergence(state, outer, cause=error):
+                return state
+            raise
         state.iteration += 1
         state.info = info
-        if self._check_divergence(state):  # went back to a saved state: report where it stands
-            with torch.no_grad():
-                state.info = StepInfo(outer=float(outer(state.x, state.y)))
+        checks = state.__dict__.setdefault(_DEFERRED, [])
+        checks.append((state.iteration, tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)).detach()))
+        if len(checks) >= _sync_every(checks[-1][1]):  # every step on the CPU, every few on accelerators
+            self._settle_divergence(state, outer)
+        return state
+
+    def settle(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
+        self._settle_divergence(state, bind_batch(problem, batch)[0])
         return state
 
     def update(self, problem, outer, inner, state: State, batch, project_x, project_y) -> StepInfo:
@@ -404,29 +447,47 @@ class SingleLoop(Algorithm):
                 y_leaves = project_y(y_leaves)
         state.y = tree_unflatten(list(y_leaves), tree_flatten(state.y)[1])
 
-    def _check_divergence(self, state: State) -> bool:
-        """Raise on blown-up iterates, or go back to the saved state (``True``)."""
-        size = float(tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)))
+    def _settle_divergence(self, state: State, outer: Callable, cause: Optional[BaseException] = None) -> bool:
+        r"""Read the squared norms :math:`\|(x, y)\|^2` that the steps since the last look
+        left on the device (one host read) and act on the first blown-up one
+        (non-finite, or :math:`10^{16}` times the start): go back to the saved state
+        and return ``True``, or raise naming its step."""
+        checks = state.__dict__.pop(_DEFERRED, None)
+        if not checks:
+            return False
         start = state.extras.get("start_size", 0.0)
-        if not math.isfinite(size) or size > 1e16 * max(1.0, start):
-            failed = state.iteration
-            if _roll_back(state, self.backoffs):
-                warnings.warn(
-                    f"{type(self).__name__}: the iterates blew up at step {failed} with x step "
-                    f"{state.extras.get('x_step', float('nan')):.3g}; went back to step {state.iteration} and "
-                    f"continue with the x step scaled by {state.extras['x_step_scale']:.0e}.",
-                    StepSizeWarning, stacklevel=4,
-                )
+        for step, size in zip([step for step, _ in checks], host_floats([size for _, size in checks])):
+            if not math.isfinite(size) or size > 1e16 * max(1.0, start):
+                self._diverged(state, step, size, start, cause)
+                with torch.no_grad():  # went back to a saved state: report where it stands
+                    state.info = StepInfo(outer=report_value(outer(state.x, state.y)), rolled_back_at=step)
                 return True
-            raise FloatingPointError(
-                f"{type(self).__name__}: the iterates diverged at step {state.iteration} "
-                f"(|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}, "
-                f"{math.sqrt(max(start, 0.0)):.3g} at the start); lower the step sizes "
-                f"(the x step is {state.extras.get('x_step', float('nan')):.3g})."
-            )
         return False
 
+    def _diverged(self, state: State, failed: int, size: float, start: float, cause) -> None:
+        """Go back to the saved state (warning), or raise after the last back-off."""
+        if _roll_back(state, self.backoffs):
+            warnings.warn(
+                f"{type(self).__name__}: the iterates blew up at step {failed} with x step "
+                f"{state.extras.get('x_step', float('nan')):.3g}; went back to step {state.iteration} and "
+                f"continue with the x step scaled by {state.extras['x_step_scale']:.0e}.",
+                StepSizeWarning, stacklevel=5,
+            )
+            return
+        error = FloatingPointError(
+            f"{type(self).__name__}: the iterates diverged at step {failed} "
+            f"(|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}, "
+            f"{math.sqrt(max(start, 0.0)):.3g} at the start); lower the step sizes "
+            f"(the x step is {state.extras.get('x_step', float('nan')):.3g})."
+        )
+        if cause is not None:  # the error a blown-up iterate caused in a later step
+            raise error from cause
+        raise error
 
+
+_DEFERRED = "_deferred"
+"""Attribute of a :class:`State` (not part of its checkpoint): the ``(step, |(x, y)|^2)``
+pairs whose blow-up check waits for the next host read."""
 _ROLLBACK = "rollback"
 
 
@@ -455,12 +516,16 @@ def step_report(outer, state: State, d_x: Leaves, inner_residual, scale: float =
     :math:`\|d_x\|` as the hypergradient estimate, and the residuals given."""
     with torch.no_grad():
         value = outer(tree_unflatten([t.detach() for t in tree_leaves(state.x)], tree_flatten(state.x)[1]), state.y)
-        return StepInfo(
-            outer=float(value),
-            hypergradient_norm=float(scale * torch.sqrt(tree_sq_norm(d_x))),
-            inner_residual=float(inner_residual),
-            linear_residual=float(linear_residual),
+        return StepInfo(  # tensors, read by the driver with other steps' (no host read here)
+            outer=report_value(value),
+            hypergradient_norm=scale * torch.sqrt(tree_sq_norm(d_x)),
+            inner_residual=_detached(inner_residual),
+            linear_residual=_detached(linear_residual),
         )
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if torch.is_tensor(value) else value
 
 
 def power_schedule(base: float, k: int, exponent: float) -> float:

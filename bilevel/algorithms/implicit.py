@@ -13,7 +13,7 @@ from ..solvers import LBFGS
 from ..solvers._base import Solver
 from .._tolerance import default_tol
 from .._tree import tree_leaves
-from ._base import Algorithm, State, StepInfo, tree_norm_float
+from ._base import Algorithm, State, StepInfo, report_value, tree_norm, tree_norm_float
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,12 @@ class Implicit(Algorithm):
             return_info=True,
         )
         with torch.no_grad():
-            value = float(outer(state.x, y))
-        step_info = StepInfo(
+            value = report_value(outer(state.x, y))
+        step_info = StepInfo(  # tensors, read by the driver with other steps' (no host read here)
             outer=value,
-            hypergradient_norm=tree_norm_float(g),
+            hypergradient_norm=tree_norm(g),
             inner_residual=inner_residual,
-            linear_residual=float(info.linear_solve.relative_residual.max()),
+            linear_residual=info.linear_solve.relative_residual.max().detach(),
         )
         return y, g, step_info
 
@@ -111,4 +111,4 @@ def _gradient_norm(objective, state: State) -> float:
 
 def _run(solver: Solver, objective, state: State):
     y, info = solver.run(objective, state.y, state.x)
-    return y, float(info.residual_norm.max())
+    return y, info.residual_norm.max().detach()

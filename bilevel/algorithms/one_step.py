@@ -9,7 +9,7 @@ import torch
 
 from .._tree import tree_map
 from ..implicit.hypergrad import one_step_hypergrad
-from ._base import Algorithm, State, StepInfo, tree_norm_float
+from ._base import Algorithm, State, StepInfo, report_value, tree_norm
 from .unrolled import _step_size
 
 
@@ -50,5 +50,5 @@ class OneStep(Algorithm):
                 y = tree_map(lambda a, g: a - xi * g, y, grad_y(y))
         g = one_step_hypergrad(outer, inner, state.x, y, xi)
         with torch.no_grad():
-            value = float(outer(state.x, y))
-        return y, g, StepInfo(outer=value, hypergradient_norm=tree_norm_float(g))
+            value = report_value(outer(state.x, y))
+        return y, g, StepInfo(outer=value, hypergradient_norm=tree_norm(g))

@@ -3,13 +3,14 @@ r"""Iterative differentiation (ITD): reverse mode through T inner gradient steps
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ..implicit.hypergrad import estimate_lipschitz, unrolled_hypergrad
-from ._base import Algorithm, State, StepInfo, tree_norm_float
+from ..implicit.linear_solve._base import _sync_every
+from ._base import Algorithm, State, StepInfo, report_value, tree_norm
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,16 @@ class Unrolled(Algorithm):
             outer, inner, state.x, y0, self.steps, step_size, truncate=self.truncate, return_solution=True
         )
         with torch.no_grad():
-            value = float(outer(state.x, y))
-        return y, g, StepInfo(outer=value, hypergradient_norm=tree_norm_float(g))
+            value = report_value(outer(state.x, y))
+        return y, g, StepInfo(outer=value, hypergradient_norm=tree_norm(g))
 
 
-def _step_size(step_size: Optional[float], inner, state: State) -> float:
+def _step_size(step_size: Optional[float], inner, state: State) -> Union[float, torch.Tensor]:
     """The fixed step, or ``1/L`` re-estimated at every outer step: the inner
     curvature changes as ``x`` moves, and a step from a stale estimate can exceed
     ``2/L`` and diverge.  The power iteration is warm-started from the previous
-    eigenvector (20 products the first time, 3 after)."""
+    eigenvector (20 products the first time, 3 after).  On accelerators the
+    estimate stays a 0-d tensor on the device (no host read; the same value)."""
     if step_size is not None:
         return step_size
     previous = state.extras.get("power_vector")
@@ -82,5 +84,6 @@ def _step_size(step_size: Optional[float], inner, state: State) -> float:
             return_vector=True,
         )
     state.extras["power_vector"] = [t.detach() for t in tree_leaves(vector)]
-    state.extras["step_size"] = float(1.0 / lipschitz.clamp_min(1e-12))
+    estimate = 1.0 / lipschitz.clamp_min(1e-12)
+    state.extras["step_size"] = float(estimate) if _sync_every(estimate) == 1 else estimate
     return state.extras["step_size"]

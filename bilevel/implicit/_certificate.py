@@ -105,11 +105,12 @@ def _fail(category: type, message: str, strict: bool) -> None:
 
 
 def report(system, value, sol, info: LinearSolveInfo, x, b) -> ImplicitInfo:
-    """Check and record the certificate of one adjoint solve; returns it."""
+    """Check and record the certificate of one adjoint solve; returns it.
+
+    Every check is decided by one host read (the flags are stacked on the
+    device), so a backward pass on an accelerator waits for it once."""
     stage, strict = system.stage, system.options.strict
     x_leaves = tree_leaves(x)
-    if not all(torch.isfinite(t).all() for t in x_leaves):
-        raise FloatingPointError(f"{stage}: the adjoint linear solve returned NaN or inf; {info.summary()}")
     dtype = x_leaves[0].dtype
     tol = system.options.residual_tol
     tol = default_residual_tol(dtype) if tol is None else tol
@@ -121,22 +122,28 @@ def report(system, value, sol, info: LinearSolveInfo, x, b) -> ImplicitInfo:
         ratio = batch_norm(x, system.batch_dims) / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
         distance = torch.where(b_norm > 0, optimality * ratio, torch.zeros_like(optimality))
     certificate = ImplicitInfo(optimality, distance, sol_norm, tol, info, system.damping, system.solve)
-    if system.certify and distance is not None:
-        bad = ~certificate.optimal
-        if bool(bad.any()):
-            worst = int(torch.where(bad, distance, -1).reshape(-1).argmax())
-            _fail(
-                OptimalityWarning,
-                f"{stage}: the optimality residual at the solution is "
-                f"{float(optimality.reshape(-1)[worst]):.3g}{_elements(bad)}, an estimated distance "
-                f"{float(distance.reshape(-1)[worst]):.3g} to the root, above {tol:.3g} x max(1, ||sol||): "
-                "the solver did not converge, so the implicit gradient is inexact. Solve the inner "
-                "problem more tightly.",
-                strict,
-            )
+    certify = system.certify and distance is not None
     failed = ~info.converged
-    if bool(failed.any()):
-        singular = bool((info.status == Status.BREAKDOWN).any())
+    flags = [torch.stack([torch.isfinite(t).all() for t in x_leaves]).all(), failed.any(),
+             (info.status == Status.BREAKDOWN).any()]
+    if certify:
+        bad = ~certificate.optimal
+        flags.append(bad.any())
+    finite, any_failed, singular, *any_bad = torch.stack(flags).tolist()
+    if not finite:
+        raise FloatingPointError(f"{stage}: the adjoint linear solve returned NaN or inf; {info.summary()}")
+    if certify and any_bad[0]:
+        worst = int(torch.where(bad, distance, -1).reshape(-1).argmax())
+        _fail(
+            OptimalityWarning,
+            f"{stage}: the optimality residual at the solution is "
+            f"{float(optimality.reshape(-1)[worst]):.3g}{_elements(bad)}, an estimated distance "
+            f"{float(distance.reshape(-1)[worst]):.3g} to the root, above {tol:.3g} x max(1, ||sol||): "
+            "the solver did not converge, so the implicit gradient is inexact. Solve the inner "
+            "problem more tightly.",
+            strict,
+        )
+    if any_failed:
         category = CurvatureWarning if singular else ConvergenceWarning
         hint = (
             " The system is singular or indefinite: the inner problem may be non-convex or its "

@@ -195,11 +195,19 @@ def estimate_lipschitz(
 
     ``start`` (e.g. the vector returned by an earlier call, with
     ``return_vector=True``) warm-starts the iteration, so a few iterations track
-    a curvature that changes as ``x`` moves.
+    a curvature that changes as ``x`` moves.  Without it the iteration starts
+    from a fixed pseudo-random vector (its own generator, seeded 0, drawn in
+    float64 on the CPU and cast to ``y``), the same in every run and on every
+    process: ranks of a data-parallel run then take the same products, whose
+    all-reduced sum is the full Hessian's, and the global random state is left
+    alone.
     """
     objective = inner_stationarity(inner).objective
     _, hvp = hessian_operator(objective, y, x)
-    v = tree_map(lambda t: torch.randn_like(t), y) if start is None else start
+    if start is None:
+        generator = torch.Generator().manual_seed(0)
+        start = tree_map(lambda t: torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t), y)
+    v = start
     estimate = torch.zeros((), dtype=tree_leaves(y)[0].dtype)
     for _ in range(iterations):
         norm = torch.sqrt(sum((t * t).sum() for t in tree_leaves(v)))
@@ -270,7 +278,7 @@ def unrolled_hypergrad(
         raise ValueError(f"unrolled_hypergrad: `truncate` must be an int in [1, steps={steps}]; got {truncate!r}.")
     if step_size is None:
         step_size = float(1.0 / estimate_lipschitz(inner, x, y0).clamp_min(1e-12))
-    if not step_size > 0:
+    if not torch.is_tensor(step_size) and not step_size > 0:  # a tensor: an estimate already on the device
         raise ValueError(f"unrolled_hypergrad: `step_size` must be positive; got {step_size!r}.")
     step = _inner_step(inner, step_size)
     differentiated = steps if truncate is None else truncate

@@ -59,6 +59,7 @@ import torch
 from .._checks import check_fields as _check_fields
 from .._checks import positive_int as _positive_int
 from .._checks import tol_ok as _tol_ok
+from ..implicit.linear_solve._base import _sync_every
 from ..status import BilevelError, CurvatureWarning
 from ._checks import check_tensor
 
@@ -153,6 +154,7 @@ def _check_inputs(Q, q, A, b, G, h) -> tuple:
     if q.dim() not in (1, 2):
         raise ValueError(f"qp_solve: `q` must have shape (n,) or (B, n); got {tuple(q.shape)}.")
     sizes = {"n": q.shape[-1], "p": None if A is None else A.shape[-2], "m": None if G is None else G.shape[-2]}
+    finite = dict(zip(given, torch.stack([torch.isfinite(t).all() for t in given.values()]).tolist()))  # one read
     batch = set()
     for name, t in given.items():
         core = _SHAPES[name]
@@ -164,7 +166,7 @@ def _check_inputs(Q, q, A, b, G, h) -> tuple:
             )
         if t.dim() == len(core) + 1:
             batch.add(t.shape[0])
-        if not bool(torch.isfinite(t).all()):
+        if not finite[name]:
             raise FloatingPointError(f"qp_solve: `{name}` contains NaN or inf.")
     if len(batch) > 1:
         shapes = {k: tuple(v.shape) for k, v in given.items()}
@@ -194,6 +196,12 @@ def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
+def _on_host(x: torch.Tensor) -> bool:
+    """Whether reading a flag of ``x`` on the host is free (the CPU): elsewhere the
+    loops avoid the read and do the work for all elements, as the linear solvers do."""
+    return _sync_every(x) == 1
+
+
 class _Saddle:
     """Batched LU of ``[[H, A^T], [A, 0]]``; singular elements get a tiny
     regularization ``delta (I, -I)`` (``delta = sqrt(eps) max|H|``)."""
@@ -207,7 +215,9 @@ class _Saddle:
         diag = self.LU.diagonal(dim1=-2, dim2=-1).abs()
         eps = torch.finfo(M.dtype).eps
         bad = (info > 0) | (diag.amin(-1) <= (n + p) * eps * diag.amax(-1)) | ~torch.isfinite(diag).all(-1)
-        if bool(bad.any()):
+        # On an accelerator the second factorization always runs (delta = 0 leaves the regular
+        # elements' matrices, hence their factors, unchanged): cheaper than a host read.
+        if not _on_host(M) or bool(bad.any()):
             scale = M.abs().amax((-2, -1)).clamp_min(1.0)
             delta = math.sqrt(eps) * scale * bad.to(M.dtype)
             sign = torch.cat([torch.ones(n, dtype=M.dtype, device=M.device), -torch.ones(p, dtype=M.dtype, device=M.device)])
@@ -298,7 +308,9 @@ KKT matrices lose all precision, and further steps make the residuals grow."""
 def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
     """Mehrotra predictor-corrector on a batch; returns ``(z, y, lam, s, QPInfo)`` at each
     element's best iterate (smallest merit).  An element stops at ``merit <= tol``; one that
-    stalls is SOLVED if its best merit is within ``100 tol``, else classified."""
+    stalls is SOLVED if its best merit is within ``100 tol``, else classified.  The loop asks
+    the host whether any element is still running every iteration on the CPU and every 8 on
+    accelerators (``_sync_every``), where it makes no other host read."""
     B, device = q.shape[0], q.device
     state = _start(Q, q, A, b, G, h)
     best = list(state)
@@ -309,6 +321,9 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
     stall = torch.zeros(B, dtype=torch.int64, device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
     huge = (1 + torch.stack([_inf_norm(x.reshape(B, -1)) for x in (Q, q, A, b, G, h)]).amax(0)) / torch.finfo(q.dtype).eps
+    # Finished elements are frozen (every update is masked by `active`), so looking for the end
+    # only every `sync` iterations changes nothing but the work done.
+    sync = _sync_every(q)
     for k in range(maxiter + 1):
         residuals, merit, figures = _measure(Q, q, A, b, G, h, *state)
         better = active & (merit < best_merit)
@@ -321,7 +336,7 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
         stalled = active & ~done & (stall >= _STALL)
         status = torch.where(done | (stalled & (best_merit <= 100 * tol)), int(QPStatus.SOLVED), status)
         active = active & ~done & ~stalled
-        if k == maxiter or not bool(active.any()):
+        if k == maxiter or ((k + 1) % sync == 0 and not bool(active.any())):
             break
         new = _newton_step(Q, A, G, *state, residuals)
         size = _inf_norm(torch.cat(new[:3], -1))
@@ -333,7 +348,7 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
         active = keep & (size <= huge)
     z, y, lam, s = best
     failed = (status == QPStatus.MAX_ITERATIONS) | (status == QPStatus.NONFINITE)
-    if bool(failed.any()):  # classify from the last iterate, where the certificates have grown
+    if not _on_host(q) or bool(failed.any()):  # classify from the last iterate, where the certificates have grown
         status = _classify(status, failed, Q, q, A, b, G, h, state[0], state[1], state[2])
     info = QPInfo(y, lam, s, iterations, *best_figures, status, torch.zeros_like(status, dtype=torch.bool))
     return z, y, lam, s, info
@@ -363,9 +378,10 @@ def _classify(status, failed, Q, q, A, b, G, h, z, y, lam):
 
 
 def _raise_failures(info: QPInfo, batched: bool, stage: str = "qp_solve") -> None:
-    bad = (~info.converged).nonzero().reshape(-1).tolist()
-    if not bad:
+    failed = ~info.converged
+    if not bool(failed.any()):  # the one host read of a forward pass
         return
+    bad = failed.nonzero().reshape(-1).tolist()
     lines = []
     for i in bad[:8]:
         st = QPStatus(int(info.status[i]))
@@ -455,15 +471,19 @@ def _adjoint(Q, A, G, h, z, lam, z_bar, stage):
     eps = torch.finfo(K.dtype).eps
     singular = (info > 0) | (diag.amin(-1) <= K.shape[-1] * eps * diag.amax(-1))
     u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).squeeze(-1)
-    if bool(singular.any()):
-        idx = singular.nonzero().reshape(-1)
-        u[idx] = (torch.linalg.pinv(K[idx].mT) @ rhs[idx]).squeeze(-1)
     # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
     slack = h - _mv(G, z)
     small = eps ** 0.25
     weak = (lam <= small * (1 + _inf_norm(lam)).unsqueeze(-1)) & (slack <= small * (1 + _inf_norm(h)).unsqueeze(-1))
     degenerate = singular | (weak.any(-1) if m else torch.zeros_like(singular))
-    if bool(degenerate.any()):
+    # one host read for the three decisions (the singular elements' u is replaced, then checked, below)
+    any_singular, any_degenerate, finite = torch.stack(
+        [singular.any(), degenerate.any(), (torch.isfinite(u).all(-1) | singular).all()]).tolist()
+    if any_singular:
+        idx = singular.nonzero().reshape(-1)
+        u[idx] = (torch.linalg.pinv(K[idx].mT) @ rhs[idx]).squeeze(-1)
+        finite = bool(torch.isfinite(u).all())
+    if any_degenerate:
         # one fixed text, so that a training loop shows it once; the elements are in info.degenerate
         warnings.warn(
             f"{stage}: a degenerate solution in the batch (a weakly active constraint with zero "
@@ -474,7 +494,7 @@ def _adjoint(Q, A, G, h, z, lam, z_bar, stage):
             CurvatureWarning,
             stacklevel=3,
         )
-    if not bool(torch.isfinite(u).all()):
+    if not finite:
         raise FloatingPointError(f"{stage}: the adjoint KKT solve returned NaN or inf.")
     return u[..., :n], u[..., n:n + p], u[..., n + p:], degenerate
 

@@ -73,7 +73,7 @@ def _cg(matvec, b, x0, threshold, maxiter, precondition):
     sizes are Python floats and no masking is needed (about 6 tensor ops per
     step instead of about 20; the per-op cost dominates for small systems).
     """
-    if b.shape[0] == 1 and b.device.type == "cpu":
+    if b.shape[0] == 1 and _sync_every(b) == 1:  # the CPU: host reads are free
         return _cg_single(matvec, b, x0, float(threshold), maxiter, precondition)
     return _cg_batched(matvec, b, x0, threshold, maxiter, precondition)
 
