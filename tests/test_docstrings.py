@@ -82,11 +82,6 @@ PENDING_OTHER_OWNERS: set[str] = {
     "bilevel.layers.ConvexLayer",  # Example is a literal block, not a >>> doctest
     "bilevel.layers.QPInfo",  # Example
     "bilevel.layers.QPStatus",  # Example
-    # bilevel/solvers/
-    "bilevel.solvers.Solver",  # Example
-    "bilevel.solvers.SolverInfo",  # Example
-    "bilevel.solvers.ScipyInfo",  # Example
-    "bilevel.solvers.known_optimizers",  # Returns, Example
 }
 """Home names (``module.Name``) whose docstrings are incomplete in files owned by
 other contributors (comments: the file, and what is missing); their section

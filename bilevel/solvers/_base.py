@@ -105,6 +105,30 @@ class SolverInfo:
         tolerance: the threshold ``residual_norm`` was compared with,
             ``tol * max(1, initial residual)`` (for least squares, at least the
             rounding floor of ``||J^T r||`` where the element stopped).
+
+    ``info.converged`` is the boolean tensor ``status == SUCCESS`` and
+    ``info.summary(name)`` one line naming the failed elements and the remedy
+    (the text of the :class:`~bilevel.status.ConvergenceWarning`).
+
+    Example:
+        >>> import torch, warnings
+        >>> from bilevel.solvers import GradientDescent
+        >>> from bilevel.status import Status
+        >>> f = lambda w, c: 0.5 * ((w - c) ** 2).sum()          # Hessian I: step 1 is exact
+        >>> c = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        >>> w, info = GradientDescent(step=1.0).run(f, torch.zeros(2, dtype=torch.float64), c)
+        >>> w.tolist(), int(info.iterations), bool(info.converged)
+        ([1.0, -2.0], 1, True)
+        >>> bool(info.residual_norm <= info.tolerance), info.summary("GradientDescent")
+        (True, 'GradientDescent converged')
+        >>> g = lambda w, c: f(w, c) + 0.25 * (w ** 4).sum()     # two steps are not enough
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _, info = GradientDescent(maxiter=2).run(g, torch.zeros(2, dtype=torch.float64), c)
+        >>> Status(int(info.status)).name, bool(info.converged), caught[0].category.__name__
+        ('MAX_ITERATIONS', False, 'ConvergenceWarning')
+        >>> info.summary("GradientDescent").split(":")[0]
+        'GradientDescent did not converge'
     """
 
     iterations: torch.Tensor
@@ -174,7 +198,36 @@ class Solver:
     """Base class of the inner solvers (see the module docstring for the interface).
 
     Subclasses implement :meth:`run` and, if their optimality condition is not
-    the stationarity of ``fun``, :meth:`_condition`.
+    the stationarity of ``fun``, :meth:`_condition`.  The base class has no
+    settings of its own: each subclass's fields (``maxiter``, ``tol``,
+    ``implicit_solve``, ...) are described on its page.
+
+    Example:
+        Both entry points on the quadratic
+        :math:`f(w, b) = \\tfrac12 w^\\top A w - b^\\top w`, whose minimizer
+        :math:`w^\\star = A^{-1} b` has the Jacobian
+        :math:`\\partial w^\\star / \\partial b = A^{-1}`:
+
+        >>> import torch
+        >>> from bilevel.solvers import LBFGS, Solver
+        >>> A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> f = lambda w, b: 0.5 * w @ A @ w - b @ w
+        >>> b = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+        >>> init = torch.zeros(2, dtype=torch.float64)
+        >>> solver = LBFGS()
+        >>> isinstance(solver, Solver)
+        True
+        >>> w, info = solver.run(f, init, b)                      # no autograd: (sol, info)
+        >>> bool(info.converged), w.requires_grad
+        (True, False)
+        >>> torch.allclose(w, torch.linalg.solve(A, b.detach()))
+        True
+        >>> w = solver(f, init, b)                                # differentiable in b
+        >>> w.requires_grad, torch.allclose(w, torch.linalg.solve(A, b.detach()))
+        (True, True)
+        >>> J = torch.autograd.functional.jacobian(lambda b: solver(f, init, b), b)
+        >>> torch.allclose(J, torch.linalg.inv(A))                # implicit function theorem
+        True
     """
 
     @property

@@ -40,6 +40,23 @@ class ScipyInfo(SolverInfo):
         scipy_status: ``OptimizeResult.status`` (method-specific; 99 when the
             gradient test of :class:`ScipyMinimize` stopped it).
         nfev: function evaluations.
+
+    The fields of :class:`~bilevel.solvers.SolverInfo` keep their meaning: ``status``
+    and ``converged`` follow the gradient test of :class:`ScipyMinimize`, whatever
+    SciPy's own status says.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.solvers import ScipyInfo, ScipyMinimize, SolverInfo
+        >>> f = lambda w, c: ((w - c) ** 2).sum() + (w ** 4).sum()
+        >>> c = torch.tensor([1.0, -1.0], dtype=torch.float64)
+        >>> w, info = ScipyMinimize().run(f, torch.zeros(2, dtype=torch.float64), c)
+        >>> isinstance(info, ScipyInfo), isinstance(info, SolverInfo)
+        (True, True)
+        >>> bool(info.converged), info.scipy_status        # 99: stopped by the gradient test
+        (True, 99)
+        >>> bool(info.residual_norm <= info.tolerance), info.nfev > 0, isinstance(info.message, str)
+        (True, True, True)
     """
 
     message: str = ""

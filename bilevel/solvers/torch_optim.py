@@ -39,7 +39,28 @@ def known_optimizers() -> dict[str, type]:
     """The :mod:`torch.optim` optimizers :class:`OptimizerLoop` knows by name (lower case).
 
     ``LBFGS`` is left out (use :class:`~bilevel.solvers.LBFGS`) and so is
-    ``SparseAdam`` (it needs sparse gradients).
+    ``SparseAdam`` (it needs sparse gradients).  The list follows the installed
+    torch version.
+
+    Returns:
+        A new ``dict`` from each lower-case name (``"adam"``, ``"sgd"``,
+        ``"rprop"``, ...) to its :class:`torch.optim.Optimizer` subclass.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.solvers import OptimizerLoop, known_optimizers
+        >>> known = known_optimizers()
+        >>> known["adam"] is torch.optim.Adam, known["sgd"] is torch.optim.SGD
+        (True, True)
+        >>> "lbfgs" in known, "sparseadam" in known
+        (False, False)
+        >>> all(issubclass(cls, torch.optim.Optimizer) for cls in known.values())
+        True
+        >>> f = lambda w, c: ((w - c) ** 2).sum()               # Hessian 2 I: lr 0.5 is exact
+        >>> c = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        >>> w, info = OptimizerLoop("SGD", lr=0.5).run(f, torch.zeros(2, dtype=torch.float64), c)
+        >>> w.tolist(), int(info.iterations), bool(info.converged)   # any case of a known name
+        ([1.0, -2.0], 1, True)
     """
     out = {}
     for name, obj in vars(torch.optim).items():
