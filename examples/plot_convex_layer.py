@@ -309,8 +309,9 @@ print(f"raw output {tuple(raw_test.shape)} with shared capacities {(k,)} -> outp
 # ``ConvexLayer`` picks its solver from the compiled problem:
 #
 # * ``method="auto"`` (the default) sends LPs and QPs to the batched
-#   interior point in torch (``"qp"``), and other problems (second-order and
-#   semidefinite cones) to Clarabel, one example at a time, with the derivative
+#   interior point in torch (``"qp"``), and other problems (second-order,
+#   semidefinite, exponential and power cones) to Clarabel, one example at a
+#   time, with the derivative
 #   of the cone program's residual map (``"conic"``);
 # * ``method="qp"`` requires the QP route, and ``method="conic"`` forces the
 #   Clarabel route, for example to cross-check a result.
@@ -360,8 +361,9 @@ for name, (z, grad_raw, grad_cap, ms) in outputs.items():
 # use:
 #
 # * **ConvexLayer** when the problem is easier to write in CVXPY than as
-#   matrices, or when it is not a QP (norms, second-order or semidefinite
-#   cones). CVXPY compiles it once, when the layer is built.
+#   matrices, or when it is not a QP (norms, logarithms, entropies, powers:
+#   second-order, semidefinite, exponential or power cones). CVXPY compiles it
+#   once, when the layer is built.
 # * **QPLayer** when you have the matrices, or want them to be outputs of the
 #   network themselves (a learned cost :math:`Q, q` or learned constraints
 #   :math:`G, h`). It needs no CVXPY and runs on a GPU.

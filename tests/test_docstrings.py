@@ -79,7 +79,6 @@ PENDING_OTHER_OWNERS: set[str] = {
     "bilevel.algorithms.BDA",
     "bilevel.algorithms.LVHBA",
     # bilevel/layers/convex.py and qp.py
-    "bilevel.layers.ConvexLayer",  # Example is a literal block, not a >>> doctest
     "bilevel.layers.QPInfo",  # Example
     "bilevel.layers.QPStatus",  # Example
 }

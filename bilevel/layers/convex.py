@@ -11,7 +11,8 @@ whose data :math:`(P, c, A, b)` are *affine* in the parameters :math:`\theta`
 (the matrices of that map are taken from CVXPY's ``ParamConeProg`` and applied in
 torch), and the optimal variables are slices (or fixed linear maps) of
 :math:`x^\star`.  :math:`\mathcal K` is a product of the zero cone
-(equalities), the non-negative orthant, second-order cones and PSD cones.
+(equalities), the non-negative orthant, second-order cones, PSD cones,
+exponential cones and power cones (see *Cones* below).
 
 *Forward.* Problems with only equality and inequality rows and a quadratic or
 linear objective (LPs, QPs) go to the batched interior point
@@ -37,6 +38,10 @@ For LPs and QPs the same derivative is the KKT differential of
 and agree with ``cvxpylayers`` (which differentiates the homogeneous embedding
 with diffcp).
 
+*Cones.* :math:`\mathcal K` and the projection onto its dual, with exact
+derivatives for every cone, are in ``bilevel/layers/_cones.py`` (the cone order, the
+duals, the projections and their math).
+
 References:
     Agrawal, A., Amos, B., Barratt, S., Boyd, S., Diamond, S. and Kolter, J. Z.
     `Differentiable Convex Optimization Layers <https://arxiv.org/abs/1910.12430>`_.
@@ -50,7 +55,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +65,7 @@ from torch.func import jacfwd, vmap
 from ..implicit import custom_root
 from ..implicit.linear_solve import LinearSolver
 from ._checks import check_tensor
+from ._cones import _Cones
 from .qp import QPStatus, SolveError, qp_solve
 
 __all__ = ["ConvexLayer"]
@@ -76,131 +81,6 @@ def _import_cvxpy():
             "ConvexLayer needs CVXPY: install it with `pip install 'bilevel[cvxpy]'` (or `pip install cvxpy`)."
         ) from err
     return cvxpy
-
-
-# ----------------------------------------------------------------------------- cone projections
-
-
-def _svec_indices(k: int) -> tuple[list, list]:
-    """Row and column of each entry of Clarabel's scaled upper triangle, by columns."""
-    rows, cols = [], []
-    for j in range(k):
-        for i in range(j + 1):
-            rows.append(i)
-            cols.append(j)
-    return rows, cols
-
-
-class _ProjectPSD(torch.autograd.Function):
-    r"""Projection of symmetric matrices onto the PSD cone, :math:`U \max(\Lambda, 0) U^\top`,
-    with the derivative :math:`H \mapsto U (\Gamma \circ U^\top H U) U^\top` (Löwner's
-    divided differences, well defined for repeated eigenvalues, unlike autograd of eigh)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(X):
-        w, U = torch.linalg.eigh(X)
-        return (U * w.clamp_min(0).unsqueeze(-2)) @ U.mT, w, U
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, w, U = output
-        ctx.mark_non_differentiable(w, U)
-        ctx.save_for_backward(w, U)
-        ctx.save_for_forward(w, U)
-
-    @staticmethod
-    def _apply_derivative(w, U, H):
-        pos = w > 0
-        pi, pj = pos.unsqueeze(-1), pos.unsqueeze(-2)
-        diff = w.unsqueeze(-1) - w.unsqueeze(-2)
-        mixed = pi != pj
-        ratio = (w.clamp_min(0).unsqueeze(-1) - w.clamp_min(0).unsqueeze(-2)) / torch.where(
-            mixed, diff, torch.ones_like(diff)
-        )
-        gamma = torch.where(mixed, ratio, (pi & pj).to(w.dtype))
-        H = 0.5 * (H + H.mT)
-        return U @ (gamma * (U.mT @ H @ U)) @ U.mT
-
-    @staticmethod
-    def backward(ctx, gY, _gw, _gU):
-        w, U = ctx.saved_tensors
-        return _ProjectPSD._apply_derivative(w, U, gY)
-
-    @staticmethod
-    def jvp(ctx, dX):
-        w, U = ctx.saved_tensors
-        return _ProjectPSD._apply_derivative(w, U, dX), None, None
-
-
-def _project_soc(v: torch.Tensor) -> torch.Tensor:
-    """Projection onto :math:`\\{(t, x): \\|x\\| \\le t\\}` along the last dim."""
-    t, x = v[..., :1], v[..., 1:]
-    nx = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    safe = torch.where(nx > 0, nx, torch.ones_like(nx))
-    coef = 0.5 * (t + nx)
-    boundary = torch.cat([coef, coef * x / safe], -1)
-    inside = nx <= t
-    below = nx <= -t
-    return torch.where(inside, v, torch.where(below, torch.zeros_like(v), boundary))
-
-
-class _Cones:
-    """The cone :math:`\\mathcal K^*` of the canonical program and its projection (self-dual
-    except for the zero cone, whose dual is the whole space)."""
-
-    def __init__(self, dims):
-        self.zero, self.nonneg = int(dims.zero), int(dims.nonneg)
-        self.soc = [int(k) for k in dims.soc]
-        self.psd = [int(k) for k in dims.psd]
-        unsupported = []
-        if int(getattr(dims, "exp", 0)):
-            unsupported.append(f"{dims.exp} exponential cone(s)")
-        for name in ("p3d", "pnd"):
-            if len(getattr(dims, name, []) or []):
-                unsupported.append(f"power cones ({name})")
-        if unsupported:
-            raise NotImplementedError(
-                "ConvexLayer: the canonical cone program has " + ", ".join(unsupported) + "; only "
-                "zero, non-negative, second-order and PSD cones are supported (e.g. no log, exp, entr, "
-                "geo_mean or pnorm with p other than 1, 2, inf)."
-            )
-        self.psd_index = [_svec_indices(k) for k in self.psd]
-        self.size = self.zero + self.nonneg + sum(self.soc) + sum(k * (k + 1) // 2 for k in self.psd)
-
-    @property
-    def polyhedral(self) -> bool:
-        return not self.soc and not self.psd
-
-    def project_dual(self, v: torch.Tensor) -> torch.Tensor:
-        """:math:`\\Pi_{\\mathcal K^*}(v)` for one problem's ``v`` of shape ``(m,)``."""
-        parts = [v[: self.zero], v[self.zero: self.zero + self.nonneg].clamp_min(0)]
-        start = self.zero + self.nonneg
-        for k in self.soc:
-            parts.append(_project_soc(v[start: start + k]))
-            start += k
-        for k, (rows, cols) in zip(self.psd, self.psd_index):
-            size = k * (k + 1) // 2
-            parts.append(_psd_svec(v[start: start + size], k, rows, cols))
-            start += size
-        return torch.cat(parts)
-
-
-def _psd_svec(vec: torch.Tensor, k: int, rows: list, cols: list) -> torch.Tensor:
-    """Project a scaled upper-triangle vector onto the PSD cone, in the same format."""
-    r = torch.tensor(rows, device=vec.device)
-    c = torch.tensor(cols, device=vec.device)
-    off = (r != c).to(vec.dtype)
-    scale = 1 + off * (math.sqrt(0.5) - 1)  # 1/sqrt(2) off the diagonal
-    vals = vec * scale
-    X = torch.zeros(k, k, dtype=vec.dtype, device=vec.device)
-    X = X.index_put((r, c), vals).index_put((c, r), vals)
-    Y = _ProjectPSD.apply(X)[0]
-    return Y[r, c] / scale
-
-
-# ----------------------------------------------------------------------------- the layer
 
 
 def _fortran_flat(x: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -228,8 +108,13 @@ class ConvexLayer(torch.nn.Module):
 
     The problem is canonicalized once to a cone program with data affine in
     :math:`\theta`; see the module docstring for the forward solvers (a batched
-    torch interior point for LPs/QPs, Clarabel otherwise) and for the KKT /
-    residual-map system differentiated by :func:`~bilevel.custom_root`.
+    torch interior point for LPs/QPs, Clarabel otherwise), for the KKT /
+    residual-map system differentiated by :func:`~bilevel.custom_root`, and for
+    the cones: zero, non-negative, second-order, PSD, exponential (``log``,
+    ``exp``, ``entr``, ``log_sum_exp``, ``kl_div``, ...) and power cones
+    (``power``, ``pnorm``, ``geo_mean`` with ``approx=False``), the last two
+    projected onto by Friberg's and Hien's scalar equations, with exact
+    derivatives.
 
     Args:
         problem: a ``cvxpy.Problem`` that is DPP (``problem.is_dpp()``).
@@ -248,26 +133,36 @@ class ConvexLayer(torch.nn.Module):
         ImportError: CVXPY is not installed.
         ValueError: the problem is not DPP, the parameter list is not the
             problem's parameters, or a variable is not in the problem.
-        NotImplementedError: cones other than zero, non-negative, second-order
-            and PSD in the canonical form; ``method="qp"`` for a problem that is
-            not an LP/QP.
+        NotImplementedError: a cone outside the list above in the canonical
+            form (none that CVXPY emits for Clarabel today); ``method="qp"`` for
+            a problem that is not an LP/QP.
 
     Example:
-        ``cvxpy`` is an optional extra, so this is not run as a doctest::
+        An entropy-regularized linear objective over the simplex (exponential
+        cones), whose solution is :math:`\operatorname{softmax}(\theta)`:
 
-            import cvxpy as cp, torch
-            from bilevel.layers import ConvexLayer
-            x, y = cp.Variable(3), cp.Parameter(3)
-            problem = cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x >= 0])   # projection
-            layer = ConvexLayer(problem, parameters=[y], variables=[x])
-            y_t = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)   # a batch of 8
-            (x_t,) = layer(y_t)                                                # == y_t.clamp_min(0)
-            x_t.sum().backward()
+        >>> import pytest; cp = pytest.importorskip("cvxpy")
+        >>> import torch
+        >>> from bilevel.layers import ConvexLayer
+        >>> x, theta = cp.Variable(3), cp.Parameter(3)
+        >>> problem = cp.Problem(cp.Minimize(-theta @ x - cp.sum(cp.entr(x))), [cp.sum(x) == 1])
+        >>> layer = ConvexLayer(problem, parameters=[theta], variables=[x])
+        >>> t = torch.tensor([[0.5, 1.0, 2.0], [0.0, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+        >>> (p,) = layer(t)                                         # a batch of two
+        >>> bool(torch.allclose(p, torch.softmax(t, -1), atol=1e-9))
+        True
+        >>> p[:, 0].sum().backward()                                # d softmax_0 / d theta
 
     References:
         Agrawal, A., Amos, B., Barratt, S., Boyd, S., Diamond, S. and Kolter, J. Z.
         `Differentiable Convex Optimization Layers <https://arxiv.org/abs/1910.12430>`_.
         NeurIPS 2019.
+        Friberg, H. A. `Projection onto the exponential cone: a univariate
+        root-finding problem <https://docs.mosek.com/whitepapers/expcone-proj.pdf>`_.
+        MOSEK ApS, 2021.
+        Hien, L. T. K. `Differential properties of Euclidean projection onto power
+        cone <https://doi.org/10.1007/s00186-015-0514-0>`_. Math. Methods Oper.
+        Res., 2015.
     """
 
     def __init__(
@@ -290,14 +185,14 @@ class ConvexLayer(torch.nn.Module):
         data, chain, inverse = _problem_data(cp, problem, self.parameters)
         prog = data[cp.settings.PARAM_PROB]
         self._chain, self._data = chain, data
-        self.cones = _Cones(data["dims"])
+        self.cones = _Cones(data["dims"], rows=prog.A.shape[0] // (prog.x.size + 1))
         self.n, self.m = int(prog.x.size), self.cones.size
         self.quadratic = prog.P is not None
         self.method = ("qp" if self.cones.polyhedral else "conic") if method == "auto" else method
         if self.method == "qp" and not self.cones.polyhedral:
             raise NotImplementedError(
-                "ConvexLayer(method='qp'): the problem is not an LP/QP (its canonical form has second-order "
-                "or PSD cones); use method='auto' or 'conic'."
+                "ConvexLayer(method='qp'): the problem is not an LP/QP (its canonical form has second-order, "
+                "PSD, exponential or power cones); use method='auto' or 'conic'."
             )
         self.solve = solve
         theta = _parameter_map(chain, prog, self.parameters)  # (P_total + 1, U + 1)
