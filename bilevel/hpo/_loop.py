@@ -50,17 +50,21 @@ class HPOResult:
         message: why the run stopped.
 
     Example:
+        Tuning one weight decay of a linear model for three hyper-steps:
+
         >>> import torch
         >>> from bilevel.hpo import Hyper, implicit_hpo
-        >>> X = torch.randn(30, 2, generator=torch.Generator().manual_seed(1))
-        >>> data = [(X, X.sum(-1))]
-        >>> loss = lambda m, b, hp=None: ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean() + (
-        ...     0 if hp is None else hp["decay"] * (m.weight ** 2).sum())
-        >>> result = implicit_hpo(torch.nn.Linear(2, 1), loss, loss, data, data,
-        ...                       {"decay": Hyper(0.1, low=0.0)}, max_steps=3, progress=False)
-        >>> result.message, result.train_steps               # 3 hyper-steps of 10 training steps
+        >>> g = torch.Generator().manual_seed(1)
+        >>> inputs = torch.randn(30, 2, generator=g)
+        >>> batches = [(inputs, inputs @ torch.tensor([1.0, -2.0]))]
+        >>> def fit(model, batch, hp=None):
+        ...     mse = ((model(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
+        ...     return mse if hp is None else mse + hp["decay"] * model.weight.square().sum()
+        >>> out = implicit_hpo(torch.nn.Linear(2, 1), fit, fit, batches, batches,
+        ...                    {"decay": Hyper(0.1, low=0.0)}, max_steps=3, progress=False)
+        >>> out.message, out.train_steps               # 3 hyper-steps of 10 training steps
         ('reached max_steps=3', 30)
-        >>> sorted(result.hparams), len(result.history["val_loss"]), result.state["iteration"]
+        >>> sorted(out.hparams), len(out.history["val_loss"]), out.state["iteration"]
         (['decay'], 3, 3)
     """
 

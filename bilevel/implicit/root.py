@@ -468,13 +468,13 @@ def custom_fixed_point(
             as in :func:`custom_root` (default ``eps ** 0.25`` of the dtype).
 
     Returns:
-        A decorator; the decorated function has the solver's signature and keeps
-        the last backward certificate in ``.last_info``
-        (:class:`~bilevel.implicit.ImplicitInfo`).
+        The decorator that :func:`custom_root` returns for the residual
+        :math:`T(s, \theta) - s` (same signature, same ``.last_info``).
 
     Raises:
-        FloatingPointError: the solver returned NaN/inf, or the adjoint solve did.
-        ValueError: ``T``'s output does not match the solution's structure.
+        FloatingPointError: a non-finite fixed point from the solver, or a
+            non-finite adjoint solution.
+        ValueError: ``T`` returns a tree unlike the solution's.
 
     Example:
         >>> import torch, bilevel

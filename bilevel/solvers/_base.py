@@ -239,6 +239,12 @@ class Solver:
 
     def __call__(self, fun: Objective, init: TensorTree, *args: Any) -> TensorTree:
         check_fun(fun, self.name)
+        solve, scale, dtype = self._recorded_run(fun, init)
+        return self._differentiable(self._condition(fun, scale), solve, dtype)(*args, init=init)
+
+    def _recorded_run(self, fun: Callable, init: TensorTree) -> tuple[Callable, "_Scale", torch.dtype]:
+        """``solve(*args, init)``: :meth:`run` returning the solution alone and recording
+        its tolerance in the returned :class:`_Scale`; also the dtype of ``init``."""
         dtype = check_init(init, self.name)[0].dtype
         scale = _Scale()
 
@@ -247,7 +253,7 @@ class Solver:
             scale.record(info, self._tol(dtype))
             return sol
 
-        return self._differentiable(self._condition(fun, scale), solve, dtype)(*args, init=init)
+        return solve, scale, dtype
 
     def _condition(self, fun: Objective, scale: _Scale) -> Condition:
         """``stationarity(fun / max(1, r0))``: the gradient vanishes."""

@@ -133,14 +133,7 @@ class _LeastSquares(Solver):
         if not self.batch_dims:
             return super().__call__(fun, init, *args)
         check_fun(fun, self.name, "fun(sol, *args) -> residual tensor")
-        dtype = check_init(init, self.name)[0].dtype
-        scale = _Scale()
-
-        def solve(*args, init):
-            sol, info = self.run(fun, init, *args)
-            scale.record(info, self._tol(dtype))
-            return sol
-
+        solve, scale, dtype = self._recorded_run(fun, init)
         batch = Raveler(init, self.batch_dims, name="init").batch_shape
         batched = BatchedArgs(args, batch)
         if not batched.consistent(fun, init, args):  # one joint system for the whole batch

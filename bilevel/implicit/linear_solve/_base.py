@@ -287,11 +287,10 @@ class KrylovSolver(LinearSolver):
         Richardson's iteration :math:`x \leftarrow x + (b - A x)`, which converges
         when the spectral radius of :math:`I - A` is below 1:
 
-        >>> import torch
-        >>> from dataclasses import dataclass
+        >>> import dataclasses, torch
         >>> from bilevel.implicit.linear_solve import KrylovSolver
         >>> from bilevel.status import Status
-        >>> @dataclass(frozen=True)
+        >>> @dataclasses.dataclass(frozen=True)
         ... class Richardson(KrylovSolver):
         ...     def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
         ...         x = torch.zeros_like(b) if x0 is None else x0
