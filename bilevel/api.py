@@ -56,6 +56,26 @@ class BilevelResult:
         state: the algorithm state; ``state.state_dict()`` is a checkpoint to
             pass as ``resume=``.
         message: why the run stopped.
+
+    Example:
+        >>> import torch, bilevel
+        >>> inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()          # y*(x) = x
+        >>> outer = lambda x, y: 0.5 * ((y - 1.0) ** 2).sum()        # so x* = 1
+        >>> r = bilevel.solve(outer, inner, torch.zeros(2), torch.zeros(2), outer_optimizer="sgd",
+        ...                   lr=0.5, tol=1e-6, progress=False)
+        >>> r.converged, r.message.startswith("hypergradient norm")
+        (True, True)
+        >>> torch.allclose(r.x, torch.ones(2), atol=1e-5)
+        True
+        >>> len(r.history["outer"]) == r.state.iteration               # one record per step
+        True
+
+        ``r.state`` continues the run (here five more steps, in a new history):
+
+        >>> more = bilevel.solve(outer, inner, torch.zeros(2), torch.zeros(2), outer_optimizer="sgd",
+        ...                      lr=0.5, max_steps=r.state.iteration + 5, progress=False, resume=r.state)
+        >>> more.history["step"] == list(range(r.state.iteration + 1, r.state.iteration + 6))
+        True
     """
 
     x: TensorTree

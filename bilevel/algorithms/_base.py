@@ -135,6 +135,24 @@ class State:
         extras: algorithm-specific tensors (e.g. the adjoint warm start).
         optimizer: the outer ``torch.optim`` optimizer over the leaves of ``x``.
         info: what the last step measured.
+
+    Example:
+        >>> import bilevel
+        >>> p = bilevel.problems.quadratic()
+        >>> algorithm = bilevel.algorithms.Implicit(outer_optimizer="sgd", lr=0.5)
+        >>> state = algorithm.init(p)                  # copies of x0, y0 and a fresh optimizer
+        >>> for _ in range(3):
+        ...     state = algorithm.step(p, state)
+        >>> checkpoint = state.state_dict()            # tensors and plain data: torch.save-able
+        >>> sorted(checkpoint)
+        ['extras', 'iteration', 'optimizer', 'x', 'y']
+        >>> x3 = state.x.clone()
+        >>> state = algorithm.step(p, state)
+        >>> state.iteration
+        4
+        >>> state = state.load_state_dict(checkpoint)  # back to step 3, in place
+        >>> state.iteration, bool((state.x == x3).all())
+        (3, True)
     """
 
     x: TensorTree
@@ -178,7 +196,42 @@ class State:
 
 def make_optimizer(spec: OptimizerSpec, params: list, lr: float) -> torch.optim.Optimizer:
     """A ``torch.optim`` optimizer over ``params`` from a name, a class, a factory
-    ``params -> optimizer``, or an instance (its class and settings are reused)."""
+    ``params -> optimizer``, or an instance (its class and settings are reused).
+
+    This is how the algorithms turn their ``outer_optimizer`` setting into the
+    optimizer of the upper variable.
+
+    Args:
+        spec: one of the names ``"adam"``, ``"adamw"``, ``"sgd"``, ``"rmsprop"``,
+            ``"adagrad"``, ``"rprop"`` (any case); a ``torch.optim.Optimizer``
+            subclass; a callable ``params -> optimizer``; or an optimizer
+            instance, whose class and ``defaults`` (its own learning rate
+            included) are applied to ``params``; its parameters and state are
+            not used.
+        params: the tensors to optimize (a list of leaves).
+        lr: the learning rate for a name or a class; a factory or an instance
+            brings its own.
+
+    Returns:
+        A new ``torch.optim.Optimizer`` over ``params``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+        TypeError: a ``spec`` of another kind, or a factory that does not
+            return an optimizer.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.algorithms import make_optimizer
+        >>> x = [torch.zeros(3)]
+        >>> opt = make_optimizer("sgd", x, lr=0.1)
+        >>> type(opt).__name__, opt.defaults["lr"], opt.param_groups[0]["params"][0] is x[0]
+        ('SGD', 0.1, True)
+        >>> template = torch.optim.Adam([torch.zeros(1)], lr=1e-3, betas=(0.8, 0.99))
+        >>> opt = make_optimizer(template, x, lr=0.1)   # the template's settings, over x
+        >>> type(opt).__name__, opt.defaults["betas"], opt.defaults["lr"]
+        ('Adam', (0.8, 0.99), 0.001)
+    """
     if isinstance(spec, str):
         key = spec.lower()
         if key not in _OPTIMIZERS:
@@ -223,8 +276,30 @@ class Algorithm:
 
     Attributes:
         outer_optimizer: name (``"adam"``, ``"sgd"``, ...), ``torch.optim`` class,
-            or factory ``params -> optimizer`` for the upper variable.
+            or factory ``params -> optimizer`` for the upper variable
+            (:func:`make_optimizer`).
         lr: learning rate of the outer optimizer.
+
+    Example:
+        A new method only supplies :meth:`hypergradient`, which returns the
+        lower variable, the hypergradient at ``state.x`` and a
+        :class:`StepInfo`.  Here the closed-form hypergradient of problem Q:
+
+        >>> import dataclasses, torch, bilevel
+        >>> from bilevel.algorithms import Algorithm, StepInfo
+        >>> p = bilevel.problems.quadratic()
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Exact(Algorithm):
+        ...     def hypergradient(self, outer, inner, state, batch):
+        ...         y, g = p.inner_solution(state.x), p.hypergradient(state.x)
+        ...         info = StepInfo(outer=float(outer(state.x, y)), hypergradient_norm=float(g.norm()))
+        ...         return y, g, info
+        >>> method = Exact(outer_optimizer="sgd", lr=0.5)
+        >>> r = bilevel.solve(p, method=method, max_steps=100, progress=False)
+        >>> torch.allclose(r.x, p.solution.x, rtol=0, atol=1e-10)
+        True
+        >>> method.replace(lr=0.1)                     # configs are frozen: changed copies
+        Exact(outer_optimizer='sgd', lr=0.1)
     """
 
     outer_optimizer: OptimizerSpec = "adam"

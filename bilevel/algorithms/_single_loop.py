@@ -20,6 +20,7 @@ iteration.  This module holds their common parts:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,16 @@ from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ..implicit.linear_solve._base import _sync_every
 from ..problems import BilevelProblem
 from ..status import StepSizeWarning
-from ._base import Algorithm, State, StepInfo, bind_batch, fresh_leaves, host_floats, make_optimizer, report_value
+from ._base import (
+    Algorithm,
+    State,
+    StepInfo,
+    bind_batch,
+    fresh_leaves,
+    host_floats,
+    make_optimizer,
+    report_value,
+)
 
 Leaves = list
 
@@ -242,6 +252,43 @@ def check_constraint_value(value: Any, expected_shape: Optional[torch.Size] = No
         )
 
 
+_SHARED_ARGS = r"""outer_optimizer: see :class:`~bilevel.algorithms.Algorithm`; default ``"sgd"``, the
+    papers' plain step, with the method's step :math:`\alpha_k` as its learning rate.
+x_set, y_set: simple convex sets projected onto after each step (objects of
+    :mod:`bilevel.implicit.projections`, callables ``z -> P(z)``, or trees of them
+    matching the variable); ``None``: the problem's.
+curvature_iterations: power iterations per curvature estimate (default <curvature_iterations>).
+warmup: at most this many gradient steps on :math:`y` at ``x0`` before the first
+    curvature estimates (default <warmup>; they stop once :math:`\|\nabla_y f\|` fell by
+    1e-3): curvature at a far-off :math:`y_0` misjudges the scale of the coupling.
+rescale_every: re-estimate the curvature (8 power iterations), and the steps derived
+    from it, every this many steps (default <rescale_every>; 0: never).
+backoffs: how many times iterates that blow up (non-finite, or :math:`10^8` times the
+    start norm) go back to the state saved at the start or the last re-estimate and
+    continue with a 10 times smaller :math:`x` step, warning
+    :class:`~bilevel.status.StepSizeWarning`, before ``FloatingPointError`` naming the
+    step (default <backoffs>).  On accelerators the test reads the iterates' norms every
+    8 steps, at each re-estimate and when a step fails, and acts on the first
+    blown-up step as on the CPU.
+"""
+"""The ``Args:`` entries of the fields every single-loop method shares; ``<name>`` is
+replaced by the class's default."""
+
+
+def shared_args(cls: type) -> type:
+    """Class decorator: put :data:`_SHARED_ARGS`, with ``cls``'s defaults, at the
+    ``{single_loop_args}`` line of its docstring (one text for every method)."""
+    text = _SHARED_ARGS
+    for f in dataclasses.fields(cls):
+        text = text.replace(f"<{f.name}>", str(f.default))
+    entries = "".join(f"        {line}\n" if line else "\n" for line in text.splitlines())
+    marker = "        {single_loop_args}\n"
+    if cls.__doc__ is None or marker not in cls.__doc__:
+        raise AssertionError(f"{cls.__name__}: the docstring needs a {marker.strip()!r} line in its Args")
+    cls.__doc__ = cls.__doc__.replace(marker, entries)
+    return cls
+
+
 @dataclass(frozen=True)
 class SingleLoop(Algorithm):
     r"""Base class of the single-loop methods.
@@ -252,32 +299,8 @@ class SingleLoop(Algorithm):
     otherwise derives from curvature estimates at the start point.  ``x_set`` /
     ``y_set`` (or the problem's) are projected onto after each step.
 
-    Attributes:
-        outer_optimizer: see :class:`~bilevel.algorithms.Algorithm` (default ``"sgd"``).
-        lr: base step for :math:`x`; ``None`` derives it from the problem.
-        x_set, y_set: simple convex sets for :math:`x` and :math:`y` (objects of
-            :mod:`bilevel.implicit.projections` or callables ``z -> P(z)``, or a
-            tree of them matching the variable); default: the problem's.
-        curvature_iterations: power iterations per curvature estimate (default 20).
-        warmup: at most this many gradient steps on the lower level at ``x0``
-            before the curvature estimates (default 200; they stop once
-            :math:`\|\nabla_y f\|` fell by 1e-3): curvature at a far-off
-            :math:`y_0` (e.g. zero weights) misjudges the scale of the coupling.
-        rescale_every: re-estimate the curvature scales (8 power iterations each)
-            every this many steps, so the derived steps follow a curvature that
-            changes as the iterates move (default 25; 0: never).
-        backoffs: how many times a run whose iterates blow up (non-finite, or
-            :math:`10^8` times the start norm) goes back to the state saved at the
-            last re-estimate and continues with a 10 times smaller :math:`x` step,
-            warning :class:`~bilevel.status.StepSizeWarning` (default 3; the saved
-            state is one copy of the iterates).  After that the blow-up raises
-            ``FloatingPointError`` naming the step.  Curvature that grows fast
-            with :math:`x` (e.g. log-parametrized weights :math:`e^{x}`) can outrun
-            the estimates between two re-estimates; this is the safeguard.  The
-            test reads :math:`\|(x, y)\|` on the host after every step on the CPU;
-            on accelerators every 8 steps, at each re-estimate and when a step
-            fails (one read for the steps since the last look), and it acts on the
-            first blown-up step as the CPU would, naming that step.
+    Its fields (``lr`` and those of :data:`_SHARED_ARGS`) are documented on each
+    method's class, by :func:`shared_args`.
     """
 
     outer_optimizer: Any = "sgd"

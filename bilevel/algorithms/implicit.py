@@ -52,6 +52,18 @@ class Implicit(Algorithm):
         Lorraine, J., Vicol, P. and Duvenaud, D. `Optimizing Millions of
         Hyperparameters by Implicit Differentiation <https://arxiv.org/abs/1911.02590>`_.
         AISTATS 2020.
+
+    Example:
+        >>> import bilevel
+        >>> from bilevel.algorithms import Implicit
+        >>> from bilevel.implicit.linear_solve import CG
+        >>> p = bilevel.problems.quadratic()
+        >>> method = Implicit(solve=CG(maxiter=20), outer_optimizer="sgd", lr=0.5)
+        >>> r = bilevel.solve(p, method=method, max_steps=50, progress=False)
+        >>> float((r.x - p.solution.x).norm() / p.solution.x.norm()) < 1e-4
+        True
+        >>> r.history["linear_residual"][-1] < 1e-6     # the CG certificate of the last step
+        True
     """
 
     inner_solver: Optional[Solver] = None

@@ -9,9 +9,12 @@ import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
-from ._single_loop import SingleLoop, coupled_step, power_schedule, step_report, tree_sq_norm, value_and_grads
+from ._single_loop import (
+    SingleLoop, coupled_step, power_schedule, shared_args, step_report, tree_sq_norm, value_and_grads,
+)
 
 
+@shared_args
 @dataclass(frozen=True)
 class MEHA(SingleLoop):
     r"""Moreau Envelope based Hessian-free Algorithm (MEHA).
@@ -59,7 +62,11 @@ class MEHA(SingleLoop):
     shrinks the :math:`O(1/c_k)` bias on strongly convex lower levels (on problem
     Q: 0.8 % relative error in :math:`x` after 20 000 steps, against 7.7 % with
     the paper's :math:`\gamma = 1/L_f`, :math:`p = 0.3`); on problem M1 the
-    relative error is below 1e-8 after 10 000 steps.
+    relative error is about 6e-8 after 10 000 steps.
+
+    The arguments from ``outer_optimizer`` on are those of every single-loop
+    method; :doc:`/guide` ("Single-loop and aggregation methods") explains the
+    warm-up, the curvature re-estimates and the back-offs.
 
     Args:
         lr: :math:`\alpha`, the step of :math:`x` (``None``: derived).
@@ -71,6 +78,7 @@ class MEHA(SingleLoop):
         nonsmooth: optional :math:`g(x, y)`, a convex lower-level term in :math:`y`.
         prox: its proximal map ``prox(y, x, step)`` :math:`= \arg\min_u g(x, u) +
             \|u - y\|^2/(2\,\text{step})` (required with ``nonsmooth``).
+        {single_loop_args}
 
     References:
         Liu, R., Liu, Z., Yao, W., Zeng, S. and Zhang, J. `Moreau Envelope for
@@ -78,11 +86,14 @@ class MEHA(SingleLoop):
         Strategy <https://arxiv.org/abs/2405.09927>`_. ICML 2024.
 
     Example:
+        On problem M1 the damped implicit method settles at :math:`0.505\,e`, half-way
+        to :math:`x^\star = e`; MEHA heads for :math:`e`:
+
         >>> import bilevel
         >>> p = bilevel.problems.nonunique_lower_level(n=5)
-        >>> r = bilevel.solve(p, method="meha", max_steps=3000, progress=False)
-        >>> round(float(r.x.mean()), 3)        # the optimistic solution x* = e, not 0.505 e
-        1.0
+        >>> r = bilevel.solve(p, method="meha", max_steps=500, progress=False)
+        >>> float((r.x - p.solution.x).norm() / p.solution.x.norm()) < 0.1
+        True
     """
 
     beta: Optional[float] = None

@@ -32,6 +32,20 @@ class OneStep(Algorithm):
     References:
         Liu, H., Simonyan, K. and Yang, Y. `DARTS: Differentiable Architecture
         Search <https://arxiv.org/abs/1806.09055>`_. ICLR 2019.
+
+    Example:
+        On problem Q the estimate vanishes at a point whose distance to
+        :math:`x^\star` is a third of :math:`\|x^\star\|`: even with :math:`y` at
+        the inner solution, :math:`\xi I` stands in for the inverse inner Hessian.
+
+        >>> import bilevel
+        >>> p = bilevel.problems.quadratic()
+        >>> r = bilevel.solve(p, method="one_step", outer_optimizer="sgd", lr=0.5, max_steps=50,
+        ...                   progress=False)
+        >>> r.history["hypergradient_norm"][-1] < 1e-6
+        True
+        >>> round(float((r.x - p.solution.x).norm() / p.solution.x.norm()), 2)
+        0.33
     """
 
     step_size: Optional[float] = None

@@ -41,6 +41,14 @@ class Unrolled(Algorithm):
         Shaban, A., Cheng, C.-A., Hatch, N. and Boots, B. `Truncated
         Back-propagation for Bilevel Optimization <https://arxiv.org/abs/1810.10667>`_.
         AISTATS 2019.
+
+    Example:
+        >>> import bilevel
+        >>> p = bilevel.problems.quadratic()
+        >>> r = bilevel.solve(p, method="unrolled", steps=30, outer_optimizer="sgd", lr=0.5,
+        ...                   max_steps=50, progress=False)
+        >>> float((r.x - p.solution.x).norm() / p.solution.x.norm()) < 1e-3
+        True
     """
 
     steps: int = 100

@@ -68,13 +68,37 @@ __all__ = ["QPInfo", "QPLayer", "QPStatus", "SolveError", "qp_solve"]
 
 class QPStatus(enum.IntEnum):
     """Outcome of :func:`qp_solve` for one batch element (codes shared with
-    :class:`~bilevel.status.Status` where they mean the same)."""
+    :class:`~bilevel.status.Status` where they mean the same).
+
+    ``QPInfo.status`` holds these codes as an ``int64`` tensor of the batch
+    shape; with ``check=True`` (the default) any code but ``SOLVED`` raises a
+    :class:`SolveError` naming it.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.layers import QPStatus, qp_solve
+        >>> Q, q = torch.eye(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        >>> G = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)    # z <= h[0], -z <= h[1]
+        >>> h = torch.tensor([[1.0, 1.0],                               # |z| <= 1
+        ...                   [-1.0, -1.0]], dtype=torch.float64)       # z <= -1 and z >= 1
+        >>> z, info = qp_solve(Q, q, G=G, h=h, check=False, return_info=True)
+        >>> [QPStatus(int(code)).name for code in info.status]
+        ['SOLVED', 'INFEASIBLE']
+    """
 
     SOLVED = 0
+    """The primal and dual residuals and the duality gap met the tolerance."""
     MAX_ITERATIONS = 1
+    """The tolerance was not met (``maxiter`` ran out, or the iterates stopped
+    improving) and no certificate of infeasibility or unboundedness was found."""
     NONFINITE = 3
+    """A Newton step was NaN or infinite, and no certificate of infeasibility or
+    unboundedness was found."""
     INFEASIBLE = 5
+    """No point satisfies ``Az = b, Gz <= h``: a Farkas certificate was found."""
     UNBOUNDED = 6
+    """The objective decreases without bound along a feasible direction ``d``
+    (``Qd = 0``, ``Ad = 0``, ``Gd <= 0``, ``q^T d < 0``)."""
 
 
 _HINTS = {
@@ -119,6 +143,17 @@ class QPInfo:
             or nearly so (a weakly active constraint, dependent active
             constraints): the gradient there is one generalized gradient.  Filled
             in by ``backward``; all ``False`` before it runs.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.layers import qp_solve
+        >>> Q, q = torch.eye(2, dtype=torch.float64), torch.tensor([-1.0, -1.0], dtype=torch.float64)
+        >>> G, h = torch.ones(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        >>> z, info = qp_solve(Q, q, G=G, h=h, return_info=True)   # project (1, 1) onto z1 + z2 <= 1
+        >>> bool(info.converged), info.ineq_dual.round(decimals=6)      # active: a positive multiplier
+        (True, tensor([0.5000], dtype=torch.float64))
+        >>> float(info.slack) < 1e-9, info.eq_dual.shape                 # no equality constraints
+        (True, torch.Size([0]))
     """
 
     eq_dual: torch.Tensor
@@ -133,6 +168,7 @@ class QPInfo:
 
     @property
     def converged(self) -> torch.Tensor:
+        """``status == QPStatus.SOLVED``, per element (a bool tensor)."""
         return self.status == QPStatus.SOLVED
 
 
