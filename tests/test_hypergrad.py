@@ -165,3 +165,12 @@ def test_gradcheck_of_the_differentiable_hypergradient():
     x = torch.randn(3, requires_grad=True)
     assert torch.autograd.gradcheck(hyper_gradient, (x,))
     assert torch.autograd.gradgradcheck(hyper_gradient, (x,))
+
+
+def test_unrolled_rejects_a_non_positive_tensor_step_size():
+    x = torch.tensor([1.0], dtype=torch.float64)
+    inner = lambda x, y: ((y - x) ** 2).sum()  # noqa: E731
+    outer = lambda x, y: (y ** 2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="`step_size` must be positive"):
+        bilevel.implicit.unrolled_hypergrad(outer, inner, x, torch.zeros(1, dtype=torch.float64), 3,
+                                            step_size=torch.tensor(-0.1, dtype=torch.float64))

@@ -278,7 +278,10 @@ def unrolled_hypergrad(
         raise ValueError(f"unrolled_hypergrad: `truncate` must be an int in [1, steps={steps}]; got {truncate!r}.")
     if step_size is None:
         step_size = float(1.0 / estimate_lipschitz(inner, x, y0).clamp_min(1e-12))
-    if not torch.is_tensor(step_size) and not step_size > 0:  # a tensor: an estimate already on the device
+    # checked wherever it is free: a number or a CPU tensor (an accelerator's estimate is
+    # our own 1/L, positive by construction, and reading it would stall the device)
+    on_host = not torch.is_tensor(step_size) or step_size.device.type == "cpu"
+    if on_host and not bool(step_size > 0):
         raise ValueError(f"unrolled_hypergrad: `step_size` must be positive; got {step_size!r}.")
     step = _inner_step(inner, step_size)
     differentiated = steps if truncate is None else truncate
