@@ -128,10 +128,10 @@ fig.tight_layout()
 #   steps (``truncate=K``) bounds the memory but biases the gradient.
 #
 # About the time axis: this system has 100 unknowns. For systems of up to
-# 128 unknowns, when a solver's budget is above about :math:`n/12` products,
+# 128 unknowns, when a solver's budget is above about :math:`n/4` products,
 # ``bilevel`` builds the Hessian once (one vmapped product) and iterates on the
 # dense matrix (:func:`~bilevel.implicit.operators.densify`). This is why the
-# times of CG and Neumann barely grow past 10 products. Unrolling cannot use
+# times of CG and Neumann barely grow from 50 products on. Unrolling cannot use
 # this shortcut: every step evaluates the inner gradient on the data.
 #
 # A rule of thumb: use CG (the default, with the certificate on) when the inner

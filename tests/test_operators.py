@@ -154,13 +154,15 @@ def test_densify_pytree_and_when_it_declines():
     torch.testing.assert_close(to_flat(dense.transpose(u)), A.mT @ to_flat(u))
     assert densify(op, example, 0, Direct()) is op  # Direct materializes by itself
     assert densify(op, example, 0, object()) is op  # an unknown solver has no budget
-    assert densify(op, example, 0, CG(maxiter=1)) is not op  # 1 product >= 4 / 12
+    assert densify(op, example, 0, CG(maxiter=1)) is not op  # 1 product >= 4 / 4
     # a batch of systems is never materialized: the vmap over the basis would copy
     # each system's data once per basis vector
     batched_example = to_tree(torch.randn(3, 4))
     assert densify(op, batched_example, 1, CG()) is op
     double = lambda v: 2 * v  # noqa: E731
     assert densify(double, torch.randn(500), 0, CG()) is double  # too large to materialize
+    assert densify(double, torch.randn(100), 0, CG(maxiter=24)) is double  # 24 products < 100 / 4
+    assert densify(double, torch.randn(100), 0, CG(maxiter=25)) is not double
 
     def not_vmappable(v):
         return v * float(v.sum())  # a host read: vmap refuses, densify keeps the operator

@@ -17,6 +17,7 @@ remedy, or a :class:`~bilevel.status.BilevelError` in strict mode.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -24,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from .._tolerance import default_residual_tol
-from .._tree import tree_leaves
+from .._tree import all_finite, tree_leaves
 from ..status import BilevelError, ConvergenceWarning, CurvatureWarning, OptimalityWarning, Status
 from .linear_solve import LinearSolveInfo
 
@@ -86,9 +87,11 @@ class ImplicitInfo:
 
 def batch_norm(tree: Any, batch_dims: int) -> torch.Tensor:
     """Euclidean norm of a tree per batch element (over all non-batch dims)."""
-    squares = [x.reshape(*x.shape[:batch_dims], -1).pow(2).sum(-1) for x in tree_leaves(tree)]
-    total = squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)
-    return total.sqrt()
+    norms = [torch.linalg.vector_norm(x.reshape(*x.shape[:batch_dims], -1), dim=-1) for x in tree_leaves(tree)]
+    if len(norms) == 1:
+        return norms[0]
+    dtype = functools.reduce(torch.promote_types, [n.dtype for n in norms])  # trees may mix dtypes
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), dim=0)
 
 
 def _elements(mask: torch.Tensor) -> str:
@@ -104,7 +107,7 @@ def _fail(category: type, message: str, strict: bool) -> None:
     warnings.warn(message, category, stacklevel=4)
 
 
-def report(system, value, sol, info: LinearSolveInfo, x, b) -> ImplicitInfo:
+def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
     """Check and record the certificate of one adjoint solve; returns it.
 
     Every check is decided by one host read (the flags are stacked on the
@@ -115,23 +118,25 @@ def report(system, value, sol, info: LinearSolveInfo, x, b) -> ImplicitInfo:
     tol = system.options.residual_tol
     tol = default_residual_tol(dtype) if tol is None else tol
     sol_norm = batch_norm(sol, system.batch_dims)
+    x_norm = batch_norm(x, system.batch_dims)
     optimality = distance = None
     if value is not None:
         optimality = batch_norm(value, system.batch_dims)
-        b_norm = batch_norm(b, system.batch_dims)
-        ratio = batch_norm(x, system.batch_dims) / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
-        distance = torch.where(b_norm > 0, optimality * ratio, torch.zeros_like(optimality))
+        b_norm = info.b_norm  # the norm of the right-hand side just solved for
+        ratio = x_norm / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
+        distance = torch.where(b_norm > 0, optimality * ratio, 0.0)
     certificate = ImplicitInfo(optimality, distance, sol_norm, tol, info, system.damping, system.solve)
     certify = system.certify and distance is not None
     failed = ~info.converged
-    flags = [torch.stack([torch.isfinite(t).all() for t in x_leaves]).all(), failed.any(),
-             (info.status == Status.BREAKDOWN).any()]
+    # ||x|| is finite exactly when every entry is (short of an overflow, told apart below)
+    flags = [torch.isfinite(x_norm).all(), failed.any(), (info.status == Status.BREAKDOWN).any()]
     if certify:
         bad = ~certificate.optimal
         flags.append(bad.any())
     finite, any_failed, singular, *any_bad = torch.stack(flags).tolist()
     if not finite:
-        raise FloatingPointError(f"{stage}: the adjoint linear solve returned NaN or inf; {info.summary()}")
+        what = "NaN or inf" if not all_finite(x_leaves) else "a solution whose norm overflows"
+        raise FloatingPointError(f"{stage}: the adjoint linear solve returned {what}; {info.summary()}")
     if certify and any_bad[0]:
         worst = int(torch.where(bad, distance, -1).reshape(-1).argmax())
         _fail(

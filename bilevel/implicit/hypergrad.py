@@ -172,7 +172,7 @@ def hypergrad(
             lin = linearize(condition, y, (x,), objective=condition.gradient_of, wrt_args=True)
             operator = densify(damped(lin.transpose_matvec, system.damping), gy, 0, system.solve)
             v, info = system.solve(operator, gy)
-            report(system, lin.value, y, info, v, gy)
+            report(system, lin.value, y, info, v)
             cross = tree_unflatten(lin.cross(v), x_spec)
         else:  # differentiable and vmappable
             v = tree_unflatten(list(solve_adjoint(system, tree_leaves(gy), y_leaves, x_leaves)), y_spec)

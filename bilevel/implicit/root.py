@@ -147,7 +147,7 @@ class _Adjoint(torch.autograd.Function):
             _check_residual_structure(system, value, sol)
         operator = densify(damped(matvec, system.damping), b, system.batch_dims, system.solve)
         x, info = system.solve(operator, b, batch_dims=system.batch_dims)
-        report(system, value, sol, info, x, b)
+        report(system, value, sol, info, x)
         return tuple(tree_leaves(x))
 
     @staticmethod

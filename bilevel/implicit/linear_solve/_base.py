@@ -13,7 +13,7 @@ from ..._checks import nonneg_float as _nonneg_float
 from ..._checks import positive_int_or_none as _positive_int_or_none
 from ..._checks import tol_ok as _tol_ok
 from ..._tolerance import default_tol
-from ..._tree import Raveler, all_finite, check_same_structure, tree_leaves
+from ..._tree import Raveler, all_finite, check_same_structure, is_transformed, tree_leaves
 from ...status import Status
 from ...typing import Matvec, TensorTree
 
@@ -128,8 +128,6 @@ class LinearSolver:
             raise TypeError(f"`b` must be floating point; got dtype {rav.dtype}.")
         if x0 is not None:
             check_same_structure(x0, b, "x0", "b")
-        if not all_finite(tree_leaves(b)):
-            raise FloatingPointError("linear solve: the right-hand side `b` contains NaN or inf.")
         batch, n = rav.batch_shape, rav.size
         nbatch = math.prod(batch)
 
@@ -155,11 +153,12 @@ class LinearSolver:
         elif getattr(matvec, "transpose", None) is not None:
             flat_matvec.transpose = flatten(matvec.transpose)
         b_flat = rav.ravel(b).reshape(nbatch, n)
+        b_norm = torch.linalg.vector_norm(b_flat, dim=-1)
+        _check_rhs(b, b_norm)
         x0_flat = None if x0 is None else rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
         x, iterations, status = self._solve(flat_matvec, b_flat, x0_flat, flatten)
         residual = b_flat - flat_matvec(x)
         residual_norm = torch.linalg.vector_norm(residual, dim=-1)
-        b_norm = torch.linalg.vector_norm(b_flat, dim=-1)
         status = _final_status(self, status, residual_norm, b_norm)
         info = LinearSolveInfo(
             iterations=iterations.reshape(batch),
@@ -192,19 +191,30 @@ class LinearSolver:
         return torch.clamp_min(tol * torch.linalg.vector_norm(b, dim=-1), atol)
 
 
+def _check_rhs(b: TensorTree, b_norm: torch.Tensor) -> None:
+    """Raise on a non-finite right-hand side; ``b_norm`` (per element) is finite
+    exactly when ``b`` is, unless the norm overflows, which is told apart here."""
+    if is_transformed(b_norm) or bool(torch.isfinite(b_norm).all()):
+        return
+    if not all_finite(tree_leaves(b)):
+        raise FloatingPointError("linear solve: the right-hand side `b` contains NaN or inf.")
+    raise FloatingPointError(
+        f"linear solve: the norm of the right-hand side `b` overflows in {b_norm.dtype}; rescale the system."
+    )
+
+
 def _final_status(
     solver: LinearSolver, status: torch.Tensor, residual_norm: torch.Tensor, b_norm: torch.Tensor
 ) -> torch.Tensor:
     """Re-check the true residual: a solve is a success only if ``b - A x`` is small."""
-    status = torch.where(torch.isfinite(residual_norm), status, torch.full_like(status, Status.NONFINITE))
+    status = torch.where(torch.isfinite(residual_norm), status, int(Status.NONFINITE))
     if getattr(solver, "tol", "absent") == "absent":  # direct and fixed-term solvers set no tolerance
         return status
     tol = solver.tol if solver.tol is not None else default_tol(residual_norm.dtype)
     # The recursive residual of a Krylov method drifts from the true one by a few
     # ulps times the condition number: allow a factor 10 before calling it a failure.
     small = residual_norm <= 10 * torch.clamp_min(tol * b_norm, getattr(solver, "atol", 0.0))
-    failed_late = (status == Status.SUCCESS) & ~small
-    return torch.where(failed_late, torch.full_like(status, Status.MAX_ITERATIONS), status)
+    return torch.where((status == Status.SUCCESS) & ~small, int(Status.MAX_ITERATIONS), status)
 
 
 _KRYLOV_RULES = dict(

@@ -85,36 +85,43 @@ def _start(matvec, b, x0):
 
 
 def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
-    """CG for one system (``B = 1``), step sizes on the host."""
+    """CG for one system (``B = 1``), step sizes on the host; the iterates are
+    kept as vectors so that each inner product is one ``dot``."""
+    n = b.shape[-1]
+
+    def apply(op, v):  # the flat operators take and return (1, n)
+        return op(v.view(1, n)).reshape(n)
+
     x, r = _start(matvec, b, x0)
-    z = precondition(r) if precondition else r
+    x, r = x.reshape(n), r.reshape(n)
+    z = apply(precondition, r) if precondition else r
     p = z
-    rz = float((r * z).sum())
-    rr = rz if precondition is None else float((r * r).sum())
-    factor = math.sqrt(b.shape[-1]) * torch.finfo(b.dtype).eps
+    rz = float(torch.dot(r, z))
+    rr = rz if precondition is None else float(torch.dot(r, r))
+    factor = math.sqrt(n) * torch.finfo(b.dtype).eps
     max_inv_alpha, status, k = 0.0, Status.SUCCESS, 0
     while rr > threshold**2:
         if k == maxiter:
             status = Status.MAX_ITERATIONS
             break
-        Ap = matvec(p)
-        inv_alpha = float((p * Ap).sum()) / rz
+        Ap = apply(matvec, p)
+        inv_alpha = float(torch.dot(p, Ap)) / rz
         max_inv_alpha = max(max_inv_alpha, inv_alpha)
         if not inv_alpha > factor * max_inv_alpha:  # also catches NaN
             status = Status.BREAKDOWN
             break
         x = x.add(p, alpha=1.0 / inv_alpha)
         r = r.add(Ap, alpha=-1.0 / inv_alpha)
-        z = precondition(r) if precondition else r
-        rz_new = float((r * z).sum())
-        rr = rz_new if precondition is None else float((r * r).sum())
+        z = apply(precondition, r) if precondition else r
+        rz_new = float(torch.dot(r, z))
+        rr = rz_new if precondition is None else float(torch.dot(r, r))
         p = z.add(p, alpha=rz_new / rz)
         rz, k = rz_new, k + 1
         if not math.isfinite(rr):
             status = Status.NONFINITE
             break
     device = b.device
-    return x, torch.tensor([k], device=device), torch.tensor([int(status)], device=device)
+    return x.view(1, n), torch.tensor([k], device=device), torch.tensor([int(status)], device=device)
 
 
 def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
