@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from test_layers_convex import _assert_fd, _direct, _directional_fd
-from torch.func import jacfwd, vmap
+from torch.func import jacfwd, jacrev, vmap
 
 from bilevel.layers import ConvexLayer
 from bilevel.layers._cones import (
@@ -25,6 +25,7 @@ from bilevel.layers._cones import (
     _project_power,
     _project_power_dual,
     _project_soc,
+    _Recent,
 )
 
 cp = pytest.importorskip("cvxpy")
@@ -273,6 +274,66 @@ def test_power_gradients_stay_finite_and_float32():
     w, a = power_points("general", 50, 2, seed=12)
     p32 = _project_power(w.float(), a.float())
     assert p32.dtype == torch.float32 and torch.allclose(p32.double(), _project_power(w, a), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- both cones: Jacobians, transforms
+
+
+def test_jacobians_are_those_of_projections():
+    """The Jacobian of a projection onto a closed convex set, where it exists, is symmetric with
+    eigenvalues in [0, 1]: a check of the closed-form blocks at every scale that finite
+    differences cannot reach."""
+    g = torch.Generator().manual_seed(18)
+    scale = torch.exp(2 * torch.randn(5000, 1, generator=g))
+    alpha = torch.rand(5000, 3, generator=g) + 0.05
+    alpha = alpha / alpha.sum(-1, keepdim=True)
+    for jac in (vmap(jacfwd(_project_exp))(torch.randn(5000, 3, generator=g) * scale),
+                vmap(jacfwd(_project_power))(torch.randn(5000, 4, generator=g) * scale, alpha)):
+        assert torch.isfinite(jac).all()
+        size = jac.abs().amax((-2, -1)).clamp_min(1)
+        assert ((jac - jac.mT).abs().amax((-2, -1)) <= 1e-10 * size).all()
+        eig = torch.linalg.eigvalsh(0.5 * (jac + jac.mT))
+        assert eig.min() >= -1e-10 and eig.max() <= 1 + 1e-10
+
+
+def test_projections_under_every_transform():
+    """The projections' vmap rule (batch dim anywhere, weights shared or batched, nested vmap) and
+    their reverse mode under vmap give the unbatched results."""
+    g = torch.Generator().manual_seed(19)
+    v = torch.randn(5, 7, 4, generator=g)
+    alpha = torch.rand(7, 3, generator=g) + 0.1
+    alpha = alpha / alpha.sum(-1, keepdim=True)
+    ref = _project_power(v, alpha.expand(5, 7, 3))
+    assert torch.equal(vmap(_project_power, in_dims=(0, None))(v, alpha), ref)
+    assert torch.equal(vmap(_project_power, in_dims=(1, 0), out_dims=1)(v, alpha), ref)
+    assert torch.equal(vmap(vmap(_project_power), in_dims=(0, None))(v, alpha), ref)
+    assert torch.equal(vmap(_project_power, in_dims=(None, 0))(v[0], alpha.expand(5, 7, 3)), ref[0].expand(5, 7, 4))
+    w = alpha[:5]  # one weight vector per batch element, shared by its 7 cones
+    assert torch.equal(vmap(_project_power)(v, w), _project_power(v, w[:, None].expand(5, 7, 3)))
+    x = exp_points("general", 12, seed=20)
+    rev = torch.stack([torch.autograd.functional.jacobian(_project_exp, xi) for xi in x])
+    assert torch.allclose(vmap(jacrev(_project_exp))(x), rev, rtol=0, atol=1e-14)
+    assert torch.allclose(vmap(jacrev(_project_power))(v[0], alpha), vmap(jacfwd(_project_power))(v[0], alpha),
+                          rtol=0, atol=1e-14)
+
+
+def test_recent_projections_are_reused_exactly():
+    """A projection with ``recent`` returns, for an input equal to a recent one, the values and
+    derivatives of a fresh call, in tensors of its own; another input is computed afresh."""
+    recent = _Recent()
+    x = exp_points("general", 12, seed=21)
+    first = _project_exp(x, recent)
+    again = _project_exp(x.clone(), recent)
+    assert torch.equal(again, _project_exp(x)) and again.data_ptr() != first.data_ptr()
+    again.zero_()  # the kept copy is not handed out
+    assert torch.equal(vmap(jacfwd(lambda r: _project_exp(r, recent)))(x), vmap(jacfwd(_project_exp))(x))
+    y = x.clone()
+    y[0, 0] += 1e-3
+    assert torch.equal(_project_exp(y, recent), _project_exp(y))
+    v, alpha = power_points("general", 12, 3, seed=22)
+    _project_power(v, alpha, recent)
+    assert torch.equal(_project_power(v, alpha, recent), _project_power(v, alpha))
+    assert torch.equal(_project_power(v, alpha.flip(-1), recent), _project_power(v, alpha.flip(-1)))
 
 
 # ----------------------------------------------------------------------------- the product cone

@@ -435,3 +435,14 @@ def test_projection_contract(name):
     v = rand(5, seed=43)
     torch.testing.assert_close(jvp(f, (z[0],), (v,))[1], J @ v, rtol=1e-12, atol=1e-13)
     assert torch.isfinite(J).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_simplex_keeps_its_mass_for_large_entries(dtype):
+    # cumsum(u) - r loses r next to entries of 1e9 unless the entries are shifted first
+    z = torch.tensor([3e8, 1e9, 2e9], dtype=dtype)
+    torch.testing.assert_close(project_simplex(z), torch.tensor([0.0, 0.0, 1.0], dtype=dtype))
+    big = 1e9 * torch.randn(4, 50, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    torch.testing.assert_close(project_simplex(big).sum(-1), torch.ones(4, dtype=dtype))
+    shifted = torch.tensor([0.5, 1.0, -1.0], dtype=dtype)
+    torch.testing.assert_close(project_simplex(shifted + 1e3), project_simplex(shifted))

@@ -390,3 +390,90 @@ def test_optimality_certificate_is_invariant_to_the_scale_of_the_objective(scale
     with pytest.warns(OptimalityWarning, match="distance"):  # ||F|| is ~1e-10 at scale 1e-8
         wrong(lam).sum().backward()
     torch.testing.assert_close(wrong.last_info.distance_to_root, torch.tensor(1e-2 * 2.0), rtol=1.0, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Forward mode through the adjoint solve (second derivatives by jacfwd / hessian)
+# ---------------------------------------------------------------------------
+def _cubic_root():
+    """y*(x) solves y^3 + y - x = 0 elementwise: y' = 1 / (3y^2 + 1), y'' = -6 y y'^3."""
+
+    def newton(x):
+        y = torch.zeros_like(x)
+        for _ in range(60):
+            y = y - (y**3 + y - x) / (3 * y**2 + 1)
+        return y
+
+    return bilevel.custom_root(lambda y, x: y**3 + y - x)(newton), newton
+
+
+def test_forward_over_reverse_second_derivative_of_a_nonlinear_root():
+    root, newton = _cubic_root()
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+
+    def loss(x):
+        return (root(x) ** 2).sum()
+
+    y = newton(x)
+    d1 = 1 / (3 * y**2 + 1)
+    d2 = -6 * y * d1**3
+    exact = torch.diag(2 * d1**2 + 2 * y * d2)  # d^2/dx^2 of y(x)^2, elementwise
+    torch.testing.assert_close(jacfwd(jacrev(loss))(x), exact)
+    torch.testing.assert_close(torch.func.hessian(loss)(x), exact)
+    torch.testing.assert_close(jacrev(jacrev(loss))(x), exact)
+
+
+def test_jvp_of_a_differentiable_hypergradient():
+    A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    x = torch.tensor([1.0, -1.0], dtype=torch.float64)
+
+    def hg(x):
+        return bilevel.hypergrad(lambda x, y: 0.5 * (y**2).sum(), lambda x, y: 0.5 * y @ A @ y - x @ y,
+                                 x, torch.linalg.solve(A, x), create_graph=True)
+
+    v = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    A2 = torch.linalg.inv(A @ A)
+    value, tangent = torch.func.jvp(hg, (x,), (v,))
+    torch.testing.assert_close(value, A2 @ x)
+    torch.testing.assert_close(tangent, A2 @ v)
+
+
+def test_jacfwd_through_non_symmetric_fixed_points():
+    sqrt = bilevel.custom_fixed_point(lambda y, a: 0.5 * (y + a / y))(torch.sqrt)  # Heron's map
+    a = torch.tensor([4.0, 9.0], dtype=torch.float64)
+    torch.testing.assert_close(jacfwd(sqrt)(a), torch.diag(0.5 / a.sqrt()))
+    torch.testing.assert_close(jacfwd(grad(lambda a: sqrt(a).sum()))(a), torch.diag(-0.25 * a**-1.5))
+    M = torch.tensor([[3.0, 1.0], [0.5, 2.0]], dtype=torch.float64)
+    solve = bilevel.custom_fixed_point(lambda y, b: y - 0.1 * (M @ y - b), solve=bilevel.implicit.NormalCG())(
+        lambda b: torch.linalg.solve(M, b)
+    )
+    b = torch.ones(2, dtype=torch.float64)
+    torch.testing.assert_close(jacrev(solve)(b), torch.linalg.inv(M))
+    torch.testing.assert_close(jacfwd(solve)(b), torch.linalg.inv(M))
+
+
+def test_a_differentiated_keyword_tensor_is_reported(ridge):
+    problem, _ = ridge
+
+    @bilevel.custom_root(stationarity(problem.inner_objective))
+    def by_keyword(init, **kw):
+        return problem.solution(kw["lam"])
+
+    lam = lam0()
+    with pytest.warns(CapturedTensorWarning, match="`lam`"):
+        torch.func.grad(lambda l: by_keyword(None, lam=l).sum())(lam)
+    with pytest.warns(CapturedTensorWarning, match="`lam`"):
+        by_keyword(None, lam=lam.clone().requires_grad_())
+    strict = bilevel.custom_root(stationarity(problem.inner_objective), strict=True)(by_keyword.__wrapped__)
+    with pytest.raises(BilevelError, match="keyword"):
+        strict(None, lam=lam.clone().requires_grad_())
+    with warnings.catch_warnings():  # a detached warm start is fine
+        warnings.simplefilter("error")
+        by_keyword(torch.zeros_like(lam), lam=lam)
+
+
+def test_a_nan_product_in_the_adjoint_solve_raises():
+    root = bilevel.custom_root(lambda y, a: torch.sqrt(y) - a)(lambda a: a**2)  # d/dy sqrt(y) = inf at y = 0
+    a = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        torch.autograd.grad(root(a).sum(), a)

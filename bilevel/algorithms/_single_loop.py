@@ -144,7 +144,7 @@ def _block_norms(fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_sp
         if not live:
             return torch.zeros(3, dtype=inputs[0].dtype, device=inputs[0].device)
         dtype = inputs[0].dtype
-        tiny = torch.finfo(dtype).tiny
+        tiny = max(torch.finfo(t.dtype).tiny for t in inputs)  # representable in every leaf's dtype
 
         def draw(is_x: bool) -> list:
             return [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) if (i < n_x) == is_x

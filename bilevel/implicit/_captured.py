@@ -110,3 +110,34 @@ def check_captured(residual: Callable, args: tuple, *, strict: bool, stage: str)
     if strict:
         raise BilevelError(message)
     warnings.warn(message, CapturedTensorWarning, stacklevel=3)
+
+
+def _tracks_grad(t: torch.Tensor) -> bool:
+    """Whether ``t`` is differentiated: it requires grad, or it is tracked by a
+    :func:`torch.func.grad` / ``jvp`` level (possibly under ``vmap`` levels)."""
+    functorch = torch._C._functorch
+    while True:  # a grad level's wrapper reports requires_grad; vmap wrappers hide it
+        if t.requires_grad:
+            return True
+        if not functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = functorch.get_unwrapped(t)
+
+
+def check_keywords(kwargs: dict, *, strict: bool, stage: str) -> None:
+    """Warn (or raise in strict mode) about differentiated tensors passed by keyword:
+    keywords go to the solver only, so no implicit gradient reaches them."""
+    names = [
+        name for name, value in kwargs.items()
+        if any(torch.is_tensor(t) and t.is_floating_point() and _tracks_grad(t) for t in tree_leaves(value))
+    ]
+    if not names:
+        return
+    message = (
+        f"{stage}: keyword argument(s) {', '.join(f'`{n}`' for n in names)} require grad, but keyword "
+        "arguments go to the solver only and get no implicit gradient. Pass differentiated tensors "
+        "positionally (they are then arguments of the residual too); detach a warm start to silence this."
+    )
+    if strict:
+        raise BilevelError(message)
+    warnings.warn(message, CapturedTensorWarning, stacklevel=3)

@@ -129,13 +129,21 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
     certify = system.certify and distance is not None
     failed = ~info.converged
     # ||x|| is finite exactly when every entry is (short of an overflow, told apart below)
-    flags = [torch.isfinite(x_norm).all(), failed.any(), (info.status == Status.BREAKDOWN).any()]
+    # A NONFINITE status with a finite x: the solver stopped on a NaN/inf product
+    # and returned a stale iterate, which is no gradient either.
+    finite = torch.isfinite(x_norm).all() & ~(info.status == Status.NONFINITE).any()
+    flags = [finite, failed.any(), (info.status == Status.BREAKDOWN).any()]
     if certify:
         bad = ~certificate.optimal
         flags.append(bad.any())
     finite, any_failed, singular, *any_bad = torch.stack(flags).tolist()
     if not finite:
-        what = "NaN or inf" if not all_finite(x_leaves) else "a solution whose norm overflows"
+        if not all_finite(x_leaves):
+            what = "NaN or inf"
+        elif bool((info.status == Status.NONFINITE).any()):
+            what = "a stale iterate after NaN or inf appeared in the operator's products"
+        else:
+            what = "a solution whose norm overflows"
         raise FloatingPointError(f"{stage}: the adjoint linear solve returned {what}; {info.summary()}")
     if certify and any_bad[0]:
         worst = int(torch.where(bad, distance, -1).reshape(-1).argmax())

@@ -113,18 +113,21 @@ def stationarity(objective: Objective) -> Condition:
 def fixed_point_residual(T: FixedPointMap, *, symmetric: bool = False) -> Condition:
     r"""The condition of a fixed point ``sol = T(sol, *args)``.
 
-    .. math:: F(s, \theta) = T(s, \theta) - s = 0
+    .. math:: F(s, \theta) = s - T(s, \theta) = 0
 
-    Its Jacobian :math:`\partial_s T - I` is in general not symmetric, so GMRES is
+    Its Jacobian :math:`I - \partial_s T` is in general not symmetric, so GMRES is
     the default solve; pass ``symmetric=True`` when it is (e.g. for a gradient step
-    :math:`T(s) = s - \eta \nabla f(s)`).
+    :math:`T(s) = s - \eta \nabla f(s)`, where :math:`I - \partial_s T = \eta
+    \nabla^2 f` is positive definite at a strict minimum, as CG needs; a Neumann
+    series with ``alpha=1`` is then :math:`\sum_k (\partial_s T)^k`, the
+    fixed-point iteration of the adjoint).
 
     Args:
         T: the map ``T(sol, *args)``, returning a tree shaped like ``sol``.
         symmetric: declare ``dT/dsol`` symmetric (default ``False``).
 
     Returns:
-        A :class:`Condition` ``residual(sol, *args) = T(sol, *args) - sol``.
+        A :class:`Condition` ``residual(sol, *args) = sol - T(sol, *args)``.
 
     Example:
         The square root of :math:`a` is the fixed point of Heron's map
@@ -140,7 +143,7 @@ def fixed_point_residual(T: FixedPointMap, *, symmetric: bool = False) -> Condit
         raise TypeError(f"`T` must be callable T(sol, *args); got {type(T).__name__}.")
 
     def residual(sol, *args):
-        return tree_map(torch.sub, T(sol, *args), sol)
+        return tree_map(torch.sub, sol, T(sol, *args))
 
     name = f"fixed_point({getattr(T, '__name__', 'T')})"
     condition = Condition(residual, symmetric=symmetric, name=name)

@@ -166,7 +166,9 @@ def hypergrad(
         options=_Options(strict, residual_tol, recorded.append), stage="hypergrad",
     )
     eager = not (create_graph or inside_transform() or any(is_transformed(t) for t in x_leaves + y_leaves))
-    with contextlib.nullcontext() if create_graph else torch.no_grad():
+    # Inside torch.func transforms the result stays differentiable: a grad level
+    # over this call would otherwise see a constant (no_grad) and return zeros.
+    with contextlib.nullcontext() if create_graph or not eager else torch.no_grad():
         gx, gy = _checked_grads(outer, x, y, eager)
         if eager:  # one linearization for the Hessian products and the cross term
             lin = linearize(condition, y, (x,), objective=condition.gradient_of, wrt_args=True)

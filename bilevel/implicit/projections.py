@@ -206,6 +206,9 @@ def project_simplex(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
     _check_radius(radius)
     r = _as_batch_scalar(radius, z)
     n = z.shape[-1]
+    # P(z + c 1) = P(z): shifting the largest entry to 0 keeps cumsum(u) - r exact
+    # when the entries are large compared with r.
+    z = z - z.detach().amax(dim=-1, keepdim=True)
     u, _ = torch.sort(z, dim=-1, descending=True)
     cssv = torch.cumsum(u, dim=-1) - r
     ind = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)

@@ -49,7 +49,7 @@ from torch.func import jvp, vjp, vmap
 
 from .._tree import all_finite, split_leaves, tensor_leaves, tree_flatten, tree_leaves, tree_unflatten, tree_vdot
 from ..typing import FixedPointMap, Residual
-from ._captured import check_captured
+from ._captured import check_captured, check_keywords
 from ._certificate import ImplicitInfo, report
 from .conditions import fixed_point_residual, is_symmetric
 from .linear_solve import Auto, LinearSolver
@@ -155,6 +155,43 @@ class _Adjoint(torch.autograd.Function):
         system = inputs[0]
         ctx.system = system
         ctx.save_for_backward(*inputs[1 + system.n_sol :], *output)
+        ctx.save_for_forward(*inputs[1 + system.n_sol :], *output)
+
+    @staticmethod
+    def jvp(ctx, _, *tangents):
+        r"""Forward mode: :math:`x = M^{-1} b` moves by
+        :math:`\dot x = M^{-1}(\dot b - \dot M x)`, where :math:`\dot M x` is the
+        derivative of :math:`M(s, \theta)\, x` (``x`` held fixed) along the
+        tangents of the solution and of the arguments; one more solve with the
+        same operator, itself differentiable."""
+        system = ctx.system
+        n = system.n_sol
+        saved = ctx.saved_tensors
+        sol_leaves, args, x = saved[:n], saved[n:-n], saved[-n:]
+        tangents = [torch.zeros_like(t) if d is None else d for t, d in zip((*x, *sol_leaves, *args), tangents)]
+        db, dsol, dargs = tangents[:n], tangents[n : 2 * n], tangents[2 * n :]
+        float_pos = [i for i, a in enumerate(args) if a.is_floating_point()]
+        f = system.batched_residual()
+        spec = system.sol_spec
+        x_tree = tree_unflatten(list(x), spec)
+
+        def applied(sol_ls, float_args):  # M(s, theta) x, damping left out (its derivative is 0)
+            full = list(args)
+            for i, a in zip(float_pos, float_args):
+                full[i] = a
+            s = tree_unflatten(list(sol_ls), spec)
+            if system.transpose:
+                out = vjp(lambda s_: f(s_, full), s)[1](x_tree)[0]
+            else:
+                out = jvp(lambda s_: f(s_, full), (s,), (x_tree,))[1]
+            return tuple(tree_leaves(out))
+
+        primals = (tuple(sol_leaves), tuple(args[i] for i in float_pos))
+        directions = (tuple(dsol), tuple(dargs[i] for i in float_pos))
+        _, dm_x = jvp(applied, primals, directions)
+        rhs = [b - m for b, m in zip(db, dm_x)]
+        other = dataclasses.replace(system, certify=False)
+        return tuple(_Adjoint.apply(other, *rhs, *sol_leaves, *args))
 
     @staticmethod
     def backward(ctx, *u_bar):
@@ -193,17 +230,26 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, system, *tensors):
-        moved = _batch_first(info.batch_size, in_dims[1:], tensors)
+        moved = _batch_first(info.batch_size, in_dims[1:], tensors, 2 * system.n_sol)
         out = _Adjoint.apply(dataclasses.replace(system, batch_dims=system.batch_dims + 1), *moved)
         return out, (0,) * len(out)
 
 
-def _batch_first(size: int, in_dims, tensors) -> list:
-    """Move each tensor's vmapped dim to the front; expand unbatched ones (a view)."""
-    return [
-        t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
-        for t, d in zip(tensors, in_dims)
-    ]
+def _batch_first(size: int, in_dims, tensors, n_copied: int) -> list:
+    """Move each tensor's vmapped dim to the front; expand unbatched ones.
+
+    The first ``n_copied`` tensors (right-hand side and solution, solution-sized)
+    are expanded into real copies: forward-mode products take the solution as a
+    primal, and a dual tensor cannot be built on a view whose entries share
+    memory.  The others (the arguments, possibly large data) stay views."""
+    moved = []
+    for i, (t, d) in enumerate(zip(tensors, in_dims)):
+        if d is not None:
+            moved.append(t.movedim(d, 0))
+        else:
+            expanded = t.expand(size, *t.shape)
+            moved.append(expanded.contiguous() if i < n_copied else expanded)
+    return moved
 
 
 def _check_residual_structure(system: AdjointSystem, value, sol) -> None:
@@ -342,7 +388,9 @@ def custom_root(
     .. math:: (\partial_s F)^\top u = \bar s, \qquad \bar\theta = -(\partial_\theta F)^\top u,
 
     with :math:`F` = ``residual``.  Keyword arguments (e.g. a warm start
-    ``init=...``) go to the solver only and are not differentiated.
+    ``init=...``) go to the solver only and are not differentiated; a keyword
+    tensor that requires grad is reported by a
+    :class:`~bilevel.status.CapturedTensorWarning` (an error in strict mode).
 
     Args:
         residual: the optimality condition ``residual(sol, *args)``, returning a
@@ -413,6 +461,7 @@ def custom_root(
         @functools.wraps(solver)
         def wrapped(*args, **kwargs):
             check_captured(residual, args, strict=strict, stage="custom_root")
+            check_keywords(kwargs, strict=strict, stage="custom_root")
             tensors, rebuild = split_leaves(args, torch.is_tensor)
             options = _Options(strict, residual_tol, lambda info: setattr(wrapped, "last_info", info))
 

@@ -33,6 +33,7 @@ from .._tree import tree_flatten, tree_map
 from ..implicit import custom_root, stationarity
 from ..implicit.linear_solve import LinearSolver
 from ..solvers import LBFGS, GaussNewton, LevenbergMarquardt, ProximalGradient, Solver
+from ..solvers._base import warm_start
 from ..typing import Objective, Residual, TensorTree
 
 __all__ = ["ArgminLayer"]
@@ -257,7 +258,7 @@ class ArgminLayer(torch.nn.Module):
         solve = self.solve if self.solve is not None else getattr(solver, "implicit_solve", None)
         differentiable = custom_root(condition, solve=solve, residual_tol=residual_tol, batch_dims=int(B is not None))
         self._root = differentiable(run)
-        return self._root(*args, init=z0)
+        return self._root(*args, init=warm_start(z0))
 
     @property
     def implicit_info(self):

@@ -349,30 +349,50 @@ def _polish(residual, x: torch.Tensor, v: torch.Tensor, data: tuple, steps: int 
     """A few semismooth Newton steps on ``F(x, v) = 0`` from the interior-point solution
     (batched dense Jacobians by forward mode), each kept only where it reduces ``||F||``:
     this takes Clarabel's ~1e-9 accuracy to machine precision, so that derivatives are
-    exact to the solution's precision.  Skipped above ``_POLISH_MAX`` unknowns."""
+    exact to the solution's precision.  Skipped above ``_POLISH_MAX`` unknowns.
+
+    ``F`` and its Jacobian come from one forward-mode call at each point (the value is that
+    call's primal), so a step costs one residual evaluation, not two; the Jacobian at the
+    last trial point is not needed and that point gets a plain evaluation.  After the first
+    step (always tried: the solution may come from another precision), a step within rounding
+    of the point, ``||step|| <= 4 eps (1 + ||w||)``, is not taken (Newton's convergence being
+    quadratic, the step before reached rounding), and the steps stop once no element has
+    another to take; each element's steps are independent of the other elements'."""
     n = x.shape[-1]
     if n + v.shape[-1] > _POLISH_MAX:
         return x, v
+    eps = torch.finfo(x.dtype).eps
 
     def flat(w, *args):
         fx, fv = residual((w[:n], w[n:]), *args)
-        return torch.cat([fx, fv])
+        F = torch.cat([fx, fv])
+        return F, F
 
-    batched, jacobian = vmap(flat), vmap(jacfwd(flat))
+    batched = vmap(lambda w, *args: flat(w, *args)[0])
+    with_jacobian = vmap(jacfwd(flat, has_aux=True))
     w = torch.cat([x, v], -1)
-    F = batched(w, *data)
+    J, F = with_jacobian(w, *data)
     norm = torch.linalg.vector_norm(F, dim=-1)
-    for _ in range(steps):
-        step, info = torch.linalg.solve_ex(jacobian(w, *data), -F)
+    for i in range(steps):
+        step, info = torch.linalg.solve_ex(J, -F)
+        rounding = 4 * eps * (1 + torch.linalg.vector_norm(w, dim=-1))
+        worth = (info == 0) & ((i == 0) | (torch.linalg.vector_norm(step, dim=-1) > rounding))
+        if not bool(worth.any()):
+            break
         trial = w + step
-        F_trial = batched(trial, *data)
+        if i + 1 < steps:
+            J_trial, F_trial = with_jacobian(trial, *data)
+        else:
+            F_trial = batched(trial, *data)
         norm_trial = torch.linalg.vector_norm(F_trial, dim=-1)
-        better = (info == 0) & torch.isfinite(norm_trial) & (norm_trial < norm)
+        better = worth & torch.isfinite(norm_trial) & (norm_trial < norm)
         if not bool(better.any()):
             break
         w = torch.where(better.unsqueeze(-1), trial, w)
         F = torch.where(better.unsqueeze(-1), F_trial, F)
         norm = torch.where(better, norm_trial, norm)
+        if i + 1 < steps:
+            J = torch.where(better[:, None, None], J_trial, J)
     return w[..., :n], w[..., n:]
 
 

@@ -240,7 +240,7 @@ class Solver:
     def __call__(self, fun: Objective, init: TensorTree, *args: Any) -> TensorTree:
         check_fun(fun, self.name)
         solve, scale, dtype = self._recorded_run(fun, init)
-        return self._differentiable(self._condition(fun, scale), solve, dtype)(*args, init=init)
+        return self._differentiable(self._condition(fun, scale), solve, dtype)(*args, init=warm_start(init))
 
     def _recorded_run(self, fun: Callable, init: TensorTree) -> tuple[Callable, "_Scale", torch.dtype]:
         """``solve(*args, init)``: :meth:`run` returning the solution alone and recording
@@ -276,6 +276,13 @@ class Solver:
 
     def _tol(self, dtype: torch.dtype) -> float:
         return default_tol(dtype) if self.tol is None else float(self.tol)
+
+
+def warm_start(init: TensorTree) -> TensorTree:
+    """``init`` detached, for the keyword of a differentiable solve: the solution
+    does not depend on its warm start, so no gradient is lost, and ``custom_root``
+    does not report it as a differentiated keyword."""
+    return detach_args((init,))[0]
 
 
 class _Scale:

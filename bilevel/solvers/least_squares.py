@@ -70,7 +70,7 @@ from ..implicit.linear_solve import LinearSolver
 from .._checks import check_fields as _check_fields
 from ..status import Status
 from ..typing import TensorTree
-from ._base import COMMON_RULES, Solver, SolverInfo, _Scale, check_fun, check_init, detach_args, warn_if_failed
+from ._base import COMMON_RULES, Solver, SolverInfo, _Scale, check_fun, check_init, detach_args, warm_start, warn_if_failed
 from ._batched import BatchedArgs
 
 __all__ = ["GaussNewton", "LevenbergMarquardt"]
@@ -137,13 +137,13 @@ class _LeastSquares(Solver):
         batch = Raveler(init, self.batch_dims, name="init").batch_shape
         batched = BatchedArgs(args, batch)
         if not batched.consistent(fun, init, args):  # one joint system for the whole batch
-            return self._differentiable(self._condition(fun, scale), solve, dtype)(*args, init=init)
+            return self._differentiable(self._condition(fun, scale), solve, dtype)(*args, init=warm_start(init))
 
         def solve_batched(*inputs, init):
             return solve(*batched.for_solver(inputs), init=init)
 
         differentiable = self._differentiable(batched.condition(fun, scale), solve_batched, dtype, self.batch_dims)
-        return differentiable(*batched.inputs(args), init=init)
+        return differentiable(*batched.inputs(args), init=warm_start(init))
 
     def run(self, fun: Callable, init: TensorTree, *args: Any) -> tuple[TensorTree, SolverInfo]:
         res = _Residuals(fun, init, args, self.batch_dims, self.name)

@@ -30,6 +30,7 @@ from ._base import (
     check_init,
     detach_args,
     is_finite,
+    warm_start,
     make_info,
     nonfinite,
     warn_if_failed,
@@ -168,7 +169,7 @@ class ProximalGradient(Solver):
             return sol
 
         return self._differentiable(self._prox_condition(fun, scale), solve, dtype)(
-            tuple(args), prox_args, init=init
+            tuple(args), prox_args, init=warm_start(init)
         )
 
     def _prox_condition(self, fun: Objective, scale: _Scale) -> Condition:

@@ -8,6 +8,8 @@ from typing import Optional
 from ..._checks import check_fields as _check_fields
 from ..._checks import positive_int_or_none as _positive_int_or_none
 from ..._checks import tol_ok as _tol_ok
+from ..._tree import is_transformed
+from ...status import Status
 from ._base import LinearSolver
 from .cg import CG
 from .direct import Direct
@@ -21,8 +23,9 @@ class Auto(LinearSolver):
 
     * :math:`n \le` ``max_direct`` unknowns and a vmappable operator: the matrix
       is materialized with one vmapped product and factorized, Cholesky when
-      ``symmetric`` (reports BREAKDOWN for an indefinite or singular matrix, like
-      CG) and LU otherwise — exact, and cheaper than tens of Krylov iterations
+      ``symmetric`` (when it breaks down, on a singular or indefinite matrix, CG
+      takes over: it solves a consistent singular system and reports an
+      indefinite one as BREAKDOWN) and LU otherwise — exact, and cheaper than tens of Krylov iterations
       whose cost is dominated by per-operation overhead at this size;
     * otherwise (or when the operator cannot be vmapped): :class:`CG` if
       ``symmetric``, else :class:`GMRES`, with a budget of ``maxiter`` products
@@ -63,9 +66,15 @@ class Auto(LinearSolver):
     def _solve(self, matvec, b, x0, flatten):
         if b.shape[-1] <= self.max_direct:
             try:
-                return Direct("cholesky" if self.symmetric else "lu")._solve(matvec, b, x0, flatten)
+                x, iterations, status = Direct("cholesky" if self.symmetric else "lu")._solve(matvec, b, x0, flatten)
             except RuntimeError:  # the operator cannot be vmapped: stay matrix-free
                 pass
+            else:
+                broke = self.symmetric and not is_transformed(status) and bool((status == Status.BREAKDOWN).any())
+                if not broke:
+                    return x, iterations, status
+                # Singular or indefinite: CG still solves a consistent singular system
+                # (e.g. an unregularized bias) and reports an indefinite one.
         return self._krylov()._solve(matvec, b, x0, flatten)
 
 
