@@ -55,8 +55,10 @@ def test_implicit_method_stalls_on_nonunique_lower_level_and_says_so():
     problem = nonunique_lower_level(n=20)
     with pytest.warns(CurvatureWarning, match="single-loop method"):
         implicit = run(problem, "implicit", 300, lr=0.05)
-    assert relative_error(problem, implicit.x) > 0.45       # stuck at or below 0.505 e
-    assert float(implicit.x.max()) < 0.51
+    assert relative_error(problem, implicit.x) > 0.45       # stuck near 0.5 e, far from e
+    # the default solve hands the singular Hessian to CG, which solves its consistent
+    # part: x drifts slightly past 0.505 e, nowhere near e
+    assert float(implicit.x.max()) < 0.6
     meha = run(problem, "meha", 3000)
     assert relative_error(problem, meha.x) < 1e-3
 
