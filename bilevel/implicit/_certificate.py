@@ -128,19 +128,18 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
     certificate = ImplicitInfo(optimality, distance, sol_norm, tol, info, system.damping, system.solve)
     certify = system.certify and distance is not None
     failed = ~info.converged
-    # ||x|| is finite exactly when every entry is (short of an overflow, told apart below)
-    # A NONFINITE status with a finite x: the solver stopped on a NaN/inf product
-    # and returned a stale iterate, which is no gradient either.
-    finite = torch.isfinite(x_norm).all() & ~(info.status == Status.NONFINITE).any()
-    flags = [finite, failed.any(), (info.status == Status.BREAKDOWN).any()]
+    # ||x|| is finite exactly when every entry is, short of an overflow (told apart
+    # below). A NONFINITE status with a finite x is a stale iterate, no gradient either.
+    flags = [torch.isfinite(x_norm).all(), (info.status == Status.NONFINITE).any(), failed.any(),
+             (info.status == Status.BREAKDOWN).any()]
     if certify:
         bad = ~certificate.optimal
         flags.append(bad.any())
-    finite, any_failed, singular, *any_bad = torch.stack(flags).tolist()
-    if not finite:
+    finite, stale, any_failed, singular, *any_bad = torch.stack(flags).tolist()
+    if not finite or stale:
         if not all_finite(x_leaves):
             what = "NaN or inf"
-        elif bool((info.status == Status.NONFINITE).any()):
+        elif stale:
             what = "a stale iterate after NaN or inf appeared in the operator's products"
         else:
             what = "a solution whose norm overflows"
