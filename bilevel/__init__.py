@@ -20,6 +20,8 @@ __all__ = [
     "BilevelResult",
     "algorithms",
     "distributed",
+    "hpo",
+    "layers",
     "solvers",
     "BilevelProblem",
     "BilevelError",

@@ -170,6 +170,23 @@ def inside_transform() -> bool:
     return level is not None and level() is not None
 
 
+def seeded_normal_like(tensors: Sequence[torch.Tensor], gen: torch.Generator) -> list:
+    """Standard normal draws shaped like ``tensors`` (in their dtypes and devices),
+    from the CPU generator ``gen``, so that every device gets the same numbers.
+
+    They are drawn in one call and moved in one copy; on CUDA the copy is from
+    pinned memory and does not make the host wait (a copy from ordinary host
+    memory does, once per tensor)."""
+    if not tensors:
+        return []
+    sizes = [t.numel() for t in tensors]
+    draw = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
+    device = tensors[0].device
+    if device.type == "cuda":
+        draw = draw.pin_memory().to(device, non_blocking=True)
+    return [piece.reshape(t.shape).to(t) for piece, t in zip(draw.split(sizes), tensors)]
+
+
 def all_finite(leaves: Sequence[torch.Tensor]) -> bool:
     """Whether every tensor of ``leaves`` is finite (one host synchronisation).
 

@@ -44,3 +44,19 @@ def test_quick_mode_on_cuda():
                          timeout=300, env=env, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "device: cuda" in out.stdout and "CG hypergradient" in out.stdout
+
+
+def test_host_sync_table_runs_on_the_cpu_with_every_row():
+    """``benchmarks/cuda_syncs.py`` falls back to the dispatcher counter on the CPU;
+    every hot path runs (no ``error`` row), and the paths that never look at the
+    host inside their loop (Neumann) read a fixed few times."""
+    script = os.path.join(os.path.dirname(SCRIPT), "cuda_syncs.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="passive")
+    out = subprocess.run([sys.executable, script, "--device", "cpu", "--sites", "2"],
+                         capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in out.stdout.splitlines() if r.startswith("| ") and "hot path" not in r]
+    assert len(rows) == 18 and not any("| error |" in r for r in rows), out.stdout
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows}
+    neumann = cells["Neumann (100 terms), 256 systems"]
+    assert int(neumann[0]) == 99 and int(neumann[1]) <= 4

@@ -20,6 +20,7 @@ from bilevel.algorithms import METHODS
 from bilevel.implicit import CG, GMRES, MINRES, BiCGStab, Neumann
 from bilevel.layers import QPStatus, qp_solve
 from bilevel.problems import coupled_constraint, nonunique_lower_level, quadratic
+from bilevel.solvers import OptimizerLoop
 from bilevel.status import StepSizeWarning
 
 EVERY = 8
@@ -306,3 +307,53 @@ def test_deferred_history_check_names_the_step_of_a_nan_outer_value(monkeypatch)
     cpu, device = _runs(problem, monkeypatch, method="bamm", max_steps=40)
     assert cpu[0].startswith("solve: step ")
     _same_run(cpu, device)
+
+
+# -- (iv) OptimizerLoop ---------------------------------------------------------------------------
+def _optimizer_loop_run(optimizer, fun, maxiter=300, **options):
+    init = torch.zeros(6)
+    c = torch.linspace(-1.0, 2.0, 6)
+    with count_host_syncs() as syncs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", bilevel.ConvergenceWarning)
+            try:
+                w, info = OptimizerLoop(optimizer, maxiter=maxiter, **options).run(fun, init, c)
+            except FloatingPointError as error:
+                return str(error), syncs
+    return (w, int(info.iterations), float(info.residual_norm), float(info.value), int(info.status)), syncs
+
+
+@pytest.mark.parametrize("optimizer, options", [
+    ("sgd", dict(lr=0.2)), ("sgd", dict(lr=0.1, momentum=0.5)), ("adam", dict(lr=0.05, tol=1e-2)),
+    ("rprop", dict(lr=0.1, step_sizes=(1e-12, 1.0))),  # torch's Rprop step itself reads (boolean masks)
+], ids=["sgd", "momentum", "adam", "rprop"])
+def test_optimizer_loop_reads_every_eighth_step_and_stops_where_the_cpu_loop_stops(monkeypatch, optimizer, options):
+    """On the accelerator path the steps after the tolerance was met are undone:
+    point, step count, value and residual equal the CPU loop's, bit for bit."""
+    def fun(w, c):
+        return ((w - c) ** 2).sum() + 0.1 * (w ** 4).sum()
+
+    cpu, cpu_syncs = _optimizer_loop_run(optimizer, fun, **options)
+    simulate_accelerator(monkeypatch, EVERY)
+    device, device_syncs = _optimizer_loop_run(optimizer, fun, **options)
+    steps = cpu[1]
+    assert 16 < steps < 300 and steps % EVERY != 0  # converged between two looks: some steps were undone
+    assert torch.equal(cpu[0], device[0]) and cpu[1:] == device[1:]
+    assert cpu_syncs.count >= steps
+    if optimizer != "rprop":
+        assert device_syncs.count <= steps / EVERY + 4, device_syncs.report()
+
+
+def test_optimizer_loop_names_the_first_non_finite_step_on_both_paths(monkeypatch):
+    calls = [0]
+
+    def fun(w, c):
+        calls[0] += 1
+        return ((w - c) ** 2).sum() + (math.inf if calls[0] >= 12 else 0.0)
+
+    cpu, _ = _optimizer_loop_run("sgd", fun, lr=1e-3)
+    calls[0] = 0
+    simulate_accelerator(monkeypatch, EVERY)
+    device, _ = _optimizer_loop_run("sgd", fun, lr=1e-3)
+    assert isinstance(cpu, str) and "at iteration 11" in cpu
+    assert device == cpu

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .._tree import tree_flatten, tree_leaves, tree_unflatten
+from .._tree import seeded_normal_like, tree_flatten, tree_leaves, tree_unflatten
 from ..implicit.linear_solve._base import _sync_every
 from ..problems import BilevelProblem
 from ..status import StepSizeWarning
@@ -91,7 +91,7 @@ def curvature(
         if not pairs:
             return 0.0
         inputs, grads = [p[0] for p in pairs], [p[1] for p in pairs]
-        v = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in inputs]
+        v = seeded_normal_like(inputs, gen)
         norm = torch.zeros((), dtype=inputs[0].dtype)
         for i in range(iterations):
             size = torch.sqrt(sum((a * a).sum() for a in v)).clamp_min(torch.finfo(inputs[0].dtype).tiny)
@@ -147,8 +147,8 @@ def _block_norms(fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_sp
         tiny = max(torch.finfo(t.dtype).tiny for t in inputs)  # representable in every leaf's dtype
 
         def draw(is_x: bool) -> list:
-            return [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) if (i < n_x) == is_x
-                    else torch.zeros_like(t) for i, t in enumerate(inputs)]
+            drawn = iter(seeded_normal_like([t for i, t in enumerate(inputs) if (i < n_x) == is_x], gen))
+            return [next(drawn) if (i < n_x) == is_x else torch.zeros_like(t) for i, t in enumerate(inputs)]
 
         def unit(v: list) -> list:
             size = torch.sqrt(sum((a * a).sum() for a in v)).clamp_min(tiny)

@@ -33,7 +33,17 @@ from typing import Callable, Optional, Union
 import torch
 from torch.func import grad, vjp
 
-from .._tree import all_finite, inside_transform, is_transformed, tensor_leaves, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from .._tree import (
+    all_finite,
+    inside_transform,
+    is_transformed,
+    seeded_normal_like,
+    tensor_leaves,
+    tree_flatten,
+    tree_leaves,
+    tree_map,
+    tree_unflatten,
+)
 from ..typing import TensorTree
 from ._certificate import ImplicitInfo, report
 from .conditions import Condition
@@ -208,7 +218,8 @@ def estimate_lipschitz(
     _, hvp = hessian_operator(objective, y, x)
     if start is None:
         generator = torch.Generator().manual_seed(0)
-        start = tree_map(lambda t: torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t), y)
+        leaves, spec = tree_flatten(y)
+        start = tree_unflatten(seeded_normal_like(leaves, generator), spec)
     v = start
     estimate = torch.zeros((), dtype=tree_leaves(y)[0].dtype)
     for _ in range(iterations):

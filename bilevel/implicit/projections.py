@@ -153,7 +153,7 @@ def project_box(z: torch.Tensor, lower: Optional[Scalar] = None, upper: Optional
         if torch.is_tensor(bound):
             bounds[name] = bound.to(dtype=z.dtype) if bound.dtype != z.dtype else bound
         elif isinstance(bound, numbers.Real) and not isinstance(bound, bool):
-            bounds[name] = torch.as_tensor(float(bound), dtype=z.dtype, device=z.device)
+            bounds[name] = torch.full((), float(bound), dtype=z.dtype, device=z.device)  # no host-to-device copy
         else:
             raise TypeError(f"`{name}` must be a number, a tensor or None; got {type(bound).__name__}.")
     if isinstance(lower, numbers.Real) and isinstance(upper, numbers.Real) and lower > upper:
@@ -353,7 +353,7 @@ def _halfspace_parts(z, a, b):
     if not torch.is_tensor(b):
         if isinstance(b, bool) or not isinstance(b, numbers.Real):
             raise TypeError(f"`b` must be a number or a tensor; got {type(b).__name__}.")
-        b = torch.as_tensor(float(b), dtype=z.dtype, device=z.device)
+        b = torch.full((), float(b), dtype=z.dtype, device=z.device)
     gap = (a * z).sum(-1) - b
     return gap, (a * a).sum(-1)
 

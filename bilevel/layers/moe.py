@@ -125,22 +125,20 @@ class BoxPartition:
         if not torch.is_tensor(points) or not points.is_floating_point() or points.dim() != 2 or points.shape[1] != d:
             got = f"shape {tuple(points.shape)}, dtype {points.dtype}" if torch.is_tensor(points) else type(points).__name__
             raise ValueError(f"BoxPartition: `points` must be a floating tensor of shape (P, {d}); got {got}.")
-        lo = torch.tensor(self.lower, dtype=points.dtype, device=points.device)
-        hi = torch.tensor(self.upper, dtype=points.dtype, device=points.device)
-        slack = 16 * torch.finfo(points.dtype).eps * (hi - lo)
-        outside = ((points < lo - slack) | (points > hi + slack)).any(-1)
+        # Column by column with the bounds as Python numbers: no small tensors copied to the device.
+        eps = 16 * torch.finfo(points.dtype).eps
+        scaled = [(points[:, j] - lo) / (hi - lo) for j, (lo, hi) in enumerate(zip(self.lower, self.upper))]
+        outside = torch.stack([(t < -eps) | (t > 1 + eps) for t in scaled], -1).any(-1)
         if bool(outside.any()):
             i = int(outside.nonzero()[0])
             raise ValueError(
                 f"BoxPartition: `points` must lie in the box [{self.lower}, {self.upper}]; row {i} "
                 f"({points[i].tolist()}) and {int(outside.sum()) - 1} other(s) do not."
             )
-        s = torch.tensor(self.splits, device=points.device)
-        cell = torch.floor((points - lo) / (hi - lo) * s).to(torch.int64)
-        cell = torch.minimum(cell.clamp_min(0), s - 1)
         index = torch.zeros(points.shape[0], dtype=torch.int64, device=points.device)
-        for j in range(d):
-            index = index * self.splits[j] + cell[:, j]
+        for t, splits in zip(scaled, self.splits):
+            cell = torch.floor(t * splits).to(torch.int64).clamp(0, splits - 1)
+            index = index * splits + cell
         return index
 
     def __repr__(self) -> str:

@@ -395,14 +395,19 @@ class FlatObjective:
 
 def make_info(iterations: int, residual: torch.Tensor, value: Optional[torch.Tensor], status: Status,
               tolerance: float, like: torch.Tensor) -> SolverInfo:
-    """A scalar :class:`SolverInfo` on the device of ``like``."""
+    """A scalar :class:`SolverInfo` on the device of ``like`` (filled there: no
+    host-to-device copy, which would make the host wait on CUDA)."""
     kw = dict(device=like.device)
+    if torch.is_tensor(residual):
+        residual = residual.detach().to(dtype=like.dtype, device=like.device).reshape(())
+    else:
+        residual = torch.full((), float(residual), dtype=like.dtype, **kw)
     return SolverInfo(
-        iterations=torch.tensor(iterations, dtype=torch.int64, **kw),
-        residual_norm=torch.as_tensor(residual, dtype=like.dtype, **kw).detach().reshape(()),
+        iterations=torch.full((), int(iterations), dtype=torch.int64, **kw),
+        residual_norm=residual,
         value=None if value is None else value.detach().reshape(()),
-        status=torch.tensor(int(status), dtype=torch.int64, **kw),
-        tolerance=torch.tensor(float(tolerance), dtype=like.dtype, **kw),
+        status=torch.full((), int(status), dtype=torch.int64, **kw),
+        tolerance=torch.full((), float(tolerance), dtype=like.dtype, **kw),
     )
 
 

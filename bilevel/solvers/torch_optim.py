@@ -11,6 +11,7 @@ import torch
 from .._tolerance import default_tol
 from .._tree import tree_flatten, tree_unflatten
 from ..implicit.linear_solve import LinearSolver
+from ..implicit.linear_solve._base import _sync_every
 from .._checks import check_fields as _check_fields
 from ..status import Status
 from ..typing import Objective, TensorTree
@@ -84,8 +85,9 @@ class _Leaves:
     def tree(self, leaves=None) -> TensorTree:
         return tree_unflatten(list(self.params if leaves is None else leaves), self.spec)
 
-    def evaluate(self, iteration: int) -> tuple[torch.Tensor, float]:
-        """Objective at the parameters, gradients into ``.grad``; returns (value, grad norm)."""
+    def evaluate_on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objective at the parameters, gradients into ``.grad``; returns (value, grad norm)
+        as tensors, without reading them on the host."""
         for p in self.params:
             p.grad = None
         with torch.enable_grad():
@@ -97,10 +99,15 @@ class _Leaves:
         for p, g in zip(self.params, grads):
             p.grad = torch.zeros_like(p) if g is None else g
         norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params])
-        norm, value_host = torch.stack([torch.linalg.vector_norm(norms), value.detach().to(norms.dtype)]).tolist()
+        return value.detach(), torch.linalg.vector_norm(norms)
+
+    def evaluate(self, iteration: int) -> tuple[torch.Tensor, float]:
+        """Objective at the parameters, gradients into ``.grad``; returns (value, grad norm)."""
+        value, norm = self.evaluate_on_device()
+        norm, value_host = torch.stack([norm, value.to(norm.dtype)]).tolist()
         if not (math.isfinite(norm) and math.isfinite(value_host)):  # one host synchronisation
             raise nonfinite(self.name, iteration)
-        return value.detach(), norm
+        return value, norm
 
     def solution(self) -> TensorTree:
         return self.tree([p.detach().clone() for p in self.params])
@@ -115,7 +122,10 @@ class OptimizerLoop(Solver):
     on a copy of ``init`` (one parameter per leaf), stopping early when
     :math:`\|\nabla f(x_k)\| \le \mathrm{tol}\cdot\max(1, \|\nabla f(x_0)\|)`
     (``tol=None``: ``sqrt(eps)`` of the dtype), checked at every step, at the
-    point where the gradient was taken (that point is returned).  Optimizers
+    point where the gradient was taken (that point is returned).  On an
+    accelerator the host reads that test every 8 steps only, so the loop queues
+    device work without waiting; steps taken after the test passed are undone,
+    so the result is the same as on the CPU.  Optimizers
     with a constant learning rate (Adam, SGD) typically hover at a distance set by
     ``lr`` instead of converging tightly: loosen ``tol`` for them, or prefer
     :class:`~bilevel.solvers.LBFGS` / :class:`~bilevel.solvers.GradientDescent`
@@ -223,14 +233,51 @@ class OptimizerLoop(Solver):
             dtype = problem.params[0].dtype
             threshold = (default_tol(dtype) if self.tol is None else self.tol) * max(1.0, norm)
             k = 0
-            while norm > threshold and k < self.maxiter:
-                opt.step()
-                k += 1
-                value, norm = problem.evaluate(k)
+            if _sync_every(problem.params[0]) == 1:
+                while norm > threshold and k < self.maxiter:
+                    opt.step()
+                    k += 1
+                    value, norm = problem.evaluate(k)
+            elif norm > threshold:
+                k, value, norm = _device_loop(problem, opt, threshold, self.maxiter, _sync_every(problem.params[0]))
         status = Status.SUCCESS if norm <= threshold else Status.MAX_ITERATIONS
         info = make_info(k, norm, value, status, threshold, problem.params[0])
         warn_if_failed(info, self.name)
         return problem.solution(), info
+
+
+def _device_loop(problem: _Leaves, opt: torch.optim.Optimizer, threshold: float, maxiter: int, sync: int):
+    """:class:`OptimizerLoop`'s loop on an accelerator, where the host reads the
+    convergence and finiteness flags only every ``sync`` steps.
+
+    Steps after the tolerance was met are undone (the parameters are restored from
+    the copy taken before the step), so the returned point, value, norm and step
+    count are those of the host loop that stops at once; a non-finite objective or
+    gradient raises the same error, naming the step where it first appeared.
+    Returns ``(steps, value, norm)``."""
+    device = problem.params[0].device
+    done = torch.zeros((), dtype=torch.bool, device=device)
+    steps = torch.zeros((), dtype=torch.int64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    value = norm = None
+    for k in range(1, maxiter + 1):
+        saved = [p.detach().clone() for p in problem.params]
+        opt.step()
+        for p, old in zip(problem.params, saved):
+            p.copy_(torch.where(done, old, p))
+        value, norm = problem.evaluate_on_device()
+        bad = ~(torch.isfinite(value) & torch.isfinite(norm))
+        first_bad = torch.where(bad & (first_bad < 0) & ~done, k, first_bad)
+        steps = torch.where(done, steps, k)
+        done = done | bad | (norm <= threshold)
+        if k % sync == 0 or k == maxiter:
+            stop, bad_at = torch.stack([done.to(torch.int64), first_bad]).tolist()
+            if bad_at >= 0:
+                raise nonfinite(problem.name, bad_at)
+            if stop:
+                break
+    steps, norm_host = torch.stack([steps.to(norm.dtype), norm]).tolist()
+    return int(steps), value, norm_host
 
 
 @dataclass(frozen=True)
