@@ -242,13 +242,6 @@ def test_custom_root_dict_params_lbfgs_autograd_and_torch_func_agree():
     assert _rel(_flat(g_func), jac.T @ torch.ones(len(ps))) < 1e-9
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check_captured (bilevel/implicit/_captured.py) flags every nn.Module *argument* leaf whose "
-    "parameters require grad, even when the residual only uses it through functional_call (the "
-    "TorchOpt pattern data=(X, y, model)); the warning says the module is read 'from its closure "
-    "... instead of its arguments' although it is an argument, and strict=True raises BilevelError "
-    "on a correct computation. Captured modules get the functional_call exemption, argument "
-    "modules do not."))
 def test_custom_root_module_passed_in_data_tuple_is_not_a_captured_tensor():
     net, X, lab = _softmax_regression_data()
 
@@ -428,11 +421,6 @@ def test_jacrev_of_hypergrad_without_create_graph():
     torch.testing.assert_close(J, hess_phi)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bilevel.hypergrad under torch.compile fails inside inductor with 'NotImplementedError: Cannot "
-    "access storage of TensorWrapper' (BackendCompilerFailed) instead of working or refusing "
-    "clearly (DESIGN.md: 'either work under torch.compile or refuse clearly'); custom_root "
-    "itself compiles and gives the right gradient."))
 def test_hypergrad_under_torch_compile_works_or_refuses_clearly():
     A = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
     outer = lambda x, y: (y ** 2).sum()

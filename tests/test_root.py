@@ -260,6 +260,30 @@ def test_captured_module_is_named():
         bilevel.custom_root(residual)(lambda t: net(t).detach())(torch.randn(3))
 
 
+def test_module_argument_is_reported_unless_functional_call_replaces_its_parameters():
+    """A module among the arguments, called directly, reads its own parameters (no
+    implicit gradient reaches them): reported.  Called through functional_call
+    with parameters that are arguments, it is only an architecture: silent."""
+    net = torch.nn.Linear(3, 3)
+    t = torch.randn(3)
+
+    with pytest.warns(CapturedTensorWarning, match=r"argument leaf 1 \(nn.Module\)"):
+        bilevel.custom_root(lambda z, t, model: z - model(t))(lambda t, model: model(t).detach())(t, net)
+
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+
+    def through(z, p, t, model):
+        return z - torch.func.functional_call(model, p, (t,))
+
+    @bilevel.custom_root(lambda z, p, t, model: through(z, p, t, model), strict=True)
+    def solve(p, t, model):
+        return torch.func.functional_call(model, p, (t,)).detach()
+
+    z = solve(params, t, net)
+    (g,) = torch.autograd.grad(z.sum(), [params["bias"]])
+    torch.testing.assert_close(g, torch.ones(3))
+
+
 def test_inexact_solution_warns_with_residual(ridge):
     problem, _ = ridge
 

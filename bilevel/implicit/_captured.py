@@ -68,6 +68,24 @@ def _substitutes_parameters(fn: Callable) -> bool:
     return code is not None and "functional_call" in code.co_names + code.co_freevars
 
 
+def _calls_functional_call(fn: Callable, depth: int = 0, seen: set | None = None) -> bool:
+    """Whether ``fn`` or a function it reaches (closure, globals, partial arguments)
+    calls ``functional_call``: then a module passed as an argument is only an
+    architecture, its parameters being replaced by tensors that are arguments."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen or depth > _MAX_DEPTH:
+        return False
+    seen.add(id(fn))
+    if _substitutes_parameters(fn):
+        return True
+    return any(
+        _calls_functional_call(obj, depth + 1, seen)
+        for _, obj in _children(fn)
+        if callable(obj) and not isinstance(obj, (type, torch.nn.Module)) and not inspect.isbuiltin(obj)
+        and not str(getattr(obj, "__module__", "") or "").startswith("torch")
+    )
+
+
 def find_captured(fn: Callable, depth: int = 0, seen: set | None = None) -> list[str]:
     """Names of tensors / modules requiring grad that ``fn`` captures."""
     seen = set() if seen is None else seen
@@ -99,6 +117,8 @@ def check_captured(residual: Callable, args: tuple, *, strict: bool, stage: str)
         for i, leaf in enumerate(tree_leaves(args))
         if isinstance(leaf, torch.nn.Module) and _requires_grad(leaf)
     ]
+    if modules and _calls_functional_call(residual):
+        modules = []
     if not (found or modules):
         return
     message = (

@@ -159,6 +159,9 @@ def hypergrad(
         >>> torch.allclose(g, torch.linalg.solve(A, torch.linalg.solve(A, x)))
         True
     """
+    if _is_compiling():  # under torch.compile: a graph break, and the whole computation runs eagerly
+        return _eager_hypergrad(outer, inner, x, y, solve, damping=damping, strict=strict,
+                                residual_tol=residual_tol, create_graph=create_graph, return_info=return_info)
     x_leaves, _ = tensor_leaves(x, "x")
     y_leaves, y_spec = tensor_leaves(y, "y")
     if not all(t.is_floating_point() for t in x_leaves + y_leaves):
@@ -192,6 +195,17 @@ def hypergrad(
             (cross,) = pullback(v)
         result = tree_map(torch.sub, gx, cross)
     return (result, recorded[-1]) if return_info else result
+
+
+def _is_compiling() -> bool:
+    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(check())
+
+
+# torch.compile cannot trace the adjoint machinery (data-dependent solver loops, the
+# certificate's host reads, autograd.Function state); under compile, hypergrad runs
+# through this eager copy, which dynamo leaves out of the graph.
+_eager_hypergrad = torch.compiler.disable(hypergrad)
 
 
 def estimate_lipschitz(
