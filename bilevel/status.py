@@ -42,6 +42,10 @@ class Status(enum.IntEnum):
     DIVERGED = 4
     """The residual grew without bound (e.g. a Neumann series with a step
     ``alpha`` above ``2 / L``)."""
+    INACCURATE = 5
+    """A Krylov method met the tolerance on its own (recursively updated) residual,
+    but the true residual :math:`\|b - A x\|` of the returned solution misses it
+    by more than a factor 10: rounding errors grown by an ill-conditioned operator."""
 
     @property
     def message(self) -> str:
@@ -68,6 +72,11 @@ _MESSAGES = {
     Status.DIVERGED: (
         "the iteration diverged; for Neumann use alpha < 2 / L (L the largest "
         "eigenvalue), or alpha=None to estimate it"
+    ),
+    Status.INACCURATE: (
+        "the method's own residual met the tolerance but the true residual b - A x "
+        "does not: the system is too ill-conditioned for this tolerance in this "
+        "dtype; loosen `tol`, add damping, precondition, or solve in float64"
     ),
 }
 

@@ -211,6 +211,22 @@ def test_small_maxiter_reports_max_iterations(name):
     assert "MAX_ITERATIONS" in info.summary()
 
 
+def test_recursive_residual_met_but_true_residual_missed_is_inaccurate():
+    """float32 CG on a condition number 1e4 system: its recursive residual reaches
+    tol = 1e-5, the true residual stays about 40 times above it.  That is INACCURATE
+    (rounding), not MAX_ITERATIONS (the budget of 5000 was far from spent)."""
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = ((Q * torch.logspace(0, 4, n, dtype=torch.float64)) @ Q.T).float()
+    b = torch.randn(n, generator=g).float()
+    x, info = CG(tol=1e-5, maxiter=5000)(lambda v: A @ v, b)
+    relative = float(torch.linalg.vector_norm(b - A @ x) / torch.linalg.vector_norm(b))
+    assert int(info.iterations) < 5000 and relative > 10 * 1e-5
+    assert int(info.status) == Status.INACCURATE and not bool(info.converged)
+    assert "too ill-conditioned" in info.summary()
+
+
 def test_neumann_alpha_too_big_diverges():
     x, info = Neumann(terms=100, alpha=1.0)(matvec_of(make_matrix("spd")), make_rhs(N))  # 1 - 4 alpha = -3
     assert int(info.status) == Status.DIVERGED

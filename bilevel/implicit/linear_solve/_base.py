@@ -214,7 +214,7 @@ def _final_status(
     # The recursive residual of a Krylov method drifts from the true one by a few
     # ulps times the condition number: allow a factor 10 before calling it a failure.
     small = residual_norm <= 10 * torch.clamp_min(tol * b_norm, getattr(solver, "atol", 0.0))
-    return torch.where((status == Status.SUCCESS) & ~small, int(Status.MAX_ITERATIONS), status)
+    return torch.where((status == Status.SUCCESS) & ~small, int(Status.INACCURATE), status)
 
 
 _KRYLOV_RULES = dict(
