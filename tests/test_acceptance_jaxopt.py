@@ -413,14 +413,6 @@ def test_elastic_net_both_hyperparameters():
     _close(tangent, d_l1 + 2 * d_l2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="GAP: the proximal operators and projections accept tensors only ('`z` must be a "
-    "torch.Tensor; got dict'), so ProximalGradient / proximal_gradient with a dict of parameters "
-    "(DESIGN: variables are tensors or pytrees) cannot use the built-in prox_lasso; JAXopt's proxes "
-    "and projections map over pytrees.",
-)
 def test_proximal_gradient_with_a_pytree_of_parameters():
     target = {"a": torch.tensor([2.0, -0.5], dtype=D), "b": torch.tensor([-3.0], dtype=D)}
 
@@ -428,7 +420,8 @@ def test_proximal_gradient_with_a_pytree_of_parameters():
         return 0.5 * sum(((w[k] - y[k]) ** 2).sum() for k in w)
 
     init = {k: torch.zeros_like(v) for k, v in target.items()}
-    sol = bilevel.solvers.ProximalGradient(prox_lasso)(objective, init, target, prox_args=torch.tensor(1.0, dtype=D))
+    solver = bilevel.solvers.ProximalGradient(prox_lasso, tol=1e-12)
+    sol = solver(objective, init, target, prox_args=torch.tensor(1.0, dtype=D))
     _close(sol["a"], torch.tensor([1.0, 0.0], dtype=D))
     _close(sol["b"], torch.tensor([-2.0], dtype=D))
 

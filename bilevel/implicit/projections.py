@@ -11,6 +11,23 @@ along a vector (simplex, balls, affine sets) act on the **last** dimension, and
 every leading dimension of ``z`` indexes independent problems.  dtype and device
 follow ``z``.
 
+**Trees.**  ``z`` may also be a tree (dict / list / tuple nesting) of floating
+tensors, e.g. ``dict(model.named_parameters())``; the result has its structure.
+
+* Elementwise sets (:func:`project_nonnegative`, :func:`project_box`,
+  :func:`project_linf_ball`) are applied leaf by leaf, each leaf as the single
+  tensor would be.  A parameter (bound, radius) is then a number or a 0-d
+  tensor shared by every leaf, or a tree of the structure of ``z`` holding
+  one parameter per leaf (each broadcastable to its leaf as in the tensor case).
+* Sets defined along a vector (:func:`project_simplex`, :func:`project_l1_ball`,
+  :func:`project_l2_ball`, :func:`project_affine_set`, :func:`project_hyperplane`,
+  :func:`project_halfspace`, :func:`kl_projection_simplex`) treat the whole tree
+  as **one vector**: the concatenation of its flattened leaves (in the order of
+  :func:`torch.utils._pytree.tree_leaves`, in the promoted dtype).  A tree is
+  one problem, with no batch dimension: scalar parameters must be numbers or
+  0-d tensors (a ``ValueError`` otherwise); for a batch of trees, map over it
+  with :func:`torch.func.vmap`.
+
 Parameters that are Python numbers are checked when the function is called (a
 negative radius is a ``ValueError``); tensor parameters are not inspected, since
 that would need a host synchronization and would break ``vmap``.  The set
@@ -26,6 +43,17 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+
+from .._tree import (
+    Raveler,
+    check_same_structure,
+    describe,
+    tensor_leaves,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+)
+from ..typing import TensorTree
 
 Scalar = Union[float, torch.Tensor]
 
@@ -95,31 +123,123 @@ def _sq_norm(z: torch.Tensor) -> torch.Tensor:
     return (z * z).sum(-1, keepdim=True)
 
 
+# --------------------------------------------------------------------------- trees
+# Shared with :mod:`bilevel.implicit.prox`: a tensor ``z`` never reaches these.
+
+
+def _tree_leaves(z, name: str = "z") -> tuple[list, object]:
+    """The leaves and spec of a (non-tensor) tree of floating tensors."""
+    leaves, spec = tree_flatten(z)
+    if spec.is_leaf():
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor or a tree (dict / list / tuple) of tensors; got {type(z).__name__}."
+        )
+    leaves, spec = tensor_leaves(z, name)
+    for i, leaf in enumerate(leaves):
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"`{name}` must have floating leaves; leaf {i} has dtype {leaf.dtype}. "
+                "Convert it with `.double()` or `.float()`."
+            )
+    return leaves, spec
+
+
+def _per_leaf(value, spec, count: int, name: str, z) -> list:
+    """The per-leaf values of a parameter of an elementwise operator applied to the tree ``z``:
+    a number / 0-d tensor / ``None`` shared by every leaf, or the leaves of a tree of ``z``'s structure."""
+    if torch.is_tensor(value):
+        if value.dim() == 0:
+            return [value] * count
+        raise ValueError(
+            f"`{name}` must be a number, a 0-d tensor, or a tree with the structure of `z` (one value per "
+            f"leaf) when `z` is a tree; got a tensor of shape {tuple(value.shape)} for `z` {describe(z)}."
+        )
+    leaves, value_spec = tree_flatten(value)
+    if value_spec.is_leaf():  # a number, None or a wrong type: the tensor operator checks it
+        return [value] * count
+    if value_spec != spec:
+        raise ValueError(
+            f"`{name}` must be a number, a 0-d tensor, or a tree with the same structure as `z` (one value "
+            f"per leaf); got {describe(value)} for `z` {describe(z)}."
+        )
+    return leaves
+
+
+def _leafwise(op, z, name: str = "z", **params):
+    """``op(leaf, **leaf_params)`` on every leaf of the tree ``z`` (an elementwise operator)."""
+    leaves, spec = _tree_leaves(z, name)
+    split = {key: _per_leaf(value, spec, len(leaves), key, z) for key, value in params.items()}
+    out = [op(leaf, **{key: values[i] for key, values in split.items()}) for i, leaf in enumerate(leaves)]
+    return tree_unflatten(out, spec)
+
+
+def _tree_scalar(value, name: str, tree: str = "z", one_vector: bool = True) -> None:
+    """A parameter that must be one number for a whole tree: a number or a 0-d tensor.
+
+    ``one_vector``: the parameter belongs to a vector operator (so the message
+    explains that a tree is one vector, without a batch dimension)."""
+    if torch.is_tensor(value) and value.dim() > 0:
+        why = (
+            " (the tree is one vector, the concatenation of its flattened leaves, with no batch dimension)"
+            if one_vector else ""
+        )
+        hint = " For a batch of problems, map over them with torch.func.vmap." if one_vector else ""
+        raise ValueError(
+            f"`{name}` must be a number or a 0-d tensor when `{tree}` is a tree{why}; got a tensor of shape "
+            f"{tuple(value.shape)}.{hint}"
+        )
+
+
+def _raveler(z, name: str = "z") -> Raveler:
+    """The map between the tree ``z`` and the concatenation of its flattened leaves."""
+    _tree_leaves(z, name)
+    return Raveler(z, name=name)
+
+
+def _as_one_vector(op, z, name: str = "z", **scalars):
+    """``op(flat, **scalars)`` on the concatenated leaves of the tree ``z``, returned with its structure."""
+    for key, value in scalars.items():
+        _tree_scalar(value, key, name)
+    rav = _raveler(z, name)
+    return rav.unravel(op(rav.ravel(z), **scalars))
+
+
+def _linf_leaf(leaf: torch.Tensor, radius) -> torch.Tensor:
+    """:func:`project_linf_ball` on one leaf of a tree; a 0-d leaf is a vector of length one."""
+    if leaf.dim() == 0:
+        return project_linf_ball(leaf.reshape(1), radius).reshape(())
+    return project_linf_ball(leaf, radius)
+
+
 # ---------------------------------------------------------------- projections
 
 
-def project_nonnegative(z: torch.Tensor) -> torch.Tensor:
+def project_nonnegative(z: TensorTree) -> TensorTree:
     r"""Projection onto the non-negative orthant :math:`\{x : x \ge 0\}`.
 
     .. math:: P(z) = \max(z, 0) \quad \text{(elementwise)},\qquad
               \partial P / \partial z = \operatorname{diag}(\mathbb 1[z > 0]).
 
     Args:
-        z: tensor of any shape.
+        z: tensor of any shape, or a tree of them (projected leaf by leaf).
 
     Returns:
-        A tensor shaped like ``z``.
+        A tensor shaped like ``z`` (a tree of ``z``'s structure for a tree).
 
     Example:
         >>> import torch
         >>> project_nonnegative(torch.tensor([-1.0, 2.0]))
         tensor([0., 2.])
+        >>> project_nonnegative({"w": torch.tensor([-1.0, 2.0]), "b": torch.tensor(-3.0)})
+        {'w': tensor([0., 2.]), 'b': tensor(0.)}
     """
+    if not torch.is_tensor(z):
+        return _leafwise(project_nonnegative, z)
     _check_tensor(z)
     return torch.clamp(z, min=0)
 
 
-def project_box(z: torch.Tensor, lower: Optional[Scalar] = None, upper: Optional[Scalar] = None) -> torch.Tensor:
+def project_box(z: TensorTree, lower: Optional[Scalar] = None, upper: Optional[Scalar] = None) -> TensorTree:
     r"""Projection onto the box :math:`\{x : l \le x \le u\}`.
 
     .. math:: P(z) = \min(\max(z, l), u) \quad \text{(elementwise)}.
@@ -128,23 +248,31 @@ def project_box(z: torch.Tensor, lower: Optional[Scalar] = None, upper: Optional
     in ``lower`` and :math:`\mathbb 1[z > u]` in ``upper`` (elementwise).
 
     Args:
-        z: tensor of any shape.
+        z: tensor of any shape, or a tree of them (projected leaf by leaf).
         lower: :math:`l`, a number or a tensor broadcastable to ``z`` (may require
-            grad); ``None`` for no lower bound.
+            grad); ``None`` for no lower bound.  For a tree ``z``: a number, a
+            0-d tensor, ``None``, or a tree of ``z``'s structure holding one such
+            bound (or a tensor broadcastable to that leaf) per leaf.
         upper: :math:`u`, likewise; ``None`` for no upper bound.  Where
             ``lower > upper`` the result is ``upper``.
 
     Returns:
-        A tensor of the broadcast shape of ``z``, ``lower`` and ``upper``.
+        A tensor of the broadcast shape of ``z``, ``lower`` and ``upper``; for a
+        tree, a tree of ``z``'s structure.
 
     Raises:
-        ValueError: if both bounds are numbers and ``lower > upper``.
+        ValueError: if both bounds are numbers and ``lower > upper``, or a bound
+            of a tree ``z`` is neither a scalar nor a tree of its structure.
 
     Example:
         >>> import torch
         >>> project_box(torch.tensor([-2.0, 0.5, 3.0]), -1.0, torch.tensor([1.0, 1.0, 2.0]))
         tensor([-1.0000,  0.5000,  2.0000])
+        >>> project_box({"a": torch.tensor([-2.0, 3.0]), "b": torch.tensor([5.0])}, 0.0, {"a": 1.0, "b": 4.0})
+        {'a': tensor([0., 1.]), 'b': tensor([4.])}
     """
+    if not torch.is_tensor(z):
+        return _leafwise(project_box, z, lower=lower, upper=upper)
     _check_tensor(z)
     bounds = {}
     for name, bound in (("lower", lower), ("upper", upper)):
@@ -166,7 +294,7 @@ def project_box(z: torch.Tensor, lower: Optional[Scalar] = None, upper: Optional
     return out
 
 
-def project_simplex(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
+def project_simplex(z: TensorTree, radius: Scalar = 1.0) -> TensorTree:
     r"""Projection onto the simplex :math:`\{x : x \ge 0,\ \mathbf 1^\top x = r\}` along the last dim.
 
     Sort-based (Held, Wolfe and Crowder 1974; Duchi et al. 2008):
@@ -182,26 +310,33 @@ def project_simplex(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
     :math:`\partial P / \partial r = \mathbf 1_S / |S|`.
 
     Args:
-        z: tensor of shape ``(*batch, n)``, ``n >= 1``.
+        z: tensor of shape ``(*batch, n)``, ``n >= 1``; or a tree of tensors,
+            projected as one vector (the concatenation of its flattened leaves,
+            no batch dimension).
         radius: :math:`r > 0`, a number, or a tensor broadcastable to ``batch``
-            (may require grad).  Default 1.
+            (may require grad); a number or a 0-d tensor for a tree.  Default 1.
 
     Returns:
-        A tensor of shape ``(*batch, n)``.
+        A tensor of shape ``(*batch, n)``; for a tree, a tree of ``z``'s structure.
 
     Raises:
-        TypeError / ValueError: ``z`` not a floating tensor of dim >= 1, or a
-            numeric ``radius`` that is not positive.
+        TypeError / ValueError: ``z`` not a floating tensor of dim >= 1 (nor a
+            tree of floating tensors), a numeric ``radius`` that is not
+            positive, or a non-scalar ``radius`` with a tree ``z``.
 
     Example:
         >>> import torch
         >>> project_simplex(torch.tensor([0.5, 1.0, -1.0]))
         tensor([0.2500, 0.7500, 0.0000])
+        >>> project_simplex({"a": torch.tensor([0.5, 1.0]), "b": torch.tensor([-1.0])})
+        {'a': tensor([0.2500, 0.7500]), 'b': tensor([0.])}
 
     References:
         Duchi, Shalev-Shwartz, Singer, Chandra, "Efficient projections onto the
         l1-ball for learning in high dimensions", ICML 2008.
     """
+    if not torch.is_tensor(z):
+        return _as_one_vector(project_simplex, z, radius=radius)
     _check_tensor(z, min_dim=1)
     _check_radius(radius)
     r = _as_batch_scalar(radius, z)
@@ -218,7 +353,7 @@ def project_simplex(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
     return torch.clamp(z - theta, min=0)
 
 
-def project_l1_ball(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
+def project_l1_ball(z: TensorTree, radius: Scalar = 1.0) -> TensorTree:
     r"""Projection onto the l1 ball :math:`\{x : \|x\|_1 \le r\}` along the last dim.
 
     .. math::
@@ -230,20 +365,26 @@ def project_l1_ball(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
     the l1 norm equal to ``r``.
 
     Args:
-        z: tensor of shape ``(*batch, n)``.
-        radius: :math:`r > 0`, a number or a tensor broadcastable to ``batch``.
+        z: tensor of shape ``(*batch, n)``; or a tree of tensors, projected as one
+            vector (the concatenation of its flattened leaves, no batch dimension).
+        radius: :math:`r > 0`, a number or a tensor broadcastable to ``batch``;
+            a number or a 0-d tensor for a tree.
 
     Returns:
-        A tensor of shape ``(*batch, n)``.
+        A tensor of shape ``(*batch, n)``; for a tree, a tree of ``z``'s structure.
 
     Example:
         >>> import torch
         >>> project_l1_ball(torch.tensor([1.0, -1.0, 0.5]))
         tensor([ 0.5000, -0.5000,  0.0000])
+        >>> project_l1_ball((torch.tensor([1.0, -1.0]), torch.tensor(0.5)))
+        (tensor([ 0.5000, -0.5000]), tensor(0.))
 
     References:
         Duchi et al., ICML 2008 (as :func:`project_simplex`).
     """
+    if not torch.is_tensor(z):
+        return _as_one_vector(project_l1_ball, z, radius=radius)
     _check_tensor(z, min_dim=1)
     _check_radius(radius)
     r = _as_batch_scalar(radius, z)
@@ -251,7 +392,7 @@ def project_l1_ball(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
     return torch.where(inside, z, torch.sign(z) * project_simplex(z.abs(), radius))
 
 
-def project_l2_ball(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
+def project_l2_ball(z: TensorTree, radius: Scalar = 1.0) -> TensorTree:
     r"""Projection onto the Euclidean ball :math:`\{x : \|x\|_2 \le r\}` along the last dim.
 
     .. math:: P(z) = z \cdot \frac{r}{\max(\|z\|_2, r)}, \qquad
@@ -261,17 +402,24 @@ def project_l2_ball(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
     Gradients are finite everywhere, ``z = 0`` included.
 
     Args:
-        z: tensor of shape ``(*batch, n)``.
-        radius: :math:`r > 0`, a number or a tensor broadcastable to ``batch``.
+        z: tensor of shape ``(*batch, n)``; or a tree of tensors, projected as one
+            vector (the concatenation of its flattened leaves, no batch dimension):
+            the norm is that of all leaves together.
+        radius: :math:`r > 0`, a number or a tensor broadcastable to ``batch``;
+            a number or a 0-d tensor for a tree.
 
     Returns:
-        A tensor of shape ``(*batch, n)``.
+        A tensor of shape ``(*batch, n)``; for a tree, a tree of ``z``'s structure.
 
     Example:
         >>> import torch
         >>> project_l2_ball(torch.tensor([3.0, 4.0]))
         tensor([0.6000, 0.8000])
+        >>> project_l2_ball({"w": torch.tensor([[3.0]]), "b": torch.tensor(4.0)})
+        {'w': tensor([[0.6000]]), 'b': tensor(0.8000)}
     """
+    if not torch.is_tensor(z):
+        return _as_one_vector(project_l2_ball, z, radius=radius)
     _check_tensor(z, min_dim=1)
     _check_radius(radius)
     r = _as_batch_scalar(radius, z)
@@ -282,21 +430,31 @@ def project_l2_ball(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
     return torch.where(outside, z * (r / norm), z)
 
 
-def project_linf_ball(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
+def project_linf_ball(z: TensorTree, radius: Scalar = 1.0) -> TensorTree:
     r"""Projection onto the l-infinity ball :math:`\{x : \|x\|_\infty \le r\}`: ``clamp(z, -r, r)``.
 
+    The set is elementwise, so a tree ``z`` is projected leaf by leaf (with a
+    shared radius, that is the l-infinity ball of the concatenated leaves).
+
     Args:
-        z: tensor of shape ``(*batch, n)``.
+        z: tensor of shape ``(*batch, n)``; or a tree of tensors (a 0-d leaf is a
+            vector of length one).
         radius: :math:`r > 0`, a number or a tensor broadcastable to ``batch``.
+            For a tree: a number, a 0-d tensor, or a tree of ``z``'s structure
+            with one radius per leaf (broadcastable to that leaf's batch shape).
 
     Returns:
-        A tensor of shape ``(*batch, n)``.
+        A tensor of shape ``(*batch, n)``; for a tree, a tree of ``z``'s structure.
 
     Example:
         >>> import torch
         >>> project_linf_ball(torch.tensor([2.0, -0.5]))
         tensor([ 1.0000, -0.5000])
+        >>> project_linf_ball({"a": torch.tensor([2.0, -0.5]), "b": torch.tensor(-3.0)}, {"a": 1.0, "b": 2.0})
+        {'a': tensor([ 1.0000, -0.5000]), 'b': tensor(-2.)}
     """
+    if not torch.is_tensor(z):
+        return _leafwise(_linf_leaf, z, radius=radius)
     _check_tensor(z, min_dim=1)
     _check_radius(radius)
     r = _as_batch_scalar(radius, z)
@@ -305,18 +463,22 @@ def project_linf_ball(z: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
     return torch.minimum(torch.maximum(z, -r), r)
 
 
-def project_affine_set(z: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def project_affine_set(z: TensorTree, A: torch.Tensor, b: torch.Tensor) -> TensorTree:
     r"""Projection onto the affine set :math:`\{x : A x = b\}` (``A`` of full row rank).
 
     .. math:: P(z) = z - A^\top (A A^\top)^{-1} (A z - b).
 
     Args:
-        z: tensor of shape ``(*batch, n)``.
-        A: tensor of shape ``(*batch, m, n)`` with ``m <= n`` and full row rank.
-        b: tensor of shape ``(*batch, m)``.  Batch shapes broadcast.
+        z: tensor of shape ``(*batch, n)``; or a tree of tensors, projected as one
+            vector (the concatenation of its flattened leaves, ``n`` entries in all,
+            no batch dimension).
+        A: tensor of shape ``(*batch, m, n)`` with ``m <= n`` and full row rank;
+            a matrix ``(m, n)`` acting on the concatenated leaves for a tree ``z``.
+        b: tensor of shape ``(*batch, m)``; of shape ``(m,)`` for a tree ``z``.
+            Batch shapes broadcast.
 
     Returns:
-        A tensor of shape ``(*batch, n)``.
+        A tensor of shape ``(*batch, n)``; for a tree, a tree of ``z``'s structure.
 
     Raises:
         ValueError: on inconsistent shapes.
@@ -325,7 +487,11 @@ def project_affine_set(z: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> tor
         >>> import torch
         >>> project_affine_set(torch.tensor([1.0, 0.0]), torch.tensor([[1.0, 1.0]]), torch.tensor([0.0]))
         tensor([ 0.5000, -0.5000])
+        >>> project_affine_set([torch.tensor(1.0), torch.tensor(0.0)], torch.tensor([[1.0, 1.0]]), torch.tensor([0.0]))
+        [tensor(0.5000), tensor(-0.5000)]
     """
+    if not torch.is_tensor(z):
+        return _project_affine_tree(z, A, b)
     _check_tensor(z, min_dim=1)
     _check_tensor(A, "A", min_dim=2)
     _check_tensor(b, "b", min_dim=1)
@@ -345,6 +511,31 @@ def project_affine_set(z: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> tor
     return z - (A.transpose(-1, -2) @ mult).squeeze(-1)
 
 
+def _project_affine_tree(z, A, b):
+    rav = _raveler(z)
+    for name, value, dim, shape in (("A", A, 2, f"(m, {rav.size})"), ("b", b, 1, "(m,)")):
+        if torch.is_tensor(value) and value.dim() != dim:
+            raise ValueError(
+                f"`{name}` must have shape {shape} when `z` is a tree (the tree is one vector of {rav.size} "
+                f"entries, with no batch dimension); got shape {tuple(value.shape)}. For a batch of "
+                "problems, map over them with torch.func.vmap."
+            )
+    return rav.unravel(project_affine_set(rav.ravel(z), A, b))
+
+
+def _halfspace_tree(project, z, a, b):
+    """A hyperplane / half-space projection of the tree ``z`` as one vector; ``a`` has its structure."""
+    rav = _raveler(z)
+    if torch.is_tensor(a):
+        raise TypeError(
+            f"`a` must be a tree with the structure and shapes of `z` when `z` is a tree; got a tensor of "
+            f"shape {tuple(a.shape)} for `z` {describe(z)}."
+        )
+    check_same_structure(a, z, "a", "z")
+    _tree_scalar(b, "b")
+    return rav.unravel(project(rav.ravel(z), rav.ravel(a), b))
+
+
 def _halfspace_parts(z, a, b):
     _check_tensor(z, min_dim=1)
     _check_tensor(a, "a", min_dim=1)
@@ -358,51 +549,69 @@ def _halfspace_parts(z, a, b):
     return gap, (a * a).sum(-1)
 
 
-def project_hyperplane(z: torch.Tensor, a: torch.Tensor, b: Scalar) -> torch.Tensor:
+def project_hyperplane(z: TensorTree, a: TensorTree, b: Scalar) -> TensorTree:
     r"""Projection onto the hyperplane :math:`\{x : a^\top x = b\}` along the last dim.
 
     .. math:: P(z) = z - \frac{a^\top z - b}{\|a\|^2}\, a.
 
     Args:
-        z: tensor of shape ``(*batch, n)``.
-        a: non-zero tensor of shape ``(*batch, n)`` (broadcasting).
-        b: number or tensor of shape ``batch``.
+        z: tensor of shape ``(*batch, n)``; or a tree of tensors, projected as one
+            vector (the concatenation of its flattened leaves, no batch dimension).
+        a: non-zero tensor of shape ``(*batch, n)`` (broadcasting); for a tree
+            ``z``, a tree of the same structure and leaf shapes (so that
+            :math:`a^\top z` sums over all leaves).
+        b: number or tensor of shape ``batch``; a number or a 0-d tensor for a tree.
 
     Returns:
-        A tensor of shape ``(*batch, n)`` (the broadcast batch shape of ``z`` and ``a``).
+        A tensor of shape ``(*batch, n)`` (the broadcast batch shape of ``z`` and
+        ``a``); for a tree, a tree of ``z``'s structure.
 
     Example:
         >>> import torch
         >>> project_hyperplane(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]), 0.0)
         tensor([0., 1.])
+        >>> z, a = {"u": torch.tensor(1.0), "v": torch.tensor(1.0)}, {"u": torch.tensor(1.0), "v": torch.tensor(0.0)}
+        >>> project_hyperplane(z, a, 0.0)
+        {'u': tensor(0.), 'v': tensor(1.)}
     """
+    if not torch.is_tensor(z):
+        return _halfspace_tree(project_hyperplane, z, a, b)
     gap, sq = _halfspace_parts(z, a, b)
     return z - (gap / sq).unsqueeze(-1) * a
 
 
-def project_halfspace(z: torch.Tensor, a: torch.Tensor, b: Scalar) -> torch.Tensor:
+def project_halfspace(z: TensorTree, a: TensorTree, b: Scalar) -> TensorTree:
     r"""Projection onto the half-space :math:`\{x : a^\top x \le b\}` along the last dim.
 
     .. math:: P(z) = z - \frac{\max(a^\top z - b, 0)}{\|a\|^2}\, a.
 
     Args:
-        z: tensor of shape ``(*batch, n)``.
-        a: non-zero tensor of shape ``(*batch, n)`` (broadcasting).
-        b: number or tensor of shape ``batch``.
+        z: tensor of shape ``(*batch, n)``; or a tree of tensors, projected as one
+            vector (the concatenation of its flattened leaves, no batch dimension).
+        a: non-zero tensor of shape ``(*batch, n)`` (broadcasting); for a tree
+            ``z``, a tree of the same structure and leaf shapes (so that
+            :math:`a^\top z` sums over all leaves).
+        b: number or tensor of shape ``batch``; a number or a 0-d tensor for a tree.
 
     Returns:
-        A tensor of shape ``(*batch, n)`` (the broadcast batch shape of ``z`` and ``a``).
+        A tensor of shape ``(*batch, n)`` (the broadcast batch shape of ``z`` and
+        ``a``); for a tree, a tree of ``z``'s structure.
 
     Example:
         >>> import torch
         >>> project_halfspace(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0]), 1.0)
         tensor([1., 1.])
+        >>> z, a = (torch.tensor([2.0]), torch.tensor([1.0])), (torch.tensor([1.0]), torch.tensor([0.0]))
+        >>> project_halfspace(z, a, 1.0)
+        (tensor([1.]), tensor([1.]))
     """
+    if not torch.is_tensor(z):
+        return _halfspace_tree(project_halfspace, z, a, b)
     gap, sq = _halfspace_parts(z, a, b)
     return z - (torch.clamp(gap, min=0) / sq).unsqueeze(-1) * a
 
 
-def kl_projection_simplex(y: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor:
+def kl_projection_simplex(y: TensorTree, radius: Scalar = 1.0) -> TensorTree:
     r"""KL (Bregman) projection onto the simplex of a point given in the dual (log) space.
 
     For the entropy mirror map :math:`\phi(x) = \sum_i x_i \log x_i`, the
@@ -415,17 +624,25 @@ def kl_projection_simplex(y: torch.Tensor, radius: Scalar = 1.0) -> torch.Tensor
     exponentiated-gradient step used by :func:`~bilevel.implicit.conditions.mirror_descent`.
 
     Args:
-        y: tensor of shape ``(*batch, n)`` (dual / log-space point).
-        radius: :math:`r > 0`, a number or a tensor broadcastable to ``batch``.
+        y: tensor of shape ``(*batch, n)`` (dual / log-space point); or a tree of
+            tensors, one vector (the concatenation of its flattened leaves, no
+            batch dimension): the softmax runs over all leaves together.
+        radius: :math:`r > 0`, a number or a tensor broadcastable to ``batch``;
+            a number or a 0-d tensor for a tree.
 
     Returns:
-        :math:`r\,\operatorname{softmax}(y)`, a tensor of shape ``(*batch, n)`` on the simplex.
+        :math:`r\,\operatorname{softmax}(y)`, a tensor of shape ``(*batch, n)`` on
+        the simplex; for a tree, a tree of ``y``'s structure.
 
     Example:
         >>> import torch
         >>> kl_projection_simplex(torch.zeros(4))
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
+        >>> kl_projection_simplex({"a": torch.zeros(3), "b": torch.zeros(1)})
+        {'a': tensor([0.2500, 0.2500, 0.2500]), 'b': tensor([0.2500])}
     """
+    if not torch.is_tensor(y):
+        return _as_one_vector(kl_projection_simplex, y, name="y", radius=radius)
     _check_tensor(y, "y", min_dim=1)
     _check_radius(radius)
     r = _as_batch_scalar(radius, y)
@@ -458,6 +675,9 @@ class ConvexSet:
     a solution with respect to a bound or a radius, use the ``project_*``
     function and pass that tensor among the condition's ``projection_args``
     (e.g. ``projected_gradient(f, project_box)`` with ``projection_args=(lo, hi)``).
+    The built-in sets project a tree of tensors as their ``project_*`` function
+    does (leaf by leaf for :class:`NonNegative` and :class:`Box`, as one
+    concatenated vector for the others).
 
     Example:
         A set of one's own needs only :meth:`project`:
@@ -475,17 +695,27 @@ class ConvexSet:
         tensor(False)
     """
 
-    def project(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def project(self, z: TensorTree) -> TensorTree:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: TensorTree) -> TensorTree:
         return self.project(z)
 
-    def contains(self, z: torch.Tensor, atol: Optional[float] = None) -> torch.Tensor:
+    def contains(self, z: TensorTree, atol: Optional[float] = None) -> torch.Tensor:
         """Whether ``z`` lies in the set, up to ``atol`` (default ``sqrt(eps)`` of ``z``'s dtype).
 
-        Returns a boolean tensor over the batch dims (for vector sets) or a 0-d one.
+        Returns a boolean tensor over the batch dims (for vector sets) or a 0-d
+        one; a 0-d one for a tree ``z`` (one point).
         """
+        if not torch.is_tensor(z):
+            leaves, _ = _tree_leaves(z)
+            eps = max(float(torch.finfo(x.dtype).eps) for x in leaves)
+            tol = eps**0.5 if atol is None else float(atol)
+            flags = [
+                ((p - x).abs() <= tol * (1.0 + x.abs())).all()
+                for p, x in zip(tree_leaves(self.project(z)), leaves)
+            ]
+            return torch.stack(flags).all()
         _check_tensor(z)
         tol = float(torch.finfo(z.dtype).eps) ** 0.5 if atol is None else float(atol)
         gap = (self.project(z) - z).abs()
@@ -508,7 +738,7 @@ class NonNegative(ConvexSet):
 
     _elementwise = True
 
-    def project(self, z: torch.Tensor) -> torch.Tensor:
+    def project(self, z: TensorTree) -> TensorTree:
         return project_nonnegative(z)
 
 
@@ -562,7 +792,7 @@ class Box(ConvexSet):
                     f"Box.lower must be <= Box.upper everywhere; got lower={self.lower}, upper={self.upper}."
                 )
 
-    def project(self, z: torch.Tensor) -> torch.Tensor:
+    def project(self, z: TensorTree) -> TensorTree:
         return project_box(z, self.lower, self.upper)
 
 
@@ -584,7 +814,7 @@ class Simplex(ConvexSet):
     def __post_init__(self):
         _check_field(self.radius, "radius", "Simplex")
 
-    def project(self, z: torch.Tensor) -> torch.Tensor:
+    def project(self, z: TensorTree) -> TensorTree:
         return project_simplex(z, self.radius)
 
 
@@ -607,7 +837,7 @@ class L1Ball(ConvexSet):
     def __post_init__(self):
         _check_field(self.radius, "radius", "L1Ball")
 
-    def project(self, z: torch.Tensor) -> torch.Tensor:
+    def project(self, z: TensorTree) -> TensorTree:
         return project_l1_ball(z, self.radius)
 
 
@@ -630,5 +860,5 @@ class L2Ball(ConvexSet):
     def __post_init__(self):
         _check_field(self.radius, "radius", "L2Ball")
 
-    def project(self, z: torch.Tensor) -> torch.Tensor:
+    def project(self, z: TensorTree) -> TensorTree:
         return project_l2_ball(z, self.radius)

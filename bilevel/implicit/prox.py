@@ -13,6 +13,17 @@ against ``z``; those given as Python numbers are checked (non-negative).
 
 The signature is the one :func:`~bilevel.implicit.conditions.proximal_gradient`
 calls: ``prox(z, hyperparams, scaling)``.
+
+**Trees.**  ``z`` may also be a tree (dict / list / tuple nesting) of floating
+tensors, e.g. the parameters handed to :class:`~bilevel.solvers.ProximalGradient`;
+the result has its structure.  The separable operators (:func:`prox_none`,
+:func:`prox_lasso`, :func:`prox_nonnegative_lasso`, :func:`prox_ridge`,
+:func:`prox_elastic_net`) act leaf by leaf, each leaf as the single tensor
+would be; each hyper-parameter is then a number or a 0-d tensor shared by
+every leaf, or a tree of ``z``'s structure with one value per leaf (each
+broadcastable to its leaf).  :func:`prox_group_lasso` treats the tree as **one
+group**: the concatenation of its flattened leaves (so a tree has no batch of
+groups, and its ``l2reg`` is a scalar).  ``scaling`` is always a scalar.
 """
 
 from __future__ import annotations
@@ -22,6 +33,9 @@ import numbers
 from typing import Any, Tuple, Union
 
 import torch
+
+from ..typing import TensorTree
+from .projections import _as_one_vector, _leafwise, _tree_leaves, _tree_scalar
 
 Scalar = Union[float, torch.Tensor]
 
@@ -60,11 +74,11 @@ def _soft_threshold(z: torch.Tensor, t) -> torch.Tensor:
     return torch.sign(z) * torch.clamp(z.abs() - t, min=0)
 
 
-def prox_none(z: torch.Tensor, hyperparams: Any = None, scaling: Scalar = 1.0) -> torch.Tensor:
+def prox_none(z: TensorTree, hyperparams: Any = None, scaling: Scalar = 1.0) -> TensorTree:
     r"""Proximal operator of :math:`g = 0`: the identity, :math:`\operatorname{prox}(z) = z`.
 
     Args:
-        z: tensor of any shape.
+        z: tensor of any shape, or a tree of them.
         hyperparams: ignored (there is no hyper-parameter); accepted so that
             every operator has the signature ``prox(z, hyperparams, scaling)``.
         scaling: ignored (the identity does not depend on the step size).
@@ -77,11 +91,14 @@ def prox_none(z: torch.Tensor, hyperparams: Any = None, scaling: Scalar = 1.0) -
         >>> prox_none(torch.tensor([1.0, -2.0]))
         tensor([ 1., -2.])
     """
+    if not torch.is_tensor(z):
+        _tree_leaves(z)
+        return z
     _check_z(z)
     return z
 
 
-def prox_lasso(z: torch.Tensor, l1reg: Scalar = 1.0, scaling: Scalar = 1.0) -> torch.Tensor:
+def prox_lasso(z: TensorTree, l1reg: Union[Scalar, TensorTree] = 1.0, scaling: Scalar = 1.0) -> TensorTree:
     r"""Proximal operator of the l1 norm (soft thresholding).
 
     .. math::
@@ -92,26 +109,35 @@ def prox_lasso(z: torch.Tensor, l1reg: Scalar = 1.0, scaling: Scalar = 1.0) -> t
     :math:`-s\operatorname{sign}(z_i)\mathbb 1[|z_i| > s\lambda_i]` in :math:`\lambda_i`.
 
     Args:
-        z: tensor of any shape.
+        z: tensor of any shape, or a tree of them (thresholded leaf by leaf).
         l1reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to ``z``
-            (one per coordinate), may require grad.
+            (one per coordinate), may require grad.  For a tree ``z``: a number,
+            a 0-d tensor, or a tree of ``z``'s structure (one per leaf).
         scaling: :math:`s \ge 0` (step size).
 
     Returns:
-        :math:`\operatorname{prox}_{s g}(z)`, shaped like ``z``.
+        :math:`\operatorname{prox}_{s g}(z)`, shaped like ``z`` (a tree of its
+        structure for a tree).
 
     Example:
         >>> import torch
         >>> prox_lasso(torch.tensor([2.0, -0.5, -3.0]), 1.0)
         tensor([ 1., -0., -2.])
+        >>> prox_lasso({"w": torch.tensor([2.0, -0.5]), "b": torch.tensor(-3.0)}, {"w": 1.0, "b": 0.5})
+        {'w': tensor([1., -0.]), 'b': tensor(-2.5000)}
     """
+    if not torch.is_tensor(z):
+        _tree_scalar(scaling, "scaling", one_vector=False)
+        return _leafwise(lambda leaf, l1reg: prox_lasso(leaf, l1reg, scaling), z, l1reg=l1reg)
     _check_z(z)
     _check_nonneg(l1reg, "l1reg")
     _check_nonneg(scaling, "scaling")
     return _soft_threshold(z, scaling * l1reg)
 
 
-def prox_nonnegative_lasso(z: torch.Tensor, l1reg: Scalar = 1.0, scaling: Scalar = 1.0) -> torch.Tensor:
+def prox_nonnegative_lasso(
+    z: TensorTree, l1reg: Union[Scalar, TensorTree] = 1.0, scaling: Scalar = 1.0
+) -> TensorTree:
     r"""Proximal operator of the l1 norm restricted to :math:`x \ge 0`.
 
     .. math::
@@ -119,8 +145,9 @@ def prox_nonnegative_lasso(z: torch.Tensor, l1reg: Scalar = 1.0, scaling: Scalar
         \operatorname{prox}_{s g}(z)_i = \max(z_i - s\lambda_i, 0).
 
     Args:
-        z: tensor of any shape.
-        l1reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to ``z``.
+        z: tensor of any shape, or a tree of them (leaf by leaf).
+        l1reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to ``z``;
+            for a tree ``z``, a number, a 0-d tensor or a tree of its structure.
         scaling: :math:`s \ge 0`.
 
     Returns:
@@ -130,14 +157,19 @@ def prox_nonnegative_lasso(z: torch.Tensor, l1reg: Scalar = 1.0, scaling: Scalar
         >>> import torch
         >>> prox_nonnegative_lasso(torch.tensor([2.0, -0.5]), 1.0)
         tensor([1., 0.])
+        >>> prox_nonnegative_lasso([torch.tensor([2.0]), torch.tensor([-0.5])], 1.0)
+        [tensor([1.]), tensor([0.])]
     """
+    if not torch.is_tensor(z):
+        _tree_scalar(scaling, "scaling", one_vector=False)
+        return _leafwise(lambda leaf, l1reg: prox_nonnegative_lasso(leaf, l1reg, scaling), z, l1reg=l1reg)
     _check_z(z)
     _check_nonneg(l1reg, "l1reg")
     _check_nonneg(scaling, "scaling")
     return torch.clamp(z - scaling * l1reg, min=0)
 
 
-def prox_ridge(z: torch.Tensor, l2reg: Scalar = 1.0, scaling: Scalar = 1.0) -> torch.Tensor:
+def prox_ridge(z: TensorTree, l2reg: Union[Scalar, TensorTree] = 1.0, scaling: Scalar = 1.0) -> TensorTree:
     r"""Proximal operator of the squared l2 norm.
 
     .. math::
@@ -145,8 +177,9 @@ def prox_ridge(z: torch.Tensor, l2reg: Scalar = 1.0, scaling: Scalar = 1.0) -> t
         \operatorname{prox}_{s g}(z) = \frac{z}{1 + s\lambda}.
 
     Args:
-        z: tensor of any shape.
-        l2reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to ``z``.
+        z: tensor of any shape, or a tree of them (leaf by leaf).
+        l2reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to ``z``;
+            for a tree ``z``, a number, a 0-d tensor or a tree of its structure.
         scaling: :math:`s \ge 0`.
 
     Returns:
@@ -156,7 +189,12 @@ def prox_ridge(z: torch.Tensor, l2reg: Scalar = 1.0, scaling: Scalar = 1.0) -> t
         >>> import torch
         >>> prox_ridge(torch.tensor([2.0, -4.0]), 1.0)
         tensor([ 1., -2.])
+        >>> prox_ridge({"a": torch.tensor([2.0]), "b": torch.tensor([-4.0])}, {"a": 1.0, "b": 3.0})
+        {'a': tensor([1.]), 'b': tensor([-1.])}
     """
+    if not torch.is_tensor(z):
+        _tree_scalar(scaling, "scaling", one_vector=False)
+        return _leafwise(lambda leaf, l2reg: prox_ridge(leaf, l2reg, scaling), z, l2reg=l2reg)
     _check_z(z)
     _check_nonneg(l2reg, "l2reg")
     _check_nonneg(scaling, "scaling")
@@ -164,8 +202,8 @@ def prox_ridge(z: torch.Tensor, l2reg: Scalar = 1.0, scaling: Scalar = 1.0) -> t
 
 
 def prox_elastic_net(
-    z: torch.Tensor, hyperparams: Tuple[Scalar, Scalar] = (1.0, 1.0), scaling: Scalar = 1.0
-) -> torch.Tensor:
+    z: TensorTree, hyperparams: Tuple[Any, Any] = (1.0, 1.0), scaling: Scalar = 1.0
+) -> TensorTree:
     r"""Proximal operator of the elastic-net penalty.
 
     .. math::
@@ -173,9 +211,10 @@ def prox_elastic_net(
         \operatorname{prox}_{s g}(z)_i = \frac{\operatorname{sign}(z_i)\max(|z_i| - s\lambda_1, 0)}{1 + s\lambda_2}.
 
     Args:
-        z: tensor of any shape.
+        z: tensor of any shape, or a tree of them (leaf by leaf).
         hyperparams: the pair ``(l1reg, l2reg)`` = :math:`(\lambda_1, \lambda_2)`,
-            each a non-negative number or a tensor broadcastable to ``z``.
+            each a non-negative number or a tensor broadcastable to ``z``; for a
+            tree ``z``, each a number, a 0-d tensor or a tree of its structure.
         scaling: :math:`s \ge 0`.
 
     Returns:
@@ -185,8 +224,11 @@ def prox_elastic_net(
         >>> import torch
         >>> prox_elastic_net(torch.tensor([3.0, -0.5]), (1.0, 1.0))
         tensor([1., -0.])
+        >>> prox_elastic_net({"a": torch.tensor([3.0]), "b": torch.tensor([-5.0])}, (1.0, {"a": 1.0, "b": 3.0}))
+        {'a': tensor([1.]), 'b': tensor([-1.])}
     """
-    _check_z(z)
+    if torch.is_tensor(z):
+        _check_z(z)
     if not isinstance(hyperparams, (tuple, list)) or len(hyperparams) != 2:
         raise TypeError(
             f"`hyperparams` must be the pair (l1reg, l2reg); got {type(hyperparams).__name__}"
@@ -194,17 +236,25 @@ def prox_elastic_net(
             + "."
         )
     l1reg, l2reg = hyperparams
+    if not torch.is_tensor(z):
+        _tree_scalar(scaling, "scaling", one_vector=False)
+        return _leafwise(
+            lambda leaf, l1reg, l2reg: prox_elastic_net(leaf, (l1reg, l2reg), scaling), z, l1reg=l1reg, l2reg=l2reg
+        )
     _check_nonneg(l1reg, "l1reg")
     _check_nonneg(l2reg, "l2reg")
     _check_nonneg(scaling, "scaling")
     return _soft_threshold(z, scaling * l1reg) / (1 + scaling * l2reg)
 
 
-def prox_group_lasso(z: torch.Tensor, l2reg: Scalar = 1.0, scaling: Scalar = 1.0) -> torch.Tensor:
+def prox_group_lasso(z: TensorTree, l2reg: Scalar = 1.0, scaling: Scalar = 1.0) -> TensorTree:
     r"""Proximal operator of the (unsquared) l2 norm, i.e. block soft thresholding.
 
     The last dimension of ``z`` is one group; leading dimensions index groups
     (so a ``(groups, size)`` tensor gives the group lasso with equal group sizes).
+    A tree ``z`` is **one** group: the concatenation of its flattened leaves (as
+    JAXopt's ``prox_group_lasso``); for one group per leaf, apply the operator
+    to each leaf, e.g. with ``torch.utils._pytree.tree_map``.
 
     .. math::
         g(x) = \lambda \|x\|_2, \qquad
@@ -213,19 +263,29 @@ def prox_group_lasso(z: torch.Tensor, l2reg: Scalar = 1.0, scaling: Scalar = 1.0
     Gradients are finite everywhere, including ``z = 0``.
 
     Args:
-        z: tensor of shape ``(*groups, size)``.
-        l2reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to ``groups``.
+        z: tensor of shape ``(*groups, size)``, or a tree of tensors (one group).
+        l2reg: :math:`\lambda \ge 0`, a number or a tensor broadcastable to
+            ``groups``; a number or a 0-d tensor for a tree ``z``.
         scaling: :math:`s \ge 0`.
 
     Returns:
-        :math:`\operatorname{prox}_{s g}(z)`, shaped like ``z``.
+        :math:`\operatorname{prox}_{s g}(z)`, shaped like ``z`` (a tree of its
+        structure for a tree).
+
+    Raises:
+        ValueError: a 0-d tensor ``z``, a negative numeric hyper-parameter, or a
+            non-scalar ``l2reg`` / ``scaling`` with a tree ``z``.
 
     Example:
         >>> import torch
         >>> prox_group_lasso(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), 1.0)
         tensor([[2.4000, 3.2000],
                 [0.0000, 0.0000]])
+        >>> prox_group_lasso({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, 1.0)
+        {'a': tensor([2.4000]), 'b': tensor([3.2000])}
     """
+    if not torch.is_tensor(z):
+        return _as_one_vector(prox_group_lasso, z, l2reg=l2reg, scaling=scaling)
     _check_z(z)
     if z.dim() < 1:
         raise ValueError(f"`z` must have at least one dimension (the group); got shape {tuple(z.shape)}.")

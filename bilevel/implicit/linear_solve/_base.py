@@ -284,7 +284,7 @@ class KrylovSolver(LinearSolver):
     (:func:`resolve_maxiter`); it returns ``(x, iterations, status)`` as
     :meth:`LinearSolver._solve` does.  A claimed success is re-checked against the
     true residual: a residual above 10 times the threshold is reported as
-    :attr:`~bilevel.status.Status.MAX_ITERATIONS`.
+    :attr:`~bilevel.status.Status.INACCURATE`.
 
     Args:
         maxiter: iteration budget per element, a positive int; ``None`` means
@@ -309,7 +309,8 @@ class KrylovSolver(LinearSolver):
         ...             x = x + r
         ...             r, k = b - matvec(x), k + 1
         ...         iterations = torch.full(b.shape[:1], k)
-        ...         return x, iterations, torch.full_like(iterations, Status.SUCCESS)
+        ...         missed = r.norm(dim=-1) > threshold
+        ...         return x, iterations, torch.where(missed, Status.MAX_ITERATIONS, Status.SUCCESS)
         >>> A = torch.tensor([[1.0, 0.5], [0.0, 0.5]], dtype=torch.float64)
         >>> b = torch.ones(2, dtype=torch.float64)
         >>> x, info = Richardson(tol=1e-10)(lambda v: A @ v, b)
