@@ -43,7 +43,7 @@ class Status(enum.IntEnum):
     """The residual grew without bound (e.g. a Neumann series with a step
     ``alpha`` above ``2 / L``)."""
     INACCURATE = 5
-    """A Krylov method met the tolerance on its own (recursively updated) residual,
+    r"""A Krylov method met the tolerance on its own (recursively updated) residual,
     but the true residual :math:`\|b - A x\|` of the returned solution misses it
     by more than a factor 10: rounding errors grown by an ill-conditioned operator."""
 

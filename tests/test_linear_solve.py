@@ -227,6 +227,20 @@ def test_recursive_residual_met_but_true_residual_missed_is_inaccurate():
     assert "too ill-conditioned" in info.summary()
 
 
+def test_auto_non_symmetric_singular_consistent_system_gets_the_minimum_norm_solution():
+    """A singular LU hands over to least squares: the minimum-norm solution of a
+    consistent system is a success; an inconsistent one stays a failure."""
+    from bilevel.implicit.linear_solve import Auto
+
+    A = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0], [1.0, 3.0, 1.0]])  # row 3 = row 1 + row 2
+    b = A @ torch.tensor([1.0, -1.0, 2.0])
+    x, info = Auto()(lambda v: A @ v, b)
+    assert bool(info.converged)
+    torch.testing.assert_close(x, torch.linalg.pinv(A) @ b)
+    x, info = Auto()(lambda v: A @ v, torch.tensor([1.0, 0.0, 0.0]))
+    assert not bool(info.converged)
+
+
 def test_neumann_alpha_too_big_diverges():
     x, info = Neumann(terms=100, alpha=1.0)(matvec_of(make_matrix("spd")), make_rhs(N))  # 1 - 4 alpha = -3
     assert int(info.status) == Status.DIVERGED

@@ -127,7 +127,9 @@ class ConvexLayer(torch.nn.Module):
             ``"conic"`` (always Clarabel plus the residual-map derivative).
         solve: linear solver of the conic backward system (default:
             :func:`~bilevel.custom_root`'s, a dense LU per element up to 128
-            unknowns, GMRES above).
+            unknowns, GMRES above).  The system is singular where a cone
+            constraint is inactive (the canonical form's epigraph variables are
+            then not unique); the default's least-squares fallback handles that.
 
     Raises:
         ImportError: CVXPY is not installed.

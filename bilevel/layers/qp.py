@@ -348,10 +348,11 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
     the host whether any element is still running every iteration on the CPU and every 8 on
     accelerators (``_sync_every``), where it makes no other host read."""
     B, device = q.shape[0], q.device
+    original = (Q, q, A, b, G, h)
+    (Q, q, A, b, G, h), factors = _equilibrate(Q, q, A, b, G, h)
     state = _start(Q, q, A, b, G, h)
     best = list(state)
     best_merit = torch.full((B,), math.inf, dtype=q.dtype, device=device)
-    best_figures = None
     status = torch.full((B,), int(QPStatus.MAX_ITERATIONS), dtype=torch.int64, device=device)
     iterations = torch.zeros(B, dtype=torch.int64, device=device)
     stall = torch.zeros(B, dtype=torch.int64, device=device)
@@ -361,11 +362,9 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
     # only every `sync` iterations changes nothing but the work done.
     sync = _sync_every(q)
     for k in range(maxiter + 1):
-        residuals, merit, figures = _measure(Q, q, A, b, G, h, *state)
+        residuals, merit, _ = _measure(Q, q, A, b, G, h, *state)
         better = active & (merit < best_merit)
         best = [torch.where(better.unsqueeze(-1), new, old) for new, old in zip(state, best)]
-        best_figures = figures if best_figures is None else tuple(
-            torch.where(better, new, old) for new, old in zip(figures, best_figures))
         best_merit = torch.where(better, merit, best_merit)
         stall = torch.where(better, 0, stall + 1)
         done = active & (merit <= tol)
@@ -382,12 +381,39 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
         state = [torch.where(keep.unsqueeze(-1), a, b_) for a, b_ in zip(new, state)]
         iterations += keep.to(torch.int64)
         active = keep & (size <= huge)
-    z, y, lam, s = best
     failed = (status == QPStatus.MAX_ITERATIONS) | (status == QPStatus.NONFINITE)
     if not _on_host(q) or bool(failed.any()):  # classify from the last iterate, where the certificates have grown
         status = _classify(status, failed, Q, q, A, b, G, h, state[0], state[1], state[2])
-    info = QPInfo(y, lam, s, iterations, *best_figures, status, torch.zeros_like(status, dtype=torch.bool))
+    z, y, lam, s = _unscale(best, factors)
+    _, _, figures = _measure(*original, z, y, lam, s)  # the residuals reported in the data's own units
+    info = QPInfo(y, lam, s, iterations, *figures, status, torch.zeros_like(status, dtype=torch.bool))
     return z, y, lam, s, info
+
+
+def _equilibrate(Q, q, A, b, G, h):
+    r"""The same QP with unit-sized data: the objective divided by
+    :math:`c = \max(\|Q\|_\infty, \|q\|_\infty)` and each constraint row (with its
+    right-hand side) by its largest coefficient.  The minimizer does not change; the
+    multipliers become :math:`\nu_i' = r_i \nu_i / c` (rows :math:`r` of ``A``) and
+    :math:`\lambda_i' = g_i \lambda_i / c` (rows :math:`g` of ``G``), the slacks
+    :math:`s_i' = s_i / g_i`.  Without it the interior-point start (multipliers and
+    slacks of order 1) and the stopping rule (residuals relative to ``1 +`` the data)
+    are tied to the data's units: a QP scaled by 1e4 stalled, one scaled by 1e-6
+    stopped at a relative error of 1e-6.  Zero rows and a zero objective keep scale 1."""
+    def safe(x):
+        return torch.where(x > torch.finfo(x.dtype).tiny, x, torch.ones_like(x))
+
+    c = safe(torch.maximum(_inf_norm(Q.reshape(Q.shape[0], -1)), _inf_norm(q)))
+    ra, rg = safe(_inf_norm(A)), safe(_inf_norm(G))
+    scaled = (Q / c[:, None, None], q / c[:, None], A / ra.unsqueeze(-1), b / ra, G / rg.unsqueeze(-1), h / rg)
+    return scaled, (c, ra, rg)
+
+
+def _unscale(point, factors):
+    """``(z, nu, lambda, s)`` of the equilibrated QP mapped back to the original one."""
+    z, y, lam, s = point
+    c, ra, rg = factors
+    return z, c[:, None] * y / ra, c[:, None] * lam / rg, s * rg
 
 
 def _classify(status, failed, Q, q, A, b, G, h, z, y, lam):

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from ..._checks import check_fields as _check_fields
 from ..._checks import positive_int_or_none as _positive_int_or_none
 from ..._checks import tol_ok as _tol_ok
+from ..._tolerance import default_tol
 from ..._tree import is_transformed
 from ...status import Status
 from ._base import LinearSolver
@@ -25,7 +28,9 @@ class Auto(LinearSolver):
       is materialized with one vmapped product and factorized, Cholesky when
       ``symmetric`` (when it breaks down, on a singular or indefinite matrix, CG
       takes over: it solves a consistent singular system and reports an
-      indefinite one as BREAKDOWN) and LU otherwise — exact, and cheaper than tens of Krylov iterations
+      indefinite one as BREAKDOWN) and LU otherwise (when it breaks down, the
+      minimum-norm least-squares solution, a success where the singular system
+      is consistent) — exact, and cheaper than tens of Krylov iterations
       whose cost is dominated by per-operation overhead at this size;
     * otherwise (or when the operator cannot be vmapped): :class:`CG` if
       ``symmetric``, else :class:`GMRES`, with a budget of ``maxiter`` products
@@ -70,12 +75,28 @@ class Auto(LinearSolver):
             except RuntimeError:  # the operator cannot be vmapped: stay matrix-free
                 pass
             else:
-                broke = self.symmetric and not is_transformed(status) and bool((status == Status.BREAKDOWN).any())
+                broke = not is_transformed(status) and bool((status == Status.BREAKDOWN).any())
                 if not broke:
                     return x, iterations, status
+                if not self.symmetric:
+                    return _least_squares(matvec, b, x0, flatten, self.tol, (x, iterations, status))
                 # Singular or indefinite: CG still solves a consistent singular system
                 # (e.g. an unregularized bias) and reports an indefinite one.
         return self._krylov()._solve(matvec, b, x0, flatten)
+
+
+def _least_squares(matvec, b, x0, flatten, tol, lu_result):
+    """The minimum-norm least-squares solution, for a singular LU: a success where the
+    system is consistent (residual within ``tol``), BREAKDOWN where it is not.  A matrix
+    with NaN or inf (LAPACK refuses it) keeps the LU's result, reported downstream."""
+    try:
+        x, iterations, status = Direct("lstsq")._solve(matvec, b, x0, flatten)
+    except RuntimeError:
+        return lu_result
+    tol = default_tol(b.dtype) if tol is None else tol
+    residual = torch.linalg.vector_norm(b - matvec(x), dim=-1)
+    consistent = residual <= tol * torch.linalg.vector_norm(b, dim=-1)
+    return x, iterations, torch.where(consistent, status, int(Status.BREAKDOWN))
 
 
 __all__ = ["Auto"]
