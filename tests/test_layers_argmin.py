@@ -116,8 +116,8 @@ def test_custom_residual_and_call_time_init():
 
     layer = ArgminLayer(objective, GaussNewton(), residual=lambda z, a: z ** 2 - a, input_ndims=[1])
     a = torch.tensor([[4.0, 9.0]], requires_grad=True)
-    with pytest.raises(ValueError, match="no warm start"):
-        layer(a)
+    with pytest.raises(ValueError, match="no warm start"):  # no tensor input to shape a default start on
+        ArgminLayer(lambda z: (z ** 2).sum())()
     # Gauss-Newton minimizes 0.5||r||^2 with r = objective's output: wrap as residuals
     layer = ArgminLayer(lambda z, a: z ** 2 - a, GaussNewton(tol=1e-12), residual=lambda z, a: z ** 2 - a,
                         input_ndims=[1])
@@ -158,3 +158,27 @@ def test_bad_inputs():
     two = ArgminLayer(lambda z, a, b: ((z - a - b) ** 2).sum(), init=torch.zeros(2), input_ndims=[1, 1])
     with pytest.raises(ValueError, match="different batch sizes"):
         two(torch.zeros(2, 2), torch.zeros(3, 2))
+
+
+def test_without_init_starts_from_zeros_shaped_like_one_problem_input():
+    """DESIGN's ``ArgminLayer(objective, solver=...)(u)``: no warm start given, the
+    layer starts from zeros like one problem's first input, batched or not, and
+    computes what it computes with an explicit warm start."""
+    def objective(z, u):
+        return 0.5 * ((z - u) ** 2).sum() + 0.1 * (z ** 4).sum()
+
+    u = torch.randn(5, requires_grad=True)
+    z = ArgminLayer(objective, solver=LBFGS())(u)
+    z_ref = ArgminLayer(objective, solver=LBFGS(), init=torch.zeros(5))(u)
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(torch.autograd.grad(z.sum(), u)[0], torch.autograd.grad(z_ref.sum(), u)[0])
+    batch = torch.randn(3, 5)
+    zb = ArgminLayer(objective, solver=LBFGS(), input_ndims=[1])(batch)
+    assert zb.shape == (3, 5)
+    torch.testing.assert_close(zb[1], ArgminLayer(objective, solver=LBFGS())(batch[1]))
+
+
+def test_without_init_a_shape_that_does_not_fit_asks_for_init():
+    W = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"no warm start was given.*\(3,\).*pass `init=`"):
+        ArgminLayer(lambda z, u: 0.5 * ((W @ z - u) ** 2).sum(), solver=LBFGS())(torch.randn(3))

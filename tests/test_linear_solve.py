@@ -428,3 +428,14 @@ def test_auto_is_dense_when_small_krylov_when_large_or_not_vmappable():
     torch.testing.assert_close(x, torch.linalg.solve(N, b))
     with pytest.raises(ValueError, match="max_direct"):
         Auto(max_direct=-1)
+
+
+def test_positional_settings_follow_the_design_order():
+    """CG(maxiter, tol, M) and GMRES(maxiter, tol, restart): ``atol`` is keyword-only,
+    so a third positional argument is never taken for it."""
+    precondition = lambda r: r  # noqa: E731
+    assert CG(50, 1e-8, precondition).M is precondition
+    gmres = GMRES(100, 1e-6, 5)
+    assert (gmres.maxiter, gmres.tol, gmres.restart, gmres.atol) == (100, 1e-6, 5, 0.0)
+    with pytest.raises(TypeError):
+        MINRES(10, 1e-6, 0.5)

@@ -78,7 +78,10 @@ class ArgminLayer(torch.nn.Module):
             ``implicit_solve``, else :func:`~bilevel.custom_root`'s default,
             a dense solve per element for up to 128 unknowns).
         init: warm start of one problem (a tensor or tree); may be given per
-            call instead.  Stored as a buffer (moves with ``.to()``).
+            call instead.  Stored as a buffer (moves with ``.to()``).  Without
+            one, the layer starts from zeros shaped like one problem's first
+            floating tensor input (right when ``z`` has the input's shape, as in a
+            projection; otherwise an error asks for ``init``).
         input_ndims: for each input, its number of dimensions in one problem
             (``None`` for an input never batched, e.g. a tree).  ``None``
             (default): the inputs are one problem.
@@ -199,8 +202,9 @@ class ArgminLayer(torch.nn.Module):
             raise ValueError(f"ArgminLayer: the batched inputs have different batch sizes: {sizes} (input: size).")
         return next(iter(sizes.values()), None)
 
-    def _init(self, init: TensorTree | None, batch: int | None, like: torch.Tensor | None) -> TensorTree:
-        per_problem = init is None  # the constructor's warm start is one problem's; a call's is batched
+    def _init(self, init: TensorTree | None, batch: int | None, like: torch.Tensor | None,
+              per_problem: bool = False) -> TensorTree:
+        per_problem = per_problem or init is None  # the constructor's warm start is one problem's; a call's is batched
         init = self.init if init is None else init
         if init is None:
             raise ValueError("ArgminLayer: no warm start: pass `init=` to the constructor or to the call.")
@@ -234,7 +238,10 @@ class ArgminLayer(torch.nn.Module):
         """
         B = self._batch_size(inputs)
         floating = [t for t in tree_flatten(inputs)[0] if torch.is_tensor(t) and t.is_floating_point()]
-        z0 = self._init(init, B, floating[0] if floating else None)
+        guessed = init is None and self.init is None
+        if guessed:
+            init = self._default_init(inputs, B)
+        z0 = self._init(init, B, floating[0] if floating else None, per_problem=guessed)
         f, params = self._functions()
         condition = self._condition(f)
         solver = self._solver(B is not None)
@@ -258,7 +265,28 @@ class ArgminLayer(torch.nn.Module):
         solve = self.solve if self.solve is not None else getattr(solver, "implicit_solve", None)
         differentiable = custom_root(condition, solve=solve, residual_tol=residual_tol, batch_dims=int(B is not None))
         self._root = differentiable(run)
-        return self._root(*args, init=warm_start(z0))
+        try:
+            return self._root(*args, init=warm_start(z0))
+        except RuntimeError as error:
+            if not guessed:
+                raise
+            shape = tuple(tree_flatten(z0)[0][0].shape)
+            raise ValueError(
+                f"ArgminLayer: no warm start was given, and zeros shaped like the first input "
+                f"({shape}) do not fit `objective` ({error}); pass `init=` (one problem's z) to the "
+                "constructor or to the call."
+            ) from error
+
+    def _default_init(self, inputs: tuple, batch: int | None) -> TensorTree:
+        """Zeros shaped like one problem's first floating tensor input (the common case
+        of a layer whose output lives where its input does, e.g. a projection)."""
+        for i, x in enumerate(inputs):
+            if torch.is_tensor(x) and x.is_floating_point():
+                declared = self.input_ndims[i] if self.input_ndims is not None and i < len(self.input_ndims) else None
+                batched = batch is not None and declared is not None and x.dim() == declared + 1
+                one = x[0] if batched else x
+                return torch.zeros_like(one.detach())
+        raise ValueError("ArgminLayer: no warm start: pass `init=` to the constructor or to the call.")
 
     @property
     def implicit_info(self):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -323,7 +323,7 @@ class KrylovSolver(LinearSolver):
 
     maxiter: Optional[int] = 100
     tol: Optional[float] = None
-    atol: float = 0.0
+    atol: float = field(default=0.0, kw_only=True)  # keyword-only: CG(maxiter, tol, M), GMRES(maxiter, tol, restart)
 
     def __post_init__(self):
         _check_fields(self, **_KRYLOV_RULES)
