@@ -223,3 +223,38 @@ def test_default_implicit_inner_solves_converge_on_an_unscaled_objective():
         warnings.simplefilter("error")
         result = bilevel.solve(problem, method="implicit", lr=0.05, max_steps=40, progress=False)
     assert result.history["outer"][-1] < result.history["outer"][0]
+
+
+@pytest.mark.parametrize("method", ["implicit", "unrolled", "one_step"])
+def test_hypergradient_methods_project_x_onto_x_set(method):
+    """Projected hypergradient descent: with x in a box that cuts off x*, implicit
+    and unrolled end at the fixed point of x = P(x - a dF/dx) of the exact
+    hypergradient (one_step, biased, only stays inside the box)."""
+    from bilevel.implicit.projections import Box
+
+    p = quadratic()
+    box = Box(-0.1, 0.1)
+    assert float(p.solution.x.abs().max()) > 0.5  # the box is active at the optimum
+    x = torch.zeros_like(p.x0)
+    for _ in range(3000):  # the reference: projected gradient with the closed-form hypergradient
+        x = box(x - 0.5 * p.hypergradient(x))
+    options = {"steps": 100} if method == "unrolled" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bilevel.BilevelWarning)
+        r = bilevel.solve(p, method=method, x_set=box, outer_optimizer="sgd", lr=0.5, max_steps=60,
+                          progress=False, **options)
+    assert float(r.x.abs().max()) <= 0.1 + 1e-12
+    if method != "one_step":
+        torch.testing.assert_close(r.x, x, atol=1e-6, rtol=0)
+    problem_set = bilevel.BilevelProblem(p.outer, p.inner, p.x0, p.y0, x_set=box)  # the problem's set is used
+    r2 = bilevel.solve(problem_set, method=method, max_steps=5, progress=False, **options)
+    assert float(r2.x.abs().max()) <= 0.1 + 1e-12
+
+
+def test_hypergradient_methods_refuse_a_constrained_lower_level():
+    from bilevel.implicit.projections import Box
+
+    p = quadratic()
+    constrained = bilevel.BilevelProblem(p.outer, p.inner, p.x0, p.y0, y_set=Box(0, 1))
+    with pytest.raises(ValueError, match="constrains y.*single-loop"):
+        bilevel.solve(constrained, method="implicit", max_steps=2, progress=False)

@@ -267,6 +267,25 @@ def bind_batch(problem: BilevelProblem, batch: Any) -> tuple[Callable, Callable]
     return (lambda x, y: problem.outer(x, y, batch)), (lambda x, y: problem.inner(x, y, batch))
 
 
+def set_projection(spec: Any, tree_example: Any, name: str) -> Optional[Callable[[list], list]]:
+    """A projection on a list of leaves from ``x_set`` / ``y_set``: ``None``, a set
+    (or callable ``z -> P(z)``) applied to every leaf, or a tree of sets / ``None``
+    with the variable's structure."""
+    if spec is None:
+        return None
+    leaves, treedef = tree_flatten(tree_example)
+    if callable(spec):
+        return lambda ls: [spec(t) for t in ls]
+    sets, set_def = tree_flatten(spec, is_leaf=lambda s: s is None or callable(s))
+    if set_def != treedef or not all(s is None or callable(s) for s in sets):
+        raise TypeError(
+            f"`{name}` must be a set object (e.g. bilevel.implicit.projections.Box(0, 1)), a callable "
+            f"projection, or a tree of them (None for free leaves) with the structure of the variable "
+            f"({treedef}); got {spec!r}."
+        )
+    return lambda ls: [t if s is None else s(t) for s, t in zip(sets, ls)]
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """Base class: a gradient-based outer loop around a hypergradient estimate.
@@ -279,6 +298,13 @@ class Algorithm:
             or factory ``params -> optimizer`` for the upper variable
             (:func:`make_optimizer`).
         lr: learning rate of the outer optimizer.
+        x_set: a simple convex set for ``x`` (e.g.
+            :class:`~bilevel.implicit.projections.Box`), a callable projection,
+            or a tree of them; ``x`` is projected onto it after each outer step
+            (projected hypergradient descent).  ``None``: the problem's
+            ``x_set``.  A problem's ``y_set`` (a constrained lower level) is
+            refused: these methods differentiate the unconstrained inner
+            stationarity; the single-loop methods project ``y``.
 
     Example:
         A new method only supplies :meth:`hypergradient`, which returns the
@@ -299,17 +325,35 @@ class Algorithm:
         >>> torch.allclose(r.x, p.solution.x, rtol=0, atol=1e-10)
         True
         >>> method.replace(lr=0.1)                     # configs are frozen: changed copies
-        Exact(outer_optimizer='sgd', lr=0.1)
+        Exact(outer_optimizer='sgd', lr=0.1, x_set=None)
     """
 
     outer_optimizer: OptimizerSpec = "adam"
     lr: float = 1e-2
+    x_set: Any = None
 
     def init(self, problem: BilevelProblem, x0: TensorTree = None, y0: TensorTree = None) -> State:
+        if problem.y_set is not None:
+            raise ValueError(
+                f"{type(self).__name__}: the problem constrains y (`y_set`), which this method cannot "
+                "respect: it differentiates the unconstrained inner stationarity. Use a single-loop "
+                "method (method='penalty', 'meha', 'bamm', 'bda' or 'lvhba'), or write the constraint "
+                "into the inner problem's optimality condition (bilevel.implicit.projected_gradient)."
+            )
         x = fresh_leaves(problem.x0 if x0 is None else x0)
         y = fresh_leaves(problem.y0 if y0 is None else y0)
+        self._project_x(problem, x)
         optimizer = make_optimizer(self.outer_optimizer, tree_leaves(x), self.lr)
         return State(x=x, y=y, optimizer=optimizer)
+
+    def _project_x(self, problem: BilevelProblem, x: TensorTree) -> None:
+        """``x`` onto ``x_set`` (or the problem's), in place."""
+        project = set_projection(self.x_set if self.x_set is not None else problem.x_set, x, "x_set")
+        if project is not None:
+            leaves = tree_leaves(x)
+            with torch.no_grad():
+                for leaf, new in zip(leaves, project(leaves)):
+                    leaf.copy_(new)
 
     def step(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
         outer, inner = bind_batch(problem, batch)
@@ -318,6 +362,7 @@ class Algorithm:
             leaf.grad = grad.detach()
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
+        self._project_x(problem, state.x)
         state.y = y
         state.iteration += 1
         state.info = info

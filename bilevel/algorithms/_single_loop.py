@@ -41,6 +41,7 @@ from ._base import (
     host_floats,
     make_optimizer,
     report_value,
+    set_projection,
 )
 
 Leaves = list
@@ -207,25 +208,6 @@ def coupled_step(x_curv: float, y_curv: float, cross: float) -> float:
     if cross > 0:
         bounds.append(y_curv / (4.0 * cross ** 2) if y_curv > 0 else 0.5 / cross)
     return min(bounds) if bounds else 0.5 / max(y_curv, 1.0)
-
-
-def set_projection(spec: Any, tree_example: Any, name: str) -> Optional[Callable[[Leaves], Leaves]]:
-    """A projection on a list of leaves from ``x_set`` / ``y_set``: ``None``, a set
-    (or callable ``z -> P(z)``) applied to every leaf, or a tree of sets / ``None``
-    with the variable's structure."""
-    if spec is None:
-        return None
-    leaves, treedef = tree_flatten(tree_example)
-    if callable(spec):
-        return lambda ls: [spec(t) for t in ls]
-    sets, set_def = tree_flatten(spec, is_leaf=lambda s: s is None or callable(s))
-    if set_def != treedef or not all(s is None or callable(s) for s in sets):
-        raise TypeError(
-            f"`{name}` must be a set object (e.g. bilevel.implicit.projections.Box(0, 1)), a callable "
-            f"projection, or a tree of them (None for free leaves) with the structure of the variable "
-            f"({treedef}); got {spec!r}."
-        )
-    return lambda ls: [t if s is None else s(t) for s, t in zip(sets, ls)]
 
 
 def _wide(t: torch.Tensor) -> torch.dtype:
