@@ -439,3 +439,21 @@ def test_positional_settings_follow_the_design_order():
     assert (gmres.maxiter, gmres.tol, gmres.restart, gmres.atol) == (100, 1e-6, 5, 0.0)
     with pytest.raises(TypeError):
         MINRES(10, 1e-6, 0.5)
+
+
+@pytest.mark.parametrize("name", ["CG", "MINRES", "BiCGStab", "GMRES"])
+def test_krylov_solvers_run_under_vmap(name):
+    """Inside torch.func.vmap the values cannot be read: the loop runs its budget
+    with finished elements frozen by their masks, and gives the batched answer."""
+    solver = {"CG": CG(), "MINRES": MINRES(), "BiCGStab": BiCGStab(), "GMRES": GMRES()}[name]
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(4, 6, 6, generator=g)
+    A = M @ M.mT / 6 + torch.eye(6)
+    b = torch.randn(4, 6, generator=g)
+    x, converged = torch.func.vmap(lambda A_, b_: (lambda out: (out[0], out[1].converged))(
+        solver(lambda v: A_ @ v, b_)))(A, b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b))
+    assert converged.all()
+    x_short, ok = torch.func.vmap(lambda A_, b_: (lambda out: (out[0], out[1].converged))(
+        dataclasses.replace(solver, maxiter=2)(lambda v: A_ @ v, b_)))(A, b)
+    assert not ok.any()

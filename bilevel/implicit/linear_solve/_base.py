@@ -256,6 +256,14 @@ def _sync_every(x: torch.Tensor) -> int:
     return 1 if x.device.type == "cpu" else 8
 
 
+def _look_every(x: torch.Tensor) -> int:
+    """How often a Krylov loop asks the host whether any element still runs:
+    :func:`_sync_every`, or 0 (never: the loop runs its whole budget, finished
+    elements frozen by their masks) inside ``torch.func.vmap``, where the
+    values cannot be read."""
+    return 0 if is_transformed(x) else _sync_every(x)
+
+
 def resolve_maxiter(maxiter: Optional[int], n: int) -> int:
     """The iteration budget of a Krylov solve: ``maxiter=None`` means ``10 n``, at most 1000.
 

@@ -14,7 +14,7 @@ from ._base import (
     _dot,
     _mark,
     _norm,
-    _sync_every,
+    _look_every,
 )
 
 
@@ -81,9 +81,9 @@ def _bicgstab(matvec, b, x0, threshold, maxiter):
     status = _mark(status, ~torch.isfinite(r_hat_norm), Status.NONFINITE)
     active = torch.isfinite(r_hat_norm) & (r_hat_norm > threshold)
     best_x, best_norm = x, torch.where(torch.isfinite(r_hat_norm), r_hat_norm, math.inf)
-    sync = _sync_every(b)
+    sync = _look_every(b)
     for k in range((maxiter + 1) // 2):
-        if k % sync == 0 and not bool(active.any()):
+        if sync and k % sync == 0 and not bool(active.any()):
             break
         rho_new = _dot(r_hat, r)
         bad = active & ~(rho_new.abs() > eps * r_hat_norm * _norm(r))

@@ -14,7 +14,7 @@ from ...typing import Matvec
 from ._base import (
     KrylovSolver,
     _mark,
-    _sync_every,
+    _look_every,
 )
 
 
@@ -73,7 +73,7 @@ def _cg(matvec, b, x0, threshold, maxiter, precondition):
     sizes are Python floats and no masking is needed (about 6 tensor ops per
     step instead of about 20; the per-op cost dominates for small systems).
     """
-    if b.shape[0] == 1 and _sync_every(b) == 1:  # the CPU: host reads are free
+    if b.shape[0] == 1 and _look_every(b) == 1:  # the CPU: host reads are free
         return _cg_single(matvec, b, x0, float(threshold), maxiter, precondition)
     return _cg_batched(matvec, b, x0, threshold, maxiter, precondition)
 
@@ -144,9 +144,9 @@ def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
     history = []
     max_inv_alpha = torch.zeros_like(rz)
     factor = math.sqrt(n) * torch.finfo(b.dtype).eps
-    sync = _sync_every(b)
+    sync = _look_every(b)
     for k in range(maxiter):
-        if k % sync == 0 and not bool(active.any()):
+        if sync and k % sync == 0 and not bool(active.any()):
             break
         Ap = matvec(p)
         inv_alpha = (p * Ap).sum(-1) / rz

@@ -16,7 +16,7 @@ from ._base import (
     _mark,
     _norm,
     _singular_tol,
-    _sync_every,
+    _look_every,
 )
 
 
@@ -93,7 +93,7 @@ def _gmres(matvec, b, x0, threshold, maxiter, restart):
     status = _mark(status, ~torch.isfinite(beta), Status.NONFINITE)
     active = torch.isfinite(beta) & (beta > threshold)
     used = 0
-    while used < maxiter and bool(active.any()):
+    while used < maxiter and (not _look_every(r) or bool(active.any())):
         steps = min(m, maxiter - used)
         dx, done, code, ran = _arnoldi_cycle(matvec, r, beta, active, threshold, steps)
         used += ran
@@ -131,10 +131,10 @@ def _arnoldi_cycle(matvec, r, beta, active, threshold, steps):
     done = torch.zeros(nbatch, dtype=torch.int64, device=r.device)
     usable = torch.zeros_like(done)
     code = torch.zeros_like(done)
-    sync = _sync_every(r)
+    sync = _look_every(r)
     ran = 0
     for j in range(steps):
-        if j > 0 and j % sync == 0 and not bool(running.any()):
+        if sync and j > 0 and j % sync == 0 and not bool(running.any()):
             break
         ran = j + 1
         w = matvec(V[:, j])

@@ -14,7 +14,7 @@ from ._base import (
     _mark,
     _norm,
     _singular_tol,
-    _sync_every,
+    _look_every,
 )
 
 
@@ -80,9 +80,9 @@ def _minres(matvec, b, x0, threshold, maxiter):
     iterations = torch.zeros_like(status)
     status = _mark(status, ~torch.isfinite(beta), Status.NONFINITE)
     active = torch.isfinite(beta) & (beta > threshold)
-    sync = _sync_every(b)
+    sync = _look_every(b)
     for k in range(maxiter):
-        if k % sync == 0 and not bool(active.any()):
+        if sync and k % sync == 0 and not bool(active.any()):
             break
         v = _div(y, beta.unsqueeze(-1), active.unsqueeze(-1))  # Lanczos step
         y = matvec(v)
