@@ -23,6 +23,7 @@ or a ``callback``, which need each step's values, it reads every step.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -155,6 +156,25 @@ def _algorithm(method: Union[str, Algorithm], options: dict) -> Algorithm:
     return cls(**options)
 
 
+def _two_argument_callback(callback):
+    """``callback(state, record)``; a callback that takes only the state is wrapped."""
+    if callback is None:
+        return None
+    if not callable(callback):
+        raise TypeError(f"`callback` must be callable callback(state, record); got {type(callback).__name__}.")
+    try:
+        inspect.signature(callback).bind(None, None)
+    except TypeError:
+        try:
+            inspect.signature(callback).bind(None)
+        except TypeError:
+            raise TypeError("`callback` must take (state, record) or (state).") from None
+        return lambda state, record: callback(state)
+    except ValueError:  # no signature (a builtin): called as documented
+        pass
+    return callback
+
+
 def solve(
     outer: Union[Callable, BilevelProblem],
     inner: Optional[Callable] = None,
@@ -199,8 +219,8 @@ def solve(
         max_time: stop after this many seconds.
         data: an iterable of mini-batches passed as the third argument of the
             objectives; re-iterable data (lists, DataLoaders) is cycled.
-        callback: ``callback(state, record)`` after each step; returning ``True``
-            stops the run.
+        callback: ``callback(state, record)`` after each step (or ``callback(state)``);
+            returning ``True`` stops the run.
         progress: show a tqdm progress bar (default ``True``).
         resume: a checkpoint (``result.state`` or ``state.state_dict()``) to
             continue from; the run then ends where the uninterrupted one ends.
@@ -230,6 +250,7 @@ def solve(
     problem = _problem(outer, inner, x0, y0, constraints, batches)
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"`max_steps` must be a non-negative int; got {max_steps!r}.")
+    callback = _two_argument_callback(callback)
     if inner_solver is not None:
         options["inner_solver"] = inner_solver
     if outer_optimizer is not None:

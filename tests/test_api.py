@@ -258,3 +258,15 @@ def test_hypergradient_methods_refuse_a_constrained_lower_level():
     constrained = bilevel.BilevelProblem(p.outer, p.inner, p.x0, p.y0, y_set=Box(0, 1))
     with pytest.raises(ValueError, match="constrains y.*single-loop"):
         bilevel.solve(constrained, method="implicit", max_steps=2, progress=False)
+
+
+def test_one_argument_callback_and_a_tensor_as_known_solution():
+    p = quadratic()
+    seen = []
+    bilevel.solve(p, method="implicit", max_steps=3, progress=False, callback=lambda state: seen.append(state.iteration))
+    assert seen == [1, 2, 3]
+    with pytest.raises(TypeError, match="callback"):
+        bilevel.solve(p, method="implicit", max_steps=1, progress=False, callback=lambda a, b, c: None)
+    known = bilevel.BilevelProblem(p.outer, p.inner, p.x0, p.y0, solution=p.solution.x)
+    torch.testing.assert_close(known.solution.x, p.solution.x)
+    assert known.solution.y is None

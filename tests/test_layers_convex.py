@@ -268,3 +268,22 @@ def test_unbounded_problem_is_reported(method):
     layer = ConvexLayer(problem, [c], [x], method=method)
     with pytest.raises(SolveError, match="the problem is unbounded"):
         layer(torch.tensor([1.0, -1.0]))
+
+
+def test_cvxpylayers_solver_args_are_translated():
+    """cvxpylayers' ``eps`` / ``max_iters`` reach both forward solvers; its solver
+    choice is dropped with a warning, not an error."""
+    n = 4
+    x, u = cp.Variable(n), cp.Parameter(n)
+    u_value = torch.tensor([1.0, -0.5, 2.0, -1.0])
+    qp = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x - u)), [x >= 0]), parameters=[u], variables=[x])
+    with pytest.warns(UserWarning, match="solve_method"):
+        (z,) = qp(u_value, solver_args={"eps": 1e-10, "max_iters": 50, "solve_method": "SCS"})
+    torch.testing.assert_close(z, u_value.clamp_min(0), atol=1e-8, rtol=0)
+    y = cp.Variable(n)
+    ball = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - u)), [cp.norm(y) <= 1]), parameters=[u],
+                       variables=[y])
+    (z,) = ball(u_value, solver_args={"eps": 1e-10, "max_iters": 100})
+    torch.testing.assert_close(z, u_value / u_value.norm(), atol=1e-8, rtol=0)
+    with pytest.raises(ValueError, match="tol.*maxiter"):
+        qp(u_value, solver_args={"alpha": 1.5})

@@ -55,6 +55,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -218,6 +219,9 @@ class ConvexLayer(torch.nn.Module):
             solver_args: options of the forward solver: for the QP route
                 ``tol`` and ``maxiter`` of :func:`~bilevel.layers.qp_solve`; for
                 Clarabel its settings (e.g. ``max_iter``, ``tol_gap_rel``).
+                cvxpylayers' ``eps`` and ``max_iters`` are translated to these;
+                its solver choices (``solve_method``, ``verbose``, ``n_jobs_*``,
+                ``acceleration_lookback``) are dropped with a warning.
 
         Returns:
             A tuple with one tensor per variable, of the variable's shape
@@ -283,7 +287,7 @@ class ConvexLayer(torch.nn.Module):
         return torch.cat(flat, -1), B
 
     def _solve_qp(self, P, c, A, b, solver_args, B):
-        opts = dict(solver_args or {})
+        opts = _translate_solver_args(solver_args, {"eps": ("tol",), "max_iters": ("maxiter",)})
         unknown = set(opts) - {"tol", "maxiter"}
         if unknown:
             raise ValueError(f"ConvexLayer: the QP route takes solver_args `tol` and `maxiter`; got {sorted(unknown)}.")
@@ -318,7 +322,8 @@ class ConvexLayer(torch.nn.Module):
         import scipy.sparse as sp
 
         opts = dict(_CLARABEL_DEFAULTS)
-        opts.update(solver_args or {})
+        opts.update(_translate_solver_args(
+            solver_args, {"eps": ("tol_gap_abs", "tol_gap_rel", "tol_feas"), "max_iters": ("max_iter",)}))
         arrays = [t.detach().cpu().numpy() for t in (P, c, A, b)]
         xs, vs, failed, statuses = [], [], [], []
         for i in range(arrays[1].shape[0]):  # Clarabel solves one problem per call
@@ -404,6 +409,27 @@ _STATUS_HINTS = {
     "INFEASIBLE": "infeasible", "PrimalInfeasible": "infeasible", "AlmostPrimalInfeasible": "infeasible",
     "UNBOUNDED": "unbounded", "DualInfeasible": "unbounded", "AlmostDualInfeasible": "unbounded",
 }
+
+
+_CVXPYLAYERS_ONLY = ("solve_method", "verbose", "n_jobs_forward", "n_jobs_backward", "acceleration_lookback")
+
+
+def _translate_solver_args(solver_args: dict | None, names: dict) -> dict:
+    """``solver_args`` with cvxpylayers' keys (``eps``, ``max_iters``) renamed to the
+    forward solver's (``names``) and its solver choices dropped with a warning."""
+    opts = dict(solver_args or {})
+    dropped = [k for k in _CVXPYLAYERS_ONLY if k in opts]
+    for key in dropped:
+        opts.pop(key)
+    if dropped:
+        warnings.warn(f"ConvexLayer: solver_args {dropped} choose cvxpylayers' solvers and are ignored here.",
+                      UserWarning, stacklevel=4)
+    for key, targets in names.items():
+        if key in opts:
+            value = opts.pop(key)
+            for target in targets:
+                opts.setdefault(target, value)
+    return opts
 
 
 def _raise_failed(failed: list, statuses: list, B: int | None, detail) -> None:

@@ -128,8 +128,8 @@ class BilevelProblem:
         y0: start point of the lower variable, a floating tensor or tensor tree.
         constraints: optional :math:`g`, ``constraints(x, y) -> tensor`` whose
             every entry must be ``<= 0`` (coupled inner constraints).
-        solution: optional known answer, a :class:`Solution` or a ``dict`` with
-            keys among ``x``, ``y``, ``value``.
+        solution: optional known answer, a :class:`Solution`, a ``dict`` with
+            keys among ``x``, ``y``, ``value``, or a tensor (the optimal ``x``).
         name: a label for tables and messages.
         x_set, y_set: optional simple sets for ``x`` / ``y`` alone (projection
             objects of :mod:`bilevel.implicit`); stored, not interpreted here.
@@ -240,6 +240,8 @@ class BilevelProblem:
     def _checked_solution(self, solution: Any) -> Optional[Solution]:
         if solution is None:
             return None
+        if torch.is_tensor(solution):  # the optimal x alone
+            solution = Solution(x=solution)
         if isinstance(solution, Mapping):
             unknown = set(solution) - {"x", "y", "value"}
             if unknown:
@@ -249,8 +251,8 @@ class BilevelProblem:
             solution = Solution(**solution)
         if not isinstance(solution, Solution):
             raise TypeError(
-                "`solution` must be None, a bilevel.problems.Solution or a dict with keys "
-                f"'x', 'y', 'value'; got {type(solution).__name__}."
+                "`solution` must be None, a tensor (the optimal x), a bilevel.problems.Solution or a "
+                f"dict with keys 'x', 'y', 'value'; got {type(solution).__name__}."
             )
         if solution.x is not None:
             _check_same_tree(solution.x, self.x0, "solution.x", "x0")
