@@ -480,13 +480,14 @@ def test_qp_solution_invariant_to_scaling_the_data(objective_scale, constraint_s
     torch.testing.assert_close(z, z_ref, atol=1e-8, rtol=1e-8)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP: qp_solve cannot run under torch.func.jacrev / vmap (RuntimeError 'Cannot access data pointer "
-    "of Tensor that doesn't have storage'): _QPFunction in bilevel/layers/qp.py has no vmap rule and "
-    "the forward reads values on the host (_check_inputs' isfinite(...).tolist(), the interior-point "
-    "loop's bool(active.any())), unlike custom_root roots, which DESIGN.md makes composable with torch.func"
+@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
+    "GAP: qp_solve does not compose with torch.func.jacrev / vmap (custom_root roots do): _QPFunction "
+    "has no vmap rule and its forward and backward read values on the host; it now refuses clearly "
+    "(NotImplementedError naming the batched alternative) instead of an opaque storage error"
 ))
 def test_qp_jacrev_and_vmap_compose():
+    with pytest.raises(NotImplementedError, match="batched already"):
+        vmap(lambda q: qp_solve(torch.eye(3), q))(torch.randn(4, 3))
     n = 3
     Q = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 3.0]])
     J = jacrev(lambda q: qp_solve(Q, q))(torch.tensor([1.0, -1.0, 0.5]))
@@ -758,7 +759,7 @@ def test_convex_bad_construction_and_call_arguments():
     with pytest.raises(FloatingPointError, match="NaN"):
         layer(torch.full((m, n), float("nan")), torch.randn(m))
     with pytest.raises(ValueError, match="solver_args"):
-        layer(torch.randn(m, n), torch.randn(m), solver_args={"max_iters": 10})
+        layer(torch.randn(m, n), torch.randn(m), solver_args={"alpha": 1.8})
 
 
 @needs_cvxpy

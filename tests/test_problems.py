@@ -259,7 +259,7 @@ def test_valid_problem_and_repr():
         (dict(constraints=lambda x, y: y / 0 * 0), FloatingPointError, r"`constraints\(x0, y0\)` has non-finite"),
         (dict(solution={"x": torch.zeros(3)}), ValueError, r"`solution.x` must have the structure and shapes of `x0`"),
         (dict(solution={"z": 1}), ValueError, r"unknown \['z'\]"),
-        (dict(solution=(1, 2)), TypeError, r"`solution` must be None, a bilevel.problems.Solution"),
+        (dict(solution=(1, 2)), TypeError, r"`solution` must be None, a tensor \(the optimal x\), a bilevel.problems.Solution"),
         (dict(solution=Solution(value=float("nan"))), FloatingPointError, r"`solution.value` must be finite"),
         (dict(data=[1]), TypeError, r"`data` must be None or a dict"),
     ],

@@ -232,6 +232,12 @@ def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
+def _vmapped(x: object) -> bool:
+    """Whether ``x`` is a tensor batched by ``torch.func.vmap``."""
+    check = getattr(torch._C._functorch, "is_batchedtensor", None)
+    return torch.is_tensor(x) and check is not None and bool(check(x))
+
+
 def _on_host(x: torch.Tensor) -> bool:
     """Whether reading a flag of ``x`` on the host is free (the CPU): elsewhere the
     loops avoid the read and do the work for all elements, as the linear solvers do."""
@@ -500,6 +506,12 @@ class _QPFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, z_bar, _y_bar, _lam_bar):
+        if _vmapped(z_bar):
+            raise NotImplementedError(
+                "the backward pass of qp_solve does not run under torch.func.vmap (jacrev, jacfwd, or "
+                "vmap over a gradient): take Jacobian rows with torch.autograd.grad one at a time, or "
+                "batch the problems along a leading dimension."
+            )
         Q, A, G, h, z, y, lam = ctx.saved_tensors
         d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, z_bar, ctx.options.stage)
         for report in ctx.options.reports:  # frozen dataclasses: set, not mutated in place (torch.func)
@@ -642,6 +654,12 @@ def qp_solve(
         raise ValueError(f"qp_solve: `tol` must be None or a float in (0, 1); got {tol!r}.")
     if not _positive_int(maxiter):
         raise ValueError(f"qp_solve: `maxiter` must be a positive int; got {maxiter!r}.")
+    if any(_vmapped(t) for t in (Q, q, A, b, G, h)):
+        raise NotImplementedError(
+            "qp_solve does not run under torch.func.vmap; it is batched already: stack the problems "
+            "along a leading dimension (e.g. q of shape (B, n), Q of shape (B, n, n) or shared) and call "
+            "it once."
+        )
     B, tensors = _check_inputs(Q, q, A, b, G, h)
     # Below float64 the KKT systems of the last iterations are too ill-conditioned: solve in float64.
     work = torch.float64 if q.dtype in _PROMOTED else q.dtype
