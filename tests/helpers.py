@@ -83,3 +83,9 @@ class Quadratic:
         Ainv_B = torch.linalg.solve(self.A, self.B)
         lhs = Ainv_B.T @ Ainv_B + self.rho * torch.eye(self.B.shape[1], dtype=self.A.dtype)
         return torch.linalg.solve(lhs, Ainv_B.T @ self.y_target)
+
+
+def seeded_randn(*shape, seed=0, scale=1.0, dtype=torch.float64):
+    """``scale * N(0, 1)`` of ``shape`` from its own seeded generator (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(shape, generator=g, dtype=dtype)

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import seeded_randn
 from torch.func import grad, jacrev, jvp, vmap
 
 from bilevel.implicit.projections import (
@@ -38,8 +39,7 @@ DT = torch.float64
 
 
 def rand(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(*shape, generator=g, dtype=DT)
+    return seeded_randn(*shape, seed=seed, scale=scale, dtype=DT)
 
 
 def simplex_reference(z: torch.Tensor, radius: float = 1.0) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import seeded_randn
 from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
@@ -45,8 +46,7 @@ DT = torch.float64
 
 
 def rand(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(shape, generator=g, dtype=DT)
+    return seeded_randn(*shape, seed=seed, scale=scale, dtype=DT)
 
 
 def make_tree(seed=0, scale=1.0):
