@@ -13,7 +13,7 @@ from ..._checks import tol_ok as _tol_ok
 from ..._tolerance import default_tol
 from ..._tree import is_transformed
 from ...status import Status
-from ._base import LinearSolver
+from ._base import LinearSolver, materialize
 from .cg import CG
 from .direct import Direct
 from .gmres import GMRES
@@ -71,30 +71,32 @@ class Auto(LinearSolver):
     def _solve(self, matvec, b, x0, flatten):
         if b.shape[-1] <= self.max_direct:
             try:
-                x, iterations, status = Direct("cholesky" if self.symmetric else "lu")._solve(matvec, b, x0, flatten)
-            except RuntimeError:  # the operator cannot be vmapped: stay matrix-free
+                A = materialize(matvec, b)
+                x, iterations, status = Direct("cholesky" if self.symmetric else "lu")._solve_matrix(A, b)
+            except RuntimeError:  # the operator cannot be vmapped (or densely solved): stay matrix-free
                 pass
             else:
                 broke = not is_transformed(status) and bool((status == Status.BREAKDOWN).any())
                 if not broke:
                     return x, iterations, status
                 if not self.symmetric:
-                    return _least_squares(matvec, b, x0, flatten, self.tol, (x, iterations, status))
+                    return _least_squares(A, b, self.tol, (x, iterations, status))
                 # Singular or indefinite: CG still solves a consistent singular system
                 # (e.g. an unregularized bias) and reports an indefinite one.
         return self._krylov()._solve(matvec, b, x0, flatten)
 
 
-def _least_squares(matvec, b, x0, flatten, tol, lu_result):
-    """The minimum-norm least-squares solution, for a singular LU: a success where the
-    system is consistent (residual within ``tol``), BREAKDOWN where it is not.  A matrix
-    with NaN or inf (LAPACK refuses it) keeps the LU's result, reported downstream."""
+def _least_squares(A, b, tol, lu_result):
+    """The minimum-norm least-squares solution of the matrices ``A`` whose LU was
+    singular: a success where the system is consistent (residual within ``tol``),
+    BREAKDOWN where it is not.  A matrix with NaN or inf (LAPACK refuses it) keeps
+    the LU's result, reported downstream."""
     try:
-        x, iterations, status = Direct("lstsq")._solve(matvec, b, x0, flatten)
+        x, iterations, status = Direct("lstsq")._solve_matrix(A, b)
     except RuntimeError:
         return lu_result
     tol = default_tol(b.dtype) if tol is None else tol
-    residual = torch.linalg.vector_norm(b - matvec(x), dim=-1)
+    residual = torch.linalg.vector_norm(b - (A @ x.unsqueeze(-1)).squeeze(-1), dim=-1)
     consistent = residual <= tol * torch.linalg.vector_norm(b, dim=-1)
     return x, iterations, torch.where(consistent, status, int(Status.BREAKDOWN))
 

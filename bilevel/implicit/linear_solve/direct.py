@@ -76,7 +76,10 @@ class Direct(LinearSolver):
         )
 
     def _solve(self, matvec, b, x0, flatten):
-        A = _materialize(matvec, b)
+        return self._solve_matrix(_materialize(matvec, b), b)
+
+    def _solve_matrix(self, A: torch.Tensor, b: torch.Tensor):
+        """``(x, iterations, status)`` for the materialized ``(B, n, n)`` matrices ``A``."""
         rhs = b.unsqueeze(-1)
         eps = torch.finfo(b.dtype).eps
         if self.method == "cholesky":
