@@ -211,6 +211,29 @@ def test_small_maxiter_reports_max_iterations(name):
     assert "MAX_ITERATIONS" in info.summary()
 
 
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_cg_out_of_budget_spends_no_extra_product_and_reports_the_residual(preconditioned):
+    """A CG solve that runs out of budget takes exactly ``maxiter`` products (no
+    confirming product: its recursive residual is reported, within rounding of
+    the true one); a converged solve takes one more, to confirm the success."""
+    A, b = make_matrix("spd", n=30, high=30.0), make_rhs(30)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return A @ v
+
+    M = (lambda r: r / torch.diagonal(A)) if preconditioned else None
+    x, info = CG(maxiter=4, tol=1e-12, M=M)(matvec, b)
+    assert int(info.status) == Status.MAX_ITERATIONS and len(calls) == 4
+    true = torch.linalg.vector_norm(b - A @ x)
+    torch.testing.assert_close(info.residual_norm, true, rtol=1e-10, atol=0)
+    calls.clear()
+    x, info = CG(maxiter=100, tol=1e-10, M=M)(matvec, b)
+    assert bool(info.converged) and len(calls) == int(info.iterations) + 1
+    torch.testing.assert_close(info.residual_norm, torch.linalg.vector_norm(b - A @ x), rtol=0, atol=0)
+
+
 def test_recursive_residual_met_but_true_residual_missed_is_inaccurate():
     """float32 CG on a condition number 1e4 system: its recursive residual reaches
     tol = 1e-5, the true residual stays about 40 times above it.  That is INACCURATE

@@ -18,6 +18,7 @@ remedy, or a :class:`~bilevel.status.BilevelError` in strict mode.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -25,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from .._tolerance import default_residual_tol
-from .._tree import all_finite, tree_leaves
+from .._tree import all_finite, is_transformed, tree_leaves
 from ..status import BilevelError, ConvergenceWarning, CurvatureWarning, OptimalityWarning, Status
 from .linear_solve import LinearSolveInfo
 
@@ -111,7 +112,8 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
     """Check and record the certificate of one adjoint solve; returns it.
 
     Every check is decided by one host read (the flags are stacked on the
-    device), so a backward pass on an accelerator waits for it once."""
+    device), so a backward pass on an accelerator waits for it once; a single
+    system on the CPU is checked on Python numbers."""
     stage, strict = system.stage, system.options.strict
     x_leaves = tree_leaves(x)
     dtype = x_leaves[0].dtype
@@ -120,22 +122,32 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
     sol_norm = batch_norm(sol, system.batch_dims)
     x_norm = batch_norm(x, system.batch_dims)
     optimality = distance = None
-    if value is not None:
+    measured = value is not None
+    certify = system.certify and measured
+    if measured:
         optimality = batch_norm(value, system.batch_dims)
-        b_norm = info.b_norm  # the norm of the right-hand side just solved for
-        ratio = x_norm / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
-        distance = torch.where(b_norm > 0, optimality * ratio, 0.0)
+    if _on_host(x_norm):
+        failures = _host_failures(tol, sol_norm, x_norm, optimality, info)
+        if measured:
+            distance = torch.full_like(optimality, failures.pop())
+            if not certify:
+                failures.pop()
+    else:
+        if measured:
+            b_norm = info.b_norm  # the norm of the right-hand side just solved for
+            ratio = x_norm / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
+            distance = torch.where(b_norm > 0, optimality * ratio, 0.0)
+        failures = None
     certificate = ImplicitInfo(optimality, distance, sol_norm, tol, info, system.damping, system.solve)
-    certify = system.certify and distance is not None
-    failed = ~info.converged
-    # ||x|| is finite exactly when every entry is, short of an overflow (told apart
-    # below). A NONFINITE status with a finite x is a stale iterate, no gradient either.
-    flags = [torch.isfinite(x_norm).all(), (info.status == Status.NONFINITE).any(), failed.any(),
-             (info.status == Status.BREAKDOWN).any()]
-    if certify:
-        bad = ~certificate.optimal
-        flags.append(bad.any())
-    finite, stale, any_failed, singular, *any_bad = torch.stack(flags).tolist()
+    if failures is None:
+        # ||x|| is finite exactly when every entry is, short of an overflow (told apart
+        # below). A NONFINITE status with a finite x is a stale iterate, no gradient either.
+        flags = [torch.isfinite(x_norm).all(), (info.status == Status.NONFINITE).any(), (~info.converged).any(),
+                 (info.status == Status.BREAKDOWN).any()]
+        if certify:
+            flags.append((~certificate.optimal).any())
+        failures = torch.stack(flags).tolist()
+    finite, stale, any_failed, singular, *any_bad = failures
     if not finite or stale:
         if not all_finite(x_leaves):
             what = "NaN or inf"
@@ -145,6 +157,7 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
             what = "a solution whose norm overflows"
         raise FloatingPointError(f"{stage}: the adjoint linear solve returned {what}; {info.summary()}")
     if certify and any_bad[0]:
+        bad = ~certificate.optimal
         worst = int(torch.where(bad, distance, -1).reshape(-1).argmax())
         _fail(
             OptimalityWarning,
@@ -165,3 +178,21 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
         _fail(category, f"{stage}: {info.summary()}.{hint}", strict)
     system.options.record(certificate)
     return certificate
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """One element of a plain CPU tensor: read at no cost."""
+    return t.numel() == 1 and t.device.type == "cpu" and not is_transformed(t)
+
+
+def _host_failures(tol, sol_norm, x_norm, optimality, info: LinearSolveInfo) -> list:
+    """The flags of :func:`report` for a single system on the CPU, from Python
+    numbers: ``[finite, stale, failed, singular]``, then ``bad`` and the
+    distance to the root when ``optimality`` is measured."""
+    code, x_size = int(info.status), float(x_norm)
+    flags = [math.isfinite(x_size), code == Status.NONFINITE, code != Status.SUCCESS, code == Status.BREAKDOWN]
+    if optimality is not None:
+        b_size = float(info.b_norm)
+        distance = float(optimality) * x_size / max(b_size, torch.finfo(info.b_norm.dtype).tiny) if b_size > 0 else 0.0
+        flags += [not distance <= tol * max(float(sol_norm), 1.0), distance]
+    return flags

@@ -162,7 +162,7 @@ def hypergrad(
     if _is_compiling():  # under torch.compile: a graph break, and the whole computation runs eagerly
         return _eager_hypergrad(outer, inner, x, y, solve, damping=damping, strict=strict,
                                 residual_tol=residual_tol, create_graph=create_graph, return_info=return_info)
-    x_leaves, _ = tensor_leaves(x, "x")
+    x_leaves, x_spec = tensor_leaves(x, "x")
     y_leaves, y_spec = tensor_leaves(y, "y")
     if not all(t.is_floating_point() for t in x_leaves + y_leaves):
         raise TypeError("hypergrad: `x` and `y` must hold floating-point tensors.")
@@ -171,7 +171,6 @@ def hypergrad(
     condition = inner_stationarity(inner)
     recorded: list[ImplicitInfo] = []
     symmetric_solve = solve if solve is not None else default_solve(True)
-    _, x_spec = tensor_leaves(x, "x")
     system = AdjointSystem(
         residual=condition, sol_spec=y_spec, n_sol=len(y_leaves),
         rebuild_args=lambda tensors: (tree_unflatten(list(tensors), x_spec),),

@@ -27,7 +27,10 @@ class LinearSolveInfo:
     Attributes:
         iterations: number of iterations (matrix-vector products for Krylov
             methods) each element ran.
-        residual_norm: ``||b - A x||`` at the returned ``x``.
+        residual_norm: ``||b - A x||`` at the returned ``x``; for a CG solve
+            that ran out of budget or broke down, CG's recursive residual (equal
+            in exact arithmetic, within rounding drift otherwise: a success is
+            always confirmed with the true residual).
         b_norm: ``||b||``.
         status: :class:`~bilevel.status.Status` codes (``int64``).
 
@@ -63,17 +66,17 @@ class LinearSolveInfo:
 
     def summary(self) -> str:
         """One line naming the failed elements, their residuals and the remedy."""
-        failed = (~self.converged).reshape(-1).nonzero().reshape(-1).tolist()
+        codes = self.status.reshape(-1).tolist()
+        failed = [i for i, code in enumerate(codes) if code != Status.SUCCESS]
         if not failed:
             return "linear solve converged"
-        codes = self.status.reshape(-1)
-        rel = self.relative_residual.reshape(-1)
-        worst = max(failed, key=lambda i: float(rel[i]) if math.isfinite(rel[i]) else math.inf)
+        rel = self.relative_residual.reshape(-1).tolist()
+        worst = max(failed, key=lambda i: rel[i] if math.isfinite(rel[i]) else math.inf)
         where = "" if self.status.dim() == 0 else f" (batch elements {failed[:8]}{'...' if len(failed) > 8 else ''})"
-        status = Status(int(codes[worst]))
+        status = Status(codes[worst])
         return (
             f"linear solve failed{where}: {status.name}, relative residual "
-            f"{float(rel[worst]):.3g} after {int(self.iterations.reshape(-1)[worst])} "
+            f"{rel[worst]:.3g} after {int(self.iterations.reshape(-1)[worst])} "
             f"iterations; {status.message}"
         )
 
@@ -86,7 +89,12 @@ class LinearSolver:
     flat tensors of shape ``(B, n)`` (``B`` independent systems), ``x0`` flat or
     ``None``, and ``flatten``, which turns any other tree-to-tree map (a
     preconditioner) into a flat one; it returns ``(x, iterations, status)``.  The
-    base class recomputes the true residual and builds the info.
+    base class recomputes the true residual ``||b - A x||`` (one more
+    product) and builds the info.  A solve in which no element claims success
+    may return ``(x, iterations, status, residual_norm)`` with its own residual
+    estimate (e.g. CG's recursive residual, equal to the true one in exact
+    arithmetic): a solve that ran out of budget is not confirmed, and the
+    product is saved.
 
     Example:
         A solver for diagonal operators (one product recovers the diagonal); the
@@ -156,9 +164,11 @@ class LinearSolver:
         b_norm = torch.linalg.vector_norm(b_flat, dim=-1)
         _check_rhs(b, b_norm)
         x0_flat = None if x0 is None else rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
-        x, iterations, status = self._solve(flat_matvec, b_flat, x0_flat, flatten)
-        residual = b_flat - flat_matvec(x)
-        residual_norm = torch.linalg.vector_norm(residual, dim=-1)
+        x, iterations, status, *estimate = self._solve(flat_matvec, b_flat, x0_flat, flatten)
+        if estimate and estimate[0] is not None:  # no element claims success: its own residual will do
+            residual_norm = estimate[0]
+        else:
+            residual_norm = torch.linalg.vector_norm(b_flat - flat_matvec(x), dim=-1)
         status = _final_status(self, status, residual_norm, b_norm)
         info = LinearSolveInfo(
             iterations=iterations.reshape(batch),
@@ -191,10 +201,19 @@ class LinearSolver:
         return torch.clamp_min(tol * torch.linalg.vector_norm(b, dim=-1), atol)
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds one element readable at no cost (a plain CPU tensor):
+    then the checks below run on Python numbers instead of a chain of small ops."""
+    return t.numel() == 1 and t.device.type == "cpu" and not is_transformed(t)
+
+
 def _check_rhs(b: TensorTree, b_norm: torch.Tensor) -> None:
     """Raise on a non-finite right-hand side; ``b_norm`` (per element) is finite
     exactly when ``b`` is, unless the norm overflows, which is told apart here."""
-    if is_transformed(b_norm) or bool(torch.isfinite(b_norm).all()):
+    if _on_host(b_norm):
+        if math.isfinite(float(b_norm)):
+            return
+    elif is_transformed(b_norm) or bool(torch.isfinite(b_norm).all()):
         return
     if not all_finite(tree_leaves(b)):
         raise FloatingPointError("linear solve: the right-hand side `b` contains NaN or inf.")
@@ -207,13 +226,22 @@ def _final_status(
     solver: LinearSolver, status: torch.Tensor, residual_norm: torch.Tensor, b_norm: torch.Tensor
 ) -> torch.Tensor:
     """Re-check the true residual: a solve is a success only if ``b - A x`` is small."""
-    status = torch.where(torch.isfinite(residual_norm), status, int(Status.NONFINITE))
-    if getattr(solver, "tol", "absent") == "absent":  # direct and fixed-term solvers set no tolerance
-        return status
-    tol = solver.tol if solver.tol is not None else default_tol(residual_norm.dtype)
+    has_tol = getattr(solver, "tol", "absent") != "absent"  # direct and fixed-term solvers set none
+    tol = (solver.tol if solver.tol is not None else default_tol(residual_norm.dtype)) if has_tol else 0.0
+    atol = getattr(solver, "atol", 0.0)
     # The recursive residual of a Krylov method drifts from the true one by a few
     # ulps times the condition number: allow a factor 10 before calling it a failure.
-    small = residual_norm <= 10 * torch.clamp_min(tol * b_norm, getattr(solver, "atol", 0.0))
+    if _on_host(status):
+        code, residual = int(status), float(residual_norm)
+        if not math.isfinite(residual):
+            code = Status.NONFINITE
+        elif has_tol and code == Status.SUCCESS and not residual <= 10 * max(tol * float(b_norm), atol):
+            code = Status.INACCURATE
+        return status if code == int(status) else torch.full_like(status, code)
+    status = torch.where(torch.isfinite(residual_norm), status, int(Status.NONFINITE))
+    if not has_tol:
+        return status
+    small = residual_norm <= 10 * torch.clamp_min(tol * b_norm, atol)
     return torch.where((status == Status.SUCCESS) & ~small, int(Status.INACCURATE), status)
 
 

@@ -121,7 +121,12 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
             status = Status.NONFINITE
             break
     device = b.device
-    return x.view(1, n), torch.tensor([k], device=device), torch.tensor([int(status)], device=device)
+    iterations, code = torch.tensor([k], device=device), torch.tensor([int(status)], device=device)
+    if status == Status.SUCCESS:  # the base class confirms a success with the true residual
+        return x.view(1, n), iterations, code
+    # a failure is reported with the recursive residual, sparing one product
+    estimate = torch.full((1,), math.sqrt(rr) if rr >= 0 else math.nan, dtype=r.dtype, device=device)
+    return x.view(1, n), iterations, code, estimate
 
 
 def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):

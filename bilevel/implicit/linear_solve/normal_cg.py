@@ -83,8 +83,8 @@ class NormalCG(LinearSolver):
             return rmatvec(matvec(v))
 
         rhs = rmatvec(b)
-        x, iterations, status = self.inner._solve(normal, rhs, x0, flatten)
-        normal_residual = _norm(rhs - normal(x))
+        x, iterations, status, *estimate = self.inner._solve(normal, rhs, x0, flatten)
+        normal_residual = estimate[0] if estimate and estimate[0] is not None else _norm(rhs - normal(x))
         status = _final_status(self.inner, status, normal_residual, _norm(rhs))
         return x, iterations, status
 
