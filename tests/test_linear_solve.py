@@ -5,6 +5,7 @@ with a registry of problems with known answers, as in lineax's tests/helpers.py.
 """
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -451,6 +452,81 @@ def test_auto_is_dense_when_small_krylov_when_large_or_not_vmappable():
     torch.testing.assert_close(x, torch.linalg.solve(N, b))
     with pytest.raises(ValueError, match="max_direct"):
         Auto(max_direct=-1)
+
+
+def _counted(A):
+    calls = []
+
+    def matvec(v):
+        calls.append(v.shape)
+        return (A @ v.unsqueeze(-1)).squeeze(-1)
+
+    return matvec, calls
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_auto_materializes_a_mid_sized_system_krylov_does_not_solve_quickly(symmetric):
+    """n = 320 > max_direct: n/16 = 20 Krylov products, then (not converged: the
+    condition number is 1e4) one chunked materialization and a factorization,
+    exact to rounding, whose products are counted in ``iterations``."""
+    from bilevel.implicit.linear_solve import Auto
+
+    n = 320
+    A = make_matrix("spd", n=n, low=1.0, high=1e4)
+    if not symmetric:
+        A = A + torch.triu(make_matrix("nonsymmetric", n=n, seed=3), 1)
+    b = make_rhs(n)
+    matvec, calls = _counted(A)
+    x, info = Auto(symmetric=symmetric)(matvec, b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-12)
+    assert bool(info.converged) and int(info.iterations) == n // 16 + n
+    assert float(info.relative_residual) < 1e-12
+    # every probe product is one vector; the basis goes in chunks of 128 (vmapped calls)
+    assert len(calls) <= n // 16 + math.ceil(n / 128) + 3  # GMRES adds its restart residuals
+
+
+def test_auto_does_not_materialize_a_system_krylov_solves_quickly():
+    from bilevel.implicit.linear_solve import Auto
+
+    n = 320
+    A = make_matrix("spd", n=n, low=1.0, high=1.5)  # CG converges in a handful of steps
+    b = make_rhs(n)
+    matvec, calls = _counted(A)
+    x, info = Auto(symmetric=True)(matvec, b)
+    assert bool(info.converged) and int(info.iterations) < n // 16
+    assert len(calls) == int(info.iterations) + 1  # the products and the confirming one, no matrix
+    torch.testing.assert_close(x, torch.linalg.solve(A, b))
+
+
+def test_auto_mid_sized_krylov_goes_on_when_the_operator_cannot_be_vmapped():
+    from bilevel.implicit.linear_solve import Auto
+
+    n = 200
+    A = make_matrix("spd", n=n, low=1.0, high=1e3)
+    b = make_rhs(n)
+
+    def host_read(v):  # vmap cannot batch it
+        return A @ v if float(v.abs().sum()) >= 0 else v
+
+    x, info = Auto(symmetric=True)(host_read, b)
+    assert bool(info.converged) and n // 16 < int(info.iterations) < n + n // 16
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-6, atol=1e-8)
+
+
+def test_auto_keeps_krylov_for_batches_large_systems_and_max_dense_zero():
+    from bilevel.implicit.linear_solve import Auto
+
+    n = 200
+    A = make_matrix("spd", n=n, low=1.0, high=1e3)
+    b = make_rhs(n)
+    for solver, rhs, batch_dims in [(Auto(symmetric=True, max_dense=0), b, 0),
+                                    (Auto(symmetric=True, max_dense=n - 1), b, 0),
+                                    (Auto(symmetric=True), torch.stack([b, 2 * b]), 1)]:
+        x, info = solver(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), rhs, batch_dims=batch_dims)
+        assert bool(info.converged.all()) and bool((info.iterations < n).all())  # CG alone, no n-product matrix
+        torch.testing.assert_close(x, torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1), rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="max_dense"):
+        Auto(max_dense=-1)
 
 
 def test_positional_settings_follow_the_design_order():

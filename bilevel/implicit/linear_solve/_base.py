@@ -375,7 +375,7 @@ class KrylovSolver(LinearSolver):
         raise NotImplementedError
 
 
-def materialize(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
+def materialize(matvec: FlatMatvec, b: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """The ``(B, n, n)`` matrices of a flat batched ``matvec``, by one vmap over ``e_j``.
 
     Args:
@@ -383,6 +383,9 @@ def materialize(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
             it must work under :func:`torch.func.vmap`.
         b: a ``(B, n)`` tensor giving the batch size, the size, the dtype and the
             device (its values are not used).
+        chunk_size: basis vectors per vmapped call (``chunk_size`` of
+            :func:`torch.func.vmap`), bounding the memory of the intermediates;
+            ``None``: all ``n`` at once.
 
     Returns:
         The matrices :math:`A_i` stacked into a ``(B, n, n)`` tensor.
@@ -402,7 +405,7 @@ def materialize(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
     nbatch, n = b.shape
     basis = torch.eye(n, dtype=b.dtype, device=b.device).unsqueeze(1).expand(n, nbatch, n)
     try:
-        columns = torch.func.vmap(matvec)(basis)  # columns[j, i] = A_i e_j
+        columns = torch.func.vmap(matvec, chunk_size=chunk_size)(basis)  # columns[j, i] = A_i e_j
     except Exception as err:
         matvec(b)  # a matvec that fails without vmap too: let its own error through
         raise RuntimeError(

@@ -13,7 +13,7 @@ from ..._checks import tol_ok as _tol_ok
 from ..._tolerance import default_tol
 from ..._tree import is_transformed
 from ...status import Status
-from ._base import LinearSolver, materialize
+from ._base import LinearSolver, materialize, resolve_maxiter
 from .cg import CG
 from .direct import Direct
 from .gmres import GMRES
@@ -22,7 +22,7 @@ from .gmres import GMRES
 @dataclass(frozen=True)
 class Auto(LinearSolver):
     r"""The solver used when none is named: exact and cheap for small systems,
-    matrix-free for large ones.
+    matrix-free for large ones, and dense again where a Krylov solve turns out slow.
 
     * :math:`n \le` ``max_direct`` unknowns and a vmappable operator: the matrix
       is materialized with one vmapped product and factorized, Cholesky when
@@ -32,15 +32,30 @@ class Auto(LinearSolver):
       minimum-norm least-squares solution, a success where the singular system
       is consistent) — exact, and cheaper than tens of Krylov iterations
       whose cost is dominated by per-operation overhead at this size;
-    * otherwise (or when the operator cannot be vmapped): :class:`CG` if
+    * one system of :math:`n \le` ``max_dense`` unknowns: :class:`CG` if
+      ``symmetric``, else :class:`GMRES`, for at most :math:`n/16` products;
+      a system not solved by then is materialized (vmapped products, 128
+      basis vectors at a time) and factorized as above.  A vmapped product
+      costs a fraction of a single one (one matrix-matrix product instead of
+      many matrix-vector products: :math:`n/18` to :math:`n/4` single products
+      for the whole matrix, measured on ridge and logistic Hessians), so a
+      slow Krylov solve is cut short at a bounded price, while a fast one never
+      pays for the matrix (ski rental: at worst about 5 times the cost of the
+      better choice, at best many times cheaper than a long Krylov run).  The
+      Krylov solve goes on from its iterate when the matrix cannot be built or
+      factorized;
+    * otherwise (larger systems, batches of systems, inside ``torch.func``
+      transforms, or an operator that cannot be vmapped): :class:`CG` if
       ``symmetric``, else :class:`GMRES`, with a budget of ``maxiter`` products
       (``None``: ``min(10 n, 1000)``) and relative tolerance ``tol``.
 
     Args:
         symmetric: whether the operator is symmetric (positive definite expected).
-        max_direct: largest system solved densely, default 128.
-        tol: tolerance of the Krylov fallback; ``None`` scales with the dtype.
-        maxiter: budget of the Krylov fallback; ``None``: ``min(10 n, 1000)``.
+        max_direct: largest system solved densely at once, default 128.
+        max_dense: largest single system materialized after a slow start of the
+            Krylov solve, default 1024 (0 turns it off).
+        tol: tolerance of the Krylov solve; ``None`` scales with the dtype.
+        maxiter: budget of the Krylov solve; ``None``: ``min(10 n, 1000)``.
 
     Example:
         >>> import torch
@@ -55,35 +70,63 @@ class Auto(LinearSolver):
     max_direct: int = 128
     tol: Optional[float] = None
     maxiter: Optional[int] = None
+    max_dense: int = 1024
 
     def __post_init__(self):
         _check_fields(
             self,
             symmetric=(lambda v: isinstance(v, bool), "a bool"),
             max_direct=(lambda v: isinstance(v, int) and v >= 0, "a non-negative int"),
+            max_dense=(lambda v: isinstance(v, int) and v >= 0, "a non-negative int"),
             tol=(_tol_ok, "a float in (0, 1) or None"),
             maxiter=(_positive_int_or_none, "a positive int or None"),
         )
 
-    def _krylov(self) -> LinearSolver:
-        return CG(maxiter=self.maxiter, tol=self.tol) if self.symmetric else GMRES(maxiter=self.maxiter, tol=self.tol)
+    def _krylov(self, maxiter: Optional[int] = None) -> LinearSolver:
+        maxiter = self.maxiter if maxiter is None else maxiter
+        return CG(maxiter=maxiter, tol=self.tol) if self.symmetric else GMRES(maxiter=maxiter, tol=self.tol)
 
     def _solve(self, matvec, b, x0, flatten):
-        if b.shape[-1] <= self.max_direct:
-            try:
-                A = materialize(matvec, b)
-                x, iterations, status = Direct("cholesky" if self.symmetric else "lu")._solve_matrix(A, b)
-            except RuntimeError:  # the operator cannot be vmapped (or densely solved): stay matrix-free
-                pass
-            else:
-                broke = not is_transformed(status) and bool((status == Status.BREAKDOWN).any())
-                if not broke:
-                    return x, iterations, status
-                if not self.symmetric:
-                    return _least_squares(A, b, self.tol, (x, iterations, status))
-                # Singular or indefinite: CG still solves a consistent singular system
-                # (e.g. an unregularized bias) and reports an indefinite one.
-        return self._krylov()._solve(matvec, b, x0, flatten)
+        n = b.shape[-1]
+        if n <= self.max_direct:
+            dense = self._dense(matvec, b)
+            return dense if dense is not None else self._krylov()._solve(matvec, b, x0, flatten)
+        if n > self.max_dense or b.shape[0] > 1 or is_transformed(b):
+            return self._krylov()._solve(matvec, b, x0, flatten)
+        budget = resolve_maxiter(self.maxiter, n)
+        probe = min(budget, max(n // 16, 1))
+        x, iterations, status, *estimate = self._krylov(probe)._solve(matvec, b, x0, flatten)
+        if int(status[0]) != Status.MAX_ITERATIONS or probe == budget:  # solved, or failed for good
+            return (x, iterations, status, *estimate)
+        dense = self._dense(matvec, b)
+        if dense is not None:
+            x, dense_products, status = dense
+            return x, iterations + dense_products, status
+        x, more, status, *estimate = self._krylov(budget - probe)._solve(matvec, b, x, flatten)
+        return (x, iterations + more, status, *estimate)
+
+    def _dense(self, matvec, b):
+        """``(x, products, status)`` by a factorization of the materialized matrix, or
+        ``None`` where the Krylov solve should take over (no vmappable operator, or a
+        symmetric matrix whose Cholesky factorization broke down)."""
+        try:
+            A = materialize(matvec, b, chunk_size=_CHUNK)
+            x, iterations, status = Direct("cholesky" if self.symmetric else "lu")._solve_matrix(A, b)
+        except RuntimeError:  # the operator cannot be vmapped (or densely solved): stay matrix-free
+            return None
+        broke = not is_transformed(status) and bool((status == Status.BREAKDOWN).any())
+        if not broke:
+            return x, iterations, status
+        if not self.symmetric:
+            return _least_squares(A, b, self.tol, (x, iterations, status))
+        # Singular or indefinite: CG still solves a consistent singular system
+        # (e.g. an unregularized bias) and reports an indefinite one.
+        return None
+
+
+_CHUNK = 128
+"""Basis vectors per vmapped product when a matrix is materialized: memory of at
+most 128 products' intermediates at once, as for the largest direct system."""
 
 
 def _least_squares(A, b, tol, lu_result):
