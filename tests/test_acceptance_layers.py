@@ -35,6 +35,7 @@ from bilevel.layers import (
     QPLayer,
     QPStatus,
     SolveError,
+    SolveWarning,
     qp_solve,
 )
 from bilevel.solvers import LBFGS, GaussNewton, LevenbergMarquardt
@@ -721,9 +722,14 @@ def test_convex_infeasible_and_unbounded_raise_solve_error():
 @needs_cvxpy
 def test_convex_infeasible_element_of_a_batch_is_named():
     x, p = cp.Variable(1), cp.Parameter(1)
-    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x)), [x >= 1, x <= p]), parameters=[p], variables=[x])
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x)), [x >= 1, x <= p])
+    layer = ConvexLayer(problem, parameters=[p], variables=[x])
+    with pytest.warns(SolveWarning, match="batch element 1") as record:  # DESIGN: the batch is not aborted
+        (out,) = layer(torch.tensor([[2.0], [0.0], [3.0]]))
+    assert record[0].message.elements == [1] and bool(out[1].isnan().all())
+    torch.testing.assert_close(out[[0, 2]], torch.ones(2, 1), atol=1e-8, rtol=0)
     with pytest.raises(SolveError, match="batch element 1") as err:
-        layer(torch.tensor([[2.0], [0.0], [3.0]]))
+        ConvexLayer(problem, parameters=[p], variables=[x], check=True)(torch.tensor([[2.0], [0.0], [3.0]]))
     assert err.value.elements == [1]
     torch.testing.assert_close(layer(torch.tensor([[2.0], [3.0]]))[0], torch.ones(2, 1), atol=1e-8, rtol=0)
 

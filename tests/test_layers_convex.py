@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bilevel.layers import ConvexLayer, SolveError
+from bilevel.layers import ConvexLayer, SolveError, SolveWarning
 
 cp = pytest.importorskip("cvxpy")
 
@@ -255,10 +255,22 @@ def test_infeasible_element_is_named(method):
     x, h = cp.Variable(2), cp.Parameter(2)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(x)), [x[0] <= h[0], x[0] >= h[1]])
     layer = ConvexLayer(problem, [h], [x], method=method)
-    values = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, -1.0]])  # element 1: x0 <= 0 and x0 >= 1
+    values = torch.tensor([[1.0, -0.5], [0.0, 1.0], [2.0, -1.0]], requires_grad=True)  # 1: x0 <= 0, x0 >= 1
+    with pytest.warns(SolveWarning, match="batch element 1 is infeasible") as record:
+        (out,) = layer(values)  # the batch is not aborted: element 1 is NaN, the others are solved
+    assert record[0].message.elements == [1] and layer.last_failed == [1]
+    assert bool(out[1].isnan().all()) and bool(torch.isfinite(out[[0, 2]]).all())
+    torch.testing.assert_close(out[[0, 2]], torch.zeros(2, 2), atol=1e-7, rtol=0)  # 0 is strictly feasible
+    out[[0, 2]].sum().backward()
+    assert bool(torch.isfinite(values.grad).all()) and bool((values.grad[1] == 0).all())
+    strict = ConvexLayer(problem, [h], [x], method=method, check=True)
     with pytest.raises(SolveError, match="batch element 1 is infeasible") as err:
-        layer(values)
+        strict(values)
     assert err.value.elements == [1]
+    with pytest.raises(SolveError, match="the problem is infeasible"):  # unbatched: nothing else to return
+        layer(values[1])
+    with pytest.warns(SolveWarning):
+        assert bool(ConvexLayer(problem, [h], [x], method=method, check=False)(values[1])[0].isnan().all())
 
 
 @pytest.mark.parametrize("method", ["qp", "conic"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bilevel.layers import QPLayer, QPStatus, SolveError, qp_solve
+from bilevel.layers import QPLayer, QPStatus, SolveError, SolveWarning, qp_solve
 from bilevel.status import CurvatureWarning
 
 
@@ -109,6 +109,31 @@ def test_infeasible_element_is_named():
     assert err.value.elements == [1] and err.value.statuses == ["INFEASIBLE"]
     _, info = qp_solve(data["Q"], data["q"], G=G, h=h, check=False, return_info=True)
     assert info.status.tolist() == [0, int(QPStatus.INFEASIBLE), 0]
+
+
+def test_layer_keeps_a_batch_with_an_infeasible_element():
+    """QPLayer: a failed element of a batch is NaN with a SolveWarning naming it (the
+    others solved and differentiable); check=True raises; an unbatched failure raises."""
+    y = torch.tensor([[0.5, 0.2], [0.3, 0.1], [2.0, 2.0]], requires_grad=True)
+    G = torch.cat([torch.eye(2), -torch.eye(2)])
+    h = torch.cat([torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, 1.0]]), torch.zeros(3, 2)], -1)  # 1: z1 <= -1, z1 >= 0
+    layer = QPLayer()
+    with pytest.warns(SolveWarning, match=r"batch element 1: INFEASIBLE") as record:
+        z = layer(torch.eye(2), -y, G=G, h=h)
+    assert record[0].message.elements == [1] and record[0].message.statuses == ["INFEASIBLE"]
+    assert layer.last_failed == [1] and int(layer.last_info.status[1]) == QPStatus.INFEASIBLE
+    assert bool(z[1].isnan().all())
+    torch.testing.assert_close(z[[0, 2]], torch.tensor([[0.5, 0.2], [1.0, 1.0]]), atol=1e-9, rtol=0)
+    z[[0, 2]].sum().backward()
+    torch.testing.assert_close(y.grad, torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]), atol=1e-6, rtol=0)
+    with pytest.raises(SolveError, match="batch element 1"):
+        QPLayer(check=True)(torch.eye(2), -y, G=G, h=h)
+    with pytest.raises(SolveError, match="the problem: INFEASIBLE"):
+        layer(torch.eye(2), -y[1], G=G, h=h[1])
+    with pytest.warns(SolveWarning):
+        assert bool(QPLayer(check=False)(torch.eye(2), -y[1], G=G, h=h[1]).isnan().all())
+    with pytest.raises(ValueError, match="check"):
+        QPLayer(check="yes")
 
 
 def test_unbounded_problem_is_reported():

@@ -22,7 +22,7 @@ from .moe import (
     SoftConstraint,
     evaluate_basis,
 )
-from .qp import QPInfo, QPLayer, QPStatus, SolveError, qp_solve
+from .qp import QPInfo, QPLayer, QPStatus, SolveError, SolveWarning, qp_solve
 
 __all__ = [
     "ArgminLayer",
@@ -35,6 +35,7 @@ __all__ = [
     "QPStatus",
     "SoftConstraint",
     "SolveError",
+    "SolveWarning",
     "evaluate_basis",
     "qp_solve",
 ]

@@ -67,7 +67,7 @@ from ..implicit import custom_root
 from ..implicit.linear_solve import LinearSolver
 from ._checks import check_tensor
 from ._cones import _Cones
-from .qp import QPStatus, SolveError, qp_solve
+from .qp import QPStatus, qp_solve, settle_failures
 
 __all__ = ["ConvexLayer"]
 
@@ -131,6 +131,13 @@ class ConvexLayer(torch.nn.Module):
             unknowns, GMRES above).  The system is singular where a cone
             constraint is inactive (the canonical form's epigraph variables are
             then not unique); the default's least-squares fallback handles that.
+        check: what an infeasible, unbounded or unsolved problem does.
+            ``None`` (default): an unbatched problem raises
+            :class:`~bilevel.layers.SolveError`; in a batch, the failed
+            elements' outputs are NaN, a :class:`~bilevel.layers.SolveWarning`
+            names them and their statuses, and the other elements are
+            unaffected.  ``True``: always raise.  ``False``: never raise (NaN
+            and the warning).  The failed indices are kept in ``last_failed``.
 
     Raises:
         ImportError: CVXPY is not installed.
@@ -176,6 +183,7 @@ class ConvexLayer(torch.nn.Module):
         *,
         method: str = "auto",
         solve: LinearSolver | None = None,
+        check: bool | None = None,
     ):
         super().__init__()
         cp = _import_cvxpy()
@@ -197,7 +205,9 @@ class ConvexLayer(torch.nn.Module):
                 "ConvexLayer(method='qp'): the problem is not an LP/QP (its canonical form has second-order, "
                 "PSD, exponential or power cones); use method='auto' or 'conic'."
             )
-        self.solve = solve
+        if check is not None and not isinstance(check, bool):
+            raise TypeError(f"ConvexLayer: `check` must be None, True or False; got {check!r}.")
+        self.solve, self.check = solve, check
         theta = _parameter_map(chain, prog, self.parameters)  # (P_total + 1, U + 1)
         self.register_buffer("_c_map", _to_torch(_sparse_matmul(prog.q, theta)[: self.n]), persistent=False)
         ab = _sparse_matmul(prog.A, theta)  # rows: [A | b] flattened column-major, cvxpy's sign
@@ -206,6 +216,7 @@ class ConvexLayer(torch.nn.Module):
             self.register_buffer("_p_map", _to_torch(_sparse_matmul(prog.P, theta)), persistent=False)
         self._outputs = _variable_maps(cp, chain, inverse, prog, self.variables)
         self.last_info = None
+        self.last_failed: list[int] = []
 
     # ------------------------------------------------------------------ forward
 
@@ -231,8 +242,8 @@ class ConvexLayer(torch.nn.Module):
             ValueError: a wrong number of tensors, or a tensor whose shape is
                 neither the parameter's nor a batch of it (naming both).
             TypeError: non-floating tensors, or mixed dtypes / devices.
-            SolveError: an infeasible, unbounded or unsolved batch element (naming
-                the element and the solver status).
+            SolveError: an infeasible, unbounded or unsolved problem (naming the
+                element and the solver status), as ``check`` says (class docstring).
         """
         theta, B = self._stack(params)
         ones = torch.ones(theta.shape[0], 1, dtype=theta.dtype, device=theta.device)
@@ -245,9 +256,12 @@ class ConvexLayer(torch.nn.Module):
             P = 0.5 * (P + P.mT)
         else:
             P = torch.zeros(theta.shape[0], self.n, self.n, dtype=theta.dtype, device=theta.device)
+        self._failures = ([], [], "")
         x = self._solve_qp(P, c, A, b, solver_args, B) if self.method == "qp" else (
             self._solve_conic(P, c, A, b, solver_args, B)
         )
+        self.last_failed = self._failures[0]
+        (x,) = settle_failures((x,), *self._failures[:2], B is not None, self.check, self._failures[2])
         outs = tuple(_output(x, how, var.shape) for how, var in zip(self._outputs, self.variables))
         return outs if B is not None else tuple(o[0] for o in outs)
 
@@ -294,7 +308,7 @@ class ConvexLayer(torch.nn.Module):
         z = self.cones.zero
         x, info = qp_solve(P, c, A[:, :z], b[:, :z], A[:, z:], b[:, z:], check=False, return_info=True, **opts)
         self.last_info = info
-        _raise_failed(
+        self._failures = _failures(
             (~info.converged).nonzero().reshape(-1).tolist(),
             [QPStatus(int(s)).name for s in info.status], B,
             lambda i: f"primal residual {float(info.primal_residual[i]):.3g}, dual residual "
@@ -339,7 +353,7 @@ class ConvexLayer(torch.nn.Module):
                 continue
             xs.append(np.asarray(sol.x))
             vs.append(np.asarray(sol.z) - np.asarray(sol.s))
-        _raise_failed(failed, statuses, B, lambda i: "Clarabel")
+        self._failures = _failures(failed, statuses, B, lambda i: "Clarabel")
         self.last_info = statuses
         like = {"dtype": c.dtype, "device": c.device}
         return torch.as_tensor(np.stack(xs), **like), torch.as_tensor(np.stack(vs), **like)
@@ -432,20 +446,21 @@ def _translate_solver_args(solver_args: dict | None, names: dict) -> dict:
     return opts
 
 
-def _raise_failed(failed: list, statuses: list, B: int | None, detail) -> None:
+def _failures(failed: list, statuses: list, B: int | None, detail) -> tuple[list, list, str]:
+    """``(failed, their statuses, the message naming them)`` for :func:`settle_failures`."""
     if not failed:
-        return
+        return [], [], ""
     lines = []
     for i in failed[:8]:
         where = f"batch element {i}" if B is not None else "the problem"
         kind = _STATUS_HINTS.get(statuses[i], "not solved")
         lines.append(f"{where} is {kind} (status {statuses[i]}; {detail(i)})")
     more = f" (and {len(failed) - 8} more)" if len(failed) > 8 else ""
-    raise SolveError(
+    message = (
         f"ConvexLayer: {len(failed)} problem(s) could not be solved{more}:\n  " + "\n  ".join(lines)
-        + "\nCheck the parameter values of these elements (feasibility, boundedness).",
-        failed if B is not None else [0], [statuses[i] for i in failed],
+        + "\nCheck the parameter values of these elements (feasibility, boundedness)."
     )
+    return failed, [statuses[i] for i in failed], message
 
 
 # ----------------------------------------------------------------------------- canonicalization helpers

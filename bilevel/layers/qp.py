@@ -60,10 +60,10 @@ from .._checks import check_fields as _check_fields
 from .._checks import positive_int as _positive_int
 from .._checks import tol_ok as _tol_ok
 from ..implicit.linear_solve._base import _sync_every
-from ..status import BilevelError, CurvatureWarning
+from ..status import BilevelError, BilevelWarning, CurvatureWarning
 from ._checks import check_tensor
 
-__all__ = ["QPInfo", "QPLayer", "QPStatus", "SolveError", "qp_solve"]
+__all__ = ["QPInfo", "QPLayer", "QPStatus", "SolveError", "SolveWarning", "qp_solve"]
 
 
 class QPStatus(enum.IntEnum):
@@ -124,6 +124,54 @@ class SolveError(BilevelError):
         super().__init__(message)
         self.elements = elements
         self.statuses = statuses
+
+
+class SolveWarning(BilevelWarning):
+    """Some problems of a batch given to a layer could not be solved: their
+    outputs are NaN, the other elements are unaffected.
+
+    Attributes:
+        elements: the indices of the failed batch elements.
+        statuses: their status names, e.g. ``"INFEASIBLE"``.
+    """
+
+    def __init__(self, message: str, elements: list, statuses: list):
+        super().__init__(message)
+        self.elements = elements
+        self.statuses = statuses
+
+
+def settle_failures(
+    outputs: tuple, failed: list, statuses: list, batched: bool, check: bool | None, message: str
+) -> tuple:
+    """Act on the failed elements of a layer's batch (one policy for every layer).
+
+    ``check=True`` raises :class:`SolveError`; ``check=False`` warns with a
+    :class:`SolveWarning` and returns the outputs with the failed elements' rows
+    set to NaN (no gradient flows to them); ``check=None`` (the layers' default)
+    raises for an unbatched problem, which has nothing else to return, and
+    warns for a batch, whose other elements stand.
+
+    Args:
+        outputs: tensors with the batch in dimension 0 (size 1 when unbatched).
+        failed: indices of the failed elements.
+        statuses: their status names.
+        batched: whether the call was batched.
+        check: the policy above.
+        message: what failed and why, naming the elements (without the remedy).
+
+    Returns:
+        ``outputs``, with NaN rows for the failed elements.
+    """
+    if not failed:
+        return outputs
+    if check or (check is None and not batched):
+        raise SolveError(message, failed if batched else [0], statuses)
+    warnings.warn(SolveWarning(
+        message + "\nTheir outputs are NaN; mask them out of the loss (see the layer's `last_failed`), or pass "
+        "check=True to raise instead.", failed, statuses), stacklevel=3)
+    index = torch.tensor(failed, device=outputs[0].device)
+    return tuple(out.index_fill(0, index, math.nan) for out in outputs)
 
 
 @dataclass(frozen=True)
@@ -446,24 +494,31 @@ def _classify(status, failed, Q, q, A, b, G, h, z, y, lam):
 
 
 def _raise_failures(info: QPInfo, batched: bool, stage: str = "qp_solve") -> None:
-    failed = ~info.converged
+    bad, names, message = _failures(info, batched, stage)
+    if bad:
+        raise SolveError(message, bad if batched else [0], names)
+
+
+def _failures(info: QPInfo, batched: bool, stage: str) -> tuple[list, list, str]:
+    """The failed elements, their status names and the message naming them
+    (empty lists and no message when every element is solved)."""
+    failed = ~info.converged.reshape(-1)
     if not bool(failed.any()):  # the one host read of a forward pass
-        return
+        return [], [], ""
     bad = failed.nonzero().reshape(-1).tolist()
+    status, iterations, primal, dual, gap = (
+        getattr(info, f).reshape(-1) for f in ("status", "iterations", "primal_residual", "dual_residual", "gap"))
     lines = []
     for i in bad[:8]:
-        st = QPStatus(int(info.status[i]))
+        st = QPStatus(int(status[i]))
         where = f"batch element {i}" if batched else "the problem"
         lines.append(
-            f"{where}: {st.name} after {int(info.iterations[i])} iterations (primal residual "
-            f"{float(info.primal_residual[i]):.3g}, dual residual {float(info.dual_residual[i]):.3g}, "
-            f"gap {float(info.gap[i]):.3g}): {_HINTS[st]}"
+            f"{where}: {st.name} after {int(iterations[i])} iterations (primal residual "
+            f"{float(primal[i]):.3g}, dual residual {float(dual[i]):.3g}, gap {float(gap[i]):.3g}): {_HINTS[st]}"
         )
     more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
-    raise SolveError(
-        f"{stage}: {len(bad)} of {info.status.numel()} problems not solved{more}:\n  " + "\n  ".join(lines),
-        bad if batched else [0], [QPStatus(int(info.status[i])).name for i in bad],
-    )
+    message = f"{stage}: {len(bad)} of {status.numel()} problems not solved{more}:\n  " + "\n  ".join(lines)
+    return bad, [QPStatus(int(status[i])).name for i in bad], message
 
 
 # ----------------------------------------------------------------------------- differentiation
@@ -692,6 +747,13 @@ class QPLayer(torch.nn.Module):
     Args:
         tol: relative accuracy (``None``: ``eps ** 0.75`` of the dtype).
         maxiter: interior-point iterations (default 100).
+        check: what an infeasible, unbounded or unconverged problem does.
+            ``None`` (default): an unbatched problem raises :class:`SolveError`;
+            in a batch, the failed elements' rows of ``z`` are NaN, a
+            :class:`SolveWarning` names them and their statuses, and the other
+            elements are unaffected.  ``True``: always raise.  ``False``:
+            never raise (NaN and the warning).  The failed indices are kept in
+            ``last_failed``, the statuses in ``last_info``.
 
     Example:
         >>> import torch
@@ -711,11 +773,13 @@ class QPLayer(torch.nn.Module):
         in Neural Networks <https://arxiv.org/abs/1703.00443>`_. ICML 2017.
     """
 
-    def __init__(self, tol: float | None = None, maxiter: int = 100):
+    def __init__(self, tol: float | None = None, maxiter: int = 100, *, check: bool | None = None):
         super().__init__()
-        self.tol, self.maxiter = tol, maxiter
-        _check_fields(self, tol=(_tol_ok, "None or a float in (0, 1)"), maxiter=(_positive_int, "a positive int"))
+        self.tol, self.maxiter, self.check = tol, maxiter, check
+        _check_fields(self, tol=(_tol_ok, "None or a float in (0, 1)"), maxiter=(_positive_int, "a positive int"),
+                      check=(lambda v: v is None or isinstance(v, bool), "None, True or False"))
         self.last_info: QPInfo | None = None
+        self.last_failed: list[int] = []
 
     def forward(
         self,
@@ -727,9 +791,15 @@ class QPLayer(torch.nn.Module):
         h: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The solution ``z`` of shape ``(n,)`` or ``(B, n)``; the :class:`QPInfo` is kept
-        in ``self.last_info``.  Raises as :func:`qp_solve`."""
-        z, self.last_info = qp_solve(Q, q, A, b, G, h, tol=self.tol, maxiter=self.maxiter, return_info=True)
-        return z
+        in ``self.last_info``.  A problem that is not solved is handled as ``check``
+        says (class docstring)."""
+        z, info = qp_solve(Q, q, A, b, G, h, tol=self.tol, maxiter=self.maxiter, check=False, return_info=True)
+        self.last_info = info
+        batched = z.dim() == 2
+        failed, statuses, message = _failures(info, batched, "QPLayer")
+        self.last_failed = failed
+        (z,) = settle_failures((z if batched else z.unsqueeze(0),), failed, statuses, batched, self.check, message)
+        return z if batched else z[0]
 
     def extra_repr(self) -> str:
-        return f"tol={self.tol}, maxiter={self.maxiter}"
+        return f"tol={self.tol}, maxiter={self.maxiter}, check={self.check}"
