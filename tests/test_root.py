@@ -501,3 +501,39 @@ def test_a_nan_product_in_the_adjoint_solve_raises():
     a = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         torch.autograd.grad(root(a).sum(), a)
+
+
+@pytest.mark.parametrize("kind", ["root", "fixed_point"])
+def test_torch_autograd_forward_ad_through_a_root(kind):
+    """Dual tensors of torch.autograd.forward_ad (what gradcheck(check_forward_ad=True)
+    uses) go through the forward-mode rule, whose products then cannot open a
+    torch.func.jvp level of their own: they are taken by two reverse passes."""
+    import torch.autograd.forward_ad as fwAD
+
+    if kind == "root":  # w* solves w - 1 + lam w + 0.4 w^3 = 0 (elementwise), by Newton
+        g = lambda w, lam: 0.5 * ((w - 1) ** 2).sum() + 0.5 * (lam * w**2).sum() + 0.1 * (w**4).sum()  # noqa: E731
+
+        @bilevel.custom_root(stationarity(g), solve=bilevel.implicit.GMRES(tol=1e-12))
+        def solution(lam):
+            w = torch.zeros_like(lam)
+            for _ in range(60):
+                w = w - (w - 1 + lam * w + 0.4 * w**3) / (1 + lam + 1.2 * w**2)
+            return w
+
+        exact = lambda lam, w: -w / (1 + lam + 1.2 * w**2)  # noqa: E731  (implicit derivative, diagonal)
+    else:  # x* = 0.5 cos(x*) + a, by iteration
+        @bilevel.custom_fixed_point(lambda x, a: 0.5 * torch.cos(x) + a)
+        def solution(a):
+            x = torch.zeros_like(a)
+            for _ in range(200):
+                x = 0.5 * torch.cos(x) + a
+            return x
+
+        exact = lambda a, x: 1 / (1 + 0.5 * torch.sin(x))  # noqa: E731
+    theta = torch.tensor([0.5, 1.0, 2.0])
+    tangent = torch.tensor([1.0, -2.0, 0.5])
+    with fwAD.dual_level():
+        out = solution(fwAD.make_dual(theta, tangent))
+        primal, jvp = fwAD.unpack_dual(out)
+    torch.testing.assert_close(jvp, exact(theta, primal) * tangent, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(solution, (theta.clone().requires_grad_(),), check_forward_ad=True)

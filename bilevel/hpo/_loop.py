@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._tree import tree_leaves
+from .._tree import tree_leaves, tree_map
 from ..solvers import known_optimizers
 from ..status import BilevelWarning
 from ._functional import Losses
@@ -272,8 +272,9 @@ class Tuner:
     # -- public --------------------------------------------------------------------------
     @property
     def hparams(self) -> dict:
-        """The current hyper-parameters (constrained values, detached)."""
-        return dict(self._hparams())
+        """The current hyper-parameters (constrained values): detached copies, which
+        later steps leave alone."""
+        return {name: tree_map(lambda t: t.detach().clone(), value) for name, value in self._hparams().items()}
 
     def _hparams(self) -> HyperValues:
         with torch.no_grad():

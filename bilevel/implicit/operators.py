@@ -88,6 +88,45 @@ def linearize_transpose(residual: Residual, sol: TensorTree, *args: Any) -> tupl
     return value, lambda u: pullback(u)[0]
 
 
+def forward_product(fn: Callable, primals: tuple, tangents: tuple) -> tuple:
+    r"""``(fn(*primals), J tangents)``, the Jacobian-vector product of ``fn``.
+
+    By :func:`torch.func.jvp`, except inside a :mod:`torch.autograd.forward_ad`
+    dual level (a forward-mode rule running for dual tensors), where
+    :func:`torch.func.jvp` cannot open its own: there by two reverse passes,
+    :math:`J t = \partial_u (J^\top u)^\top t`, the transpose of the
+    (linear) pullback.
+
+    Args:
+        fn: a function of the tensors (or trees) ``primals``.
+        primals: the point, a tuple of ``fn``'s arguments.
+        tangents: the direction, a tuple shaped like ``primals``.
+
+    Returns:
+        ``(fn(*primals), J tangents)``, the product shaped like the output.
+
+    Example:
+        >>> import torch
+        >>> import torch.autograd.forward_ad as fwAD
+        >>> from bilevel.implicit.operators import forward_product
+        >>> f = lambda a, b: a * b.sin()
+        >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0])
+        >>> ta, tb = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+        >>> expected = ta * b.sin() + a * b.cos() * tb
+        >>> torch.allclose(forward_product(f, (a, b), (ta, tb))[1], expected)
+        True
+        >>> with fwAD.dual_level():                     # same product by reverse passes
+        ...     torch.allclose(forward_product(f, (a, b), (ta, tb))[1], expected)
+        True
+    """
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) < 0:
+        return jvp(fn, primals, tangents)
+    out, pullback = vjp(fn, *primals)
+    _, transpose = vjp(pullback, tree_map(torch.zeros_like, out))
+    (product,) = transpose(tuple(tangents))
+    return out, product
+
+
 def jacobian_matvec(residual: Residual, sol: TensorTree, *args: Any) -> Matvec:
     r"""The map :math:`w \mapsto J w`, :math:`J = \partial_{sol}` residual (forward mode).
 
@@ -111,7 +150,7 @@ def jacobian_matvec(residual: Residual, sol: TensorTree, *args: Any) -> Matvec:
         >>> matvec(torch.tensor([1.0, 0.0]))                     # the first column of J
         tensor([2., 6.])
     """
-    return lambda w: jvp(lambda s: residual(s, *args), (sol,), (w,))[1]
+    return lambda w: forward_product(lambda s: residual(s, *args), (sol,), (w,))[1]
 
 
 def hessian_operator(objective: Objective, sol: TensorTree, *args: Any) -> tuple[TensorTree, Matvec]:
@@ -474,6 +513,7 @@ def damped(operator: Matvec, damping: float) -> Matvec:
 
 __all__ = [
     "DENSE_MAX_SIZE",
+    "forward_product",
     "densify",
     "Linearization",
     "linearize",

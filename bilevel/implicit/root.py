@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp, vmap
 
 from .._tree import all_finite, split_leaves, tensor_leaves, tree_flatten, tree_leaves, tree_unflatten, tree_vdot
 from ..typing import FixedPointMap, Residual
@@ -53,7 +53,7 @@ from ._captured import check_captured, check_keywords
 from ._certificate import ImplicitInfo, report
 from .conditions import fixed_point_residual, is_symmetric
 from .linear_solve import Auto, LinearSolver
-from .operators import damped, densify, linearize
+from .operators import damped, densify, forward_product, linearize
 
 
 def default_solve(symmetric: bool) -> LinearSolver:
@@ -142,7 +142,7 @@ class _Adjoint(torch.autograd.Function):
             value, matvec = lin.value, lin.transpose_matvec
         else:
             value = None
-            matvec = lambda w: jvp(lambda s: f(s, args), (sol,), (w,))[1]  # noqa: E731
+            matvec = lambda w: forward_product(lambda s: f(s, args), (sol,), (w,))[1]  # noqa: E731
         if value is not None:
             _check_residual_structure(system, value, sol)
         operator = densify(damped(matvec, system.damping), b, system.batch_dims, system.solve)
@@ -183,12 +183,12 @@ class _Adjoint(torch.autograd.Function):
             if system.transpose:
                 out = vjp(lambda s_: f(s_, full), s)[1](x_tree)[0]
             else:
-                out = jvp(lambda s_: f(s_, full), (s,), (x_tree,))[1]
+                out = forward_product(lambda s_: f(s_, full), (s,), (x_tree,))[1]
             return tuple(tree_leaves(out))
 
         primals = (tuple(sol_leaves), tuple(args[i] for i in float_pos))
         directions = (tuple(dsol), tuple(dargs[i] for i in float_pos))
-        _, dm_x = jvp(applied, primals, directions)
+        _, dm_x = forward_product(applied, primals, directions)
         rhs = [b - m for b, m in zip(db, dm_x)]
         other = dataclasses.replace(system, certify=False)
         return tuple(_Adjoint.apply(other, *rhs, *sol_leaves, *args))
@@ -338,7 +338,8 @@ class _Root(torch.autograd.Function):
                 full[i] = a
             return system.batched_residual()(sol, full)
 
-        _, dres = jvp(of_args, tuple(tensors[i].contiguous() for i in float_pos), tuple(tangents[i] for i in float_pos))
+        _, dres = forward_product(
+            of_args, tuple(tensors[i].contiguous() for i in float_pos), tuple(tangents[i] for i in float_pos))
         forward_system = dataclasses.replace(system, transpose=False)
         b = [-x for x in tree_leaves(dres)]
         return tuple(solve_adjoint(forward_system, b, sol_leaves, tensors))

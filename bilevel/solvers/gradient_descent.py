@@ -106,3 +106,24 @@ class GradientDescent(Solver):
             )
         warn_if_failed(info, self.name)
         return obj.tree(x), info
+
+
+def polish_by_descent(fun: Objective, init: TensorTree, args: tuple, tol: float, budget: int):
+    """Finish a solve whose value-based line search stalled: at most ``min(budget,
+    200)`` gradient-descent steps, whose secant test keeps making progress where
+    objective decreases fall below the rounding of the objective's value.
+
+    Args:
+        fun, init, args: the objective, the point reached, its extra arguments.
+        tol: the tolerance, relative to ``max(1, ||grad at init||)``.
+        budget: iterations left.
+
+    Returns:
+        ``(solution, info)`` of :class:`GradientDescent`, without its warning (the
+        caller reports the final status).
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return GradientDescent(maxiter=max(min(budget, 200), 1), tol=min(max(tol, 1e-300), 0.5)).run(fun, init, *args)

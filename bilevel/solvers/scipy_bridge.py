@@ -18,6 +18,7 @@ from ..implicit.operators import hvp
 from ..status import ConvergenceWarning, Status
 from ..typing import Objective, TensorTree
 from ._base import COMMON_RULES, FlatObjective, Solver, SolverInfo, make_info
+from .gradient_descent import polish_by_descent
 
 __all__ = ["ScipyMinimize", "ScipyInfo"]
 
@@ -87,10 +88,13 @@ class ScipyMinimize(Solver):
     for Newton-CG, which has no gradient test.  ``options`` override these.
     ``status`` is SUCCESS iff the gradient test holds at the returned point,
     MAX_ITERATIONS if SciPy ran out of iterations, BREAKDOWN if it stopped for
-    another reason (e.g. a failed line search: value-based line searches cannot
-    reach gradient norms below about :math:`\sqrt{\varepsilon L |f|}`, so ``tol``
-    far below the default may be out of reach); SciPy's own status and message
-    are kept in :class:`ScipyInfo` and in the warning.
+    another reason.  A gradient method stopped short by its line search (value-based
+    line searches cannot reach gradient norms below about
+    :math:`\sqrt{\varepsilon L |f|}`, e.g. warm-started near the solution of an
+    objective with a large value) is finished by at most 200 steps of
+    :class:`~bilevel.solvers.GradientDescent`, whose secant test does not depend on the objective's
+    value (the message says how many); SciPy's own status and message are kept
+    in :class:`ScipyInfo` and in the warning.
 
     Args:
         method: a :func:`scipy.optimize.minimize` method name (case-insensitive;
@@ -248,14 +252,24 @@ class ScipyMinimize(Solver):
             status = Status.MAX_ITERATIONS  # SciPy's status 1: the iteration budget ran out
         else:
             status = Status.BREAKDOWN  # SciPy stopped for its own reason (e.g. a failed line search)
+        solution, message = obj.tree(to_torch(result.x)), str(result.get("message", ""))
+        budget = (200 if self.maxiter is None else self.maxiter - iterations)
+        if status == Status.BREAKDOWN and method in _GRADIENT_METHODS and budget > 0:
+            # SciPy's line searches test decreases of the objective's value, which stall
+            # below its rounding (a warm start near the solution of a large objective);
+            # gradient descent's secant test goes on from there.
+            solution, polish = polish_by_descent(fun, solution, args, threshold / max(1.0, residual), budget)
+            iterations += int(polish.iterations)
+            value, residual, status = polish.value, float(polish.residual_norm), Status(int(polish.status))
+            message += f"; then {int(polish.iterations)} gradient-descent steps"
         base = make_info(iterations, residual, value, status, threshold, like)
         info = ScipyInfo(
             **{f.name: getattr(base, f.name) for f in fields(SolverInfo)},
-            message=str(result.get("message", "")),
+            message=message,
             scipy_status=int(result.get("status", 0)),
             nfev=int(result.get("nfev", obj.evaluations)),
         )
         if not bool(info.converged):
             warnings.warn(f"{info.summary(self.name)} SciPy: {info.message}", ConvergenceWarning, stacklevel=2)
-        return obj.tree(to_torch(result.x)), info
+        return solution, info
 

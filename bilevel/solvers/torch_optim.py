@@ -15,6 +15,7 @@ from ..implicit.linear_solve._base import _sync_every
 from .._checks import check_fields as _check_fields
 from ..status import Status
 from ..typing import Objective, TensorTree
+from .gradient_descent import polish_by_descent
 from ._base import (
     COMMON_RULES,
     Solver,
@@ -384,21 +385,9 @@ class LBFGS(Solver):
         if status == Status.BREAKDOWN and done < self.maxiter:
             # The value-based line search stalls where objective decreases fall below
             # rounding; gradient descent's secant test keeps going from there.
-            solution, polish = _polish(fun, solution, args, threshold / max(1.0, norm), self.maxiter - done)
+            solution, polish = polish_by_descent(fun, solution, args, threshold / max(1.0, norm), self.maxiter - done)
             done += int(polish.iterations)
             value, norm, status = polish.value, float(polish.residual_norm), Status(int(polish.status))
         info = make_info(done, norm, value, status, threshold, params[0])
         warn_if_failed(info, self.name)
         return solution, info
-
-
-def _polish(fun: Objective, init: TensorTree, args: tuple, tol: float, budget: int):
-    """A few gradient-descent steps (secant-tested, so reachable below the rounding
-    of objective values) to finish where L-BFGS's line search stalled."""
-    import warnings
-
-    from .gradient_descent import GradientDescent
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the caller reports the final status
-        return GradientDescent(maxiter=min(budget, 200), tol=min(max(tol, 1e-300), 0.5)).run(fun, init, *args)
