@@ -1,5 +1,6 @@
 """custom_root / custom_fixed_point against closed forms, in every differentiation mode."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -537,3 +538,30 @@ def test_torch_autograd_forward_ad_through_a_root(kind):
         primal, jvp = fwAD.unpack_dual(out)
     torch.testing.assert_close(jvp, exact(theta, primal) * tangent, rtol=1e-9, atol=1e-12)
     assert torch.autograd.gradcheck(solution, (theta.clone().requires_grad_(),), check_forward_ad=True)
+
+
+def test_a_solver_that_needs_autograd_is_told_how():
+    """The solver runs under torch.no_grad; a torch.optim loop inside it fails with
+    torch's bare message unless it opens enable_grad itself: the error says so, and
+    the documented fix works."""
+    f = lambda w, lam: 0.5 * ((w - 1) ** 2).sum() + 0.5 * lam * (w**2).sum()  # noqa: E731  w* = 1 / (1 + lam)
+
+    def make(enable):
+        @bilevel.custom_root(stationarity(f))
+        def argmin(lam):
+            with torch.enable_grad() if enable else contextlib.nullcontext():
+                w = torch.zeros(3, requires_grad=True)
+                opt = torch.optim.SGD([w], lr=0.3)
+                for _ in range(200):
+                    opt.zero_grad()
+                    f(w, lam.detach()).backward()
+                    opt.step()
+            return w.detach()
+
+        return argmin
+
+    lam = torch.tensor(1.0, requires_grad=True)
+    with pytest.raises(RuntimeError, match="enable_grad"):
+        make(False)(lam)
+    (g,) = torch.autograd.grad(make(True)(lam).sum(), lam)
+    torch.testing.assert_close(g, torch.tensor(-3 / 4))

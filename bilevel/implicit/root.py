@@ -283,7 +283,17 @@ class _Root(torch.autograd.Function):
     def forward(call: _RootCall, *tensors):
         args = call.rebuild_args(tensors)
         with torch.no_grad():
-            out = call.solver(*args, **call.kwargs)
+            try:
+                out = call.solver(*args, **call.kwargs)
+            except RuntimeError as err:
+                if "does not require grad" not in str(err):
+                    raise
+                raise RuntimeError(
+                    f"custom_root: the solver `{getattr(call.solver, '__name__', call.solver)}` runs without "
+                    "autograd (torch.no_grad), and it needed gradients ({err}). A solver that differentiates "
+                    "inside (a torch.optim loop) opens `with torch.enable_grad():` itself, on detached copies "
+                    "of its inputs; its result's gradients still come from the implicit function theorem."
+                ) from err
         if call.has_aux:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise TypeError("custom_root(has_aux=True): the solver must return a pair (sol, aux).")
