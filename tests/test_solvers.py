@@ -473,3 +473,15 @@ def test_fixed_step_that_is_too_large_diverges_loudly():
     problem = PROBLEMS["ridge_x30"]
     with pytest.raises(FloatingPointError, match="step=None"):
         GradientDescent(step=1e-2, maxiter=5000).run(problem.fun, problem.init, problem.lam)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rprop_reaches_the_default_tolerance_untuned(dtype):
+    """torch's smallest Rprop step (1e-6) stops it short of a sqrt(eps) gradient
+    tolerance; OptimizerLoop's default lowers it, so the untuned call converges."""
+    f = lambda w, c: ((w - c) ** 2).sum() + 0.1 * (w**4).sum()  # noqa: E731
+    c = torch.tensor([1.0, -2.0, 0.3], dtype=dtype)
+    w, info = OptimizerLoop("rprop", lr=0.1).run(f, torch.zeros(3, dtype=dtype), c)
+    assert bool(info.converged)
+    gradient = 2 * (w - c) + 0.4 * w**3
+    assert float(gradient.norm()) <= float(info.tolerance)

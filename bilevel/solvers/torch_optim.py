@@ -131,7 +131,9 @@ class OptimizerLoop(Solver):
     ``lr`` instead of converging tightly: loosen ``tol`` for them, or prefer
     :class:`~bilevel.solvers.LBFGS` / :class:`~bilevel.solvers.GradientDescent`
     where a tight inner solution matters (the implicit gradient assumes one).
-    Scale-free methods such as ``"rprop"`` converge tightly too.
+    Scale-free methods such as ``"rprop"`` converge tightly too (its smallest
+    step is lowered from torch's ``1e-6`` to ``1e-12`` unless ``step_sizes``
+    is given).
 
     Args:
         optimizer: a name (``"adam"``, ``"sgd"``, ``"rprop"``, ... any
@@ -155,7 +157,7 @@ class OptimizerLoop(Solver):
         >>> import torch
         >>> from bilevel.solvers import OptimizerLoop
         >>> f = lambda w, c: ((w - c) ** 2).sum()
-        >>> w, info = OptimizerLoop("rprop", lr=0.1, step_sizes=(1e-12, 1.0)).run(
+        >>> w, info = OptimizerLoop("rprop", lr=0.1).run(
         ...     f, torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, -2.0], dtype=torch.float64))
         >>> w.round(decimals=6).tolist(), bool(info.converged)
         ([1.0, -2.0], True)
@@ -218,7 +220,12 @@ class OptimizerLoop(Solver):
 
     def _make(self, params: list) -> torch.optim.Optimizer:
         cls = self._optimizer_class()
-        opt = cls(params, lr=self.lr, **dict(self.options)) if cls is not None else self.optimizer(params)
+        options = dict(self.options)
+        if cls is not None and issubclass(cls, torch.optim.Rprop) and "step_sizes" not in options:
+            # torch's smallest Rprop step, 1e-6, stops it short of the tolerance; the step
+            # then shrinks down to the rounding of the iterates instead
+            options["step_sizes"] = (_RPROP_MIN_STEP, 50.0)
+        opt = cls(params, lr=self.lr, **options) if cls is not None else self.optimizer(params)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(
                 f"OptimizerLoop: the factory `optimizer` must return a torch.optim.Optimizer; "
@@ -245,6 +252,9 @@ class OptimizerLoop(Solver):
         info = make_info(k, norm, value, status, threshold, problem.params[0])
         warn_if_failed(info, self.name)
         return problem.solution(), info
+
+
+_RPROP_MIN_STEP = 1e-12
 
 
 def _device_loop(problem: _Leaves, opt: torch.optim.Optimizer, threshold: float, maxiter: int, sync: int):
