@@ -139,6 +139,7 @@ class _Batches:
 def _algorithm(method: Union[str, Algorithm], options: dict) -> Algorithm:
     if isinstance(method, Algorithm):
         if options:
+            _check_options(type(method), options, type(method).__name__)
             return method.replace(**options)
         return method
     if not isinstance(method, str) or method not in METHODS:
@@ -147,13 +148,15 @@ def _algorithm(method: Union[str, Algorithm], options: dict) -> Algorithm:
             "(or pass an algorithm config object such as bilevel.algorithms.Implicit())."
         )
     cls = METHODS[method]
+    _check_options(cls, options, repr(method))
+    return cls(**options)
+
+
+def _check_options(cls: type, options: dict, name: str) -> None:
     fields = set(cls.__dataclass_fields__)
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise TypeError(
-            f"method {method!r} does not take option(s) {unknown}; its options are {sorted(fields)}."
-        )
-    return cls(**options)
+        raise TypeError(f"method {name} does not take option(s) {unknown}; its options are {sorted(fields)}.")
 
 
 def _two_argument_callback(callback):

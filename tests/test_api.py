@@ -151,6 +151,8 @@ def test_bad_input_is_rejected_clearly():
         bilevel.solve(problem, method="newton")
     with pytest.raises(TypeError, match="does not take option"):
         bilevel.solve(problem, method="implicit", steps=3)
+    with pytest.raises(TypeError, match=r"method Implicit does not take option\(s\) \['steps'\]; its options are"):
+        bilevel.solve(problem, method=bilevel.algorithms.Implicit(), steps=3)
     with pytest.raises(ValueError, match="outer_optimizer"):
         bilevel.solve(problem, outer_optimizer="adamax-ish", max_steps=1, progress=False)
     inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()  # noqa: E731

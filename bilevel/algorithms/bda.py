@@ -95,8 +95,10 @@ class BDA(SingleLoop):
         return {"y_start": y_start, "scales": s, **self.step_sizes(s, {})}
 
     def step_sizes(self, scales: dict, extras: dict) -> dict:
-        s_u = self.upper_step if self.upper_step is not None else 1.0 / max(scales["outer_xy"], 1e-12)
-        s_l = self.lower_step if self.lower_step is not None else 1.0 / max(scales["inner_y"], 1e-12)
+        # a zero curvature estimate (a start at an inflection point) gives a unit scale, as in
+        # the other single-loop methods, not a step of 1e12
+        s_u = self.upper_step if self.upper_step is not None else 1.0 / (scales["outer_xy"] or 1.0)
+        s_l = self.lower_step if self.lower_step is not None else 1.0 / (scales["inner_y"] or 1.0)
         lr = coupled_step(scales["outer_x"] + scales["inner_x"], scales["outer_y"] + scales["inner_y"],
                           scales["outer_cross"] + scales["inner_cross"])
         return {"x_step": lr, "upper_step": s_u, "lower_step": s_l}

@@ -45,8 +45,11 @@ class Penalty(SingleLoop):
     lower problems, and :math:`\alpha` is constant.  Stochastic (F2SA, used when
     :func:`bilevel.solve` feeds mini-batches, or with ``stochastic=True``): the
     steps decay as :math:`\tau_k \propto (k+1)^{-5/7}`, :math:`\gamma_k, \alpha_k
-    \propto (k+1)^{-4/7}` and :math:`\lambda_{k+1} = \lambda_k + \delta (k+1)^{-1/7}`
-    (the exponents of the F2SA analysis), with :math:`\tau_k` capped at the
+    \propto (k+1)^{-4/7}` and :math:`\lambda_k = \lambda_0 + \delta\,((k+1)^{1/7} - 1)`,
+    so that :math:`\lambda_k` grows as the ratio :math:`(k+1)^{1/7}` of the two
+    lower steps (the exponents of the F2SA analysis, where
+    :math:`\lambda_k = \gamma_k / \tau_k`; :math:`\lambda_k \alpha_k` then decays and the
+    coupled iteration stays stable), with :math:`\tau_k` capped at the
     stability limit :math:`1/(L_F + \lambda_k L_f)`.
 
     Defaults come from curvature estimates at the start (power iteration):
@@ -72,7 +75,8 @@ class Penalty(SingleLoop):
         lam0: :math:`\lambda_0` (``None``: derived).
         lam_growth: deterministic growth rate :math:`1/\kappa` of :math:`\lambda_k` (default 1/10).
         lam_max: cap on :math:`\lambda_k` (default ``1e6``).
-        delta: stochastic increment :math:`\delta` of :math:`\lambda` (``None``: :math:`\lambda_0/10`).
+        delta: stochastic growth scale :math:`\delta` of :math:`\lambda` (``None``: :math:`\lambda_0`,
+            i.e. :math:`\lambda_k = \lambda_0 (k+1)^{1/7}`).
         stochastic: ``None`` (decaying F2SA steps exactly when mini-batches are
             given), ``True`` or ``False``.
         {single_loop_args}
@@ -128,8 +132,8 @@ class Penalty(SingleLoop):
     def _lambda(self, ex: dict, k: int, stochastic: bool) -> float:
         if not stochastic:
             return min(self.lam_max, ex["lam0"] * (1.0 + self.lam_growth * k))
-        delta = self.delta if self.delta is not None else 0.1 * ex["lam0"]
-        return min(self.lam_max, ex["lam"] + (delta / k ** (1 / 7) if k > 0 else 0.0))
+        delta = self.delta if self.delta is not None else ex["lam0"]
+        return min(self.lam_max, ex["lam0"] + delta * ((k + 1) ** (1 / 7) - 1.0))
 
     def update(self, problem, outer, inner, state: State, batch, project_x, project_y) -> StepInfo:
         ex = state.extras
