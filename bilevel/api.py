@@ -50,7 +50,10 @@ class BilevelResult:
     """What :func:`solve` returns.
 
     Attributes:
-        x, y: the final upper and lower variables.
+        x, y: the final upper and lower variables.  ``y`` is the lower iterate of
+            the last step, computed at the ``x`` that step started from (the
+            step then moved ``x``): one step behind ``x``, which matters only
+            before convergence.
         history: per step, lists under ``HISTORY_KEYS``: outer value, hypergradient
             norm, inner residual, linear-solve residual, seconds per step.
         converged: whether the ``tol`` stopping rule fired.
