@@ -477,7 +477,7 @@ def test_auto_materializes_a_mid_sized_system_krylov_does_not_solve_quickly(symm
         A = A + torch.triu(make_matrix("nonsymmetric", n=n, seed=3), 1)
     b = make_rhs(n)
     matvec, calls = _counted(A)
-    x, info = Auto(symmetric=symmetric)(matvec, b)
+    x, info = Auto(symmetric=symmetric, max_dense=1024)(matvec, b)
     torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-12)
     assert bool(info.converged) and int(info.iterations) == n // 16 + n
     assert float(info.relative_residual) < 1e-12
@@ -492,7 +492,7 @@ def test_auto_does_not_materialize_a_system_krylov_solves_quickly():
     A = make_matrix("spd", n=n, low=1.0, high=1.5)  # CG converges in a handful of steps
     b = make_rhs(n)
     matvec, calls = _counted(A)
-    x, info = Auto(symmetric=True)(matvec, b)
+    x, info = Auto(symmetric=True, max_dense=1024)(matvec, b)
     assert bool(info.converged) and int(info.iterations) < n // 16
     assert len(calls) == int(info.iterations) + 1  # the products and the confirming one, no matrix
     torch.testing.assert_close(x, torch.linalg.solve(A, b))
@@ -508,7 +508,7 @@ def test_auto_mid_sized_krylov_goes_on_when_the_operator_cannot_be_vmapped():
     def host_read(v):  # vmap cannot batch it
         return A @ v if float(v.abs().sum()) >= 0 else v
 
-    x, info = Auto(symmetric=True)(host_read, b)
+    x, info = Auto(symmetric=True, max_dense=1024)(host_read, b)
     assert bool(info.converged) and n // 16 < int(info.iterations) < n + n // 16
     torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-6, atol=1e-8)
 
@@ -556,3 +556,12 @@ def test_krylov_solvers_run_under_vmap(name):
     x_short, ok = torch.func.vmap(lambda A_, b_: (lambda out: (out[0], out[1].converged))(
         dataclasses.replace(solver, maxiter=2)(lambda v: A_ @ v, b_)))(A, b)
     assert not ok.any()
+
+
+@pytest.mark.parametrize("solver", [Direct("cholesky"), Direct("lstsq")], ids=["cholesky", "lstsq"])
+def test_direct_under_vmap_over_the_right_hand_side(solver):
+    """The matrix is shared (status a plain tensor), the residuals are batched: the
+    final checks must not read them on the host."""
+    A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    X = torch.func.vmap(lambda b: solver(lambda v: A @ v, b)[0])(torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(X, torch.linalg.inv(A))

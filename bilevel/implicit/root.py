@@ -290,7 +290,7 @@ class _Root(torch.autograd.Function):
                     raise
                 raise RuntimeError(
                     f"custom_root: the solver `{getattr(call.solver, '__name__', call.solver)}` runs without "
-                    "autograd (torch.no_grad), and it needed gradients ({err}). A solver that differentiates "
+                    f"autograd (torch.no_grad), and it needed gradients ({err}). A solver that differentiates "
                     "inside (a torch.optim loop) opens `with torch.enable_grad():` itself, on detached copies "
                     "of its inputs; its result's gradients still come from the implicit function theorem."
                 ) from err

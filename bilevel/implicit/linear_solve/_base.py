@@ -231,7 +231,7 @@ def _final_status(
     atol = getattr(solver, "atol", 0.0)
     # The recursive residual of a Krylov method drifts from the true one by a few
     # ulps times the condition number: allow a factor 10 before calling it a failure.
-    if _on_host(status):
+    if _on_host(status) and _on_host(residual_norm) and _on_host(b_norm):
         code, residual = int(status), float(residual_norm)
         if not math.isfinite(residual):
             code = Status.NONFINITE

@@ -32,7 +32,7 @@ class Auto(LinearSolver):
       minimum-norm least-squares solution, a success where the singular system
       is consistent) — exact, and cheaper than tens of Krylov iterations
       whose cost is dominated by per-operation overhead at this size;
-    * one system of :math:`n \le` ``max_dense`` unknowns: :class:`CG` if
+    * with ``max_dense > 0``, one system of :math:`n \le` ``max_dense`` unknowns: :class:`CG` if
       ``symmetric``, else :class:`GMRES`, for at most :math:`n/16` products;
       a system not solved by then is materialized (vmapped products, 128
       basis vectors at a time) and factorized as above.  A vmapped product
@@ -53,7 +53,9 @@ class Auto(LinearSolver):
         symmetric: whether the operator is symmetric (positive definite expected).
         max_direct: largest system solved densely at once, default 128.
         max_dense: largest single system materialized after a slow start of the
-            Krylov solve, default 1024 (0 turns it off).
+            Krylov solve; default 0 (off: the matrix's vmapped products can need
+            many times the memory of one product when its intermediates are
+            large), e.g. 1024 for regression-sized problems.
         tol: tolerance of the Krylov solve; ``None`` scales with the dtype.
         maxiter: budget of the Krylov solve; ``None``: ``min(10 n, 1000)``.
 
@@ -70,7 +72,7 @@ class Auto(LinearSolver):
     max_direct: int = 128
     tol: Optional[float] = None
     maxiter: Optional[int] = None
-    max_dense: int = 1024
+    max_dense: int = 0
 
     def __post_init__(self):
         _check_fields(
