@@ -26,9 +26,10 @@ from typing import Any, Optional
 import torch
 
 from .._tolerance import default_residual_tol
-from .._tree import all_finite, is_transformed, tree_leaves
+from .._tree import all_finite, tree_leaves
 from ..status import BilevelError, ConvergenceWarning, CurvatureWarning, OptimalityWarning, Status
 from .linear_solve import LinearSolveInfo
+from .linear_solve._base import _on_host
 
 
 @dataclass(frozen=True)
@@ -178,11 +179,6 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
         _fail(category, f"{stage}: {info.summary()}.{hint}", strict)
     system.options.record(certificate)
     return certificate
-
-
-def _on_host(t: torch.Tensor) -> bool:
-    """One element of a plain CPU tensor: read at no cost."""
-    return t.numel() == 1 and t.device.type == "cpu" and not is_transformed(t)
 
 
 def _host_failures(tol, sol_norm, x_norm, optimality, info: LinearSolveInfo) -> list:
