@@ -565,3 +565,55 @@ def test_direct_under_vmap_over_the_right_hand_side(solver):
     A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     X = torch.func.vmap(lambda b: solver(lambda v: A @ v, b)[0])(torch.eye(2, dtype=torch.float64))
     torch.testing.assert_close(X, torch.linalg.inv(A))
+
+
+# --------------------------------------------------------------------------- vmap, NaN and singular systems
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_vmap_over_the_solver_equals_the_loop(name):
+    solver, kinds = SOLVERS[name]
+    kind = "spd" if "spd" in kinds else sorted(kinds)[0]
+    A = torch.stack([make_matrix(kind, seed=s) * (1 + s) for s in range(3)])
+    b = make_rhs((3, N))
+    solve = lambda A_i, b_i: solver(matvec_of(A_i), b_i)[0]  # noqa: E731
+    looped = torch.stack([solve(A[i], b[i]) for i in range(3)])
+    torch.testing.assert_close(torch.func.vmap(solve)(A, b), looped, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(looped, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["Neumann", "NormalCG"])
+def test_identical_systems_in_a_batch_get_identical_answers(name):
+    solver, _ = SOLVERS[name]
+    A = make_matrix("spd").expand(4, N, N)
+    b = make_rhs(N).expand(4, N)
+    x, info = solver(matvec_of(A), b, batch_dims=1)
+    assert bool((x == x[0]).all()) and bool((info.iterations == info.iterations[0]).all())
+
+
+@pytest.mark.parametrize("method", ["cholesky", "lu", "lstsq"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_direct_non_finite_matrix_fails_only_its_element(method, bad):
+    A = torch.stack([make_matrix("spd", seed=s) for s in range(3)])
+    A[1, 2, 3] = bad
+    b = make_rhs((3, N))
+    x, info = Direct(method)(matvec_of(A), b, batch_dims=1)
+    assert info.status.tolist() == [Status.SUCCESS, Status.NONFINITE, Status.SUCCESS]
+    assert bool((x[1] == 0).all())
+    for i in (0, 2):
+        torch.testing.assert_close(x[i], torch.linalg.solve(A[i], b[i]))
+
+
+@pytest.mark.parametrize("n, rank", [(7, 5), (30, 20), (60, 40)])
+def test_minres_stops_at_a_least_squares_solution_of_an_inconsistent_system(n, rank):
+    g = torch.Generator().manual_seed(n)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    eig = torch.cat([torch.linspace(-3, 5, rank), torch.zeros(n - rank)])
+    A = Q @ torch.diag(eig) @ Q.T
+    b = torch.randn(n, generator=g)
+    x, info = MINRES(maxiter=10 * n)(matvec_of(A), b)
+    assert int(info.status) == Status.BREAKDOWN and int(info.iterations) <= rank + 5
+    # normal equations A (A x - b) = 0 to the tolerance, with a bounded iterate
+    normal = torch.linalg.norm(A @ (A @ x - b)) / (torch.linalg.matrix_norm(A, 2) ** 2 * b.norm())
+    assert float(normal) < 1e-7
+    assert float(x.norm()) < 100 * float((torch.linalg.pinv(A) @ b).norm())

@@ -271,6 +271,23 @@ def _div(num: torch.Tensor, den: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return torch.where(mask, num / torch.where(mask, den, torch.ones_like(den)), 0)
 
 
+def _probe(b: torch.Tensor, index: int = 0) -> torch.Tensor:
+    """A fixed start vector shaped like ``b`` (the same row for every batch element).
+
+    Entries ``frac((i + 1) * phi + index * sqrt(2)) - 1/2`` (a Weyl sequence): dense,
+    of mixed signs and free of random draws, so batch elements holding the same
+    system get the same answer and the solvers run under ``vmap``, where random
+    operations are refused.
+    """
+    n = b.shape[-1]
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=b.device)
+    row = torch.frac(i * _GOLDEN + index * math.sqrt(2.0)) - 0.5
+    return row.to(b.dtype).expand(b.shape)
+
+
+_GOLDEN = (math.sqrt(5.0) - 1) / 2
+
+
 def _singular_tol(dtype: torch.dtype) -> float:
     """Relative size below which a Krylov pivot means a numerically singular
     operator: ``eps ** (2/3)`` (3.7e-11 in float64, 2.4e-5 in float32), i.e. a

@@ -43,7 +43,9 @@ class Direct(LinearSolver):
       (SVD-based: LAPACK ``gelsd`` on CPU, the pseudo-inverse elsewhere), for
       singular or inconsistent systems.
 
-    There is no tolerance; ``x0`` is ignored and ``info.iterations`` is ``n``
+    An element whose matrix holds NaN or inf is reported as
+    :attr:`~bilevel.status.Status.NONFINITE` (``x = 0``) without disturbing the
+    others.  There is no tolerance; ``x0`` is ignored and ``info.iterations`` is ``n``
     (the products spent building :math:`A`).
 
     Args:
@@ -82,6 +84,10 @@ class Direct(LinearSolver):
         """``(x, iterations, status)`` for the materialized ``(B, n, n)`` matrices ``A``."""
         rhs = b.unsqueeze(-1)
         eps = torch.finfo(b.dtype).eps
+        # A non-finite matrix is that element's failure, not the batch's (LAPACK
+        # aborts the whole call on NaN): factorize the identity in its place.
+        finite = torch.isfinite(A).flatten(-2).all(-1)
+        A = torch.where(finite[:, None, None], A, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device))
         if self.method == "cholesky":
             L, info = torch.linalg.cholesky_ex(A)
             symmetric = torch.linalg.matrix_norm(A - A.mT) <= math.sqrt(eps) * torch.linalg.matrix_norm(A)
@@ -92,13 +98,15 @@ class Direct(LinearSolver):
             ok = (info == 0) & _regular_pivots(LU.diagonal(dim1=-2, dim2=-1), eps)
             x = torch.linalg.lu_solve(LU, pivots, rhs).squeeze(-1)
         else:
-            ok = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
+            ok = finite
             if b.device.type == "cpu":
                 x = torch.linalg.lstsq(A, rhs, driver="gelsd").solution.squeeze(-1)
             else:  # only the full-rank driver "gels" exists off CPU
                 x = (torch.linalg.pinv(A) @ rhs).squeeze(-1)
+        ok = ok & finite
         x = torch.where(ok.unsqueeze(-1), x, 0)
         status = _mark(torch.zeros_like(ok, dtype=torch.int64), ~ok, Status.BREAKDOWN)
+        status = _mark(status, ~finite, Status.NONFINITE)
         return x, torch.full_like(status, b.shape[-1]), status
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..._tolerance import default_tol
 from ...status import Status
 from ._base import (
     KrylovSolver,
@@ -13,7 +14,6 @@ from ._base import (
     _dot,
     _mark,
     _norm,
-    _singular_tol,
     _look_every,
 )
 
@@ -29,11 +29,13 @@ class MINRES(KrylovSolver):
 
     updated by short recurrences and Givens rotations (constant memory).  The
     operator must be symmetric; it may be indefinite.  A residual that is
-    already a least-squares residual, :math:`\|A r_k\| \le \mathrm{eps}^{2/3}
-    \|T_k\|_F \|r_k\|` (a singular operator and an inconsistent right-hand
-    side), or a vanishing rotated pivot :math:`\gamma_k \le \mathrm{eps}\,
-    \|T_k\|_F` is reported as :attr:`~bilevel.status.Status.BREAKDOWN` and the
-    element stops at its last iterate.
+    already a least-squares residual to the tolerance, :math:`\|A r_k\| \le
+    \mathrm{tol}\, \|T_k\|_F \|r_k\|` (a singular operator and an inconsistent
+    right-hand side; past that point the recurrences lose all accuracy), or a
+    vanishing rotated pivot :math:`\gamma_k \le \mathrm{eps}\, \|T_k\|_F` is
+    reported as :attr:`~bilevel.status.Status.BREAKDOWN` and the element stops
+    at its last iterate: a least-squares solution, though not in general the
+    minimum-norm one (:class:`NormalCG` or ``Direct("lstsq")`` give :math:`A^+ b`).
 
     Element ``i`` has converged when its residual estimate
     :math:`\bar\phi_k = \|b_i - A_i x_i\|` satisfies :math:`\bar\phi_k \le
@@ -62,10 +64,11 @@ class MINRES(KrylovSolver):
     """
 
     def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
-        return _minres(matvec, b, x0, threshold, maxiter)
+        tol = self.tol if self.tol is not None else default_tol(b.dtype)
+        return _minres(matvec, b, x0, threshold, maxiter, tol)
 
 
-def _minres(matvec, b, x0, threshold, maxiter):
+def _minres(matvec, b, x0, threshold, maxiter, tol):
     nbatch, _ = b.shape
     eps = torch.finfo(b.dtype).eps
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -104,7 +107,7 @@ def _minres(matvec, b, x0, threshold, maxiter):
         # ||A r|| / (||T|| ||r||) of the last iterate: a least-squares residual
         # (singular A, inconsistent b) cannot be reduced any further.
         t_norm = t_norm2.sqrt()
-        least_squares = torch.hypot(gbar, dbar) <= _singular_tol(b.dtype) * t_norm
+        least_squares = torch.hypot(gbar, dbar) <= tol * t_norm
         singular = active & ~nonfinite & (least_squares | ~(gamma > eps * t_norm))
         status = _mark(_mark(status, nonfinite, Status.NONFINITE), singular, Status.BREAKDOWN)
         active = active & ~nonfinite & ~singular

@@ -16,6 +16,7 @@ from ._base import (
     LinearSolver,
     _mark,
     _norm,
+    _probe,
 )
 
 
@@ -37,7 +38,7 @@ class Neumann(LinearSolver):
     :math:`0 < \alpha < 2 / L`; the error factor is
     :math:`\max_\lambda |1 - \alpha\lambda|^K`.  ``alpha=None`` estimates
     :math:`L` (the largest eigenvalue magnitude) per batch element by 20 steps
-    of power iteration from a fixed-seed random start and uses
+    of power iteration from a fixed start vector (the same for every element) and uses
     :math:`\alpha = 1 / L` (20 extra products).
 
     There is no tolerance: an element is a success unless its iterates become
@@ -113,8 +114,7 @@ _POWER_STEPS = 20
 
 def _inverse_spectral_radius(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
     """``1 / L`` per element, ``L ~ max |eigenvalue|`` by power iteration (1 where L = 0)."""
-    generator = torch.Generator(device=b.device).manual_seed(0)
-    v = torch.randn(b.shape, generator=generator, dtype=b.dtype, device=b.device)
+    v = _probe(b)
     v = v / _norm(v).unsqueeze(-1)
     lam = torch.zeros(b.shape[0], dtype=b.dtype, device=b.device)
     for _ in range(_POWER_STEPS):

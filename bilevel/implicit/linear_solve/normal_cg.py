@@ -8,11 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from ..._checks import check_fields as _check_fields
+from ..._tree import is_transformed
+from ...status import Status
 from ._base import (
     FlatMatvec,
     LinearSolver,
     _final_status,
+    _mark,
     _norm,
+    _probe,
 )
 from .cg import CG
 
@@ -31,7 +35,10 @@ class NormalCG(LinearSolver):
     the system inconsistent.  :math:`A^\top v` is the vector-Jacobian product of
     the (linear) ``matvec``, linearised once per solve with
     :func:`torch.func.vjp`; ``matvec`` must therefore be differentiable by
-    ``torch.func``.  The condition number is squared: prefer :class:`GMRES` for
+    ``torch.func``.  The transpose is checked once by an adjoint test
+    :math:`\langle A u, w\rangle = \langle u, A^\top w\rangle` on fixed vectors:
+    a failure raises, or under :func:`torch.func.vmap` marks the element
+    :attr:`~bilevel.status.Status.BREAKDOWN`.  The condition number is squared: prefer :class:`GMRES` for
     non-singular systems.
 
     Tolerance rule: the *normal* residual is tested, element ``i`` succeeds when
@@ -77,7 +84,7 @@ class NormalCG(LinearSolver):
         return 2 * self.inner.max_products(n)
 
     def _solve(self, matvec, b, x0, flatten):
-        rmatvec = _transpose(matvec, b)
+        rmatvec, adjoint = _transpose(matvec, b)
 
         def normal(v: torch.Tensor) -> torch.Tensor:
             return rmatvec(matvec(v))
@@ -86,13 +93,17 @@ class NormalCG(LinearSolver):
         x, iterations, status, *estimate = self.inner._solve(normal, rhs, x0, flatten)
         normal_residual = estimate[0] if estimate and estimate[0] is not None else _norm(rhs - normal(x))
         status = _final_status(self.inner, status, normal_residual, _norm(rhs))
-        return x, iterations, status
+        return x, iterations, _mark(status, ~adjoint, Status.BREAKDOWN)
 
 
-def _transpose(matvec: FlatMatvec, b: torch.Tensor) -> FlatMatvec:
-    """``v -> A^T v`` for the linear ``matvec``, checked by an adjoint test."""
+def _transpose(matvec: FlatMatvec, b: torch.Tensor) -> tuple[FlatMatvec, torch.Tensor]:
+    """``v -> A^T v`` for the linear ``matvec``, checked by an adjoint test.
+
+    Also returns which elements passed the test: a failure raises, except under a
+    ``torch.func`` transform (values unreadable), where it is reported per element.
+    """
     if getattr(matvec, "self_adjoint", False):
-        return matvec
+        return matvec, torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
     rmatvec = getattr(matvec, "transpose", None)
     if rmatvec is None:
         try:
@@ -104,20 +115,21 @@ def _transpose(matvec: FlatMatvec, b: torch.Tensor) -> FlatMatvec:
                 "differentiable torch operations, or use GMRES / Direct('lstsq')."
             ) from err
         rmatvec = lambda v: vjp_fn(v)[0]  # noqa: E731
-    generator = torch.Generator(device=b.device).manual_seed(0)
-    u = torch.randn(b.shape, generator=generator, dtype=b.dtype, device=b.device)
-    w = torch.randn(b.shape, generator=generator, dtype=b.dtype, device=b.device)
+    u, w = _probe(b, 1), _probe(b, 2)
     Au, Atw = matvec(u), rmatvec(w)
     lhs, rhs = (Au * w).sum(-1), (u * Atw).sum(-1)
     scale = (_norm(Au) * _norm(w) + _norm(u) * _norm(Atw)).clamp_min(torch.finfo(b.dtype).tiny)
-    if bool(((lhs - rhs).abs() > 1e3 * torch.finfo(b.dtype).eps * scale).any()):
+    # NaN passes here: a non-finite system is reported by the solve's own status.
+    adjoint = ~((lhs - rhs).abs() > 1e3 * torch.finfo(b.dtype).eps * scale)
+    if not is_transformed(adjoint) and not bool(adjoint.all()):
+        bad = (~adjoint).nonzero()[0, 0]
         raise RuntimeError(
             "NormalCG: the transpose of `matvec` failed the adjoint test <A u, w> = <u, A^T w> "
-            f"(got {lhs.reshape(-1)[0].item():.6g} vs {rhs.reshape(-1)[0].item():.6g}): `matvec` is "
+            f"(got {lhs[bad].item():.6g} vs {rhs[bad].item():.6g}): `matvec` is "
             "not linear, or torch.func cannot trace it (e.g. it calls torch.autograd.grad). Give "
             "the matvec a `.transpose` attribute, or use GMRES / Direct('lstsq')."
         )
-    return rmatvec
+    return rmatvec, adjoint
 
 
 __all__ = ['NormalCG']
