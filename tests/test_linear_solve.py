@@ -617,3 +617,30 @@ def test_minres_stops_at_a_least_squares_solution_of_an_inconsistent_system(n, r
     normal = torch.linalg.norm(A @ (A @ x - b)) / (torch.linalg.matrix_norm(A, 2) ** 2 * b.norm())
     assert float(normal) < 1e-7
     assert float(x.norm()) < 100 * float((torch.linalg.pinv(A) @ b).norm())
+
+
+def test_cg_float32_failure_near_attainable_accuracy_reports_the_true_residual():
+    # the recursive residual keeps shrinking below float32's floor; the true one stalls
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    A = (Q @ torch.diag(torch.logspace(0, 4, n)) @ Q.T).float()
+    b = torch.randn(n, generator=g).float()
+    x, info = CG(maxiter=400, tol=1e-9)(matvec_of(A), b)
+    assert int(info.status) == Status.MAX_ITERATIONS
+    torch.testing.assert_close(info.residual_norm, (b - A @ x).norm(), rtol=1e-2, atol=0)
+
+
+def test_auto_materializes_when_restarted_gmres_stagnates():
+    from bilevel.implicit.linear_solve import Auto
+
+    n = 320
+    P = torch.roll(torch.eye(n), 1, 0)  # cyclic shift: GMRES(20) makes no progress from e_1
+    b = torch.zeros(n)
+    b[0] = 1
+    _, info = GMRES(restart=20)(matvec_of(P), b)
+    assert int(info.status) == Status.BREAKDOWN
+    x, info = Auto(max_dense=1024)(matvec_of(P), b)
+    assert int(info.status) == Status.SUCCESS
+    torch.testing.assert_close(x, P.T @ b)
+    assert int(info.iterations) > n  # the products of the matrix are counted

@@ -34,7 +34,7 @@ class Auto(LinearSolver):
       whose cost is dominated by per-operation overhead at this size;
     * with ``max_dense > 0``, one system of :math:`n \le` ``max_dense`` unknowns: :class:`CG` if
       ``symmetric``, else :class:`GMRES`, for at most :math:`n/16` products;
-      a system not solved by then is materialized (vmapped products, 128
+      a system not solved by then (out of budget, or a stagnating GMRES) is materialized (vmapped products, 128
       basis vectors at a time) and factorized as above.  A vmapped product
       costs a fraction of a single one (one matrix-matrix product instead of
       many matrix-vector products: :math:`n/18` to :math:`n/4` single products
@@ -44,6 +44,8 @@ class Auto(LinearSolver):
       better choice, at best many times cheaper than a long Krylov run).  The
       Krylov solve goes on from its iterate when the matrix cannot be built or
       factorized;
+      ``info.iterations`` counts every product spent, the :math:`n` of the
+      matrix included, so it can exceed ``maxiter``;
     * otherwise (larger systems, batches of systems, inside ``torch.func``
       transforms, or an operator that cannot be vmapped): :class:`CG` if
       ``symmetric``, else :class:`GMRES`, with a budget of ``maxiter`` products
@@ -98,7 +100,11 @@ class Auto(LinearSolver):
         budget = resolve_maxiter(self.maxiter, n)
         probe = min(budget, max(n // 16, 1))
         x, iterations, status, *estimate = self._krylov(probe)._solve(matvec, b, x0, flatten)
-        if int(status[0]) != Status.MAX_ITERATIONS or probe == budget:  # solved, or failed for good
+        code = int(status[0])
+        # Out of budget, or a stagnating restarted GMRES (BREAKDOWN): the matrix
+        # settles it.  Solved, non-finite or indefinite for CG: nothing to gain.
+        slow = code == Status.MAX_ITERATIONS or (code == Status.BREAKDOWN and not self.symmetric)
+        if not slow or probe == budget:
             return (x, iterations, status, *estimate)
         dense = self._dense(matvec, b)
         if dense is not None:

@@ -99,12 +99,13 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
     rz = float(torch.dot(r, z))
     rr = rz if precondition is None else float(torch.dot(r, r))
     factor = math.sqrt(n) * torch.finfo(b.dtype).eps
-    max_inv_alpha, status, k = 0.0, Status.SUCCESS, 0
+    max_inv_alpha, status, k, last = 0.0, Status.SUCCESS, 0, None
     while rr > threshold**2:
         if k == maxiter:
             status = Status.MAX_ITERATIONS
             break
         Ap = apply(matvec, p)
+        last = p, Ap
         inv_alpha = float(torch.dot(p, Ap)) / rz
         max_inv_alpha = max(max_inv_alpha, inv_alpha)
         if not inv_alpha > factor * max_inv_alpha:  # also catches NaN
@@ -124,9 +125,29 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
     iterations, code = torch.tensor([k], device=device), torch.tensor([int(status)], device=device)
     if status == Status.SUCCESS:  # the base class confirms a success with the true residual
         return x.view(1, n), iterations, code
+    if not _estimate_is_reliable(rr, b, x, last, k):
+        return x.view(1, n), iterations, code  # the base class measures the true residual
     # a failure is reported with the recursive residual, sparing one product
     estimate = torch.full((1,), math.sqrt(rr) if rr >= 0 else math.nan, dtype=r.dtype, device=device)
     return x.view(1, n), iterations, code, estimate
+
+
+def _estimate_is_reliable(rr: float, b, x, last, k: int) -> bool:
+    """Whether CG's recursive residual ``sqrt(rr)`` can stand for the true one.
+
+    The two drift apart by rounding, about ``k sqrt(n) eps (||b|| + ||A|| ||x||)``
+    after ``k`` steps (Greenbaum, 1997); near that floor (float32, or an
+    ill-conditioned system run long) the recursive residual keeps shrinking while
+    the true one stalls.  It is trusted only 10 times above the bound, with
+    ``||A||`` estimated by ``||A p|| / ||p||`` of the last step.
+    """
+    if not math.isfinite(rr) or last is None:
+        return not math.isfinite(rr)  # NaN is reported as it is; no step: nothing drifted
+    p, Ap = last
+    a_norm = float(torch.linalg.vector_norm(Ap)) / max(float(torch.linalg.vector_norm(p)), 1e-300)
+    scale = float(torch.linalg.vector_norm(b)) + a_norm * float(torch.linalg.vector_norm(x))
+    floor = (k + 1) * math.sqrt(b.shape[-1]) * torch.finfo(b.dtype).eps * scale
+    return math.sqrt(rr) > 10 * floor
 
 
 def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
