@@ -111,6 +111,20 @@ def test_infeasible_element_is_named():
     assert info.status.tolist() == [0, int(QPStatus.INFEASIBLE), 0]
 
 
+def test_masked_failed_element_leaves_the_backward_alone():
+    """The failed element (inconsistent equalities, a singular KKT matrix) is out of
+    the loss: no CurvatureWarning for it, and a zero gradient."""
+    y = torch.tensor([[0.5, 0.2], [0.3, 0.1]], requires_grad=True)
+    A = torch.tensor([[[1.0, 1.0], [1.0, -1.0]], [[1.0, 0.0], [1.0, 0.0]]])  # 1: z1 = 0 and z1 = 1
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    layer = QPLayer()
+    with pytest.warns(SolveWarning, match="batch element 1"):
+        z = layer(torch.eye(2).expand(2, 2, 2), -y, A=A, b=b)
+    torch.testing.assert_close(z[0], torch.tensor([0.5, 0.5]))
+    (gy,) = torch.autograd.grad(z[0].sum(), y)  # error::BilevelWarning: no CurvatureWarning
+    torch.testing.assert_close(gy, torch.zeros(2, 2))
+
+
 def test_layer_keeps_a_batch_with_an_infeasible_element():
     """QPLayer: a failed element of a batch is NaN with a SolveWarning naming it (the
     others solved and differentiable); check=True raises; an unbatched failure raises."""

@@ -557,6 +557,7 @@ class _QPFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(y, lam)
         ctx.save_for_backward(Q, A, G, h, z, y, lam)
         ctx.options = options
+        ctx.failed = ~options.info.converged.reshape(-1)  # their outputs are NaN or an error
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -568,7 +569,9 @@ class _QPFunction(torch.autograd.Function):
                 "batch the problems along a leading dimension."
             )
         Q, A, G, h, z, y, lam = ctx.saved_tensors
-        d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, z_bar, ctx.options.stage)
+        # no solution at the failed elements: their gradients come from the adjoint alone
+        z, y, lam = (torch.where(ctx.failed.unsqueeze(-1), 0, t) for t in (z, y, lam))
+        d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, z_bar, ctx.options.stage, ctx.failed)
         for report in ctx.options.reports:  # frozen dataclasses: set, not mutated in place (torch.func)
             object.__setattr__(report, "degenerate", degenerate.detach().reshape(report.status.shape))
         need = ctx.needs_input_grad
@@ -584,8 +587,13 @@ class _QPFunction(torch.autograd.Function):
         return (None, *grads)
 
 
-def _adjoint(Q, A, G, h, z, lam, z_bar, stage):
-    r"""Solve :math:`K^\top (d_z, d_\nu, d_\lambda) = (\bar z, 0, 0)` for the batch."""
+def _adjoint(Q, A, G, h, z, lam, z_bar, stage, failed):
+    r"""Solve :math:`K^\top (d_z, d_\nu, d_\lambda) = (\bar z, 0, 0)` for the batch.
+
+    The ``failed`` elements (no solution: their outputs were NaN) are left out of
+    the checks; their adjoint is 0 where their output was masked out of the loss
+    (:math:`\bar z = 0`), NaN otherwise.
+    """
     B, n = z.shape
     p, m = A.shape[-2], G.shape[-2]
     zeros = lambda *s: torch.zeros((B,) + s, dtype=z.dtype, device=z.device)
@@ -598,20 +606,22 @@ def _adjoint(Q, A, G, h, z, lam, z_bar, stage):
     LU, piv, info = torch.linalg.lu_factor_ex(K)
     diag = LU.diagonal(dim1=-2, dim2=-1).abs()
     eps = torch.finfo(K.dtype).eps
-    singular = (info > 0) | (diag.amin(-1) <= K.shape[-1] * eps * diag.amax(-1))
+    singular = ((info > 0) | (diag.amin(-1) <= K.shape[-1] * eps * diag.amax(-1))) & ~failed
     u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).squeeze(-1)
+    used = (z_bar != 0).any(-1, keepdim=True)
+    u = torch.where(failed.unsqueeze(-1), torch.where(used, math.nan, 0.0).to(u.dtype), u)
     # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
     slack = h - _mv(G, z)
     small = eps ** 0.25
     weak = (lam <= small * (1 + _inf_norm(lam)).unsqueeze(-1)) & (slack <= small * (1 + _inf_norm(h)).unsqueeze(-1))
-    degenerate = singular | (weak.any(-1) if m else torch.zeros_like(singular))
+    degenerate = (singular | (weak.any(-1) if m else torch.zeros_like(singular))) & ~failed
     # one host read for the three decisions (the singular elements' u is replaced, then checked, below)
     any_singular, any_degenerate, finite = torch.stack(
-        [singular.any(), degenerate.any(), (torch.isfinite(u).all(-1) | singular).all()]).tolist()
+        [singular.any(), degenerate.any(), (torch.isfinite(u).all(-1) | singular | failed).all()]).tolist()
     if any_singular:
         idx = singular.nonzero().reshape(-1)
         u[idx] = (torch.linalg.pinv(K[idx].mT) @ rhs[idx]).squeeze(-1)
-        finite = bool(torch.isfinite(u).all())
+        finite = bool((torch.isfinite(u).all(-1) | failed).all())
     if any_degenerate:
         # one fixed text, so that a training loop shows it once; the elements are in info.degenerate
         warnings.warn(
