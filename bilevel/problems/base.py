@@ -189,8 +189,18 @@ class BilevelProblem:
             )
         if not isinstance(self.name, str):
             raise TypeError(f"`name` must be a str; got {type(self.name).__name__}.")
-        _check_tree(self.x0, "x0")
-        _check_tree(self.y0, "y0")
+        x_dtype, y_dtype = _check_tree(self.x0, "x0"), _check_tree(self.y0, "y0")
+        if x_dtype != y_dtype:  # products of the two would be promoted silently
+            raise TypeError(
+                f"`x0` is {x_dtype} but `y0` is {y_dtype}: give both levels one floating dtype, "
+                f"e.g. `y0.to({x_dtype})`."
+            )
+        devices = {leaf.device for leaf in pytree.tree_leaves((self.x0, self.y0))}
+        if len(devices) > 1:
+            raise ValueError(
+                f"`x0` and `y0` lie on several devices {sorted(map(str, devices))}; move them to one, "
+                "e.g. with `.to(device)`."
+            )
         self.data = {} if self.data is None else self.data
         if not isinstance(self.data, dict):
             raise TypeError(f"`data` must be None or a dict; got {type(self.data).__name__}.")
