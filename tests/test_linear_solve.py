@@ -225,7 +225,8 @@ def test_cg_out_of_budget_spends_no_extra_product_and_reports_the_residual(preco
         return A @ v
 
     M = (lambda r: r / torch.diagonal(A)) if preconditioned else None
-    x, info = CG(maxiter=4, tol=1e-12, M=M)(matvec, b)
+    with torch.no_grad():  # as in a backward pass; recording gradients costs one product more
+        x, info = CG(maxiter=4, tol=1e-12, M=M)(matvec, b)
     assert int(info.status) == Status.MAX_ITERATIONS and len(calls) == 4
     true = torch.linalg.vector_norm(b - A @ x)
     torch.testing.assert_close(info.residual_norm, true, rtol=1e-10, atol=0)
@@ -644,3 +645,98 @@ def test_auto_materializes_when_restarted_gmres_stagnates():
     assert int(info.status) == Status.SUCCESS
     torch.testing.assert_close(x, P.T @ b)
     assert int(info.iterations) > n  # the products of the matrix are counted
+
+
+# --------------------------------------------------------------------------- gradients through a solve
+
+
+def _symmetrized(A):
+    return (A + A.mT) / 2
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_gradient_through_the_solve_matches_finite_differences(name):
+    """x(A, b) = A^{-1} b differentiated by the implicit rule, for every solver."""
+    solver, kinds = SOLVERS[name]
+    kind = "spd" if "spd" in kinds else "nonsymmetric"
+    symmetric_only = name in ("CG", "MINRES", "Neumann", "Direct-cholesky")
+    A = make_matrix(kind, n=5).requires_grad_()
+    b = make_rhs(5).requires_grad_()
+
+    def x_of(A, b):
+        A = _symmetrized(A) if symmetric_only else A  # a perturbation must stay in the solver's class
+        return solver(matvec_of(A), b)[0]
+
+    assert torch.autograd.gradcheck(x_of, (A, b), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", [CG(tol=1e-13), GMRES(tol=1e-13), Direct("lu")], ids=["CG", "GMRES", "LU"])
+def test_gradient_of_a_batched_tree_solve(solver):
+    A = torch.stack([make_matrix("spd", n=5, seed=s) for s in range(3)]).requires_grad_()
+    b_u, b_w = make_rhs((3, 2)).requires_grad_(), make_rhs((3, 3), seed=2).requires_grad_()
+
+    def x_of(A, b_u, b_w):
+        def matvec(v):
+            out = matvec_of(A)(torch.cat([v["u"], v["w"]], -1))
+            return {"u": out[:, :2], "w": out[:, 2:]}
+
+        x, info = solver(matvec, {"u": b_u, "w": b_w}, batch_dims=1)
+        assert not info.residual_norm.requires_grad
+        return x["u"], x["w"]
+
+    assert torch.autograd.gradcheck(x_of, (A, b_u, b_w), atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_records_no_iteration_and_values_are_unchanged():
+    A = make_matrix("spd").requires_grad_()
+    b = make_rhs(N)
+    x, info = CG(tol=1e-12)(matvec_of(A), b)
+    with torch.no_grad():
+        x_plain, _ = CG(tol=1e-12)(matvec_of(A), b)
+    assert torch.equal(x.detach(), x_plain) and int(info.iterations) > 1
+    graph, stack = set(), [x.grad_fn]  # the graph holds one product, not one per iteration
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in graph:
+            graph.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+    assert sum(type(node).__name__ in ("MmBackward0", "MvBackward0", "BmmBackward0") for node in graph) == 1
+    (gA,) = torch.autograd.grad(x.sum(), A)
+    u = torch.linalg.solve(A.detach(), torch.ones(N))
+    torch.testing.assert_close(gA, -torch.outer(u, x.detach()))
+
+
+def test_backward_solve_that_misses_its_tolerance_warns():
+    from bilevel.status import ConvergenceWarning
+
+    A = make_matrix("spd", low=1.0, high=1e4).requires_grad_()
+    x, _ = CG(tol=1e-2, maxiter=3)(matvec_of(A), make_rhs(N))
+    with pytest.warns(ConvergenceWarning, match="adjoint solve of the backward pass"):
+        x.sum().backward()
+
+
+@pytest.mark.parametrize("loss", ["quadratic", "linear"])
+def test_a_second_derivative_through_a_plain_solve_raises(loss):
+    """Never silently wrong: whether or not the cotangent depends on the inputs
+    (linear loss: the first gradient looks like a constant), differentiating it
+    again raises and names custom_root."""
+    A = make_matrix("spd").requires_grad_()
+    b = make_rhs(N).requires_grad_()
+    x, _ = CG(tol=1e-12)(matvec_of(A), b)
+    value = (x**2).sum() if loss == "quadratic" else x.sum()
+    gA, gb = torch.autograd.grad(value, (A, b), create_graph=True)
+    with pytest.raises(RuntimeError, match="custom_root"):
+        torch.autograd.grad(gA.sum() + gb.sum(), A)
+
+
+def test_the_second_derivative_of_a_solve_written_as_a_root_is_exact():
+    from bilevel.implicit import custom_root
+
+    A = make_matrix("nonsymmetric", n=4).requires_grad_()
+    b = make_rhs(4).requires_grad_()
+
+    def x_of(A, b):
+        solver = custom_root(lambda x, A, b: A @ x - b)(lambda A, b: torch.linalg.solve(A, b))
+        return solver(A, b)
+
+    assert torch.autograd.gradgradcheck(x_of, (A, b), atol=1e-6, rtol=1e-5)

@@ -189,12 +189,10 @@ class BilevelProblem:
             )
         if not isinstance(self.name, str):
             raise TypeError(f"`name` must be a str; got {type(self.name).__name__}.")
-        x_dtype, y_dtype = _check_tree(self.x0, "x0"), _check_tree(self.y0, "y0")
-        if x_dtype != y_dtype:  # products of the two would be promoted silently
-            raise TypeError(
-                f"`x0` is {x_dtype} but `y0` is {y_dtype}: give both levels one floating dtype, "
-                f"e.g. `y0.to({x_dtype})`."
-            )
+        # The two levels may differ in dtype (a float64 hyper-parameter over float32
+        # weights is a supported use), not in device.
+        _check_tree(self.x0, "x0")
+        _check_tree(self.y0, "y0")
         devices = {leaf.device for leaf in pytree.tree_leaves((self.x0, self.y0))}
         if len(devices) > 1:
             raise ValueError(

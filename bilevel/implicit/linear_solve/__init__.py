@@ -1,4 +1,4 @@
-"""Linear solvers for the systems of the implicit function theorem.
+r"""Linear solvers for the systems of the implicit function theorem.
 
 Each solver is a small frozen dataclass of settings, checked at construction,
 and callable as ``solver(matvec, b, x0=None, *, batch_dims=0) -> (x, info)``:
@@ -15,6 +15,19 @@ Tolerance rule (Krylov solvers): element ``i`` has converged when
 ``sqrt(eps)`` of the dtype (:func:`bilevel._tolerance.default_tol`).  The
 residual reported in ``info`` is the true residual ``b - A x`` recomputed at
 the end, not the recursively updated one.
+
+Gradients: called where autograd records (``b``, or a tensor that ``matvec``
+captures, requires grad), a solve returns an ``x`` differentiable by the
+implicit function theorem, :math:`dx = A^{-1}(db - dA\,x)`, whatever the solver:
+the backward pass solves :math:`A^\top u = \bar x` with the same solver (the
+operator itself for the solvers that assume symmetry: CG, MINRES,
+``Direct("cholesky")``, ``Auto(symmetric=True)``; its transpose, by
+:func:`torch.func.vjp`, for the others; the normal equations for the
+least-squares solvers).  The iterations are not recorded, so the memory does
+not grow with them; a backward solve that misses its tolerance warns with
+its residual.  First order: a second derivative through such a solve raises
+(write the system as a root with :func:`bilevel.implicit.custom_root` for
+derivatives of every order).
 """
 
 from ._base import (

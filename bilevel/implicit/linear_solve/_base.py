@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -13,7 +14,7 @@ from ..._checks import nonneg_float as _nonneg_float
 from ..._checks import positive_int_or_none as _positive_int_or_none
 from ..._checks import tol_ok as _tol_ok
 from ..._tolerance import default_tol
-from ..._tree import Raveler, all_finite, check_same_structure, is_transformed, tree_leaves
+from ..._tree import Raveler, all_finite, check_same_structure, inside_transform, is_transformed, tree_leaves
 from ...status import Status
 from ...typing import Matvec, TensorTree
 
@@ -161,11 +162,20 @@ class LinearSolver:
         elif getattr(matvec, "transpose", None) is not None:
             flat_matvec.transpose = flatten(matvec.transpose)
         b_flat = rav.ravel(b).reshape(nbatch, n)
-        b_norm = torch.linalg.vector_norm(b_flat, dim=-1)
+        b_norm = torch.linalg.vector_norm(b_flat.detach(), dim=-1)
         _check_rhs(b, b_norm)
         x0_flat = None if x0 is None else rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
-        x, iterations, status, *estimate = self._solve(flat_matvec, b_flat, x0_flat, flatten)
-        if estimate and estimate[0] is not None:  # no element claims success: its own residual will do
+        # Recording gradients (a direct call on tensors that may require grad): the
+        # iterations are not recorded; x gets the implicit gradient (._gradient).
+        record = torch.is_grad_enabled() and not inside_transform()
+        with torch.no_grad() if record else contextlib.nullcontext():
+            x, iterations, status, *estimate = self._solve(flat_matvec, b_flat, x0_flat, flatten)
+        if record:
+            from ._gradient import attach_gradient  # it builds on this module
+
+            x, residual = attach_gradient(self, flat_matvec, b_flat, x, flatten, transpose_operator)
+            residual_norm = torch.linalg.vector_norm(residual, dim=-1)
+        elif estimate and estimate[0] is not None:  # no element claims success: its own residual will do
             residual_norm = estimate[0]
         else:
             residual_norm = torch.linalg.vector_norm(b_flat - flat_matvec(x), dim=-1)
@@ -177,6 +187,13 @@ class LinearSolver:
             status=status.reshape(batch),
         )
         return rav.unravel(x.reshape(tuple(batch) + (n,))), info
+
+    def _gradient_rule(self) -> tuple[str, "LinearSolver"]:
+        """How a solution is differentiated (:mod:`._gradient`): ``("self", solver)``
+        where the solver assumes a symmetric operator (the adjoint system is the
+        system), ``("transpose", solver)`` for a general one, ``("normal", solver)``
+        for a least-squares solver (the adjoint system is ``A^T A u = g``)."""
+        return "transpose", self
 
     def max_products(self, n: int) -> int:
         """The most operator products a solve of ``n`` unknowns may take (0 if
@@ -243,6 +260,42 @@ def _final_status(
         return status
     small = residual_norm <= 10 * torch.clamp_min(tol * b_norm, atol)
     return torch.where((status == Status.SUCCESS) & ~small, int(Status.INACCURATE), status)
+
+
+def transpose_operator(matvec: FlatMatvec, b: torch.Tensor) -> tuple[FlatMatvec, torch.Tensor]:
+    """``v -> A^T v`` for the linear ``matvec``, checked by an adjoint test.
+
+    Also returns which elements passed the test: a failure raises, except under a
+    ``torch.func`` transform (values unreadable), where it is reported per element.
+    """
+    if getattr(matvec, "self_adjoint", False):
+        return matvec, torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
+    rmatvec = getattr(matvec, "transpose", None)
+    if rmatvec is None:
+        try:
+            _, vjp_fn = torch.func.vjp(matvec, b)
+        except Exception as err:
+            raise RuntimeError(
+                "linear solve: could not form A^T v as the VJP of `matvec` with "
+                f"torch.func.vjp ({type(err).__name__}: {err}); write `matvec` with "
+                "differentiable torch operations, or use GMRES / Direct('lstsq')."
+            ) from err
+        rmatvec = lambda v: vjp_fn(v)[0]  # noqa: E731
+    u, w = _probe(b, 1), _probe(b, 2)
+    Au, Atw = matvec(u), rmatvec(w)
+    lhs, rhs = (Au * w).sum(-1), (u * Atw).sum(-1)
+    scale = (_norm(Au) * _norm(w) + _norm(u) * _norm(Atw)).clamp_min(torch.finfo(b.dtype).tiny)
+    # NaN passes here: a non-finite system is reported by the solve's own status.
+    adjoint = ~((lhs - rhs).abs() > 1e3 * torch.finfo(b.dtype).eps * scale)
+    if not is_transformed(adjoint) and not bool(adjoint.all()):
+        bad = (~adjoint).nonzero()[0, 0]
+        raise RuntimeError(
+            "linear solve: the transpose of `matvec` failed the adjoint test <A u, w> = <u, A^T w> "
+            f"(got {lhs[bad].item():.6g} vs {rhs[bad].item():.6g}): `matvec` is "
+            "not linear, or torch.func cannot trace it (e.g. it calls torch.autograd.grad). Give "
+            "the matvec a `.transpose` attribute, or use GMRES / Direct('lstsq')."
+        )
+    return rmatvec, adjoint
 
 
 _KRYLOV_RULES = dict(

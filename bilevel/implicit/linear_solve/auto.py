@@ -90,6 +90,9 @@ class Auto(LinearSolver):
         maxiter = self.maxiter if maxiter is None else maxiter
         return CG(maxiter=maxiter, tol=self.tol) if self.symmetric else GMRES(maxiter=maxiter, tol=self.tol)
 
+    def _gradient_rule(self):
+        return ("self" if self.symmetric else "transpose"), self
+
     def _solve(self, matvec, b, x0, flatten):
         n = b.shape[-1]
         if n <= self.max_direct:

@@ -64,6 +64,9 @@ class CG(KrylovSolver):
         precondition = flatten(self.M) if self.M is not None else None
         return _cg(matvec, b, x0, threshold, maxiter, precondition)
 
+    def _gradient_rule(self):
+        return "self", self  # the operator is symmetric
+
 
 def _cg(matvec, b, x0, threshold, maxiter, precondition):
     """Batched CG on flat ``(B, n)`` tensors.

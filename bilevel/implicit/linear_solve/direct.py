@@ -80,6 +80,9 @@ class Direct(LinearSolver):
     def _solve(self, matvec, b, x0, flatten):
         return self._solve_matrix(_materialize(matvec, b), b)
 
+    def _gradient_rule(self):
+        return {"cholesky": "self", "lu": "transpose", "lstsq": "normal"}[self.method], self
+
     def _solve_matrix(self, A: torch.Tensor, b: torch.Tensor):
         """``(x, iterations, status)`` for the materialized ``(B, n, n)`` matrices ``A``."""
         rhs = b.unsqueeze(-1)

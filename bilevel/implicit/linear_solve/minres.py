@@ -67,6 +67,9 @@ class MINRES(KrylovSolver):
         tol = self.tol if self.tol is not None else default_tol(b.dtype)
         return _minres(matvec, b, x0, threshold, maxiter, tol)
 
+    def _gradient_rule(self):
+        return "self", self  # the operator is symmetric
+
 
 def _minres(matvec, b, x0, threshold, maxiter, tol):
     nbatch, _ = b.shape

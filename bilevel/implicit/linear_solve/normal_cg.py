@@ -8,15 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from ..._checks import check_fields as _check_fields
-from ..._tree import is_transformed
 from ...status import Status
 from ._base import (
-    FlatMatvec,
     LinearSolver,
     _final_status,
     _mark,
     _norm,
-    _probe,
+    transpose_operator,
 )
 from .cg import CG
 
@@ -83,8 +81,11 @@ class NormalCG(LinearSolver):
     def max_products(self, n: int) -> int:
         return 2 * self.inner.max_products(n)
 
+    def _gradient_rule(self):
+        return "normal", self.inner
+
     def _solve(self, matvec, b, x0, flatten):
-        rmatvec, adjoint = _transpose(matvec, b)
+        rmatvec, adjoint = transpose_operator(matvec, b)
 
         def normal(v: torch.Tensor) -> torch.Tensor:
             return rmatvec(matvec(v))
@@ -94,42 +95,6 @@ class NormalCG(LinearSolver):
         normal_residual = estimate[0] if estimate and estimate[0] is not None else _norm(rhs - normal(x))
         status = _final_status(self.inner, status, normal_residual, _norm(rhs))
         return x, iterations, _mark(status, ~adjoint, Status.BREAKDOWN)
-
-
-def _transpose(matvec: FlatMatvec, b: torch.Tensor) -> tuple[FlatMatvec, torch.Tensor]:
-    """``v -> A^T v`` for the linear ``matvec``, checked by an adjoint test.
-
-    Also returns which elements passed the test: a failure raises, except under a
-    ``torch.func`` transform (values unreadable), where it is reported per element.
-    """
-    if getattr(matvec, "self_adjoint", False):
-        return matvec, torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
-    rmatvec = getattr(matvec, "transpose", None)
-    if rmatvec is None:
-        try:
-            _, vjp_fn = torch.func.vjp(matvec, b)
-        except Exception as err:
-            raise RuntimeError(
-                "NormalCG: could not form A^T v as the VJP of `matvec` with "
-                f"torch.func.vjp ({type(err).__name__}: {err}); write `matvec` with "
-                "differentiable torch operations, or use GMRES / Direct('lstsq')."
-            ) from err
-        rmatvec = lambda v: vjp_fn(v)[0]  # noqa: E731
-    u, w = _probe(b, 1), _probe(b, 2)
-    Au, Atw = matvec(u), rmatvec(w)
-    lhs, rhs = (Au * w).sum(-1), (u * Atw).sum(-1)
-    scale = (_norm(Au) * _norm(w) + _norm(u) * _norm(Atw)).clamp_min(torch.finfo(b.dtype).tiny)
-    # NaN passes here: a non-finite system is reported by the solve's own status.
-    adjoint = ~((lhs - rhs).abs() > 1e3 * torch.finfo(b.dtype).eps * scale)
-    if not is_transformed(adjoint) and not bool(adjoint.all()):
-        bad = (~adjoint).nonzero()[0, 0]
-        raise RuntimeError(
-            "NormalCG: the transpose of `matvec` failed the adjoint test <A u, w> = <u, A^T w> "
-            f"(got {lhs[bad].item():.6g} vs {rhs[bad].item():.6g}): `matvec` is "
-            "not linear, or torch.func cannot trace it (e.g. it calls torch.autograd.grad). Give "
-            "the matvec a `.transpose` attribute, or use GMRES / Direct('lstsq')."
-        )
-    return rmatvec, adjoint
 
 
 __all__ = ['NormalCG']
