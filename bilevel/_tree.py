@@ -69,6 +69,7 @@ class Raveler:
 
     def __init__(self, example: TensorTree, batch_dims: int = 0, name: str = "b"):
         leaves, self.spec = tensor_leaves(example, name)
+        self.name = name
         for i, leaf in enumerate(leaves):
             if leaf.dim() < batch_dims:
                 raise ValueError(
@@ -95,15 +96,30 @@ class Raveler:
     def ravel(self, tree: TensorTree) -> torch.Tensor:
         if self.bare and torch.is_tensor(tree):
             return tree.reshape(tree.shape[: tree.dim() - len(self.shapes[0])] + (-1,))
-        leaves = tree_leaves(tree)
+        leaves, spec = pytree.tree_flatten(tree)
         if len(leaves) == 1:
             leaf = leaves[0]
             return leaf.reshape(*leaf.shape[: leaf.dim() - len(self.shapes[0])], -1)
+        if spec != self.spec:
+            leaves = self._in_order(tree, spec)
         flat = [
             leaf.reshape(*leaf.shape[: leaf.dim() - len(shape)], -1).to(self.dtype)
             for leaf, shape in zip(leaves, self.shapes)
         ]
         return torch.cat(flat, dim=-1)
+
+    def _in_order(self, tree: TensorTree, spec) -> list:
+        """The leaves of ``tree`` in the order of the example's: a dict may list its
+        keys in another order (equal dicts); any other difference is an error."""
+        paths = dict(pytree.tree_flatten_with_path(tree)[0])
+        expected = [path for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(
+            [None] * len(self.shapes), self.spec), is_leaf=lambda x: x is None)[0]]
+        if set(paths) != set(expected):
+            raise ValueError(
+                f"a tree returned for `{self.name}` has the structure {spec}, expected that of "
+                f"`{self.name}`: {self.spec} (e.g. a matvec must return a tree shaped like its input)."
+            )
+        return [paths[path] for path in expected]
 
     def unravel(self, flat: torch.Tensor) -> TensorTree:
         batch = flat.shape[:-1]

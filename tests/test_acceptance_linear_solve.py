@@ -327,15 +327,10 @@ def test_exact_warm_start_takes_no_iteration_for_that_element_only(name):
     torch.testing.assert_close(x, ref, rtol=1e-9, atol=1e-11)
 
 
-_EMPTY = ("Direct with no unknowns (b of shape (0,) or (3, 0)): IndexError 'amin(): Expected reduction dim "
-          "-1 to have non-zero size' (direct._regular_pivots), or for a batch RuntimeError '`matvec` could not "
-          "be batched with torch.func.vmap (cannot reshape tensor of 0 elements ...)' from "
-          "_base.materialize, blaming the matvec; every other solver returns an empty x")
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_EMPTY)) if n in DIRECT else n
-             for n in SOLVERS])
+    "name", list(SOLVERS))
 def test_system_with_no_unknowns(name):
     """An empty b (e.g. a parameter group with no elements): an empty x, a success."""
     for b in (torch.zeros(0, dtype=D64), torch.zeros(3, 0, dtype=D64)):
@@ -371,21 +366,7 @@ def test_zero_rhs_gives_zero_without_nan(name):
     torch.testing.assert_close(x[0], torch.linalg.solve(A, b[0]), rtol=1e-8, atol=1e-10)
 
 
-ZERO_RHS_WARM = {  # b = 0 with a warm start: which Krylov solvers handle it (see the xfail reasons)
-    "CG": False, "GMRES": True, "BiCGStab": False, "MINRES": False, "NormalCG": False,
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [name if ok else pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=(
-        "b = 0 with a non-zero x0: the stopping threshold max(tol*||b||, atol) is 0, so the solver "
-        "iterates to rounding level, burns its whole budget and reports INACCURATE / MAX_ITERATIONS "
-        "with relative_residual ~1e292 although x ~ 1e-16 is the exact answer 0 (GMRES reports "
-        "SUCCESS); SciPy returns x = 0 at once when ||b|| = 0. Suspected: _base.KrylovSolver._solve / "
-        "LinearSolver._threshold have no ||b|| = 0 short cut when x0 is given")))
-     for name, ok in ZERO_RHS_WARM.items()],
-)
+@pytest.mark.parametrize("name", ["CG", "GMRES", "BiCGStab", "MINRES", "NormalCG"])
 def test_zero_rhs_with_a_warm_start_is_solved_by_zero(name):
     """A warm-started adjoint solve whose right-hand side became exactly 0 (an
     outer loss that no longer depends on y): the answer is x = 0, a success."""
@@ -412,19 +393,10 @@ def test_atol_met_by_zero_stops_at_once(name):
 
 def _scale_cases():
     cases = []
-    minres_reason = (
-        "MINRES (default tol) reports BREAKDOWN after 1 iteration (x = 0, relative error 1) once "
-        "||b|| >> ||A||: float64 with b scaled by 1e8, float32 by 1e4. Suspected: minres.py, t_norm2 accumulates "
-        "old_beta**2 with old_beta = ||b|| on the first step, so the 'least-squares residual' test "
-        "hypot(gbar, dbar) <= tol * ||T_k||_F compares against ||b|| instead of ||T_k||_F (the "
-        "Frobenius norm of T_k has no beta_1 entry)")
     for name in list(SOLVERS):
         for dtype, scales in ((D64, (1e-8, 1e8)), (D32, (1e-4, 1e4))):
             for scale in scales:
-                marks = ()
-                if name == "MINRES" and scale > 1:
-                    marks = pytest.mark.xfail(strict=True, reason=minres_reason)
-                cases.append(pytest.param(name, dtype, scale, marks=marks,
+                cases.append(pytest.param(name, dtype, scale,
                                           id=f"{name}-{str(dtype)[6:]}-{scale:g}"))
     return cases
 
@@ -519,24 +491,12 @@ VMAP_SOLVERS = {
 }
 
 
-_VMAP_MATRIX_ONLY = (
-    "vmap over the matrix only (in_dims=(0, None): b shared, matvec closing over the batched A) raises: "
-    "CG / Auto-krylov 'vmap: ... calling .item() on a Tensor' (float(torch.dot(p, Ap)) in "
-    "cg._cg_single); BiCGStab / MINRES 'data-dependent control flow' (bool(active.any())); GMRES "
-    "'inplace arithmetic ... other being vmapped over but self not' (col[:, i] = h in "
-    "gmres._arnoldi_cycle, col made from the unbatched r). Suspected: _base._look_every / "
-    "is_transformed(b) and the buffers allocated from b decide 'plain tensor' from b alone; inside "
-    "vmap the products matvec(v) are batched even when b is not")
-_HOST_READING = {"CG", "GMRES", "GMRES-restart3", "BiCGStab", "MINRES", "Auto-krylov"}
 
 
 def _vmap_cases():
     for name in VMAP_SOLVERS:
         for in_dims, label in (((0, 0), "A,b"), ((0, None), "A"), ((None, 0), "b")):
-            marks = ()
-            if label == "A" and name in _HOST_READING:
-                marks = pytest.mark.xfail(strict=True, reason=_VMAP_MATRIX_ONLY)
-            yield pytest.param(name, in_dims, marks=marks, id=f"{name}-{label}")
+            yield pytest.param(name, in_dims, id=f"{name}-{label}")
 
 
 @pytest.mark.parametrize("name, in_dims", list(_vmap_cases()))
@@ -656,7 +616,7 @@ _LATE_STOP = ("singular inconsistent symmetric system: past the least-squares po
     "solver",
     [
         MINRES(),
-        pytest.param(MINRES(tol=1e-12), marks=pytest.mark.xfail(strict=True, reason=_LATE_STOP)),
+        MINRES(tol=1e-12),
         pytest.param(GMRES(), marks=pytest.mark.xfail(strict=True, reason=_LATE_STOP)),
         pytest.param(GMRES(tol=1e-12), marks=pytest.mark.xfail(strict=True, reason=_LATE_STOP)),
     ],
@@ -755,16 +715,11 @@ def test_nonfinite_rhs_raises_a_floating_point_error(name, bad):
         solver(tree_matvec, tree)
 
 
-_LSTSQ_NAN_RHS = ("Direct('lstsq') under vmap with a NaN right-hand side element aborts the whole batch: "
-                  "MKL 'Parameter 6 was incorrect on entry to DGELSD' then RuntimeError 'INTERNAL ASSERT "
-                  "FAILED' from torch.linalg.lstsq. Under vmap the b check cannot raise, so the NaN reaches "
-                  "gelsd. Suspected: direct.py _solve_matrix guards non-finite A only, not non-finite b")
 
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_LSTSQ_NAN_RHS)) if n == "Direct-lstsq" else n
-     for n in VMAP_SOLVERS],
+    list(VMAP_SOLVERS),
 )
 def test_nonfinite_rhs_under_vmap_is_that_elements_status(name):
     """Under vmap the values of b cannot be read, so no error can be raised: the
@@ -919,12 +874,6 @@ def test_matvec_of_the_wrong_shape_is_an_error():
             solver(lambda v: torch.cat([v, v]), b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A tree matvec that returns its dict with the keys in another insertion order is raveled by "
-    "leaf position, not by key: GMRES and Direct('lu') return a wrong x as SUCCESS (u = [1, 1.5], "
-    "w = 1/3 instead of [0.5, 1], 1), CG reports BREAKDOWN on what is a diagonal SPD operator. "
-    "Suspected: _tree.Raveler.ravel (used by LinearSolver.__call__'s flatten) zips the output leaves "
-    "with b's shapes without checking the output's tree structure"))
 @pytest.mark.parametrize("solver", [CG(), GMRES(), Direct("lu")], ids=["CG", "GMRES", "Direct-lu"])
 def test_tree_matvec_returning_keys_in_another_order(solver):
     """Dicts with the same keys are equal in Python whatever their order; a matvec

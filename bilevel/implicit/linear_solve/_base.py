@@ -162,9 +162,20 @@ class LinearSolver:
         elif getattr(matvec, "transpose", None) is not None:
             flat_matvec.transpose = flatten(matvec.transpose)
         b_flat = rav.ravel(b).reshape(nbatch, n)
+        if n == 0:  # no unknowns: solved by the empty x
+            none = torch.zeros(batch, dtype=torch.int64, device=b_flat.device)
+            norm = torch.zeros(batch, dtype=b_flat.dtype, device=b_flat.device)
+            return rav.unravel(b_flat.reshape(tuple(batch) + (0,))), LinearSolveInfo(none, norm, norm, none)
+        if inside_transform() and not is_transformed(b_flat):
+            # vmap over the operator alone (b shared): the products are batched, b is
+            # not; batch b too, so that the solvers take their transform-safe paths.
+            b_flat = b_flat + torch.zeros_like(flat_matvec(torch.zeros_like(b_flat)))
         b_norm = torch.linalg.vector_norm(b_flat.detach(), dim=-1)
         _check_rhs(b, b_norm)
-        x0_flat = None if x0 is None else rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
+        x0_flat = None
+        if x0 is not None:  # b = 0 is solved by x = 0, whatever the warm start
+            x0_flat = rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
+            x0_flat = torch.where((b_norm == 0).unsqueeze(-1), 0, x0_flat)
         # Recording gradients (a direct call on tensors that may require grad): the
         # iterations are not recorded; x gets the implicit gradient (._gradient).
         record = torch.is_grad_enabled() and not inside_transform()

@@ -85,12 +85,13 @@ class Direct(LinearSolver):
 
     def _solve_matrix(self, A: torch.Tensor, b: torch.Tensor):
         """``(x, iterations, status)`` for the materialized ``(B, n, n)`` matrices ``A``."""
-        rhs = b.unsqueeze(-1)
         eps = torch.finfo(b.dtype).eps
-        # A non-finite matrix is that element's failure, not the batch's (LAPACK
-        # aborts the whole call on NaN): factorize the identity in its place.
-        finite = torch.isfinite(A).flatten(-2).all(-1)
+        # A non-finite matrix or right-hand side (reaching here under vmap) is that
+        # element's failure, not the batch's (LAPACK aborts the whole call on NaN):
+        # solve with the identity and 0 in its place.
+        finite = torch.isfinite(A).flatten(-2).all(-1) & torch.isfinite(b).all(-1)
         A = torch.where(finite[:, None, None], A, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device))
+        rhs = torch.where(finite.unsqueeze(-1), b, 0).unsqueeze(-1)
         if self.method == "cholesky":
             L, info = torch.linalg.cholesky_ex(A)
             symmetric = torch.linalg.matrix_norm(A - A.mT) <= math.sqrt(eps) * torch.linalg.matrix_norm(A)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +31,13 @@ class MINRES(KrylovSolver):
     updated by short recurrences and Givens rotations (constant memory).  The
     operator must be symmetric; it may be indefinite.  A residual that is
     already a least-squares residual to the tolerance, :math:`\|A r_k\| \le
-    \mathrm{tol}\, \|T_k\|_F \|r_k\|` (a singular operator and an inconsistent
-    right-hand side; past that point the recurrences lose all accuracy), or a
-    vanishing rotated pivot :math:`\gamma_k \le \mathrm{eps}\, \|T_k\|_F` is
-    reported as :attr:`~bilevel.status.Status.BREAKDOWN` and the element stops
-    at its last iterate: a least-squares solution, though not in general the
-    minimum-norm one (:class:`NormalCG` or ``Direct("lstsq")`` give :math:`A^+ b`).
+    \max(\mathrm{tol}, \sqrt{\mathrm{eps}})\, \|T_k\|_F \|r_k\|` (a singular
+    operator and an inconsistent right-hand side; past that point the
+    recurrences lose all accuracy), or a vanishing rotated pivot
+    :math:`\gamma_k \le \mathrm{eps}\, \|T_k\|_F` is reported as
+    :attr:`~bilevel.status.Status.BREAKDOWN` and the element stops at its last
+    iterate: a least-squares solution, though not in general the minimum-norm
+    one (:class:`NormalCG` or ``Direct("lstsq")`` give :math:`A^+ b`).
 
     Element ``i`` has converged when its residual estimate
     :math:`\bar\phi_k = \|b_i - A_i x_i\|` satisfies :math:`\bar\phi_k \le
@@ -65,7 +67,8 @@ class MINRES(KrylovSolver):
 
     def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
         tol = self.tol if self.tol is not None else default_tol(b.dtype)
-        return _minres(matvec, b, x0, threshold, maxiter, tol)
+        # below sqrt(eps) the ratio ||A r|| / (||A|| ||r||) is rounding noise
+        return _minres(matvec, b, x0, threshold, maxiter, max(tol, math.sqrt(torch.finfo(b.dtype).eps)))
 
     def _gradient_rule(self):
         return "self", self  # the operator is symmetric
@@ -99,7 +102,9 @@ def _minres(matvec, b, x0, threshold, maxiter, tol):
         y = y - _div(alfa, beta, active).unsqueeze(-1) * r2
         r1, r2 = r2, y
         old_beta, beta = beta, _norm(y)
-        t_norm2 = t_norm2 + alfa**2 + old_beta**2 + beta**2
+        # ||T_k||_F^2; the first old_beta is ||r_0||, not an entry of T (it would
+        # tie the least-squares test below to the scale of b)
+        t_norm2 = t_norm2 + alfa**2 + (old_beta**2 if k > 0 else 0) + beta**2
         old_eps = epsln  # QR of T_k by Givens rotations
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
