@@ -602,14 +602,6 @@ def test_least_squares_solvers_on_a_mixed_batch():
     torch.testing.assert_close(x, ref, rtol=1e-8, atol=1e-10)
 
 
-_LATE_STOP = ("singular inconsistent symmetric system: past the least-squares point the solver takes a step "
-              "with a near-zero pivot, ||x|| jumps to ~1e15 and the returned residual exceeds the "
-              "least-squares residual it had reached (GMRES: 4.07 vs 2.98, status BREAKDOWN; MINRES with "
-              "tol=1e-12: MAX_ITERATIONS after 100 steps, residual 8e14). Suspected: gmres.py "
-              "_arnoldi_cycle's singular-pivot test (pivot > eps**(2/3) * ||A v_j||) misses the pivot, and "
-              "the documented 'keeps the minimum-residual iterate' is not honoured; minres.py's "
-              "least-squares test (hypot(gbar, dbar) <= tol * ||T||) never fires for a tol below "
-              "the attainable rounding level")
 
 
 @pytest.mark.parametrize(
@@ -617,8 +609,8 @@ _LATE_STOP = ("singular inconsistent symmetric system: past the least-squares po
     [
         MINRES(),
         MINRES(tol=1e-12),
-        pytest.param(GMRES(), marks=pytest.mark.xfail(strict=True, reason=_LATE_STOP)),
-        pytest.param(GMRES(tol=1e-12), marks=pytest.mark.xfail(strict=True, reason=_LATE_STOP)),
+        GMRES(),
+        GMRES(tol=1e-12),
     ],
     ids=["MINRES", "MINRES-tol1e-12", "GMRES", "GMRES-tol1e-12"],
 )

@@ -354,9 +354,11 @@ _GOLDEN = (math.sqrt(5.0) - 1) / 2
 
 def _singular_tol(dtype: torch.dtype) -> float:
     """Relative size below which a Krylov pivot means a numerically singular
-    operator: ``eps ** (2/3)`` (3.7e-11 in float64, 2.4e-5 in float32), i.e. a
-    condition number above ``eps ** (-2/3)``."""
-    return float(torch.finfo(dtype).eps) ** (2 / 3)
+    operator: ``sqrt(eps)`` (1.5e-8 in float64, 3.5e-4 in float32), i.e. a
+    condition number above ``1 / sqrt(eps)`` for the new direction.  (A looser
+    ``eps ** (2/3)`` let through a pivot of 5e-11 past the least-squares point
+    of a singular inconsistent system, sending ``x`` to 1e15.)"""
+    return math.sqrt(float(torch.finfo(dtype).eps))
 
 
 def _sync_every(x: torch.Tensor) -> int:
