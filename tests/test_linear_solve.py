@@ -740,3 +740,18 @@ def test_the_second_derivative_of_a_solve_written_as_a_root_is_exact():
         return solver(A, b)
 
     assert torch.autograd.gradgradcheck(x_of, (A, b), atol=1e-6, rtol=1e-5)
+
+
+def test_operator_of_the_wrong_size_and_bad_arguments_are_named():
+    with pytest.raises(ValueError, match=r"`matvec` \(or the preconditioner\) returned 16 values where 8"):
+        CG()(lambda v: torch.cat([v, v]), make_rhs(N))
+    with pytest.raises(ValueError, match=r"returned 48 values where 24"):
+        GMRES()(lambda v: torch.cat([v, v], -1), make_rhs((3, N)), batch_dims=1)
+    with pytest.raises(ValueError, match="batch_dims"):
+        CG()(lambda v: v, make_rhs(N), batch_dims=True)
+    from bilevel.implicit.linear_solve import materialize
+
+    with pytest.raises(ValueError, match=r"`b` must be a \(B, n\) tensor"):
+        materialize(lambda v: v, make_rhs(N))
+    with pytest.raises(ValueError, match="chunk_size"):
+        materialize(lambda v: v, make_rhs((1, N)), chunk_size=0)

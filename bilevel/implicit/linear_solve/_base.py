@@ -130,7 +130,7 @@ class LinearSolver:
     ) -> tuple[TensorTree, LinearSolveInfo]:
         if not callable(matvec):
             raise TypeError(f"`matvec` must be callable (v -> A v); got {type(matvec).__name__}.")
-        if not isinstance(batch_dims, int) or batch_dims < 0:
+        if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
             raise ValueError(f"`batch_dims` must be a non-negative int; got {batch_dims!r}.")
         rav = Raveler(b, batch_dims, name="b")
         if not rav.dtype.is_floating_point and not rav.dtype.is_complex:
@@ -146,13 +146,18 @@ class LinearSolver:
 
                 def flat_fn(v: torch.Tensor) -> torch.Tensor:
                     out = tree_fn(v.reshape(shape))
-                    return (out if torch.is_tensor(out) else rav.ravel(out)).reshape(1, n)
+                    out = out if torch.is_tensor(out) else rav.ravel(out)
+                    if out.numel() != n:
+                        _wrong_output(tree_fn, out, rav)
+                    return out.reshape(1, n)
 
                 return flat_fn
 
             def flat_fn(v: torch.Tensor) -> torch.Tensor:
-                out = tree_fn(rav.unravel(v.reshape(tuple(batch) + (n,))))
-                return rav.ravel(out).reshape(nbatch, n)
+                out = rav.ravel(tree_fn(rav.unravel(v.reshape(tuple(batch) + (n,)))))
+                if out.numel() != nbatch * n:
+                    _wrong_output(tree_fn, out, rav)
+                return out.reshape(nbatch, n)
 
             return flat_fn
 
@@ -227,6 +232,17 @@ class LinearSolver:
         tol = default_tol(b.dtype) if tol is None else tol
         atol = getattr(self, "atol", 0.0)
         return torch.clamp_min(tol * torch.linalg.vector_norm(b, dim=-1), atol)
+
+
+def _wrong_output(fn: Callable, out: torch.Tensor, rav: Raveler) -> None:
+    name = getattr(fn, "__name__", "<lambda>")
+    what = "`matvec` (or the preconditioner)" if name == "<lambda>" else f"`{name}`"
+    raise ValueError(
+        f"linear solve: {what} returned {out.numel()} values where "
+        f"{rav.size * max(math.prod(rav.batch_shape), 1)} were expected: it must map a tree shaped "
+        f"like `b` (leaf shapes {[tuple(rav.batch_shape) + tuple(s) for s in rav.shapes]}) to one "
+        "of the same shapes."
+    )
 
 
 def _on_host(t: torch.Tensor) -> bool:
@@ -485,6 +501,13 @@ def materialize(matvec: FlatMatvec, b: torch.Tensor, chunk_size: Optional[int] =
         >>> torch.equal(materialize(matvec, torch.zeros(2, 2)), A)
         True
     """
+    if not torch.is_tensor(b) or b.dim() != 2:
+        raise ValueError(
+            f"materialize: `b` must be a (B, n) tensor (B systems of n unknowns); got "
+            f"{tuple(b.shape) if torch.is_tensor(b) else type(b).__name__}. For one system, pass b[None]."
+        )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"materialize: `chunk_size` must be a positive int or None; got {chunk_size!r}.")
     nbatch, n = b.shape
     basis = torch.eye(n, dtype=b.dtype, device=b.device).unsqueeze(1).expand(n, nbatch, n)
     try:
