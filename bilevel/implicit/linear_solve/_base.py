@@ -151,6 +151,8 @@ class LinearSolver:
                         _wrong_output(tree_fn, out, rav)
                     return out.reshape(1, n)
 
+                if len(shape) == 1:  # a vector: single-system solvers may skip the reshapes
+                    flat_fn.on_vectors = tree_fn
                 return flat_fn
 
             def flat_fn(v: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,11 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
     n = b.shape[-1]
 
     def apply(op, v):  # the flat operators take and return (1, n)
+        on_vectors = getattr(op, "on_vectors", None)  # the user's own map, where b is a vector
+        if on_vectors is not None:
+            out = on_vectors(v)
+            if torch.is_tensor(out) and out.shape == v.shape:
+                return out
         return op(v.view(1, n)).reshape(n)
 
     x, r = _start(matvec, b, x0)
