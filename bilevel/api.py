@@ -29,7 +29,7 @@ import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -38,7 +38,7 @@ from ._tree import tree_leaves
 from .algorithms import METHODS, Algorithm, State, StepInfo
 from .algorithms._base import host_floats
 from .implicit.linear_solve._base import _sync_every
-from .problems import BilevelProblem
+from .problems import BilevelProblem, LevelBatches
 from .status import BilevelWarning
 from .typing import TensorTree
 
@@ -96,10 +96,14 @@ class _Batches:
     objectives with it) and served first."""
 
     def __init__(self, data: Optional[Iterable]):
+        pair = _level_streams(data)
+        if pair is not None:  # one stream per level, drawn together
+            self.levels = (_Batches(pair[0]), _Batches(pair[1]))
+            data = pair
         self.data = data
         self.served = 0
         self.buffer: list = []
-        if data is not None:
+        if data is not None and pair is None:
             if not hasattr(data, "__iter__"):
                 raise TypeError(f"`data` must be an iterable of mini-batches; got {type(data).__name__}.")
             self.reiterable = iter(data) is not data
@@ -124,6 +128,8 @@ class _Batches:
         return batch
 
     def _pull(self) -> Any:
+        if hasattr(self, "levels"):
+            return LevelBatches(self.levels[0].next(), self.levels[1].next())
         try:
             return next(self.iterator)
         except StopIteration:
@@ -181,6 +187,24 @@ def _two_argument_callback(callback):
     return callback
 
 
+def _level_streams(data: Any) -> Optional[tuple]:
+    """``(outer_data, inner_data)`` where ``data`` gives one stream per level:
+    ``{"outer": ..., "inner": ...}``, or a pair of data loaders (two iterables
+    that are not themselves batches: no tensors, tuples, lists, dicts or strings)."""
+    if isinstance(data, Mapping):
+        if set(data) != {"outer", "inner"}:
+            raise ValueError(
+                f"`data` as a dict must have exactly the keys 'outer' and 'inner' (one stream of "
+                f"mini-batches per level); got {sorted(map(str, data))}."
+            )
+        return data["outer"], data["inner"]
+    batch_like = (torch.Tensor, tuple, list, Mapping, str, bytes)
+    if (isinstance(data, tuple) and len(data) == 2
+            and all(hasattr(d, "__iter__") and not isinstance(d, batch_like) for d in data)):
+        return data
+    return None
+
+
 def solve(
     outer: Union[Callable, BilevelProblem],
     inner: Optional[Callable] = None,
@@ -224,7 +248,11 @@ def solve(
         tol: stop when the hypergradient norm is at most ``tol``.
         max_time: stop after this many seconds.
         data: an iterable of mini-batches passed as the third argument of the
-            objectives; re-iterable data (lists, DataLoaders) is cycled.
+            objectives; re-iterable data (lists, DataLoaders) is cycled.  One
+            stream per level: ``data=(outer_loader, inner_loader)`` or
+            ``data={"outer": ..., "inner": ...}`` draws a batch from each per
+            step, the first for ``outer`` and the second for ``inner`` (each
+            cycled on its own; see :class:`~bilevel.problems.LevelBatches`).
         callback: ``callback(state, record)`` after each step (or ``callback(state)``);
             returning ``True`` stops the run.
         progress: show a tqdm progress bar (default ``True``).

@@ -137,6 +137,66 @@ def test_minibatches_are_passed_and_cycled():
                       progress=False)
 
 
+class _Loader:
+    """A re-iterable stream of mini-batches that is not itself a batch (like a DataLoader)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("form", ["pair", "dict"])
+def test_one_data_stream_per_level(form):
+    """data=(outer_data, inner_data) or {"outer": ..., "inner": ...}: each step draws one
+    batch from each stream (cycled on its own); outer sees only validation batches,
+    inner only training batches."""
+    torch.manual_seed(0)
+    X, t, Xv, tv = torch.randn(40, 3), torch.randn(40), torch.randn(20, 3), torch.randn(20)
+    train = _Loader([("train", torch.arange(i, i + 20)) for i in (0, 20)])
+    valid = _Loader([("valid", torch.arange(i, i + 10)) for i in (0, 10, 10)])
+    seen = {"outer": set(), "inner": set()}
+
+    def inner(lam, w, batch):
+        kind, idx = batch
+        seen["inner"].add(kind)
+        return 0.5 * ((X[idx] @ w - t[idx]) ** 2).sum() + 0.5 * (lam.exp() * w**2).sum()
+
+    def outer(lam, w, batch):
+        kind, idx = batch
+        seen["outer"].add(kind)
+        return 0.5 * ((Xv[idx] @ w - tv[idx]) ** 2).sum()
+
+    data = (valid, train) if form == "pair" else {"inner": train, "outer": valid}
+    result = bilevel.solve(outer, inner, torch.zeros(3), torch.zeros(3), max_steps=7, data=data,
+                           progress=False, inner_solver=LBFGS(maxiter=100))
+    assert result.state.iteration == 7 and bool(torch.isfinite(result.x).all())
+    assert seen == {"outer": {"valid"}, "inner": {"train"}}
+
+
+def test_data_dict_must_name_both_levels():
+    problem = quadratic()
+    with pytest.raises(ValueError, match="exactly the keys 'outer' and 'inner'"):
+        bilevel.solve(problem.outer, problem.inner, problem.x0, problem.y0, data={"train": [1]}, progress=False)
+
+
+def test_a_tuple_of_two_batches_is_still_a_stream_of_batches():
+    from bilevel.problems import LevelBatches
+
+    got = []
+
+    def inner(x, y, batch):
+        got.append(batch)
+        return 0.5 * ((y - x) ** 2).sum()
+
+    batches = ((torch.ones(2), torch.zeros(2)), (torch.zeros(2), torch.ones(2)))  # two (X, t) batches
+    bilevel.solve(lambda x, y, b: ((y - 1) ** 2).sum(), inner, torch.zeros(2), torch.zeros(2), max_steps=2,
+                  data=batches, progress=False)
+    assert got and not any(isinstance(b, LevelBatches) for b in got)
+    assert any(b is batches[0] for b in got) and any(b is batches[1] for b in got)
+
+
 def test_config_objects_and_options():
     problem = quadratic()
     result = bilevel.solve(problem, method=Implicit(solve=CG(maxiter=50), lr=0.05), max_steps=5, progress=False)

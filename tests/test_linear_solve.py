@@ -711,7 +711,7 @@ def test_backward_solve_that_misses_its_tolerance_warns():
 
     A = make_matrix("spd", low=1.0, high=1e4).requires_grad_()
     x, _ = CG(tol=1e-2, maxiter=3)(matvec_of(A), make_rhs(N))
-    with pytest.warns(ConvergenceWarning, match="adjoint solve of the backward pass"):
+    with pytest.warns(ConvergenceWarning, match="for the derivative of the solution did not converge"):
         x.sum().backward()
 
 
@@ -755,3 +755,80 @@ def test_operator_of_the_wrong_size_and_bad_arguments_are_named():
         materialize(lambda v: v, make_rhs(N))
     with pytest.raises(ValueError, match="chunk_size"):
         materialize(lambda v: v, make_rhs((1, N)), chunk_size=0)
+
+
+@pytest.mark.parametrize("name", ["CG", "GMRES", "Direct-lu", "NormalCG", "Direct-lstsq"])
+def test_forward_mode_through_a_solve(name):
+    """x_dot = A^{-1} (b_dot - A_dot x), one solve per tangent, whatever the solver."""
+    import torch.autograd.forward_ad as fwAD
+
+    solver, _ = SOLVERS[name]
+    symmetric = name == "CG"
+    A = make_matrix("spd" if symmetric else "nonsymmetric", n=5)
+    A_dot = make_rhs((5, 5), seed=3)
+    A_dot = _symmetrized(A_dot) if symmetric else A_dot
+    b, b_dot = make_rhs(5), make_rhs(5, seed=4)
+    with fwAD.dual_level():
+        A_dual, b_dual = fwAD.make_dual(A, A_dot), fwAD.make_dual(b, b_dot)
+        x, _ = solver(matvec_of(A_dual), b_dual)
+        x_dot = fwAD.unpack_dual(x).tangent
+    x_ref = torch.linalg.solve(A, b)
+    torch.testing.assert_close(x_dot, torch.linalg.solve(A, b_dot - A_dot @ x_ref), rtol=1e-9, atol=1e-11)
+
+
+def test_forward_mode_with_an_operator_whose_parameters_require_grad():
+    import torch.autograd.forward_ad as fwAD
+
+    layer = torch.nn.Linear(5, 5, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(make_matrix("nonsymmetric", n=5))
+    b, b_dot = make_rhs(5), make_rhs(5, seed=4)
+    with fwAD.dual_level():
+        x, _ = GMRES(tol=1e-13)(layer, fwAD.make_dual(b, b_dot))
+        x_dot = fwAD.unpack_dual(x).tangent
+    torch.testing.assert_close(x_dot, torch.linalg.solve(layer.weight.detach(), b_dot))
+
+
+@pytest.mark.parametrize("solver", [Direct("lu"), BiCGStab(tol=1e-13)], ids=["LU", "BiCGStab"])
+def test_gradient_of_a_complex_solve(solver):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, dtype=torch.complex128, generator=g) + 4 * torch.eye(4)
+    b = torch.randn(4, dtype=torch.complex128, generator=g).requires_grad_()
+    x, _ = solver(lambda v: A @ v, b)
+    (got,) = torch.autograd.grad(x.abs().sum(), b)
+    (want,) = torch.autograd.grad(torch.linalg.solve(A, b).abs().sum(), b)
+    torch.testing.assert_close(got, want)
+
+
+def test_gradient_with_a_matvec_computing_in_float32():
+    A = make_matrix("nonsymmetric", n=5)
+    A32 = A.float()
+    b = make_rhs(5).requires_grad_()
+    x, _ = Direct("lu")(lambda v: (A32 @ v.float()).double(), b)
+    (gb,) = torch.autograd.grad(x.sum(), b)
+    torch.testing.assert_close(gb, torch.linalg.solve(A.T, torch.ones(5)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["NormalCG", "Direct-lstsq"])
+def test_least_squares_gradient_for_a_rank_deficient_matrix(name):
+    """x = A^+ b with rank(A) = 4 < 6: d<x, c>/db = (A^+)^T c (the adjoint of the
+    normal equations has no solution; the minimum-norm one is taken in two stages)."""
+    solver, _ = SOLVERS[name]
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 4, generator=g) @ torch.randn(4, 6, generator=g)
+    b, c = torch.randn(6, generator=g).requires_grad_(), torch.randn(6, generator=g)
+    x, _ = solver(matvec_of(A), b)
+    torch.testing.assert_close(x, torch.linalg.pinv(A) @ b)
+    (gb,) = torch.autograd.grad((x * c).sum(), b)
+    torch.testing.assert_close(gb, torch.linalg.pinv(A).T @ c, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype, small", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_minres_solves_a_nonsingular_system_with_a_tiny_eigenvalue(dtype, small):
+    """A small eigenvalue is not a singular operator: the least-squares stop must not fire."""
+    d = torch.ones(10, dtype=dtype)
+    d[0], d[-1] = -1, small
+    b = torch.ones(10, dtype=dtype)
+    x, info = MINRES()(lambda v: d * v, b)
+    assert int(info.status) == Status.SUCCESS, info
+    torch.testing.assert_close(x, b / d, rtol=1e-3 if dtype == torch.float32 else 1e-7, atol=0)

@@ -22,6 +22,7 @@ import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..problems import BilevelProblem
+from ..problems.base import level_batch
 from ..typing import TensorTree
 
 OptimizerSpec = Union[str, type, Callable[[list], torch.optim.Optimizer]]
@@ -261,10 +262,12 @@ def fresh_leaves(tree: TensorTree) -> TensorTree:
 
 
 def bind_batch(problem: BilevelProblem, batch: Any) -> tuple[Callable, Callable]:
-    """``outer(x, y)`` and ``inner(x, y)`` with the mini-batch bound (if any)."""
+    """``outer(x, y)`` and ``inner(x, y)`` with the mini-batch bound (if any); a
+    :class:`~bilevel.problems.LevelBatches` gives each level its own."""
     if batch is None:
         return problem.outer, problem.inner
-    return (lambda x, y: problem.outer(x, y, batch)), (lambda x, y: problem.inner(x, y, batch))
+    outer_batch, inner_batch = level_batch(batch, "outer"), level_batch(batch, "inner")
+    return (lambda x, y: problem.outer(x, y, outer_batch)), (lambda x, y: problem.inner(x, y, inner_batch))
 
 
 def set_projection(spec: Any, tree_example: Any, name: str) -> Optional[Callable[[list], list]]:

@@ -24,13 +24,14 @@ PDEs with closed-form solutions (for the hard-constraint layers, :class:`PDEProb
 * :func:`burgers_1d` — viscous Burgers, the Cole-Hopf solution.
 """
 
-from .base import BilevelProblem, Solution
+from .base import BilevelProblem, LevelBatches, Solution
 from .classification import hyper_cleaning_digits, logistic_breast_cancer
 from .pde import PDEProblem, burgers_1d, heat_1d
 from .ridge import RidgeHPO, ridge, ridge_diabetes
 from .toys import coupled_constraint, nonunique_lower_level, project_below_diagonal, quadratic
 
 __all__ = [
+    "LevelBatches",
     "BilevelProblem",
     "PDEProblem",
     "RidgeHPO",

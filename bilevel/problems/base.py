@@ -17,14 +17,43 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch.utils import _pytree as pytree
 
 from ..typing import TensorTree
 
-__all__ = ["BilevelProblem", "Solution"]
+__all__ = ["BilevelProblem", "LevelBatches", "Solution"]
+
+
+class LevelBatches(NamedTuple):
+    """One mini-batch per level, drawn together for one step: ``outer`` is passed
+    to the upper objective, ``inner`` to the lower one and to its constraints
+    (e.g. a validation batch and a training batch).
+
+    :func:`bilevel.solve` builds them from ``data=(outer_data, inner_data)`` or
+    ``data={"outer": ..., "inner": ...}``; a stream that yields them works too.
+
+    Args:
+        outer: the mini-batch of the upper objective.
+        inner: the mini-batch of the lower objective and its constraints.
+
+    Example:
+        >>> from bilevel.problems import LevelBatches
+        >>> batch = LevelBatches(outer="validation rows", inner="training rows")
+        >>> batch.inner
+        'training rows'
+    """
+
+    outer: Any
+    inner: Any
+
+
+def level_batch(batch: Any, level: str) -> Any:
+    """The part of ``batch`` meant for ``level`` (``"outer"`` or ``"inner"``): its
+    field of a :class:`LevelBatches`, else the whole batch (shared by both)."""
+    return getattr(batch, level) if isinstance(batch, LevelBatches) else batch
 
 
 @dataclass(frozen=True)
@@ -227,7 +256,8 @@ class BilevelProblem:
 
     def _call(self, fname: str, shapes: str) -> torch.Tensor:
         fn = getattr(self, fname)
-        batch = () if self.example_batch is None else (self.example_batch,)
+        level = "outer" if fname == "outer" else "inner"  # the constraints belong to the inner level
+        batch = () if self.example_batch is None else (level_batch(self.example_batch, level),)
         try:
             value = fn(self.x0, self.y0, *batch)
         except Exception as err:  # name the function and the shapes it was given

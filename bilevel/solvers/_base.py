@@ -322,6 +322,8 @@ def check_init(init: Any, name: str) -> list[torch.Tensor]:
                 f"{name}: `init` must hold floating-point tensors (the warm start); leaf {i} has "
                 f"dtype {leaf.dtype}. Pass e.g. `init.double()` or `init.float()`."
             )
+    if sum(leaf.numel() for leaf in leaves) == 0:
+        raise ValueError(f"{name}: `init` has no elements: there is nothing to solve for.")
     return leaves
 
 

@@ -89,7 +89,7 @@ class _Residuals:
         self.rav = Raveler(init, batch_dims, name="init")
         self.batch = tuple(self.rav.batch_shape)
         self.B, self.n = math.prod(self.batch), self.rav.size
-        self.x0 = self.rav.ravel(tree_map(lambda t: t.detach(), init)).to(self.rav.dtype).reshape(self.B, self.n)
+        self.x0 = self.rav.ravel(tree_map(lambda t: t.detach().clone(), init)).to(self.rav.dtype).reshape(self.B, self.n)
 
     def tree(self, x: torch.Tensor) -> TensorTree:
         return self.rav.unravel(x.reshape(self.batch + (self.n,)))

@@ -2,6 +2,7 @@ r"""Bridges to :mod:`torch.optim`: any optimizer in a loop, and L-BFGS."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -29,6 +30,17 @@ from ._base import (
     nonfinite,
     warn_if_failed,
 )
+
+
+def _check_optimizer_options(cls: type, options: dict) -> None:
+    """Name the options ``cls`` does not take, at construction rather than at the first run."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params) - {"self"})
+    if unknown:
+        known = sorted(set(params) - {"self", "params", "lr"})
+        raise ValueError(f"OptimizerLoop: {cls.__name__} takes no option {unknown}; its options: {known}.")
 
 __all__ = ["OptimizerLoop", "LBFGS"]
 
@@ -190,11 +202,13 @@ class OptimizerLoop(Solver):
         _check_fields(
             self,
             **COMMON_RULES,
-            lr=(_positive_or_none, "a positive float"),
+            lr=(lambda v: _positive_or_none(v) and v is not None, "a positive float"),
             optimizer=(lambda v: isinstance(v, str) or callable(v),
                        "a torch.optim name, an optimizer class or a factory params -> optimizer"),
         )
-        self._optimizer_class()  # resolve names now: errors at construction
+        cls = self._optimizer_class()  # resolve names now: errors at construction
+        if cls is not None:
+            _check_optimizer_options(cls, dict(self.options))
 
     def _optimizer_class(self) -> Optional[type]:
         opt = self.optimizer
@@ -209,6 +223,8 @@ class OptimizerLoop(Solver):
         if isinstance(opt, type):
             if not issubclass(opt, torch.optim.Optimizer):
                 raise TypeError(f"OptimizerLoop: `optimizer` class {opt.__name__} is not a torch.optim.Optimizer.")
+            if issubclass(opt, torch.optim.LBFGS):  # its step needs a closure
+                raise ValueError("OptimizerLoop: torch.optim.LBFGS needs a closure; use bilevel.solvers.LBFGS.")
             return opt
         if self.options:
             raise ValueError(

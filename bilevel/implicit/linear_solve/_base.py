@@ -185,7 +185,7 @@ class LinearSolver:
             x0_flat = torch.where((b_norm == 0).unsqueeze(-1), 0, x0_flat)
         # Recording gradients (a direct call on tensors that may require grad): the
         # iterations are not recorded; x gets the implicit gradient (._gradient).
-        record = torch.is_grad_enabled() and not inside_transform()
+        record = (torch.is_grad_enabled() or _forward_ad_level() >= 0) and not inside_transform()
         with torch.no_grad() if record else contextlib.nullcontext():
             x, iterations, status, *estimate = self._solve(flat_matvec, b_flat, x0_flat, flatten)
         if record:
@@ -234,6 +234,11 @@ class LinearSolver:
         tol = default_tol(b.dtype) if tol is None else tol
         atol = getattr(self, "atol", 0.0)
         return torch.clamp_min(tol * torch.linalg.vector_norm(b, dim=-1), atol)
+
+
+def _forward_ad_level() -> int:
+    """The innermost :mod:`torch.autograd.forward_ad` dual level, -1 outside any."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1)
 
 
 def _wrong_output(fn: Callable, out: torch.Tensor, rav: Raveler) -> None:
@@ -307,22 +312,24 @@ def transpose_operator(matvec: FlatMatvec, b: torch.Tensor) -> tuple[FlatMatvec,
             raise RuntimeError(
                 "linear solve: could not form A^T v as the VJP of `matvec` with "
                 f"torch.func.vjp ({type(err).__name__}: {err}); write `matvec` with "
-                "differentiable torch operations, or use GMRES / Direct('lstsq')."
+                "differentiable torch operations, or give it a `.transpose` attribute (v -> A^T v)."
             ) from err
         rmatvec = lambda v: vjp_fn(v)[0]  # noqa: E731
     u, w = _probe(b, 1), _probe(b, 2)
     Au, Atw = matvec(u), rmatvec(w)
-    lhs, rhs = (Au * w).sum(-1), (u * Atw).sum(-1)
+    lhs, rhs = (Au * w.conj()).sum(-1), (u * Atw.conj()).sum(-1)  # <A u, w> = <u, A^H w>
     scale = (_norm(Au) * _norm(w) + _norm(u) * _norm(Atw)).clamp_min(torch.finfo(b.dtype).tiny)
+    # Loose enough for a matvec computing in a lower precision than b (float32
+    # inside, TF32 matmuls); a non-linear or untraceable one is off by O(1).
     # NaN passes here: a non-finite system is reported by the solve's own status.
-    adjoint = ~((lhs - rhs).abs() > 1e3 * torch.finfo(b.dtype).eps * scale)
+    adjoint = ~((lhs - rhs).abs() > max(1e3 * torch.finfo(b.dtype).eps, 1e-3) * scale)
     if not is_transformed(adjoint) and not bool(adjoint.all()):
         bad = (~adjoint).nonzero()[0, 0]
         raise RuntimeError(
             "linear solve: the transpose of `matvec` failed the adjoint test <A u, w> = <u, A^T w> "
             f"(got {lhs[bad].item():.6g} vs {rhs[bad].item():.6g}): `matvec` is "
             "not linear, or torch.func cannot trace it (e.g. it calls torch.autograd.grad). Give "
-            "the matvec a `.transpose` attribute, or use GMRES / Direct('lstsq')."
+            "the matvec a `.transpose` attribute."
         )
     return rmatvec, adjoint
 

@@ -16,10 +16,17 @@ the gradient is the one above, and ``r``'s graph carries the dependence on
 gradients are recorded).
 
 Least-squares solvers (:class:`NormalCG`, ``Direct("lstsq")``) are differentiated
-through their normal equations :math:`A^\top (b - A x) = 0`: the adjoint system
-is :math:`A^\top A\, u = \bar x`, exact for a matrix of full column rank (for a
-rank-deficient one, the gradient keeps :math:`x` in the row space: the
-derivative of the pseudo-inverse solution has further terms).
+through their normal equations :math:`A^\top (b - A x) = 0`, with the
+minimum-norm adjoint :math:`u = (A^\top A)^+ \bar x`: exact for a matrix of full
+column rank, and with respect to ``b`` for any rank (for a rank-deficient
+:math:`A`, the derivative with respect to the operator leaves out the term of
+the null space's motion).
+
+Forward mode (:mod:`torch.autograd.forward_ad`) follows the same rule:
+:math:`\dot x = A^{-1} \dot r` with :math:`\dot r = \dot b - \dot A x`, one solve
+per tangent.  Under :mod:`torch.func` transforms none of this applies: the
+iterations themselves are differentiated there (use
+:func:`bilevel.implicit.custom_root` for ``torch.func.grad`` / ``jacrev``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import warnings
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ...status import ConvergenceWarning, Status
 
@@ -35,21 +43,27 @@ FlatMatvec = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _ImplicitSolution(torch.autograd.Function):
-    """Zeros forward; backward: the adjoint solve ``u = A^{-T} g``."""
+    """Zeros forward; backward: the adjoint solve ``u = A^{-T} g``; forward mode:
+    the tangent ``A^{-1} r_dot`` of the solution (``r``'s tangent carries those
+    of ``b`` and of the operator)."""
 
     @staticmethod
-    def forward(ctx, residual: torch.Tensor, solve_adjoint: Callable) -> torch.Tensor:
-        ctx.solve_adjoint = solve_adjoint
+    def forward(ctx, residual: torch.Tensor, solves: "_Solves") -> torch.Tensor:
+        ctx.solves = solves
         ctx.save_for_backward(residual)
         return torch.zeros_like(residual)
 
     @staticmethod
     def backward(ctx, x_bar: torch.Tensor):
-        u = ctx.solve_adjoint(x_bar)
+        u = ctx.solves.adjoint(x_bar)
         if torch.is_grad_enabled():  # create_graph=True: a later derivative must not pass silently
             (residual,) = ctx.saved_tensors
             u = _FirstOrderOnly.apply(u, residual, x_bar)
         return u, None
+
+    @staticmethod
+    def jvp(ctx, residual_dot: torch.Tensor, _):
+        return ctx.solves.tangent(residual_dot)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -71,51 +85,97 @@ class _FirstOrderOnly(torch.autograd.Function):
         )
 
 
-def attach_gradient(solver, matvec: FlatMatvec, b: torch.Tensor, x: torch.Tensor, flatten: Callable, transpose):
-    """``(x, residual)``: ``x`` carrying the implicit gradient where ``b`` or the
-    operator requires grad (``x`` unchanged otherwise), and ``b - A x`` detached.
+def _primal(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its forward-mode tangent (if any)."""
+    return fwAD.unpack_dual(t).primal
 
-    Called with gradient recording on.  ``transpose(matvec, b)`` returns
+
+def _has_tangent(t: torch.Tensor) -> bool:
+    return fwAD.unpack_dual(t).tangent is not None
+
+
+def attach_gradient(solver, matvec: FlatMatvec, b: torch.Tensor, x: torch.Tensor, flatten: Callable, transpose):
+    """``(x, residual)``: ``x`` carrying the implicit derivatives (reverse and
+    forward mode) where ``b`` or the operator requires grad or carries a tangent
+    (``x`` unchanged otherwise), and ``b - A x`` detached.
+
+    Called with derivatives recorded.  ``transpose(matvec, b)`` returns
     ``(A^T, adjoint-test mask)`` for a non-symmetric operator.
     """
+    x = _primal(x)  # the iterations' own tangents (step sizes held fixed) are not the solution's
     plain = b - matvec(x)
-    if not plain.requires_grad:
+    if not (plain.requires_grad or _has_tangent(plain)):
         return x, plain
-    kind, adjoint_solver = solver._gradient_rule()
+    kind, inner_solver = solver._gradient_rule()
     residual = plain
     if kind == "normal":
         _, rmatvec = torch.func.vjp(matvec, x)  # recorded: A^T's dependence on theta
         residual = rmatvec(plain)[0]
+    solves = _Solves(solver, inner_solver, kind, matvec, _primal(b.detach()), flatten, transpose)
+    return x + _ImplicitSolution.apply(residual, solves), plain.detach()
 
-    def solve_adjoint(x_bar: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            adjoint = matvec
-            if kind != "self":
-                transposed, _ = transpose(matvec, b.detach())
-                adjoint = transposed if kind == "transpose" else (lambda v: transposed(matvec(v)))
-            u, _, status, *_ = adjoint_solver._solve(adjoint, x_bar, None, flatten)
-            _warn_if_failed(solver, adjoint_solver, status, x_bar - adjoint(u), x_bar)
+
+class _Solves:
+    r"""The solves behind the derivatives of one linear solve ``A x = b``.
+
+    ``adjoint``: :math:`A^{-\top} \bar x` (the operator itself where the solver
+    assumes symmetry); for a least-squares solver, :math:`u = (A^\top A)^+ \bar x`,
+    the minimum-norm solution, in two consistent stages
+    :math:`(A A^\top) z = A \bar x`, then :math:`(A^\top A) u = A^\top z`
+    (:math:`z = (A^\top)^+ \bar x`, :math:`u = A^+ z`): a rank-deficient
+    :math:`A` leaves :math:`A^\top A u = \bar x` without a solution.
+    ``tangent``: :math:`A^{-1} \dot r` (:math:`(A^\top A)^+ \dot r` for least squares).
+    """
+
+    def __init__(self, solver, inner_solver, kind, matvec, b, flatten, transpose):
+        self.solver, self.inner_solver, self.kind = solver, inner_solver, kind
+        self.matvec, self.b, self.flatten, self.transpose = matvec, b, flatten, transpose
+
+    def _transposed(self) -> FlatMatvec:
+        return self.transpose(self.matvec, self.b)[0]
+
+    def _solve(self, solver, operator, rhs, what: str) -> torch.Tensor:
+        u, _, status, *_ = solver._solve(operator, rhs, None, self.flatten)
+        _warn_if_failed(self.solver, solver, status, rhs - operator(u), rhs, what)
         return u
 
-    return x + _ImplicitSolution.apply(residual, solve_adjoint), plain.detach()
+    def adjoint(self, x_bar: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if self.kind == "self":
+                return self._solve(self.inner_solver, self.matvec, x_bar, "A^T u = grad x")
+            transposed = self._transposed()
+            if self.kind == "transpose":
+                return self._solve(self.inner_solver, transposed, x_bar, "A^T u = grad x")
+            A, At = self.matvec, transposed
+            z = self._solve(self.inner_solver, lambda v: A(At(v)), A(x_bar), "(A A^T) z = A grad x")
+            return self._solve(self.inner_solver, lambda v: At(A(v)), At(z), "(A^T A) u = A^T z")
+
+    def tangent(self, residual_dot: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            residual_dot = _primal(residual_dot)
+            if self.kind != "normal":
+                return self._solve(self.solver, self.matvec, residual_dot, "A x_dot = r_dot")
+            A, At = self.matvec, self._transposed()
+            return self._solve(self.inner_solver, lambda v: At(A(v)), residual_dot, "(A^T A) x_dot = r_dot")
 
 
-def _warn_if_failed(solver, adjoint_solver, status, gap, x_bar) -> None:
+def _warn_if_failed(solver, used, status, gap, rhs, what: str) -> None:
     from ._base import _final_status  # the base module imports this one
 
-    gap, scale = torch.linalg.vector_norm(gap, dim=-1), torch.linalg.vector_norm(x_bar, dim=-1)
-    status = _final_status(adjoint_solver, status, gap, scale)
+    gap, scale = torch.linalg.vector_norm(gap, dim=-1), torch.linalg.vector_norm(rhs, dim=-1)
+    status = _final_status(used, status, gap, scale)
     failed = status != Status.SUCCESS
     if not bool(failed.any()):
         return
     relative = gap / scale.clamp_min(torch.finfo(gap.dtype).tiny)
     worst = int(torch.argmax(torch.where(failed, relative, -1)))
     warnings.warn(ConvergenceWarning(
-        f"{type(solver).__name__}: the adjoint solve of the backward pass (A^T u = grad x) did not "
+        f"{type(solver).__name__}: the solve {what} for the derivative of the solution did not "
         f"converge for {int(failed.sum())} of {failed.numel()} systems (worst: batch element {worst}, "
         f"{Status(int(status[worst])).name}, relative residual {float(relative[worst]):.2e}); the "
-        "gradient is inexact. Raise maxiter or use a solver suited to A^T."
-    ), stacklevel=3)
+        "derivative is inexact. A budget or tolerance that suits the forward solve may not suit this "
+        "one (raise maxiter), or the operator is singular there."
+    ), stacklevel=4)
 
 
 __all__ = ["attach_gradient"]

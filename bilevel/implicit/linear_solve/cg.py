@@ -149,9 +149,9 @@ def _estimate_is_reliable(rr: float, b, x, last, k: int) -> bool:
     the true one stalls.  It is trusted only 10 times above the bound, with
     ``||A||`` estimated by ``||A p|| / ||p||`` of the last step.
     """
-    if not math.isfinite(rr) or last is None:
-        return not math.isfinite(rr)  # NaN is reported as it is; no step: nothing drifted
-    p, Ap = last
+    if not math.isfinite(rr):
+        return True  # a non-finite residual is reported as it is
+    p, Ap = last  # a failed solve took at least one step
     a_norm = float(torch.linalg.vector_norm(Ap)) / max(float(torch.linalg.vector_norm(p)), 1e-300)
     scale = float(torch.linalg.vector_norm(b)) + a_norm * float(torch.linalg.vector_norm(x))
     floor = (k + 1) * math.sqrt(b.shape[-1]) * torch.finfo(b.dtype).eps * scale

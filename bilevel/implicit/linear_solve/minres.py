@@ -31,9 +31,10 @@ class MINRES(KrylovSolver):
     updated by short recurrences and Givens rotations (constant memory).  The
     operator must be symmetric; it may be indefinite.  A residual that is
     already a least-squares residual to the tolerance, :math:`\|A r_k\| \le
-    \max(\mathrm{tol}, \sqrt{\mathrm{eps}})\, \|T_k\|_F \|r_k\|` (a singular
-    operator and an inconsistent right-hand side; past that point the
-    recurrences lose all accuracy), or a vanishing rotated pivot
+    \max(\mathrm{tol}, \sqrt{\mathrm{eps}})\, \|T_k\|_F \|r_k\|`, where the next
+    step could not halve it (a singular operator and an inconsistent right-hand
+    side, not a small eigenvalue; past that point the recurrences lose all
+    accuracy), or a vanishing rotated pivot
     :math:`\gamma_k \le \mathrm{eps}\, \|T_k\|_F` is reported as
     :attr:`~bilevel.status.Status.BREAKDOWN` and the element stops at its last
     iterate: a least-squares solution, though not in general the minimum-norm
@@ -115,7 +116,9 @@ def _minres(matvec, b, x0, threshold, maxiter, tol):
         # ||A r|| / (||T|| ||r||) of the last iterate: a least-squares residual
         # (singular A, inconsistent b) cannot be reduced any further.
         t_norm = t_norm2.sqrt()
-        least_squares = torch.hypot(gbar, dbar) <= tol * t_norm
+        # Told apart from a small eigenvalue (cond > 1/tol, still solvable) by the step
+        # it would take: there it removes the residual (sn ~ 0), here it cannot (sn ~ 1).
+        least_squares = (torch.hypot(gbar, dbar) <= tol * t_norm) & (2 * beta >= gamma)
         singular = active & ~nonfinite & (least_squares | ~(gamma > eps * t_norm))
         status = _mark(_mark(status, nonfinite, Status.NONFINITE), singular, Status.BREAKDOWN)
         active = active & ~nonfinite & ~singular
