@@ -832,3 +832,19 @@ def test_minres_solves_a_nonsingular_system_with_a_tiny_eigenvalue(dtype, small)
     x, info = MINRES()(lambda v: d * v, b)
     assert int(info.status) == Status.SUCCESS, info
     torch.testing.assert_close(x, b / d, rtol=1e-3 if dtype == torch.float32 else 1e-7, atol=0)
+
+
+@pytest.mark.parametrize("name", ["CG", "GMRES", "MINRES", "BiCGStab", "NormalCG", "Direct-lu"])
+def test_torch_func_grad_and_jacrev_through_a_solve(name):
+    """Under torch.func the implicit rule applies too (no differentiation of the
+    iterations: GMRES's in-place updates and MINRES's hypot at 0 are never traced)."""
+    solver, kinds = SOLVERS[name]
+    kind = "spd" if "spd" in kinds else "nonsymmetric"
+    A, b = make_matrix(kind, n=5), make_rhs(5)
+    grad_b = torch.func.grad(lambda b_: solver(matvec_of(A), b_)[0].sum())(b)
+    torch.testing.assert_close(grad_b, torch.linalg.solve(A.T, torch.ones(5)), rtol=1e-9, atol=1e-11)
+    jac_b = torch.func.jacrev(lambda b_: solver(matvec_of(A), b_)[0])(b)
+    torch.testing.assert_close(jac_b, torch.linalg.inv(A), rtol=1e-9, atol=1e-11)
+    jac_A = torch.func.jacrev(lambda A_: solver(matvec_of(A_), b)[0])(A)
+    want = torch.func.jacrev(lambda A_: torch.linalg.solve(A_, b))(A)
+    torch.testing.assert_close(jac_A, want, rtol=1e-8, atol=1e-10)

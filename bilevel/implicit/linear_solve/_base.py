@@ -185,7 +185,7 @@ class LinearSolver:
             x0_flat = torch.where((b_norm == 0).unsqueeze(-1), 0, x0_flat)
         # Recording gradients (a direct call on tensors that may require grad): the
         # iterations are not recorded; x gets the implicit gradient (._gradient).
-        record = (torch.is_grad_enabled() or _forward_ad_level() >= 0) and not inside_transform()
+        record = torch.is_grad_enabled() or _forward_ad_level() >= 0
         with torch.no_grad() if record else contextlib.nullcontext():
             x, iterations, status, *estimate = self._solve(flat_matvec, b_flat, x0_flat, flatten)
         if record:

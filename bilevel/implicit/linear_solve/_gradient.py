@@ -24,9 +24,7 @@ the null space's motion).
 
 Forward mode (:mod:`torch.autograd.forward_ad`) follows the same rule:
 :math:`\dot x = A^{-1} \dot r` with :math:`\dot r = \dot b - \dot A x`, one solve
-per tangent.  Under :mod:`torch.func` transforms none of this applies: the
-iterations themselves are differentiated there (use
-:func:`bilevel.implicit.custom_root` for ``torch.func.grad`` / ``jacrev``).
+per tangent, and so do :func:`torch.func.grad`, ``jacrev`` and ``vmap``.
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ from typing import Callable
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ..._tree import is_transformed
 from ...status import ConvergenceWarning, Status
 
 FlatMatvec = Callable[[torch.Tensor], torch.Tensor]
@@ -45,13 +44,21 @@ FlatMatvec = Callable[[torch.Tensor], torch.Tensor]
 class _ImplicitSolution(torch.autograd.Function):
     """Zeros forward; backward: the adjoint solve ``u = A^{-T} g``; forward mode:
     the tangent ``A^{-1} r_dot`` of the solution (``r``'s tangent carries those
-    of ``b`` and of the operator)."""
+    of ``b`` and of the operator).  Written with ``setup_context`` and a generated
+    vmap rule, so that it also runs under ``torch.func`` (``grad``, ``jacrev``,
+    ``vmap``): the solvers take their transform-safe paths there."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, residual: torch.Tensor, solves: "_Solves") -> torch.Tensor:
+    def forward(residual: torch.Tensor, solves: "_Solves") -> torch.Tensor:
+        return torch.zeros_like(residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        residual, solves = inputs
         ctx.solves = solves
         ctx.save_for_backward(residual)
-        return torch.zeros_like(residual)
 
     @staticmethod
     def backward(ctx, x_bar: torch.Tensor):
@@ -71,9 +78,15 @@ class _FirstOrderOnly(torch.autograd.Function):
     to ``b`` and the operator's tensors) and to the cotangent, so that every
     later derivative that depends on ``u`` reaches it."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, u: torch.Tensor, residual: torch.Tensor, x_bar: torch.Tensor) -> torch.Tensor:
+    def forward(u: torch.Tensor, residual: torch.Tensor, x_bar: torch.Tensor) -> torch.Tensor:
         return u.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, _):
@@ -165,7 +178,7 @@ def _warn_if_failed(solver, used, status, gap, rhs, what: str) -> None:
     gap, scale = torch.linalg.vector_norm(gap, dim=-1), torch.linalg.vector_norm(rhs, dim=-1)
     status = _final_status(used, status, gap, scale)
     failed = status != Status.SUCCESS
-    if not bool(failed.any()):
+    if is_transformed(failed) or not bool(failed.any()):  # under vmap the values cannot be read
         return
     relative = gap / scale.clamp_min(torch.finfo(gap.dtype).tiny)
     worst = int(torch.argmax(torch.where(failed, relative, -1)))
