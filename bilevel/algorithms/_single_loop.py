@@ -471,19 +471,23 @@ class SingleLoop(Algorithm):
 
     def _diverged(self, state: State, failed: int, size: float, start: float, cause) -> None:
         """Go back to the saved state (warning), or raise after the last back-off."""
+        used = state.extras.get("x_step", float("nan")) * state.extras.get("x_step_scale", 1.0)
         if _roll_back(state, self.backoffs):
+            now = state.extras.get("x_step", float("nan")) * state.extras["x_step_scale"]
             warnings.warn(
-                f"{type(self).__name__}: the iterates blew up at step {failed} with x step "
-                f"{state.extras.get('x_step', float('nan')):.3g}; went back to step {state.iteration} and "
-                f"continue with the x step scaled by {state.extras['x_step_scale']:.0e}.",
+                f"{type(self).__name__}: the iterates blew up at step {failed} with an x step of "
+                f"{used:.3g}; went back to step {state.iteration} and go on with an x step of {now:.3g} "
+                f"(back-off {state.extras['backoffs_taken']} of {self.backoffs}; the y steps are unchanged).",
                 StepSizeWarning, stacklevel=5,
             )
             return
+        taken = state.extras.get("backoffs_taken", 0)
         error = FloatingPointError(
             f"{type(self).__name__}: the iterates diverged at step {failed} "
             f"(|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}, "
-            f"{math.sqrt(max(start, 0.0)):.3g} at the start); lower the step sizes "
-            f"(the x step is {state.extras.get('x_step', float('nan')):.3g})."
+            f"{math.sqrt(max(start, 0.0)):.3g} at the start) with an x step of {used:.3g}"
+            + (f", after {taken} back-off(s) that each divided it by 10" if taken else "")
+            + "; lower the step sizes (`lr`, and the method's inner step settings)."
         )
         if cause is not None:  # the error a blown-up iterate caused in a later step
             raise error from cause
