@@ -55,6 +55,13 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _distance_to(solver):
+    """``w -> w - c`` as the solver expects it: residuals for least squares, else a quadratic."""
+    if is_least_squares(solver):
+        return lambda w, c: w - c
+    return lambda w, c: 0.5 * ((w - c) ** 2).sum()
+
+
 def is_least_squares(solver) -> bool:
     return isinstance(solver, (GaussNewton, LevenbergMarquardt))
 
@@ -394,12 +401,7 @@ def test_batch_with_some_elements_warm_started_at_their_solution(cls):
 def test_returned_solution_does_not_alias_the_warm_start(name):
     solver = ALL[name]
     c = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
-    if is_least_squares(solver):
-        def fun(w, c):
-            return w - c
-    else:
-        def fun(w, c):
-            return 0.5 * ((w - c) ** 2).sum()
+    fun = _distance_to(solver)
     init = c.clone()  # already the solution: zero iterations
     w, _ = solver.run(fun, init, c)
     c_grad = c.clone().requires_grad_()
@@ -907,12 +909,7 @@ def test_user_tolerance_is_relative_to_max_1_initial_gradient(name, scale):
     solver = type(ALL[name])(prox_none, tol=1e-5) if name.startswith("Proximal") else (
         OptimizerLoop("rprop", tol=1e-5) if name.startswith("OptimizerLoop") else type(ALL[name])(tol=1e-5))
     c = scale * torch.tensor([0.6, -0.8], dtype=F64)  # ||g0|| = scale (quadratic part)
-    if is_least_squares(solver):
-        def fun(w, c):
-            return w - c
-    else:
-        def fun(w, c):
-            return 0.5 * ((w - c) ** 2).sum()
+    fun = _distance_to(solver)
     w, info = solver.run(fun, torch.zeros(2, dtype=F64), c)
     expected_tol = 1e-5 * max(1.0, scale)
     if is_least_squares(solver):
