@@ -848,3 +848,16 @@ def test_torch_func_grad_and_jacrev_through_a_solve(name):
     jac_A = torch.func.jacrev(lambda A_: solver(matvec_of(A_), b)[0])(A)
     want = torch.func.jacrev(lambda A_: torch.linalg.solve(A_, b))(A)
     torch.testing.assert_close(jac_A, want, rtol=1e-8, atol=1e-10)
+
+
+def test_info_leaves_vmap_stacked_per_element():
+    """LinearSolveInfo is a pytree node: vmap over a solve returns one row per element."""
+    A = torch.stack([make_matrix("spd", seed=s) for s in range(3)])
+    b = make_rhs((3, N))
+    x, info = torch.func.vmap(lambda A_, b_: CG(tol=1e-12)(matvec_of(A_), b_))(A, b)
+    _, batched = CG(tol=1e-12)(matvec_of(A), b, batch_dims=1)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b))
+    assert info.status.shape == (3,) and bool(info.converged.all())
+    assert torch.equal(info.iterations, batched.iterations)
+    leaves, spec = torch.utils._pytree.tree_flatten(info)
+    assert len(leaves) == 4 and torch.utils._pytree.tree_unflatten(leaves, spec) == info

@@ -25,6 +25,9 @@ FlatMatvec = Callable[[torch.Tensor], torch.Tensor]
 class LinearSolveInfo:
     """Per-batch-element outcome of a linear solve (all tensors of the batch shape).
 
+    A pytree node (its four tensors are the leaves): ``torch.func.vmap`` over a
+    solve returns the infos of the elements stacked.
+
     Attributes:
         iterations: number of iterations (matrix-vector products for Krylov
             methods) each element ran.
@@ -80,6 +83,16 @@ class LinearSolveInfo:
             f"{rel[worst]:.3g} after {int(self.iterations.reshape(-1)[worst])} "
             f"iterations; {status.message}"
         )
+
+
+# A pytree node, so that an info can leave torch.func.vmap (stacked per element)
+# and pass through tree utilities like the tensors it holds.
+torch.utils._pytree.register_pytree_node(
+    LinearSolveInfo,
+    lambda info: ([info.iterations, info.residual_norm, info.b_norm, info.status], None),
+    lambda leaves, _: LinearSolveInfo(*leaves),
+    serialized_type_name="bilevel.implicit.linear_solve.LinearSolveInfo",
+)
 
 
 @dataclass(frozen=True)
