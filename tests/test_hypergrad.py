@@ -174,3 +174,18 @@ def test_unrolled_rejects_a_non_positive_tensor_step_size():
     with pytest.raises(ValueError, match="`step_size` must be positive"):
         bilevel.implicit.unrolled_hypergrad(outer, inner, x, torch.zeros(1, dtype=torch.float64), 3,
                                             step_size=torch.tensor(-0.1, dtype=torch.float64))
+
+
+def test_certificate_under_vmap_covers_the_batch():
+    """vmap over hypergrad(return_info=True) with out_dims=(0, None): one certificate
+    entry per batch element, each matching the unbatched call's."""
+    inner = lambda x, y: 0.5 * ((y - x) ** 2).sum() + 0.5 * (y**2).sum()  # noqa: E731
+    outer = lambda x, y: ((y - 1) ** 2).sum()  # noqa: E731
+    X = torch.randn(4, 3)
+    g, info = torch.func.vmap(lambda x: bilevel.hypergrad(outer, inner, x, x / 2, return_info=True),
+                              out_dims=(0, None))(X)
+    assert info.linear_solve.status.shape == (4,) and bool(info.ok)
+    for i in range(4):
+        g_i, info_i = bilevel.hypergrad(outer, inner, X[i], X[i] / 2, return_info=True)
+        torch.testing.assert_close(g[i], g_i)
+        torch.testing.assert_close(info.solution_norm[i], info_i.solution_norm)

@@ -141,6 +141,8 @@ def hypergrad(
             differentiated (second order); default ``False`` (faster, detached).
         return_info: also return the :class:`~bilevel.implicit.ImplicitInfo`
             certificate (inner optimality residual, linear-solve residual).
+            Under :func:`torch.func.vmap` it already covers the whole batch
+            (one entry per element): pass ``out_dims=(0, None)``.
 
     Returns:
         ``dF/dx`` with the structure of ``x`` (and the info if ``return_info``).
