@@ -861,3 +861,34 @@ def test_info_leaves_vmap_stacked_per_element():
     assert torch.equal(info.iterations, batched.iterations)
     leaves, spec = torch.utils._pytree.tree_flatten(info)
     assert len(leaves) == 4 and torch.utils._pytree.tree_unflatten(leaves, spec) == info
+
+
+def test_reverse_over_forward_through_a_solve_raises():
+    """The forward-mode tangent is first order too: differentiating it raises."""
+    from torch.func import jacfwd, jacrev
+
+    A, b = make_matrix("spd", n=3), make_rhs(3)
+    with pytest.raises(RuntimeError, match="custom_root"):
+        jacrev(jacfwd(lambda M: CG(tol=1e-12)(matvec_of(M), b)[0].sum()))(A)
+    with pytest.raises(RuntimeError, match="custom_root"):
+        torch.func.hessian(lambda b_: CG(tol=1e-12)(matvec_of(A), b_)[0].pow(2).sum())(b)
+
+
+def test_vmap_of_grad_with_the_operator_batched_and_b_shared():
+    from torch.func import grad, vmap
+
+    A = torch.stack([make_matrix("nonsymmetric", n=4, seed=s) for s in range(3)])
+    b = make_rhs(4)
+    got = vmap(grad(lambda M: GMRES(tol=1e-13)(matvec_of(M), b)[0].pow(2).sum()))(A)
+    want = vmap(grad(lambda M: torch.linalg.solve(M, b).pow(2).sum()))(A)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_forward_mode_of_a_rank_deficient_least_squares_solve_matches_reverse_mode():
+    from torch.func import jacfwd, jacrev
+
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(5, 3, generator=g) @ torch.randn(3, 5, generator=g)
+    b = torch.randn(5, generator=g)  # inconsistent
+    solve = lambda M: NormalCG(CG(tol=1e-13))(matvec_of(M), b)[0]  # noqa: E731
+    torch.testing.assert_close(jacfwd(solve)(A), jacrev(solve)(A), rtol=1e-6, atol=1e-8)

@@ -186,10 +186,8 @@ class LinearSolver:
             none = torch.zeros(batch, dtype=torch.int64, device=b_flat.device)
             norm = torch.zeros(batch, dtype=b_flat.dtype, device=b_flat.device)
             return rav.unravel(b_flat.reshape(tuple(batch) + (0,))), LinearSolveInfo(none, norm, norm, none)
-        if inside_transform() and not is_transformed(b_flat):
-            # vmap over the operator alone (b shared): the products are batched, b is
-            # not; batch b too, so that the solvers take their transform-safe paths.
-            b_flat = b_flat + torch.zeros_like(flat_matvec(torch.zeros_like(b_flat)))
+        if inside_transform() and not all(_at_current_level(leaf) for leaf in tree_leaves(b)):
+            b_flat = _batched_like_operator(flat_matvec, b_flat)
         b_norm = torch.linalg.vector_norm(b_flat.detach(), dim=-1)
         _check_rhs(b, b_norm)
         x0_flat = None
@@ -247,6 +245,23 @@ class LinearSolver:
         tol = default_tol(b.dtype) if tol is None else tol
         atol = getattr(self, "atol", 0.0)
         return torch.clamp_min(tol * torch.linalg.vector_norm(b, dim=-1), atol)
+
+
+def _batched_like_operator(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
+    """``b`` plus the zeros of a product: under ``torch.func.vmap`` over the operator
+    alone (``b`` shared), the products are batched and ``b`` is not; batched like
+    them, it leads the solvers onto their transform-safe paths (one product)."""
+    return b + torch.zeros_like(matvec(torch.zeros_like(b)))
+
+
+def _at_current_level(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by the innermost active ``torch.func`` transform
+    (e.g. batched by the vmap that is running, not only tracked by an outer grad)."""
+    functorch = torch._C._functorch
+    get_level, current = getattr(functorch, "maybe_get_level", None), getattr(functorch, "maybe_current_level", None)
+    if get_level is None or current is None:
+        return is_transformed(t)
+    return get_level(t) == current()
 
 
 def _forward_ad_level() -> int:

@@ -35,7 +35,6 @@ from typing import Callable
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ..._tree import is_transformed
 from ...status import ConvergenceWarning, Status
 
 FlatMatvec = Callable[[torch.Tensor], torch.Tensor]
@@ -59,6 +58,7 @@ class _ImplicitSolution(torch.autograd.Function):
         residual, solves = inputs
         ctx.solves = solves
         ctx.save_for_backward(residual)
+        ctx.save_for_forward(residual)
 
     @staticmethod
     def backward(ctx, x_bar: torch.Tensor):
@@ -70,7 +70,9 @@ class _ImplicitSolution(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, residual_dot: torch.Tensor, _):
-        return ctx.solves.tangent(residual_dot)
+        x_dot = ctx.solves.tangent(residual_dot)
+        (residual,) = ctx.saved_tensors  # a reverse pass over the tangent must not pass silently
+        return _FirstOrderOnly.apply(x_dot, residual, residual_dot)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -90,12 +92,19 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _):
-        raise RuntimeError(
-            "a second derivative through a linear solve called directly is not supported: its "
-            "gradient treats the solution x as a constant inside A(theta) x. Write the system as a "
-            "root, bilevel.implicit.custom_root(lambda x, theta: A(theta) x - b(theta)), whose "
-            "derivatives of every order are exact."
-        )
+        raise RuntimeError(_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *_):
+        raise RuntimeError(_SECOND_ORDER)
+
+
+_SECOND_ORDER = (
+    "a second derivative through a linear solve called directly is not supported: its "
+    "derivative treats the solution x as a constant inside A(theta) x. Write the system as a "
+    "root, bilevel.implicit.custom_root(lambda x, theta: A(theta) x - b(theta)), whose "
+    "derivatives of every order are exact."
+)
 
 
 def _primal(t: torch.Tensor) -> torch.Tensor:
@@ -160,7 +169,7 @@ class _Solves:
             if self.kind == "transpose":
                 return self._solve(self.inner_solver, transposed, x_bar, "A^T u = grad x")
             A, At = self.matvec, transposed
-            z = self._solve(self.inner_solver, lambda v: A(At(v)), A(x_bar), "(A A^T) z = A grad x")
+            z = self._solve(self.inner_solver, lambda v: A(At(v)), A(x_bar), "(A A^T) z = A g")
             return self._solve(self.inner_solver, lambda v: At(A(v)), At(z), "(A^T A) u = A^T z")
 
     def tangent(self, residual_dot: torch.Tensor) -> torch.Tensor:
@@ -168,8 +177,7 @@ class _Solves:
             residual_dot = _primal(residual_dot)
             if self.kind != "normal":
                 return self._solve(self.solver, self.matvec, residual_dot, "A x_dot = r_dot")
-            A, At = self.matvec, self._transposed()
-            return self._solve(self.inner_solver, lambda v: At(A(v)), residual_dot, "(A^T A) x_dot = r_dot")
+        return self.adjoint(residual_dot)  # (A^T A)^+ r_dot: A^T A is its own transpose
 
 
 def _warn_if_failed(solver, used, status, gap, rhs, what: str) -> None:
@@ -178,7 +186,10 @@ def _warn_if_failed(solver, used, status, gap, rhs, what: str) -> None:
     gap, scale = torch.linalg.vector_norm(gap, dim=-1), torch.linalg.vector_norm(rhs, dim=-1)
     status = _final_status(used, status, gap, scale)
     failed = status != Status.SUCCESS
-    if is_transformed(failed) or not bool(failed.any()):  # under vmap the values cannot be read
+    try:
+        if not bool(failed.any()):
+            return
+    except RuntimeError:  # under vmap the values cannot be read
         return
     relative = gap / scale.clamp_min(torch.finfo(gap.dtype).tiny)
     worst = int(torch.argmax(torch.where(failed, relative, -1)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -120,11 +121,11 @@ def _arnoldi_cycle(matvec, r, beta, active, threshold, steps):
     per element (0 to go on, BREAKDOWN or NONFINITE), and the steps run.
     """
     nbatch, n = r.shape
-    V = r.new_zeros(nbatch, steps + 1, n)
-    H = r.new_zeros(nbatch, steps + 1, steps)
-    cs = r.new_zeros(nbatch, steps)
-    sn = r.new_zeros(nbatch, steps)
-    g = r.new_zeros(nbatch, steps + 1)
+    V = _buffer(r, steps + 1, n)
+    H = _buffer(r, steps + 1, steps)
+    cs = _buffer(r, steps)
+    sn = _buffer(r, steps)
+    g = _buffer(r, steps + 1)
     g[:, 0] = torch.where(active, beta, 0)
     V[:, 0] = torch.where(active.unsqueeze(-1), r / torch.where(active, beta, 1).unsqueeze(-1), 0)
     running = active.clone()
@@ -140,7 +141,7 @@ def _arnoldi_cycle(matvec, r, beta, active, threshold, steps):
         w = matvec(V[:, j])
         done = done + running
         w_norm = _norm(w)
-        col = r.new_zeros(nbatch, steps + 1)
+        col = _buffer(r, steps + 1)
         for i in range(j + 1):  # modified Gram-Schmidt
             h = _dot(w, V[:, i])
             col[:, i] = h
@@ -167,6 +168,12 @@ def _arnoldi_cycle(matvec, r, beta, active, threshold, steps):
         next_ok = running & (h_next > 0)
         V[:, j + 1] = torch.where(next_ok.unsqueeze(-1), w / torch.where(next_ok, h_next, 1).unsqueeze(-1), 0)
     return _cycle_update(V, H, g, usable, ran), done, code, ran
+
+
+def _buffer(r: torch.Tensor, *shape: int) -> torch.Tensor:
+    """Zeros of shape ``(B, *shape)`` for in-place writes, made from ``r`` so that they
+    are batched wherever ``r`` is (``new_zeros`` is not, under ``torch.func.vmap``)."""
+    return torch.zeros_like(r[:, :1]).expand(r.shape[0], math.prod(shape)).clone().reshape(r.shape[0], *shape)
 
 
 def _cycle_update(V, H, g, usable, k):
