@@ -187,6 +187,34 @@ def _two_argument_callback(callback):
     return callback
 
 
+def _number(value: Any, strict: bool) -> bool:
+    """Whether ``value`` is a finite real number, positive (``strict``) or non-negative."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value > 0 if strict else value >= 0
+
+
+def _resume(state: State, resume: Any, algorithm: Algorithm) -> None:
+    """Load ``resume`` (a State, its ``state_dict()`` or a :class:`BilevelResult`) into
+    ``state``, refusing a checkpoint of another method or of other variables."""
+    if isinstance(resume, BilevelResult):
+        resume = resume.state
+    if isinstance(resume, State):
+        resume = resume.state_dict()
+    if not isinstance(resume, Mapping):
+        raise TypeError(
+            "`resume` must be a checkpoint: `result.state`, `result.state.state_dict()` (or that "
+            f"dict after torch.save / torch.load), or the BilevelResult itself; got {type(resume).__name__}."
+        )
+    missing = sorted(set(state.extras) - set(resume.get("extras", {})))
+    if missing:
+        raise ValueError(
+            f"`resume`: the checkpoint lacks the state {type(algorithm).__name__} keeps ({missing}); it was "
+            "made by another method. Resume with the method that wrote it."
+        )
+    state.load_state_dict(resume)
+
+
 def _level_streams(data: Any) -> Optional[tuple]:
     """``(outer_data, inner_data)`` where ``data`` gives one stream per level:
     ``{"outer": ..., "inner": ...}``, or a pair of data loaders (two iterables
@@ -282,8 +310,11 @@ def solve(
     """
     batches = _Batches(data)
     problem = _problem(outer, inner, x0, y0, constraints, batches)
-    if not isinstance(max_steps, int) or max_steps < 0:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"`max_steps` must be a non-negative int; got {max_steps!r}.")
+    for name, value, least in (("lr", lr, "positive"), ("tol", tol, "non-negative"), ("max_time", max_time, "positive")):
+        if value is not None and not _number(value, strict=least == "positive"):
+            raise ValueError(f"`{name}` must be a {least} number or None; got {value!r}.")
     callback = _two_argument_callback(callback)
     if inner_solver is not None:
         options["inner_solver"] = inner_solver
@@ -299,7 +330,7 @@ def solve(
         )
     state = algorithm.init(problem)
     if resume is not None:
-        state.load_state_dict(resume.state_dict() if isinstance(resume, State) else resume)
+        _resume(state, resume, algorithm)
     batches.skip(state.iteration)
     history: dict = {key: [] for key in HISTORY_KEYS}
     caught: dict = defaultdict(list)

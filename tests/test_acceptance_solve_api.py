@@ -607,19 +607,16 @@ def test_resume_with_nn_module_parameters():
     torch.testing.assert_close(resumed.x, full.x, rtol=0, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="resume=<BilevelResult> fails with \"'BilevelResult' object is not "
-                   "iterable\", not naming `resume`; api.solve passes any non-State to State.load_state_dict "
-                   "unchecked")
-def test_resume_given_the_result_instead_of_its_state_names_the_argument():
+def test_resume_accepts_the_result_itself_and_names_a_bad_argument():
     p = quadratic()
     first = run(p, method="implicit", max_steps=2)
+    from_result = run(p, method="implicit", max_steps=4, resume=first)
+    from_state = run(p, method="implicit", max_steps=4, resume=first.state)
+    torch.testing.assert_close(from_result.x, from_state.x, rtol=0, atol=0)
     with pytest.raises(TypeError, match="resume"):
-        run(p, method="implicit", max_steps=4, resume=first)
+        run(p, method="implicit", max_steps=4, resume=[first.state])
 
 
-@pytest.mark.xfail(strict=True, reason="a checkpoint whose x lacks a leaf is accepted silently (the missing "
-                   "leaf keeps x0); State.load_state_dict (algorithms/_base.py) zips the leaves without "
-                   "comparing the tree structures")
 def test_a_checkpoint_with_another_x_structure_is_refused():
     x0 = {"a": torch.zeros(3, dtype=F64), "b": torch.zeros(2, dtype=F64)}
     inner = lambda x, y: 0.5 * ((y - x["a"]) ** 2).sum()  # noqa: E731
@@ -631,9 +628,6 @@ def test_a_checkpoint_with_another_x_structure_is_refused():
         run(outer, inner, x0, torch.zeros(3, dtype=F64), method="implicit", max_steps=5, resume=checkpoint)
 
 
-@pytest.mark.xfail(strict=True, reason="a checkpoint whose y has another shape is accepted and fails later "
-                   "with a bare RuntimeError 'size mismatch' inside the inner solve; "
-                   "State.load_state_dict checks the shapes of x only")
 def test_a_checkpoint_with_another_y_shape_is_refused_at_the_start():
     p = quadratic()
     checkpoint = run(p, method="implicit", max_steps=2).state.state_dict()
@@ -642,9 +636,6 @@ def test_a_checkpoint_with_another_y_shape_is_refused_at_the_start():
         run(p, method="implicit", max_steps=4, resume=checkpoint)
 
 
-@pytest.mark.xfail(strict=True, reason="resuming 'penalty' from an 'implicit' checkpoint raises KeyError "
-                   "'lam0' from inside the step (and implicit from penalty: KeyError 'betas'); nothing "
-                   "checks that the checkpoint's extras belong to the method")
 def test_a_checkpoint_of_another_method_is_refused_clearly():
     p = quadratic()
     checkpoint = run(p, method="implicit", max_steps=2).state.state_dict()
@@ -745,10 +736,6 @@ _I = lambda x, y: ((y - x) ** 2).sum()  # noqa: E731
 _Z = torch.zeros(3, dtype=F64)
 
 
-def _xfail(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 @pytest.mark.parametrize("call, error, match", [
     pytest.param(lambda: run(_O, _I, _Z, _Z, method=Implicit), ValueError, r"Implicit\(\)", id="method-class"),
     pytest.param(lambda: run(_O, _I, _Z, _Z, method=None), ValueError, "unknown method", id="method-none"),
@@ -766,20 +753,10 @@ def _xfail(reason):
     pytest.param(lambda: run(_O, _I, _Z, _Z, max_steps=5.0), ValueError, "max_steps", id="max-steps-float"),
     pytest.param(lambda: run(_O, _I, _Z, _Z, method="unrolled", steps="10"), ValueError, "steps",
                  id="option-of-wrong-type"),
-    pytest.param(lambda: run(_O, _I, _Z, _Z, lr="0.1", max_steps=2), (TypeError, ValueError), "lr",
-                 id="lr-str", marks=_xfail("lr='0.1' fails inside torch.optim with \"'<=' not supported "
-                                           "between instances of 'float' and 'str'\"; Algorithm.init / "
-                                           "make_optimizer do not check lr")),
-    pytest.param(lambda: run(_O, _I, _Z, _Z, tol="1e-3", max_steps=2), (TypeError, ValueError), "tol",
-                 id="tol-str", marks=_xfail("tol='1e-3' fails after the first step with \"'<=' not "
-                                            "supported\"; api.solve compares tol unchecked")),
-    pytest.param(lambda: run(_O, _I, _Z, _Z, max_time="1", max_steps=2), (TypeError, ValueError), "max_time",
-                 id="max-time-str", marks=_xfail("max_time='1' fails with \"'>=' not supported\"; api.solve "
-                                                 "compares max_time unchecked")),
-    pytest.param(lambda: run(_O, _I, _Z, _Z, method="implicit", solve="cg", max_steps=2), TypeError, "solve",
-                 id="implicit-solve-str", marks=_xfail("solve='cg' fails with \"'str' object is not "
-                                                       "callable\" inside hypergrad; Implicit.__post_init__ "
-                                                       "checks inner_solver but not solve")),
+    pytest.param(lambda: run(_O, _I, _Z, _Z, lr="0.1", max_steps=2), (TypeError, ValueError), "lr", id="lr-str"),
+    pytest.param(lambda: run(_O, _I, _Z, _Z, tol="1e-3", max_steps=2), (TypeError, ValueError), "tol", id="tol-str"),
+    pytest.param(lambda: run(_O, _I, _Z, _Z, max_time="1", max_steps=2), (TypeError, ValueError), "max_time", id="max-time-str"),
+    pytest.param(lambda: run(_O, _I, _Z, _Z, method="implicit", solve="cg", max_steps=2), TypeError, "solve", id="implicit-solve-str"),
 ])
 def test_bad_input_is_rejected_with_an_error_naming_it(call, error, match):
     with pytest.raises(error, match=match):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .._tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from .._tree import check_same_structure, tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..problems import BilevelProblem
 from ..problems.base import level_batch
 from ..typing import TensorTree
@@ -178,13 +178,10 @@ class State:
         missing = {"x", "y", "iteration"} - set(checkpoint)
         if missing:
             raise KeyError(f"State.load_state_dict: the checkpoint lacks {sorted(missing)}.")
+        check_same_structure(checkpoint["x"], self.x, "the checkpoint's x", "the state's x")
+        check_same_structure(checkpoint["y"], self.y, "the checkpoint's y", "the state's y")
         with torch.no_grad():
             for mine, saved in zip(tree_leaves(self.x), tree_leaves(checkpoint["x"])):
-                if mine.shape != saved.shape:
-                    raise ValueError(
-                        f"State.load_state_dict: checkpoint x has shape {tuple(saved.shape)}, "
-                        f"the state {tuple(mine.shape)}."
-                    )
                 mine.copy_(saved)
         self.y = tree_map(lambda t: t.detach().clone(), checkpoint["y"])
         self.__dict__.pop("_deferred", None)  # checks a step deferred belong to the iterates replaced here

@@ -77,6 +77,11 @@ class Implicit(Algorithm):
                 "Implicit: `inner_solver` must be a bilevel.solvers object (e.g. LBFGS(), "
                 f"GradientDescent()); got {type(self.inner_solver).__name__}."
             )
+        if self.solve is not None and not callable(self.solve):
+            raise TypeError(
+                "Implicit: `solve` must be a linear solver of bilevel.implicit.linear_solve (e.g. "
+                f"CG(maxiter=50)) or None; got {self.solve!r}."
+            )
 
     def hypergradient(self, outer, inner, state: State, batch: Any):
         objective = lambda y_, x_: inner(x_, y_)  # noqa: E731  solution first, for the solvers
