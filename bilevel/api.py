@@ -95,17 +95,18 @@ class _Batches:
     that runs dry is an error.  The first batch is read ahead (to validate the
     objectives with it) and served first."""
 
-    def __init__(self, data: Optional[Iterable]):
+    def __init__(self, data: Optional[Iterable], name: str = "`data`"):
         pair = _level_streams(data)
         if pair is not None:  # one stream per level, drawn together
-            self.levels = (_Batches(pair[0]), _Batches(pair[1]))
+            self.levels = (_Batches(pair[0], "the outer stream of `data`"),
+                           _Batches(pair[1], "the inner stream of `data`"))
             data = pair
-        self.data = data
+        self.data, self.name = data, name
         self.served = 0
         self.buffer: list = []
         if data is not None and pair is None:
             if not hasattr(data, "__iter__"):
-                raise TypeError(f"`data` must be an iterable of mini-batches; got {type(data).__name__}.")
+                raise TypeError(f"{name} must be an iterable of mini-batches; got {type(data).__name__}.")
             self.reiterable = iter(data) is not data
             self.iterator = iter(data)
 
@@ -135,14 +136,14 @@ class _Batches:
         except StopIteration:
             if not self.reiterable:
                 raise ValueError(
-                    f"`data` ran out after {self.served} mini-batches; pass a re-iterable (a list, a "
+                    f"{self.name} ran out after {self.served} mini-batches; pass a re-iterable (a list, a "
                     "DataLoader), which is cycled, or a longer iterator, or lower max_steps."
                 ) from None
             self.iterator = iter(self.data)
             try:
                 return next(self.iterator)
             except StopIteration:
-                raise ValueError("`data` is empty: it yields no mini-batch.") from None
+                raise ValueError(f"{self.name} is empty: it yields no mini-batch.") from None
 
 
 def _algorithm(method: Union[str, Algorithm], options: dict) -> Algorithm:
@@ -225,6 +226,8 @@ def _level_streams(data: Any) -> Optional[tuple]:
                 f"`data` as a dict must have exactly the keys 'outer' and 'inner' (one stream of "
                 f"mini-batches per level); got {sorted(map(str, data))}."
             )
+        if data["outer"] is None or data["inner"] is None:
+            raise ValueError("`data`: both streams, 'outer' and 'inner', must be given (iterables of mini-batches).")
         return data["outer"], data["inner"]
     batch_like = (torch.Tensor, tuple, list, Mapping, str, bytes)
     if (isinstance(data, tuple) and len(data) == 2
@@ -271,7 +274,8 @@ def solve(
         outer_optimizer: ``torch.optim`` name, class, factory ``params -> optimizer``
             or instance (its class and settings are used on the library's copy of
             ``x``); default ``"adam"``.
-        lr: outer learning rate (default ``1e-2``).
+        lr: outer learning rate (default ``1e-2``); an optimizer given as an
+            instance or a factory keeps its own.
         max_steps: outer steps (default 1000).
         tol: stop when the hypergradient norm is at most ``tol``.
         max_time: stop after this many seconds.
@@ -312,7 +316,8 @@ def solve(
     problem = _problem(outer, inner, x0, y0, constraints, batches)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"`max_steps` must be a non-negative int; got {max_steps!r}.")
-    for name, value, least in (("lr", lr, "positive"), ("tol", tol, "non-negative"), ("max_time", max_time, "positive")):
+    for name, value, least in (("lr", lr, "positive"), ("tol", tol, "non-negative"),
+                               ("max_time", max_time, "non-negative")):
         if value is not None and not _number(value, strict=least == "positive"):
             raise ValueError(f"`{name}` must be a {least} number or None; got {value!r}.")
     callback = _two_argument_callback(callback)

@@ -9,7 +9,7 @@ import torch
 import bilevel
 from bilevel.algorithms import Implicit, Unrolled
 from bilevel.implicit import CG
-from bilevel.problems import quadratic
+from bilevel.problems import coupled_constraint, quadratic
 from bilevel.solvers import LBFGS
 
 
@@ -332,3 +332,22 @@ def test_one_argument_callback_and_a_tensor_as_known_solution():
     known = bilevel.BilevelProblem(p.outer, p.inner, p.x0, p.y0, solution=p.solution.x)
     torch.testing.assert_close(known.solution.x, p.solution.x)
     assert known.solution.y is None
+
+
+def test_constraints_take_no_batch_and_a_dry_level_stream_is_named():
+    """lvhba with data: the constraints are g(x, y) in validation as in the steps; a
+    per-level generator that runs dry names its level."""
+    problem = coupled_constraint()
+    batches = [torch.tensor(1.0), torch.tensor(1.0)]
+    result = bilevel.solve(lambda x, y, b: problem.outer(x, y) * b, lambda x, y, b: problem.inner(x, y) * b,
+                           problem.x0, problem.y0, method="lvhba", constraints=problem.constraints,
+                           data=batches, max_steps=3, progress=False)
+    assert result.state.iteration == 3
+    outer = lambda x, y, b: ((y - 1) ** 2).sum()  # noqa: E731
+    inner = lambda x, y, b: 0.5 * ((y - x) ** 2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="the inner stream of `data` ran out after 2"):
+        bilevel.solve(outer, inner, torch.zeros(2), torch.zeros(2), max_steps=5, progress=False,
+                      data={"outer": [1, 2, 3], "inner": iter([1, 2])})
+    with pytest.raises(ValueError, match="both streams"):
+        bilevel.solve(outer, inner, torch.zeros(2), torch.zeros(2), data={"outer": None, "inner": [1]},
+                      progress=False)

@@ -29,15 +29,15 @@ __all__ = ["BilevelProblem", "LevelBatches", "Solution"]
 
 class LevelBatches(NamedTuple):
     """One mini-batch per level, drawn together for one step: ``outer`` is passed
-    to the upper objective, ``inner`` to the lower one and to its constraints
-    (e.g. a validation batch and a training batch).
+    to the upper objective, ``inner`` to the lower one (e.g. a validation batch
+    and a training batch).
 
     :func:`bilevel.solve` builds them from ``data=(outer_data, inner_data)`` or
     ``data={"outer": ..., "inner": ...}``; a stream that yields them works too.
 
     Args:
         outer: the mini-batch of the upper objective.
-        inner: the mini-batch of the lower objective and its constraints.
+        inner: the mini-batch of the lower objective.
 
     Example:
         >>> from bilevel.problems import LevelBatches
@@ -256,8 +256,9 @@ class BilevelProblem:
 
     def _call(self, fname: str, shapes: str) -> torch.Tensor:
         fn = getattr(self, fname)
-        level = "outer" if fname == "outer" else "inner"  # the constraints belong to the inner level
-        batch = () if self.example_batch is None else (level_batch(self.example_batch, level),)
+        # the constraints take no batch: g(x, y), as the methods call them
+        batch = () if self.example_batch is None or fname == "constraints" else (
+            level_batch(self.example_batch, fname),)
         try:
             value = fn(self.x0, self.y0, *batch)
         except Exception as err:  # name the function and the shapes it was given
