@@ -313,13 +313,14 @@ def test_hypergradient_methods_project_x_onto_x_set(method):
     assert float(r2.x.abs().max()) <= 0.1 + 1e-12
 
 
-def test_hypergradient_methods_refuse_a_constrained_lower_level():
+def test_unrolled_and_one_step_refuse_a_constrained_lower_level():
     from bilevel.implicit.projections import Box
 
     p = quadratic()
     constrained = bilevel.BilevelProblem(p.outer, p.inner, p.x0, p.y0, y_set=Box(0, 1))
-    with pytest.raises(ValueError, match="constrains y.*single-loop"):
-        bilevel.solve(constrained, method="implicit", max_steps=2, progress=False)
+    for method in ("unrolled", "one_step"):
+        with pytest.raises(ValueError, match="constrains y.*single-loop"):
+            bilevel.solve(constrained, method=method, max_steps=2, progress=False)
 
 
 def test_one_argument_callback_and_a_tensor_as_known_solution():
@@ -351,3 +352,31 @@ def test_constraints_take_no_batch_and_a_dry_level_stream_is_named():
     with pytest.raises(ValueError, match="both streams"):
         bilevel.solve(outer, inner, torch.zeros(2), torch.zeros(2), data={"outer": None, "inner": [1]},
                       progress=False)
+
+
+def test_implicit_method_with_a_constrained_lower_level():
+    """y*(x) = max(x, 0) (inner 1/2 |y - x|^2 over y >= 0), F = 1/2 |y - t|^2, t = (1, -1):
+    dF/dx = (y* - t) where the constraint is inactive, 0 where it is active; the run
+    reaches x_1 = 1 with y_2 = 0 (outer value 1/2)."""
+    from bilevel.algorithms import Implicit, Unrolled
+    from bilevel.implicit import NonNegative
+    from bilevel.problems import BilevelProblem
+
+    t = torch.tensor([1.0, -1.0])
+    inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()  # noqa: E731
+    outer = lambda x, y: 0.5 * ((y - t) ** 2).sum()  # noqa: E731
+    method = Implicit(y_set=NonNegative(), outer_optimizer="sgd", lr=1.0)
+    for x0, y_star in [((0.5, 0.5), (0.5, 0.5)), ((0.5, -0.5), (0.5, 0.0))]:
+        problem = BilevelProblem(outer, inner, torch.tensor(x0), torch.zeros(2))
+        state = method.step(problem, method.init(problem))
+        torch.testing.assert_close(state.y, torch.tensor(y_star), atol=1e-7, rtol=0)
+        g = torch.tensor(y_star) - t
+        g[torch.tensor(y_star) == 0] = 0
+        torch.testing.assert_close(state.x, torch.tensor(x0) - g, atol=1e-6, rtol=0)  # one SGD step, lr 1
+    result = bilevel.solve(outer, inner, torch.tensor([0.5, 0.5]), torch.zeros(2), method="implicit",
+                           y_set=NonNegative(), lr=0.1, outer_optimizer="sgd", max_steps=200, progress=False)
+    assert abs(float(result.x[0]) - 1) < 1e-6 and float(result.y[1]) == 0.0
+    assert abs(result.history["outer"][-1] - 0.5) < 1e-9
+    constrained = BilevelProblem(outer, inner, torch.zeros(2), torch.zeros(2), y_set=NonNegative())
+    with pytest.raises(ValueError, match="'implicit' method"):
+        Unrolled().init(constrained)

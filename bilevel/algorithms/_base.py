@@ -303,8 +303,9 @@ class Algorithm:
             or a tree of them; ``x`` is projected onto it after each outer step
             (projected hypergradient descent).  ``None``: the problem's
             ``x_set``.  A problem's ``y_set`` (a constrained lower level) is
-            refused: these methods differentiate the unconstrained inner
-            stationarity; the single-loop methods project ``y``.
+            refused by methods that differentiate the unconstrained inner
+            stationarity; :class:`~bilevel.algorithms.Implicit` takes it (the
+            projected-gradient fixed point), and the single-loop methods project ``y``.
 
     Example:
         A new method only supplies :meth:`hypergradient`, which returns the
@@ -333,12 +334,13 @@ class Algorithm:
     x_set: Any = None
 
     def init(self, problem: BilevelProblem, x0: TensorTree = None, y0: TensorTree = None) -> State:
-        if problem.y_set is not None:
+        if problem.y_set is not None and not getattr(self, "handles_y_set", False):
             raise ValueError(
                 f"{type(self).__name__}: the problem constrains y (`y_set`), which this method cannot "
                 "respect: it differentiates the unconstrained inner stationarity. Use a single-loop "
-                "method (method='penalty', 'meha', 'bamm', 'bda' or 'lvhba'), or write the constraint "
-                "into the inner problem's optimality condition (bilevel.implicit.projected_gradient)."
+                "method (method='penalty', 'meha', 'bamm', 'bda' or 'lvhba'), the 'implicit' method, or "
+                "write the constraint into the inner problem's optimality condition "
+                "(bilevel.implicit.projected_gradient)."
             )
         x = fresh_leaves(problem.x0 if x0 is None else x0)
         y = fresh_leaves(problem.y0 if y0 is None else y0)

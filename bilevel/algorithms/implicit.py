@@ -3,17 +3,18 @@ r"""Approximate implicit differentiation (AID): warm-started inner solves and IF
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from ..implicit import hypergrad
 from ..implicit.linear_solve import Auto, LinearSolver
-from ..solvers import LBFGS
+from ..problems import BilevelProblem
+from ..solvers import LBFGS, ProximalGradient
 from ..solvers._base import Solver
 from .._tolerance import default_tol
-from .._tree import tree_leaves
-from ._base import Algorithm, State, StepInfo, report_value, tree_norm, tree_norm_float
+from .._tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from ._base import Algorithm, State, StepInfo, report_value, set_projection, tree_norm, tree_norm_float
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,17 @@ class Implicit(Algorithm):
             unconverged solve is recorded in the history and warned once).
         damping: :math:`\epsilon` added to :math:`\nabla^2_{yy} f` (singular inner Hessians).
         strict: raise instead of warning when a certificate fails.
-        outer_optimizer, lr: see :class:`~bilevel.algorithms.Algorithm`.
+        y_set: a simple convex set for ``y`` (e.g.
+            :class:`~bilevel.implicit.projections.NonNegative`), a callable
+            projection :math:`P`, or a tree of them; ``None``: the problem's
+            ``y_set``.  The inner problem is then :math:`\min_{y \in C} f(x, y)`,
+            solved by projected gradient (:class:`~bilevel.solvers.ProximalGradient`
+            with :math:`P` as the prox, warm-started), and the implicit function
+            theorem is applied to its fixed point
+            :math:`y = P(y - \eta \nabla_y f(x, y))` (a non-symmetric system:
+            ``solve`` must handle one, the default GMRES does).  ``inner_solver``
+            and ``damping`` do not apply there.
+        outer_optimizer, lr, x_set: see :class:`~bilevel.algorithms.Algorithm`.
 
     References:
         Pedregosa, F. `Hyperparameter optimization with approximate gradient
@@ -70,6 +81,9 @@ class Implicit(Algorithm):
     solve: Optional[LinearSolver] = None
     damping: float = 0.0
     strict: bool = False
+    y_set: Any = None
+
+    handles_y_set: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.inner_solver is not None and not isinstance(self.inner_solver, Solver):
@@ -83,8 +97,19 @@ class Implicit(Algorithm):
                 f"CG(maxiter=50)) or None; got {self.solve!r}."
             )
 
+    def step(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
+        spec = self.y_set if self.y_set is not None else problem.y_set
+        state.__dict__[_Y_SET] = set_projection(spec, state.y, "y_set")  # not part of the checkpoint
+        try:
+            return super().step(problem, state, batch)
+        finally:
+            state.__dict__.pop(_Y_SET, None)
+
     def hypergradient(self, outer, inner, state: State, batch: Any):
         objective = lambda y_, x_: inner(x_, y_)  # noqa: E731  solution first, for the solvers
+        project = state.__dict__.get(_Y_SET)
+        if project is not None:
+            return self._projected(outer, objective, state, project)
         if self.inner_solver is not None:
             y, inner_residual = _run(self.inner_solver, objective, state)
         else:
@@ -104,6 +129,33 @@ class Implicit(Algorithm):
         )
         return y, g, step_info
 
+    def _projected(self, outer, objective, state: State, project):
+        """The inner problem over the set ``C``: projected gradient, differentiated at its
+        fixed point by :class:`~bilevel.solvers.ProximalGradient` (the IFT on the prox
+        condition, with ``solve``)."""
+        spec = tree_flatten(state.y)[1]
+
+        def onto_set(z, _prox_args=None, _scaling=None):
+            return tree_unflatten(project(tree_leaves(z)), spec)
+
+        solver = ProximalGradient(onto_set, implicit_solve=self.solve)
+        x = tree_map(lambda t: t.detach().requires_grad_(t.is_floating_point()), state.x)
+        with torch.enable_grad():
+            y = solver(objective, onto_set(state.y), x)
+            value = outer(x, y)
+            leaves = tree_leaves(x)
+            grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        g = tree_unflatten([torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads)],
+                           tree_flatten(state.x)[1])
+        y = tree_map(torch.Tensor.detach, y)
+        with torch.no_grad():  # the gradient mapping at a unit step: 0 at a solution over C
+            gradient = torch.func.grad(lambda y_: objective(y_, state.x).reshape(()))(y)
+            moved = onto_set(tree_map(lambda a, b: a - b, y, gradient))
+            inner_residual = tree_norm(tree_map(lambda a, b: a - b, y, moved))
+        info = StepInfo(outer=report_value(value.detach()), hypergradient_norm=tree_norm(g),
+                        inner_residual=inner_residual)
+        return y, g, info
+
     def _default_inner_solve(self, objective, state: State):
         r"""Warm-started L-BFGS to :math:`\|\nabla_y f\| \le \sqrt{\varepsilon}\, s`, with
         :math:`s = \max(1, \|\nabla_y f(x_0, y_0)\|)` the gradient scale at the cold
@@ -119,6 +171,11 @@ class Implicit(Algorithm):
             return state.y, gradient_norm
         solver = LBFGS(maxiter=100, tol=min(threshold / max(1.0, gradient_norm), 0.5))
         return _run(solver, objective, state)
+
+
+_Y_SET = "_y_set"
+"""Attribute of a :class:`State` during a step (not part of its checkpoint): the
+projection onto ``y_set``."""
 
 
 def _gradient_norm(objective, state: State) -> float:
