@@ -313,14 +313,21 @@ def test_hypergradient_methods_project_x_onto_x_set(method):
     assert float(r2.x.abs().max()) <= 0.1 + 1e-12
 
 
-def test_unrolled_and_one_step_refuse_a_constrained_lower_level():
+def test_a_method_without_y_set_support_refuses_a_constrained_lower_level():
+    from dataclasses import dataclass
+
+    from bilevel.algorithms import Algorithm
     from bilevel.implicit.projections import Box
+
+    @dataclass(frozen=True)
+    class Plain(Algorithm):  # a user's method that differentiates the unconstrained stationarity
+        def hypergradient(self, outer, inner, state, batch):
+            raise AssertionError("not reached")
 
     p = quadratic()
     constrained = bilevel.BilevelProblem(p.outer, p.inner, p.x0, p.y0, y_set=Box(0, 1))
-    for method in ("unrolled", "one_step"):
-        with pytest.raises(ValueError, match="constrains y.*single-loop"):
-            bilevel.solve(constrained, method=method, max_steps=2, progress=False)
+    with pytest.raises(ValueError, match="constrains y.*single-loop.*'implicit'"):
+        bilevel.solve(constrained, method=Plain(), max_steps=2, progress=False)
 
 
 def test_one_argument_callback_and_a_tensor_as_known_solution():
@@ -354,29 +361,34 @@ def test_constraints_take_no_batch_and_a_dry_level_stream_is_named():
                       progress=False)
 
 
-def test_implicit_method_with_a_constrained_lower_level():
+@pytest.mark.parametrize("method, options", [("implicit", {}), ("unrolled", {"steps": 30}),
+                                             ("one_step", {"inner_steps": 5})])
+def test_hypergradient_methods_with_a_constrained_lower_level(method, options):
     """y*(x) = max(x, 0) (inner 1/2 |y - x|^2 over y >= 0), F = 1/2 |y - t|^2, t = (1, -1):
     dF/dx = (y* - t) where the constraint is inactive, 0 where it is active; the run
-    reaches x_1 = 1 with y_2 = 0 (outer value 1/2)."""
-    from bilevel.algorithms import Implicit, Unrolled
+    reaches x_1 = 1 with y_2 = 0 (outer value 1/2), the set given to the method or
+    to the problem."""
+    from bilevel.algorithms import METHODS
     from bilevel.implicit import NonNegative
     from bilevel.problems import BilevelProblem
 
     t = torch.tensor([1.0, -1.0])
     inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()  # noqa: E731
     outer = lambda x, y: 0.5 * ((y - t) ** 2).sum()  # noqa: E731
-    method = Implicit(y_set=NonNegative(), outer_optimizer="sgd", lr=1.0)
-    for x0, y_star in [((0.5, 0.5), (0.5, 0.5)), ((0.5, -0.5), (0.5, 0.0))]:
-        problem = BilevelProblem(outer, inner, torch.tensor(x0), torch.zeros(2))
-        state = method.step(problem, method.init(problem))
-        torch.testing.assert_close(state.y, torch.tensor(y_star), atol=1e-7, rtol=0)
-        g = torch.tensor(y_star) - t
-        g[torch.tensor(y_star) == 0] = 0
-        torch.testing.assert_close(state.x, torch.tensor(x0) - g, atol=1e-6, rtol=0)  # one SGD step, lr 1
-    result = bilevel.solve(outer, inner, torch.tensor([0.5, 0.5]), torch.zeros(2), method="implicit",
-                           y_set=NonNegative(), lr=0.1, outer_optimizer="sgd", max_steps=200, progress=False)
-    assert abs(float(result.x[0]) - 1) < 1e-6 and float(result.y[1]) == 0.0
-    assert abs(result.history["outer"][-1] - 0.5) < 1e-9
-    constrained = BilevelProblem(outer, inner, torch.zeros(2), torch.zeros(2), y_set=NonNegative())
-    with pytest.raises(ValueError, match="'implicit' method"):
-        Unrolled().init(constrained)
+    if method == "implicit":  # one step against the closed form
+        algorithm = METHODS[method](y_set=NonNegative(), outer_optimizer="sgd", lr=1.0)
+        for x0, y_star in [((0.5, 0.5), (0.5, 0.5)), ((0.5, -0.5), (0.5, 0.0))]:
+            problem = BilevelProblem(outer, inner, torch.tensor(x0), torch.zeros(2))
+            state = algorithm.step(problem, algorithm.init(problem))
+            torch.testing.assert_close(state.y, torch.tensor(y_star), atol=1e-7, rtol=0)
+            g = torch.tensor(y_star) - t
+            g[torch.tensor(y_star) == 0] = 0
+            torch.testing.assert_close(state.x, torch.tensor(x0) - g, atol=1e-6, rtol=0)  # one SGD step
+    for given_to in ("method", "problem"):
+        problem = BilevelProblem(outer, inner, torch.tensor([0.5, 0.5]), torch.zeros(2),
+                                 y_set=NonNegative() if given_to == "problem" else None)
+        extra = {"y_set": NonNegative()} if given_to == "method" else {}
+        result = bilevel.solve(problem, method=method, lr=0.1, outer_optimizer="sgd", max_steps=200,
+                               progress=False, **options, **extra)
+        assert abs(float(result.x[0]) - 1) < 1e-4 and float(result.y[1]) == 0.0
+        assert abs(result.history["outer"][-1] - 0.5) < 1e-6

@@ -267,6 +267,21 @@ def bind_batch(problem: BilevelProblem, batch: Any) -> tuple[Callable, Callable]
     return (lambda x, y: problem.outer(x, y, outer_batch)), (lambda x, y: problem.inner(x, y, inner_batch))
 
 
+_Y_SET = "_y_set"
+"""Attribute of a :class:`State` during a step of a method that takes ``y_set``
+(not part of its checkpoint): the projection of a list of ``y``'s leaves."""
+
+
+def y_projection(state: State) -> Optional[Callable[[TensorTree], TensorTree]]:
+    """During a step of a method with ``handles_y_set``: the projection of a tree
+    shaped like ``y`` onto ``y_set`` (``None`` where ``y`` is free)."""
+    project = state.__dict__.get(_Y_SET)
+    if project is None:
+        return None
+    spec = tree_flatten(state.y)[1]
+    return lambda tree: tree_unflatten(project(tree_leaves(tree)), spec)
+
+
 def set_projection(spec: Any, tree_example: Any, name: str) -> Optional[Callable[[list], list]]:
     """A projection on a list of leaves from ``x_set`` / ``y_set``: ``None``, a set
     (or callable ``z -> P(z)``) applied to every leaf, or a tree of sets / ``None``
@@ -359,7 +374,13 @@ class Algorithm:
 
     def step(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
         outer, inner = bind_batch(problem, batch)
-        y, g, info = self.hypergradient(outer, inner, state, batch)
+        if getattr(self, "handles_y_set", False):  # the projection onto y_set, for this step
+            spec = self.y_set if getattr(self, "y_set", None) is not None else problem.y_set
+            state.__dict__[_Y_SET] = set_projection(spec, state.y, "y_set")
+        try:
+            y, g, info = self.hypergradient(outer, inner, state, batch)
+        finally:
+            state.__dict__.pop(_Y_SET, None)
         for leaf, grad in zip(tree_leaves(state.x), tree_leaves(g)):
             leaf.grad = grad.detach()
         state.optimizer.step()

@@ -9,12 +9,11 @@ import torch
 
 from ..implicit import hypergrad
 from ..implicit.linear_solve import Auto, LinearSolver
-from ..problems import BilevelProblem
 from ..solvers import LBFGS, ProximalGradient
 from ..solvers._base import Solver
 from .._tolerance import default_tol
 from .._tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
-from ._base import Algorithm, State, StepInfo, report_value, set_projection, tree_norm, tree_norm_float
+from ._base import Algorithm, State, StepInfo, report_value, tree_norm, tree_norm_float, y_projection
 
 
 @dataclass(frozen=True)
@@ -97,17 +96,9 @@ class Implicit(Algorithm):
                 f"CG(maxiter=50)) or None; got {self.solve!r}."
             )
 
-    def step(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
-        spec = self.y_set if self.y_set is not None else problem.y_set
-        state.__dict__[_Y_SET] = set_projection(spec, state.y, "y_set")  # not part of the checkpoint
-        try:
-            return super().step(problem, state, batch)
-        finally:
-            state.__dict__.pop(_Y_SET, None)
-
     def hypergradient(self, outer, inner, state: State, batch: Any):
         objective = lambda y_, x_: inner(x_, y_)  # noqa: E731  solution first, for the solvers
-        project = state.__dict__.get(_Y_SET)
+        project = y_projection(state)
         if project is not None:
             return self._projected(outer, objective, state, project)
         if self.inner_solver is not None:
@@ -133,10 +124,9 @@ class Implicit(Algorithm):
         """The inner problem over the set ``C``: projected gradient, differentiated at its
         fixed point by :class:`~bilevel.solvers.ProximalGradient` (the IFT on the prox
         condition, with ``solve``)."""
-        spec = tree_flatten(state.y)[1]
 
         def onto_set(z, _prox_args=None, _scaling=None):
-            return tree_unflatten(project(tree_leaves(z)), spec)
+            return project(z)
 
         solver = ProximalGradient(onto_set, implicit_solve=self.solve)
         x = tree_map(lambda t: t.detach().requires_grad_(t.is_floating_point()), state.x)
@@ -171,11 +161,6 @@ class Implicit(Algorithm):
             return state.y, gradient_norm
         solver = LBFGS(maxiter=100, tol=min(threshold / max(1.0, gradient_norm), 0.5))
         return _run(solver, objective, state)
-
-
-_Y_SET = "_y_set"
-"""Attribute of a :class:`State` during a step (not part of its checkpoint): the
-projection onto ``y_set``."""
 
 
 def _gradient_norm(objective, state: State) -> float:

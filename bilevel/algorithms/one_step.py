@@ -3,13 +3,13 @@ r"""The one-step (DARTS-style) approximation: one inner step, differentiated."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from .._tree import tree_map
 from ..implicit.hypergrad import one_step_hypergrad
-from ._base import Algorithm, State, StepInfo, report_value, tree_norm
+from ._base import Algorithm, State, StepInfo, report_value, tree_norm, y_projection
 from .unrolled import _step_size
 
 
@@ -28,6 +28,8 @@ class OneStep(Algorithm):
     Args:
         step_size: :math:`\xi`; ``None`` uses :math:`1/L` estimated once.
         inner_steps: plain gradient steps on :math:`y` per outer step (default 1).
+        y_set: a simple set for ``y`` (or the problem's): every inner step, the
+            differentiated one included, is a projected gradient step.
 
     References:
         Liu, H., Simonyan, K. and Yang, Y. `DARTS: Differentiable Architecture
@@ -50,6 +52,9 @@ class OneStep(Algorithm):
 
     step_size: Optional[float] = None
     inner_steps: int = 1
+    y_set: Any = None
+
+    handles_y_set: ClassVar[bool] = True
 
     def __post_init__(self):
         if not (isinstance(self.inner_steps, int) and self.inner_steps >= 0):
@@ -57,12 +62,14 @@ class OneStep(Algorithm):
 
     def hypergradient(self, outer, inner, state: State, batch: Any):
         xi = _step_size(self.step_size, inner, state)
-        y = state.y
+        project = y_projection(state)
+        y = state.y if project is None else project(state.y)
         grad_y = torch.func.grad(lambda y_: inner(state.x, y_).reshape(()))
         with torch.no_grad():
             for _ in range(self.inner_steps):
                 y = tree_map(lambda a, g: a - xi * g, y, grad_y(y))
-        g = one_step_hypergrad(outer, inner, state.x, y, xi)
+                y = y if project is None else project(y)
+        g = one_step_hypergrad(outer, inner, state.x, y, xi, project=project)
         with torch.no_grad():
             value = report_value(outer(state.x, y))
         return y, g, StepInfo(outer=value, hypergradient_norm=tree_norm(g))

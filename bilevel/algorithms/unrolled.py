@@ -3,14 +3,14 @@ r"""Iterative differentiation (ITD): reverse mode through T inner gradient steps
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ..implicit.hypergrad import estimate_lipschitz, unrolled_hypergrad
 from ..implicit.linear_solve._base import _sync_every
-from ._base import Algorithm, State, StepInfo, report_value, tree_norm
+from ._base import Algorithm, State, StepInfo, report_value, tree_norm, y_projection
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class Unrolled(Algorithm):
             step from the previous estimate's eigenvector.
         truncate: differentiate only the last ``truncate`` steps.
         warm_start: start each inner run from the previous :math:`y_T`.
+        y_set: a simple set for ``y`` (or the problem's): the inner steps are
+            projected gradient steps, differentiated through the projection.
 
     References:
         Franceschi, L., Donini, M., Frasconi, P. and Pontil, M. `Forward and
@@ -55,6 +57,9 @@ class Unrolled(Algorithm):
     step_size: Optional[float] = None
     truncate: Optional[int] = None
     warm_start: bool = False
+    y_set: Any = None
+
+    handles_y_set: ClassVar[bool] = True
 
     def __post_init__(self):
         if not (isinstance(self.steps, int) and self.steps >= 1):
@@ -68,8 +73,10 @@ class Unrolled(Algorithm):
     def hypergradient(self, outer, inner, state: State, batch: Any):
         step_size = _step_size(self.step_size, inner, state)
         y0 = state.y if self.warm_start else tree_unflatten([t.clone() for t in state.extras["y_start"]], tree_flatten(state.y)[1])
+        project = y_projection(state)
         g, y = unrolled_hypergrad(
-            outer, inner, state.x, y0, self.steps, step_size, truncate=self.truncate, return_solution=True
+            outer, inner, state.x, y0 if project is None else project(y0), self.steps, step_size,
+            truncate=self.truncate, return_solution=True, project=project,
         )
         with torch.no_grad():
             value = report_value(outer(state.x, y))

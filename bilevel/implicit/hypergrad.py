@@ -246,9 +246,11 @@ def estimate_lipschitz(
     return (estimate.abs(), v) if return_vector else estimate.abs()
 
 
-def _inner_step(inner: BilevelObjective, step_size) -> Callable:
+def _inner_step(inner: BilevelObjective, step_size, project: Optional[Callable] = None) -> Callable:
     grad_y = grad(lambda x, y: inner(x, y).reshape(()), argnums=1)
-    return lambda x, y: tree_map(lambda a, g: a - step_size * g, y, grad_y(x, y))
+    if project is None:
+        return lambda x, y: tree_map(lambda a, g: a - step_size * g, y, grad_y(x, y))
+    return lambda x, y: project(tree_map(lambda a, g: a - step_size * g, y, grad_y(x, y)))
 
 
 def unrolled_hypergrad(
@@ -261,11 +263,15 @@ def unrolled_hypergrad(
     *,
     truncate: Optional[int] = None,
     return_solution: bool = False,
+    project: Optional[Callable[[TensorTree], TensorTree]] = None,
 ):
     r"""Reverse-mode hypergradient through ``steps`` gradient steps on the inner problem.
 
-    .. math:: y_t = y_{t-1} - s \nabla_y f(x, y_{t-1}), \quad t = 1..T, \qquad
-              \frac{d}{dx} F(x, y_T(x)).
+    .. math:: y_t = P\bigl(y_{t-1} - s \nabla_y f(x, y_{t-1})\bigr), \quad t = 1..T, \qquad
+              \frac{d}{dx} F(x, y_T(x)),
+
+    with :math:`P` the identity, or ``project`` (projected gradient steps for a
+    lower level constrained to a simple set; differentiated like the steps).
 
     With ``truncate=K`` only the last :math:`K` steps are differentiated (the
     first :math:`T-K` run without a graph): memory :math:`O(K)` instead of
@@ -280,6 +286,9 @@ def unrolled_hypergrad(
             largest Hessian eigenvalue at ``(x, y0)`` (power iteration).
         truncate: number of final steps to differentiate through (default all).
         return_solution: also return :math:`y_T`.
+        project: ``P``, a map of trees shaped like ``y`` onto the lower level's
+            feasible set (e.g. a projection of :mod:`bilevel.implicit.projections`);
+            ``None``: no constraint.
 
     Returns:
         ``dF/dx`` shaped like ``x`` (and :math:`y_T` if ``return_solution``).
@@ -311,7 +320,9 @@ def unrolled_hypergrad(
     on_host = not torch.is_tensor(step_size) or step_size.device.type == "cpu"
     if on_host and not bool(step_size > 0):
         raise ValueError(f"unrolled_hypergrad: `step_size` must be positive; got {step_size!r}.")
-    step = _inner_step(inner, step_size)
+    if project is not None and not callable(project):
+        raise TypeError(f"unrolled_hypergrad: `project` must be callable (y -> P(y)) or None; got {project!r}.")
+    step = _inner_step(inner, step_size, project)
     differentiated = steps if truncate is None else truncate
     y = y0
     with torch.no_grad():
@@ -343,6 +354,8 @@ def one_step_hypergrad(
     x: TensorTree,
     y: TensorTree,
     step_size: Optional[float] = None,
+    *,
+    project: Optional[Callable[[TensorTree], TensorTree]] = None,
 ) -> TensorTree:
     r"""One-step (DARTS-style) approximation of the hypergradient.
 
@@ -362,6 +375,8 @@ def one_step_hypergrad(
         step_size: :math:`\xi > 0`; ``None`` uses :math:`1 / L` with :math:`L` the
             largest eigenvalue of :math:`\nabla^2_{yy} f(x, y)` (power iteration),
             as in :func:`unrolled_hypergrad`.
+        project: a projection onto the lower level's feasible set, applied after
+            the step (see :func:`unrolled_hypergrad`); ``None``: no constraint.
 
     Returns:
         The approximate ``dF/dx``, with the structure of ``x``.
@@ -381,7 +396,7 @@ def one_step_hypergrad(
         >>> torch.allclose(g, bilevel.hypergrad(outer, inner, x, x))
         True
     """
-    return unrolled_hypergrad(outer, inner, x, y, 1, step_size)
+    return unrolled_hypergrad(outer, inner, x, y, 1, step_size, project=project)
 
 
 __all__ = [
