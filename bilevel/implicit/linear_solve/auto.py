@@ -129,7 +129,7 @@ class Auto(LinearSolver):
         if not broke:
             return x, iterations, status
         if not self.symmetric:
-            return _least_squares(A, b, self.tol, (x, iterations, status))
+            return _least_squares(A, b, self.tol)
         # Singular or indefinite: CG still solves a consistent singular system
         # (e.g. an unregularized bias) and reports an indefinite one.
         return None
@@ -140,19 +140,15 @@ _CHUNK = 128
 most 128 products' intermediates at once, as for the largest direct system."""
 
 
-def _least_squares(A, b, tol, lu_result):
+def _least_squares(A, b, tol):
     """The minimum-norm least-squares solution of the matrices ``A`` whose LU was
     singular: a success where the system is consistent (residual within ``tol``),
-    BREAKDOWN where it is not.  A matrix with NaN or inf (LAPACK refuses it) keeps
-    the LU's result, reported downstream."""
-    try:
-        x, iterations, status = Direct("lstsq")._solve_matrix(A, b)
-    except RuntimeError:
-        return lu_result
+    BREAKDOWN where it is not (a non-finite matrix stays NONFINITE)."""
+    x, iterations, status = Direct("lstsq")._solve_matrix(A, b)
     tol = default_tol(b.dtype) if tol is None else tol
     residual = torch.linalg.vector_norm(b - (A @ x.unsqueeze(-1)).squeeze(-1), dim=-1)
     consistent = residual <= tol * torch.linalg.vector_norm(b, dim=-1)
-    return x, iterations, torch.where(consistent, status, int(Status.BREAKDOWN))
+    return x, iterations, torch.where(consistent | (status != Status.SUCCESS), status, int(Status.BREAKDOWN))
 
 
 __all__ = ["Auto"]
