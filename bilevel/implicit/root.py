@@ -502,6 +502,7 @@ def custom_fixed_point(
     damping: float = 0.0,
     strict: bool = False,
     residual_tol: Optional[float] = None,
+    batch_dims: int = 0,
 ) -> Callable[[Callable], Callable]:
     r"""Decorator: differentiate a solver whose output is a fixed point ``sol = T(sol, *args)``.
 
@@ -526,6 +527,11 @@ def custom_fixed_point(
             when a certificate fails.
         residual_tol: tolerance on the estimated distance to the fixed point,
             as in :func:`custom_root` (default ``eps ** 0.25`` of the dtype).
+        batch_dims: number of leading dimensions of the solution and of every
+            tensor argument that index independent fixed points, as in
+            :func:`custom_root`: ``T`` is written for one problem and vmapped,
+            and one call of the linear solver solves the adjoint systems with
+            per-element stopping and certificates.
 
     Returns:
         The decorator that :func:`custom_root` returns for the residual
@@ -551,7 +557,7 @@ def custom_fixed_point(
     """
     return custom_root(
         fixed_point_residual(T), solve, has_aux=has_aux, damping=damping, strict=strict,
-        residual_tol=residual_tol,
+        residual_tol=residual_tol, batch_dims=batch_dims,
     )
 
 
