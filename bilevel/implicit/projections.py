@@ -797,7 +797,21 @@ class Box(ConvexSet):
 
 
 @dataclass(frozen=True, eq=False)
-class Simplex(ConvexSet):
+class _RadiusSet(ConvexSet):
+    """A set of vectors along the last dim, scaled by a radius ``r > 0``; the
+    subclass names its projection ``(z, r) -> P(z)``."""
+
+    radius: Scalar = 1.0
+
+    def __post_init__(self):
+        _check_field(self.radius, "radius", type(self).__name__)
+
+    def project(self, z: TensorTree) -> TensorTree:
+        return type(self)._projection(z, self.radius)
+
+
+@dataclass(frozen=True, eq=False)
+class Simplex(_RadiusSet):
     r"""The simplex :math:`\{x : x \ge 0, \mathbf 1^\top x = r\}` along the last dim.
 
     Args:
@@ -809,17 +823,11 @@ class Simplex(ConvexSet):
         tensor([1., 0.])
     """
 
-    radius: Scalar = 1.0
-
-    def __post_init__(self):
-        _check_field(self.radius, "radius", "Simplex")
-
-    def project(self, z: TensorTree) -> TensorTree:
-        return project_simplex(z, self.radius)
+    _projection = staticmethod(project_simplex)
 
 
 @dataclass(frozen=True, eq=False)
-class L1Ball(ConvexSet):
+class L1Ball(_RadiusSet):
     r"""The l1 ball :math:`\{x : \|x\|_1 \le r\}` along the last dim.
 
     Args:
@@ -832,17 +840,11 @@ class L1Ball(ConvexSet):
         tensor([1., 0.])
     """
 
-    radius: Scalar = 1.0
-
-    def __post_init__(self):
-        _check_field(self.radius, "radius", "L1Ball")
-
-    def project(self, z: TensorTree) -> TensorTree:
-        return project_l1_ball(z, self.radius)
+    _projection = staticmethod(project_l1_ball)
 
 
 @dataclass(frozen=True, eq=False)
-class L2Ball(ConvexSet):
+class L2Ball(_RadiusSet):
     r"""The Euclidean ball :math:`\{x : \|x\|_2 \le r\}` along the last dim.
 
     Args:
@@ -855,10 +857,4 @@ class L2Ball(ConvexSet):
         tensor([0.6000, 0.8000])
     """
 
-    radius: Scalar = 1.0
-
-    def __post_init__(self):
-        _check_field(self.radius, "radius", "L2Ball")
-
-    def project(self, z: TensorTree) -> TensorTree:
-        return project_l2_ball(z, self.radius)
+    _projection = staticmethod(project_l2_ball)
