@@ -230,9 +230,16 @@ def _level_streams(data: Any) -> Optional[tuple]:
             raise ValueError("`data`: both streams, 'outer' and 'inner', must be given (iterables of mini-batches).")
         return data["outer"], data["inner"]
     batch_like = (torch.Tensor, tuple, list, Mapping, str, bytes)
-    if (isinstance(data, tuple) and len(data) == 2
-            and all(hasattr(d, "__iter__") and not isinstance(d, batch_like) for d in data)):
-        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        streams = [hasattr(d, "__iter__") and not isinstance(d, batch_like) for d in data]
+        if all(streams):
+            return data
+        if any(streams) and all(isinstance(d, (list, tuple)) or s for d, s in zip(data, streams)):
+            kinds = " and a ".join(type(d).__name__ for d in data)
+            raise ValueError(
+                f"`data` is a pair of a {kinds}: one stream per level, or two mini-batches? Pass "
+                "data={'outer': ..., 'inner': ...} for one stream per level, or a list of mini-batches."
+            )
     return None
 
 

@@ -197,6 +197,22 @@ def test_a_tuple_of_two_batches_is_still_a_stream_of_batches():
     assert any(b is batches[0] for b in got) and any(b is batches[1] for b in got)
 
 
+def test_a_pair_mixing_a_loader_and_a_list_is_refused_as_ambiguous():
+    """(list_of_batches, loader) is neither two batches (a loader is no batch) nor, by the
+    pair rule, two streams (a list may be a batch): the error points to the dict form,
+    which works."""
+    problem = quadratic()
+    loader = _Loader([None, None])
+    with pytest.raises(ValueError, match=r"pair of a list and a _Loader.*'outer'"):
+        bilevel.solve(problem.outer, problem.inner, problem.x0, problem.y0, data=([None, None], loader),
+                      max_steps=1, progress=False)
+    outer = lambda x, y, b: problem.outer(x, y)  # noqa: E731
+    inner = lambda x, y, b: problem.inner(x, y)  # noqa: E731
+    result = bilevel.solve(outer, inner, problem.x0, problem.y0, data={"outer": [None, None], "inner": loader},
+                           max_steps=2, progress=False)
+    assert result.state.iteration == 2
+
+
 def test_config_objects_and_options():
     problem = quadratic()
     result = bilevel.solve(problem, method=Implicit(solve=CG(maxiter=50), lr=0.05), max_steps=5, progress=False)
