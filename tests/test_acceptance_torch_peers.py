@@ -584,7 +584,8 @@ def test_unrolled_error_to_implicit_decreases_with_steps():
     lr = 1.0 / float(torch.linalg.eigvalsh(H).max())
     errors = [_rel(bilevel.implicit.unrolled_hypergrad(outer, inner, lam, torch.zeros_like(w), steps=T,
                                                        step_size=lr), exact) for T in (5, 20, 80, 300)]
-    assert all(b < a for a, b in itertools.pairwise(errors)) and errors[-1] < 1e-6
+    # strictly down until the float32 floor (~3e-7, where the sums' rounding decides)
+    assert all(b < a or max(a, b) < 1e-6 for a, b in itertools.pairwise(errors)) and errors[-1] < 1e-6
 
 
 def test_one_step_hypergrad_is_learning_to_reweight():

@@ -1,5 +1,7 @@
 """hypergrad, unrolled and one-step hypergradients against closed forms (ALGORITHMS.md)."""
 
+import sys
+
 import pytest
 import torch
 from torch.func import jacrev, vmap
@@ -189,3 +191,22 @@ def test_certificate_under_vmap_covers_the_batch():
         g_i, info_i = bilevel.hypergrad(outer, inner, X[i], X[i] / 2, return_info=True)
         torch.testing.assert_close(g[i], g_i)
         torch.testing.assert_close(info.solution_norm[i], info_i.solution_norm)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+@pytest.mark.parametrize("broken", ["outer", "inner"])
+def test_an_error_inside_an_objective_is_annotated_with_the_shapes(broken):
+    """Objectives written (y, x) instead of (x, y) fail inside torch with a bare size
+    mismatch; the error keeps its type and message and gains a note naming the
+    objective and the shapes, upper variable first."""
+    X = torch.randn(20, 3, dtype=torch.float64)
+    good = lambda lam, w: 0.5 * ((X @ w) ** 2).sum() + 0.5 * lam.exp().sum() * (w * w).sum()  # noqa: E731
+    swapped = lambda w, lam: 0.5 * ((X @ w) ** 2).sum()  # noqa: E731
+    outer, inner = (swapped, good) if broken == "outer" else (good, swapped)
+    lam, w = torch.zeros(2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as caught:
+        bilevel.hypergrad(outer, inner, lam, w)
+    notes = getattr(caught.value, "__notes__", [])
+    assert len(notes) == 1
+    assert f"`{broken}(x, y)`" in notes[0] and "x: tensor of shape (2,)" in notes[0]
+    assert "y: tensor of shape (3,)" in notes[0]

@@ -35,6 +35,7 @@ from torch.func import grad, vjp
 
 from .._tree import (
     all_finite,
+    describe,
     inside_transform,
     is_transformed,
     seeded_normal_like,
@@ -54,6 +55,19 @@ from .root import AdjointSystem, _Options, default_solve, solve_adjoint
 BilevelObjective = Callable[[TensorTree, TensorTree], torch.Tensor]
 
 
+def _call(fn: BilevelObjective, name: str, x: TensorTree, y: TensorTree) -> torch.Tensor:
+    """``fn(x, y)``; an error raised inside it gets a note (Python >= 3.11) naming the
+    objective and the shapes it was called with, the upper variable first."""
+    try:
+        return fn(x, y)
+    except Exception as err:
+        if hasattr(err, "add_note") and not getattr(err, "_bilevel_noted", False):
+            err.add_note(f"bilevel: raised by `{name}(x, y)`, called with x: {describe(x)} and y: "
+                         f"{describe(y)} (the upper variable comes first).")
+            err._bilevel_noted = True
+        raise
+
+
 def _scalar_check(name: str, value: torch.Tensor) -> None:
     if not torch.is_tensor(value) or value.numel() != 1:
         shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
@@ -64,7 +78,7 @@ def _checked_grads(outer: BilevelObjective, x: TensorTree, y: TensorTree, eager:
     """(grad_x F, grad_y F): by one autograd call on plain tensors, else torch.func."""
 
     def value(x_, y_):
-        out = outer(x_, y_)
+        out = _call(outer, "outer", x_, y_)
         _scalar_check("outer", out)
         return out.reshape(())
 
@@ -89,7 +103,7 @@ def inner_stationarity(inner: BilevelObjective) -> Condition:
     (solution first, as :func:`~bilevel.implicit.custom_root` expects)."""
 
     def objective(y, x):
-        out = inner(x, y)
+        out = _call(inner, "inner", x, y)
         _scalar_check("inner", out)
         return out.reshape(())
 
