@@ -204,9 +204,11 @@ def test_an_error_inside_an_objective_is_annotated_with_the_shapes(broken):
     swapped = lambda w, lam: 0.5 * ((X @ w) ** 2).sum()  # noqa: E731
     outer, inner = (swapped, good) if broken == "outer" else (good, swapped)
     lam, w = torch.zeros(2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    with pytest.raises(RuntimeError) as caught:
-        bilevel.hypergrad(outer, inner, lam, w)
-    notes = getattr(caught.value, "__notes__", [])
-    assert len(notes) == 1
-    assert f"`{broken}(x, y)`" in notes[0] and "x: tensor of shape (2,)" in notes[0]
-    assert "y: tensor of shape (3,)" in notes[0]
+    for method in (bilevel.hypergrad, unrolled_hypergrad, one_step_hypergrad):
+        extra = (5, 0.1) if method is unrolled_hypergrad else (0.1,) if method is one_step_hypergrad else ()
+        with pytest.raises(RuntimeError) as caught:
+            method(outer, inner, lam, w, *extra)
+        notes = getattr(caught.value, "__notes__", [])
+        assert len(notes) == 1
+        assert f"`{broken}(x, y)`" in notes[0] and "x: tensor of shape (2,)" in notes[0]
+        assert "y: tensor of shape (3,)" in notes[0]

@@ -261,7 +261,7 @@ def estimate_lipschitz(
 
 
 def _inner_step(inner: BilevelObjective, step_size, project: Optional[Callable] = None) -> Callable:
-    grad_y = grad(lambda x, y: inner(x, y).reshape(()), argnums=1)
+    grad_y = grad(lambda x, y: _call(inner, "inner", x, y).reshape(()), argnums=1)
     if project is None:
         return lambda x, y: tree_map(lambda a, g: a - step_size * g, y, grad_y(x, y))
     return lambda x, y: project(tree_map(lambda a, g: a - step_size * g, y, grad_y(x, y)))
@@ -348,7 +348,7 @@ def unrolled_hypergrad(
         y_ = y_start
         for _ in range(differentiated):
             y_ = step(x_, y_)
-        out = outer(x_, y_)
+        out = _call(outer, "outer", x_, y_)
         _scalar_check("outer", out)
         return out.reshape(()), y_
 
