@@ -60,8 +60,8 @@ from bilevel.algorithms import METHODS  # noqa: E402
 from bilevel.status import BilevelWarning  # noqa: E402
 
 # the table's order: the classical hypergradient methods, then the single-loop / aggregation ones
-METHOD_ORDER = ("implicit", "unrolled", "one_step", "penalty", "meha", "bamm", "bda", "lvhba")
-CLASSICAL = ("implicit", "unrolled", "one_step")
+METHOD_ORDER = ("implicit", "unrolled", "one_step", "soba", "penalty", "meha", "bamm", "bda", "lvhba")
+CLASSICAL = ("implicit", "unrolled", "one_step", "soba")
 PROBLEM_ORDER = ("Q", "M1", "L", "cleaning")
 PROBLEM_LABELS = {
     "Q": "Q (quadratic, d=5, m=3)",
@@ -398,7 +398,7 @@ def print_wins(runs: list[Run], keys: list[str]) -> None:
                     line += f"; best classical method {c.label} is {s.hit_time / c.hit_time:.1f}× faster " \
                             f"than the best single-loop/aggregation one ({s.label})"
         elif single and any(r.method in CLASSICAL for r in rs):
-            line += "; no classical method (implicit, unrolled, one_step) reached it"
+            line += "; no classical method (implicit, unrolled, one_step, soba) reached it"
         elif classical and any(r.method not in CLASSICAL for r in rs):
             line += "; no single-loop/aggregation method reached it"
         missed = [r for r in rs if r.status != "reached"]

@@ -273,8 +273,9 @@ def solve(
         x0, y0: start points (tensors or tensor trees).
         method: ``"implicit"`` (default), ``"unrolled"``, ``"one_step"``, the
             single-loop methods ``"penalty"``, ``"meha"``, ``"bamm"``, ``"lvhba"``
-            (inner constraints), the aggregation method ``"bda"``, or an
-            algorithm config object of :mod:`bilevel.algorithms`.
+            (inner constraints), the aggregation method ``"bda"``, the one-loop
+            AID method ``"soba"``, or an algorithm config object of
+            :mod:`bilevel.algorithms`.
         constraints: inner constraints ``g(x, y) <= 0`` (methods that handle them).
         inner_solver: the inner solver of methods that use one (e.g. a
             :mod:`bilevel.solvers` object for ``"implicit"``).

@@ -223,7 +223,7 @@ def test_config_objects_and_options():
 
 def test_bad_input_is_rejected_clearly():
     problem = quadratic()
-    with pytest.raises(ValueError, match="known methods: bamm, bda, implicit, lvhba, meha, one_step, penalty, unrolled"):
+    with pytest.raises(ValueError, match="known methods: bamm, bda, implicit, lvhba, meha, one_step, penalty, soba, unrolled"):
         bilevel.solve(problem, method="newton")
     with pytest.raises(TypeError, match="does not take option"):
         bilevel.solve(problem, method="implicit", steps=3)

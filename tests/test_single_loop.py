@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bilevel
-from bilevel.algorithms import BAMM, BDA, LVHBA, MEHA, METHODS, Penalty
+from bilevel.algorithms import BAMM, BDA, LVHBA, MEHA, METHODS, SOBA, Penalty
 from bilevel.problems import coupled_constraint, nonunique_lower_level, quadratic
 from bilevel.solvers import LBFGS
 from bilevel.status import CurvatureWarning, StepSizeWarning
@@ -26,7 +26,7 @@ def run(problem, method, steps, **options):
 
 
 def test_registered_by_name():
-    expected = {"penalty": Penalty, "meha": MEHA, "bamm": BAMM, "lvhba": LVHBA, "bda": BDA}
+    expected = {"penalty": Penalty, "meha": MEHA, "bamm": BAMM, "lvhba": LVHBA, "bda": BDA, "soba": SOBA}
     for name, cls in expected.items():
         assert METHODS[name] is cls
 
@@ -66,6 +66,7 @@ def test_implicit_method_stalls_on_nonunique_lower_level_and_says_so():
 # -- problem Q: strongly convex, every method must reach x* --------------------------------
 @pytest.mark.parametrize("method, steps, tol", [
     ("penalty", 500, 1e-2), ("bamm", 5000, 1e-2), ("bda", 1000, 1e-2), ("meha", 5000, 3e-2),
+    ("soba", 500, 1e-9),
 ])
 def test_quadratic_reaches_solution(method, steps, tol):
     problem = quadratic()
@@ -162,10 +163,10 @@ def test_infeasible_constraints_are_reported():
         run(empty, "lvhba", 5)
 
 
-@pytest.mark.parametrize("method", ["meha", "penalty", "bamm", "lvhba"])
+@pytest.mark.parametrize("method", ["meha", "penalty", "bamm", "lvhba", "soba"])
 def test_divergent_step_size_is_reported_with_its_step(method):
     problem = coupled_constraint() if method == "lvhba" else quadratic()
-    options = {"lr": 50.0} if method != "bamm" else {"y_step": 50.0}
+    options = {"lr": 50.0} if method not in ("bamm", "soba") else {"y_step": 50.0}
     if method == "meha":
         options["beta"] = 50.0
     with pytest.raises(FloatingPointError, match=r"step \d+"):
@@ -195,6 +196,7 @@ def test_blown_up_x_step_raises_after_the_last_backoff():
     (MEHA, {"gamma": -1.0}), (MEHA, {"p": 1.5}), (MEHA, {"nonsmooth": lambda x, y: 0.0}),
     (Penalty, {"inner_steps": 0}), (Penalty, {"lam0": 0.0}), (BAMM, {"mu0": 1.5}),
     (LVHBA, {"eta": 0.0}), (BDA, {"steps": 0}), (BDA, {"mu": 2.0}),
+    (SOBA, {"y_step": 0.0}), (SOBA, {"v_step": -1.0}), (SOBA, {"x_decay": -0.5}), (SOBA, {"y_decay": True}),
 ])
 def test_invalid_settings(cls, bad):
     with pytest.raises(ValueError):
@@ -202,7 +204,7 @@ def test_invalid_settings(cls, bad):
 
 
 # -- checkpoints, trees, mini-batches -------------------------------------------------------
-@pytest.mark.parametrize("method", ["penalty", "meha", "bamm", "bda", "lvhba"])
+@pytest.mark.parametrize("method", ["penalty", "meha", "bamm", "bda", "lvhba", "soba"])
 def test_resume_equals_uninterrupted(method):
     problem = coupled_constraint(n=4) if method == "lvhba" else nonunique_lower_level(n=4)
     full = run(problem, method, 60)
@@ -243,7 +245,7 @@ def test_penalty_stochastic_minibatches_on_logistic_hpo():
     assert outer_at_inner_solution(problem, result.x) < outer_at_inner_solution(problem, problem.x0)
 
 
-@pytest.mark.parametrize("method", SINGLE_LOOP)
+@pytest.mark.parametrize("method", [*SINGLE_LOOP, "soba"])
 def test_ready_made_problems_improve(method):
     """Every method runs on hyper-cleaning and ridge HPO through bilevel.solve and
     lowers the upper objective at the (numerically) exact inner solution of its x."""
@@ -259,3 +261,45 @@ def outer_at_inner_solution(problem, x) -> float:
     """F(x, y*(x)) with y*(x) from L-BFGS on the full (not mini-batch) inner objective."""
     y, _ = LBFGS(maxiter=1000, tol=1e-7).run(lambda y_, x_: problem.inner(x_, y_), problem.y0, x)
     return float(problem.outer(x, y))
+
+
+# -- SOBA: the implicit method cut to one step per level -----------------------------------
+def test_soba_steps_follow_the_update_rule():
+    """Three steps with explicit step sizes and decays against the rule written out
+    with plain autograd: y, v and x each move from the same (x_k, y_k, v_k)."""
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    A, B = M @ M.T / 4 + torch.eye(4, dtype=torch.float64), torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    inner = lambda x, y: 0.5 * y @ A @ y - y @ B @ torch.sin(x) + 0.1 * (y**4).sum()  # noqa: E731
+    outer = lambda x, y: 0.5 * ((y - 1) ** 2).sum() + 0.3 * (x**2).sum() * y.sum()  # noqa: E731
+    x0, y0 = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    problem = bilevel.problems.BilevelProblem(outer, inner, x0, y0)
+    rho, rho_v, gamma, a, b = 0.2, 0.15, 0.1, 0.4, 0.6
+    method = SOBA(lr=gamma, y_step=rho, v_step=rho_v, y_decay=a, x_decay=b, warmup=0, rescale_every=0)
+    state = method.init(problem)
+    x, y, v = x0.clone(), y0.clone(), torch.zeros(4, dtype=torch.float64)
+    for k in range(3):
+        state = method.step(problem, state)
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        gFx, gFy = torch.autograd.grad(outer(xr, yr), (xr, yr))
+        (gfy,) = torch.autograd.grad(inner(xr, yr), yr, create_graph=True)
+        cross, hess = torch.autograd.grad(gfy, (xr, yr), v)
+        decay = (k + 1) ** -a
+        x, y, v = (x - gamma * (k + 1) ** -b * (gFx + cross), y - rho * decay * gfy.detach(),
+                   v - rho_v * decay * (hess + gFy))
+        torch.testing.assert_close(state.x, x, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state.y, y, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state.extras["v"][0], v, rtol=1e-12, atol=1e-14)
+
+
+def test_soba_warns_on_a_singular_lower_level_and_names_the_alternatives():
+    """On M1 (inner Hessian singular in y2) v cannot solve its system; SOBA heads to
+    0.505 e like the implicit method, and says so once."""
+    problem = nonunique_lower_level(n=20)
+    with pytest.warns(CurvatureWarning, match="singular or indefinite.*penalty, meha, bamm, bda") as caught:
+        result = run(problem, "soba", 600)
+    assert sum(w.category is CurvatureWarning for w in caught) == 1
+    assert relative_error(problem, result.x) > 0.45
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CurvatureWarning)
+        run(quadratic(), "soba", 600)  # a strongly convex lower level: no warning

@@ -9,6 +9,7 @@ from .lvhba import LVHBA
 from .meha import MEHA
 from .one_step import OneStep
 from .penalty import Penalty
+from .soba import SOBA
 from .unrolled import Unrolled
 
 METHODS = {
@@ -20,7 +21,8 @@ METHODS = {
     "bamm": BAMM,
     "lvhba": LVHBA,
     "bda": BDA,
+    "soba": SOBA,
 }
 """Method names accepted by :func:`bilevel.solve`, with their config classes."""
 
-__all__ = ["Algorithm", "State", "StepInfo", "Implicit", "Unrolled", "OneStep", "MEHA", "Penalty", "BAMM", "LVHBA", "BDA", "METHODS", "make_optimizer"]
+__all__ = ["Algorithm", "State", "StepInfo", "Implicit", "Unrolled", "OneStep", "MEHA", "Penalty", "BAMM", "LVHBA", "BDA", "SOBA", "METHODS", "make_optimizer"]

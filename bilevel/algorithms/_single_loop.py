@@ -68,6 +68,22 @@ def value_and_grads(fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y
     return value.detach().reshape(()), gx, gy
 
 
+def autograd_grads(outputs, inputs, grad_outputs=None, create_graph=False, retain_graph=None):
+    """``torch.autograd.grad`` with zeros for inputs the outputs do not depend on."""
+    if isinstance(outputs, list):
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+        outputs, grad_outputs = [o for o, _ in pairs], [g for _, g in pairs]
+        if not outputs:
+            return [torch.zeros_like(t) for t in inputs]
+    elif not outputs.requires_grad:  # an objective that depends on none of the inputs
+        return [torch.zeros_like(t) for t in inputs]
+    grads = torch.autograd.grad(
+        outputs, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
+        retain_graph=retain_graph, allow_unused=True,
+    )
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+
 def curvature(
     fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, block: str = "xy", iterations: int = 20,
     shift: float = 0.0,
@@ -542,4 +558,4 @@ def power_schedule(base: float, k: int, exponent: float) -> float:
     return base * (k + 1) ** exponent
 
 
-__all__ = ["SingleLoop", "value_and_grads", "curvature", "block_curvature", "coupled_step", "set_projection", "power_schedule"]
+__all__ = ["SingleLoop", "value_and_grads", "autograd_grads", "curvature", "block_curvature", "coupled_step", "set_projection", "power_schedule"]

@@ -9,7 +9,7 @@ import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
-from ._single_loop import SingleLoop, coupled_step, shared_args, step_report, tree_sq_norm
+from ._single_loop import SingleLoop, autograd_grads, coupled_step, shared_args, step_report, tree_sq_norm
 
 
 @shared_args
@@ -126,13 +126,13 @@ class BAMM(SingleLoop):
             x_tree, y_tree = tree_unflatten(xs_, x_spec), tree_unflatten(ys_, y_spec)
             upper = outer(x_tree, y_tree).reshape(())
             lower = inner(x_tree, y_tree).reshape(())
-            gF = _grads(upper, xs_ + ys_, create_graph=True)
-            gf = _grads(lower, xs_ + ys_, create_graph=True)
+            gF = autograd_grads(upper, xs_ + ys_, create_graph=True)
+            gf = autograd_grads(lower, xs_ + ys_, create_graph=True)
             g_phi_y = [mu * a + (1 - mu) * b for a, b in zip(gF[n_x:], gf[n_x:])]
-            hz = _grads(g_phi_y, xs_ + ys_, grad_outputs=z, retain_graph=True)
+            hz = autograd_grads(g_phi_y, xs_ + ys_, grad_outputs=z, retain_graph=True)
             cross_z, h_z = hz[:n_x], hz[n_x:]
             r = [a - b.detach() for a, b in zip(h_z, gF[n_x:])]
-            h_r = _grads(g_phi_y, ys_, grad_outputs=r)
+            h_r = autograd_grads(g_phi_y, ys_, grad_outputs=r)
         with torch.no_grad():
             rr, rhr = tree_sq_norm(r), sum((a * b).sum() for a, b in zip(r, h_r))
             floor = torch.finfo(rr.dtype).eps * rr
@@ -147,20 +147,6 @@ class BAMM(SingleLoop):
         ex["z"] = z
         residual = torch.sqrt(tree_sq_norm([g.detach() for g in gf[n_x:]]))
         return step_report(outer, state, d_x, residual, linear_residual=torch.sqrt(rr))
-
-
-def _grads(outputs, inputs, grad_outputs=None, create_graph=False, retain_graph=None):
-    """``torch.autograd.grad`` with zeros for inputs the outputs do not depend on."""
-    if isinstance(outputs, list):
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
-        outputs, grad_outputs = [o for o, _ in pairs], [g for _, g in pairs]
-        if not outputs:
-            return [torch.zeros_like(t) for t in inputs]
-    grads = torch.autograd.grad(
-        outputs, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
-        retain_graph=retain_graph, allow_unused=True,
-    )
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
 
 
 __all__ = ["BAMM"]

@@ -1,0 +1,160 @@
+r"""SOBA: the stochastic one-loop bilevel method of Dagréou et al. (2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import warnings
+
+import torch
+
+from .._tree import tree_flatten, tree_leaves, tree_unflatten
+from ..status import CurvatureWarning
+from ._base import State, StepInfo
+from ._single_loop import SingleLoop, autograd_grads, coupled_step, shared_args, step_report, tree_sq_norm
+
+
+@shared_args
+@dataclass(frozen=True)
+class SOBA(SingleLoop):
+    r"""SOBA: one step on :math:`y`, one on the linear-system variable :math:`v` and
+    one on :math:`x` per iteration, every direction at :math:`(x_k, y_k, v_k)`:
+
+    .. math::
+
+        y &\leftarrow P_Y\bigl(y - \rho_k \nabla_y f(x, y)\bigr) \\
+        v &\leftarrow v - \rho'_k \bigl(\nabla^2_{yy} f(x, y)\, v + \nabla_y F(x, y)\bigr) \\
+        x &\leftarrow P_X\bigl(x - \gamma_k [\nabla_x F(x, y) + \nabla^2_{xy} f(x, y)\, v]\bigr),
+
+    with :math:`\rho_k = \rho\,(k+1)^{-a}`, :math:`\rho'_k = \rho'\,(k+1)^{-a}` and
+    :math:`\gamma_k = \gamma\,(k+1)^{-b}`.  The :math:`v` step is a gradient step on
+    :math:`\tfrac12 v^\top \nabla^2_{yy} f\, v + v^\top \nabla_y F`, so :math:`v`
+    tracks :math:`-(\nabla^2_{yy} f)^{-1} \nabla_y F` and the :math:`x` direction
+    tracks the implicit hypergradient: the implicit method with its inner solve and
+    its linear solve each cut to one step, warm-started along the run.  Two
+    Hessian-vector products per iteration (one backward pass through the inner
+    gradient), no inner loop; with mini-batches (``data=``) each step draws one
+    batch, the stochastic setting the method was made for.
+
+    Like the implicit method it assumes a lower level that is strongly convex in
+    :math:`y` near the path: where :math:`\nabla^2_{yy} f` is singular (problem M1),
+    :math:`v` grows without bound along its null space; use the penalty method,
+    MEHA, sl-BAMM or BDA there.
+
+    Defaults: :math:`\rho = \rho' = 1/\|\nabla^2_{yy} f\|` from a curvature estimate
+    (re-taken every 25 steps), and :math:`\gamma` the coupled-block step
+    :math:`\min\bigl(\tfrac{1}{2\|A\|}, \tfrac{\|C\|}{4\|B\|^2}\bigr)` of
+    :func:`~bilevel.algorithms._single_loop.coupled_step` with
+    :math:`A = \nabla^2_{xx}(F + f)`, :math:`B = \nabla^2_{xy}(F + f)`,
+    :math:`C = \nabla^2_{yy} f`; constant steps (:math:`a = b = 0`), the
+    deterministic rule.  With noisy mini-batches the paper's decays
+    :math:`a = 2/5`, :math:`b = 3/5` give convergence to a stationary point
+    (``SOBA(y_decay=0.4, x_decay=0.6)``).  The history reports the norm of the
+    :math:`x` direction, :math:`\|\nabla_y f(x, y)\|` and the residual
+    :math:`\|\nabla^2_{yy} f\, v + \nabla_y F\|` of the linear system.
+
+    Args:
+        lr: :math:`\gamma` (``None``: derived).
+        y_step: :math:`\rho` (``None``: derived).
+        v_step: :math:`\rho'` (``None``: the :math:`y` step).
+        y_decay: :math:`a \ge 0`, the decay exponent of the :math:`y` and :math:`v` steps (default 0).
+        x_decay: :math:`b \ge 0`, the decay exponent of the :math:`x` step (default 0).
+        {single_loop_args}
+
+    References:
+        Dagréou, M., Ablin, P., Vaiter, S. and Moreau, T. `A framework for bilevel
+        optimization that enables stochastic and global variance reduction algorithms
+        <https://arxiv.org/abs/2201.13409>`_. NeurIPS 2022.
+
+    Example:
+        >>> import bilevel
+        >>> p = bilevel.problems.quadratic()                     # strongly convex lower level
+        >>> r = bilevel.solve(p, method="soba", max_steps=2000, progress=False)
+        >>> float((r.x - p.solution.x).norm() / p.solution.x.norm()) < 1e-3
+        True
+    """
+
+    y_step: Optional[float] = None
+    v_step: Optional[float] = None
+    y_decay: float = 0.0
+    x_decay: float = 0.0
+
+    def __post_init__(self):
+        for name in ("y_step", "v_step"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"SOBA: `{name}` must be a positive number or None; got {value!r}.")
+        for name in ("y_decay", "x_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"SOBA: `{name}` must be a number >= 0; got {value!r}.")
+
+    def setup(self, problem, state: State) -> dict:
+        s = self.scales(problem, state)
+        v = [torch.zeros_like(t) for t in tree_leaves(state.y)]
+        return {"v": v, "scales": s, **self.step_sizes(s, {})}
+
+    def step_sizes(self, scales: dict, extras: dict) -> dict:
+        curvature = scales["inner_y"]
+        rho = self.y_step if self.y_step is not None else (1.0 / curvature if curvature > 0 else 0.1)
+        x_step = coupled_step(scales["outer_x"] + scales["inner_x"], curvature,
+                              scales["outer_cross"] + scales["inner_cross"])
+        return {"x_step": x_step, "y_step": rho, "v_step": self.v_step if self.v_step is not None else rho}
+
+    def update(self, problem, outer, inner, state: State, batch, project_x, project_y) -> StepInfo:
+        ex = state.extras
+        decay = (state.iteration + 1) ** -self.y_decay
+        rho, rho_v = ex["y_step"] * decay, ex["v_step"] * decay
+        gamma = ex["x_step"] * (state.iteration + 1) ** -self.x_decay
+        xs, x_spec = tree_flatten(state.x)
+        ys, y_spec = tree_flatten(state.y)
+        v = ex["v"]
+        n_x = len(xs)
+        with torch.enable_grad():
+            xs_ = [t.detach().requires_grad_(True) for t in xs]
+            ys_ = [t.detach().requires_grad_(True) for t in ys]
+            x_tree, y_tree = tree_unflatten(xs_, x_spec), tree_unflatten(ys_, y_spec)
+            gF = autograd_grads(outer(x_tree, y_tree).reshape(()), xs_ + ys_)
+            gf_y = autograd_grads(inner(x_tree, y_tree).reshape(()), ys_, create_graph=True)
+            hv = autograd_grads(gf_y, xs_ + ys_, grad_outputs=v)  # (cross term, Hessian) times v
+        with torch.no_grad():
+            d_x = [a + b for a, b in zip(gF[:n_x], hv[:n_x])]
+            d_v = [a + b for a, b in zip(hv[n_x:], gF[n_x:])]
+            ys_new = [y - rho * g.detach() for y, g in zip(ys, gf_y)]
+            ex["v"] = [a - rho_v * b for a, b in zip(v, d_v)]
+        if project_y is not None:
+            ys_new = project_y(ys_new)
+        self.move_x(state, d_x, gamma, project_x)
+        state.y = tree_unflatten(ys_new, y_spec)
+        residual = torch.sqrt(tree_sq_norm([g.detach() for g in gf_y]))
+        linear_residual = torch.sqrt(tree_sq_norm(d_v))
+        if self.rescale_every and state.iteration % self.rescale_every == 0:  # a host read now and then
+            scale = float(torch.sqrt(tree_sq_norm(gF[n_x:])))
+            if scale > 0:  # with grad_y F = 0 the system is v = 0, nothing to judge by
+                self._check_linear_system(state, float(linear_residual) / scale)
+        return step_report(outer, state, d_x, residual, linear_residual=linear_residual)
+
+    def _check_linear_system(self, state: State, relative: float) -> None:
+        r"""Warn once when :math:`v` has not solved its system after 200 steps: a relative
+        residual :math:`\|
+abla^2_{yy} f\, v + 
+abla_y F\| / \|
+abla_y F\|` above 1/2 at
+        two looks in a row means a singular (or indefinite) lower-level Hessian, along
+        whose null space :math:`v` only drifts (problem M1)."""
+        ex = state.extras
+        stuck = state.iteration >= 200 and relative > 0.5
+        if stuck and ex.get("v_stuck") and not ex.get("v_warned"):
+            ex["v_warned"] = True
+            warnings.warn(
+                f"SOBA: after {state.iteration} steps v still leaves a relative residual of {relative:.2g} in "
+                "Hess_yy f v = -grad_y F: the lower-level Hessian looks singular or indefinite, so the "
+                "x direction is no hypergradient. Use a method for non-unique lower levels (penalty, meha, "
+                "bamm, bda).",
+                CurvatureWarning, stacklevel=5,
+            )
+        ex["v_stuck"] = stuck
+
+
+__all__ = ["SOBA"]
