@@ -41,7 +41,7 @@ class BAMM(SingleLoop):
 
     Defaults: :math:`\mu_0 = 0.9`, :math:`\tau = 1/40` and
     :math:`s_y = \tfrac14 / \max(\|\nabla^2 F\|, \|\nabla^2_{yy} f\|)` from curvature
-    estimates (:math:`\approx 0.1`, the paper's value, on problem M1), and
+    estimates (0.125 on problem M1, where the paper takes 0.1), and
     :math:`s_x = \min\bigl(\tfrac{1}{2\|A\|}, \tfrac{1}{16 s_y\|B\|^2}\bigr)` with
     :math:`\|A\| = \|\nabla^2_{xx}F\| + \|\nabla^2_{xx}f\|`,
     :math:`\|B\| = \|\nabla^2_{xy}F\| + \|\nabla^2_{xy}f\|` (the coupled-block step of
@@ -54,7 +54,8 @@ class BAMM(SingleLoop):
     strongly convex one (problem Q: 20 % error in :math:`x`).  The defaults decay
     faster, :math:`\mu_k = \mu_0 (k+1)^{-1/2}`, with
     :math:`s_{x,k} = (k+1)^{-3\tau/2} (\mu_k/\mu_0)\, s_x`: on Q 0.4 % error after
-    20 000 steps, on M1 1e-12 (the paper's schedule: ``BAMM(q=10, x_power=3)``).
+    20 000 steps, on M1 1e-12.  The paper's rule, :math:`s_{x,k} = (k+1)^{-3\tau/2}\mu_k^3 s_y`,
+    is ``BAMM(q=10, x_power=3, y_step=s_y, lr=mu0**3 * s_y)``.
     The history reports the norm of the :math:`x` direction,
     :math:`\|\nabla_y f(x, y)\|` and the residual :math:`\|r\|` of the multiplier
     system.

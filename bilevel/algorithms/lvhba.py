@@ -214,7 +214,8 @@ class LVHBA(SingleLoop):
         d_x = [a - b for a, b in zip(gx, gx_theta)]
         with torch.no_grad():
             d_y = [g - (y - t) / g1 for g, y, t in zip(gy, ys, theta)]
-            x_try = [a - alpha * d for a, d in zip(xs, d_x)] if self.outer_optimizer == "sgd" else None
+            x_alpha = alpha * ex.get("x_step_scale", 1.0)  # after a back-off, as move_x does
+            x_try = [a - x_alpha * d for a, d in zip(xs, d_x)] if self.outer_optimizer == "sgd" else None
             y_try = [a - alpha * d for a, d in zip(ys, d_y)]
         if x_try is None:  # a custom optimizer moves x; project the pair afterwards
             self.move_x(state, d_x, alpha, None)

@@ -53,7 +53,7 @@ class MEHA(SingleLoop):
     modulus seen at the start (the smallest Hessian eigenvalue, by a shifted
     power iteration), :math:`\eta = 1/(L_f + 1/\gamma)`,
     :math:`\beta = \tfrac12 / (\|\nabla^2_{yy} F\|/c + L_f + 1/\gamma)`,
-    :math:`\alpha = \min\bigl(\tfrac{1}{2\|A\|}, \tfrac{1}{4\beta\|B\|^2}\bigr)` with
+    :math:`\alpha = \min\bigl(\tfrac{1}{2\|A\|}, \tfrac{1}{8\beta\|B\|^2}\bigr)` with
     :math:`\|A\| = \|\nabla^2_{xx}F\|/c + 2\|\nabla^2_{xx}f\|`,
     :math:`\|B\| = \|\nabla^2_{xy}F\|/c + 2\|\nabla^2_{xy}f\|` (the coupled-block step of
     :func:`~bilevel.algorithms._single_loop.coupled_step`; it lets a weakly coupled

@@ -86,7 +86,8 @@ def _checked_grads(outer: BilevelObjective, x: TensorTree, y: TensorTree, eager:
         with torch.enable_grad():
             xr, yr = (tree_map(lambda t: t.detach().requires_grad_(), z) for z in (x, y))
             leaves = tree_leaves((xr, yr))
-            grads = torch.autograd.grad(value(xr, yr), leaves, allow_unused=True)
+            out = value(xr, yr)  # a constant (no dependence on x or y) has zero gradients
+            grads = torch.autograd.grad(out, leaves, allow_unused=True) if out.requires_grad else [None] * len(leaves)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
         n_x = len(tree_leaves(x))
         gx = tree_unflatten(grads[:n_x], tree_flatten(x)[1])
