@@ -211,7 +211,7 @@ def all_finite(leaves: Sequence[torch.Tensor]) -> bool:
     """
     if any(is_transformed(x) for x in leaves if torch.is_tensor(x)):
         return True
-    flags = [torch.isfinite(x).all() for x in leaves if x.is_floating_point()]
+    flags = [torch.isfinite(x).all() for x in leaves if x.is_floating_point() or x.is_complex()]
     if not flags:
         return True
     return bool(torch.stack(flags).all()) if len(flags) > 1 else bool(flags[0])

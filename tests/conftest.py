@@ -36,6 +36,7 @@ OWN_TEST_FILES = frozenset({
     "test_layers_moe.py",
     "test_layers_qp.py",
     "test_linear_solve.py",
+    "test_linear_solve_complex.py",
     "test_main.py",
     "test_memory.py",
     "test_operators.py",

@@ -456,8 +456,10 @@ def densify(operator: Matvec, example: TensorTree, batch_dims: int, solver: Any)
     def dense(v):
         return rav.unravel(rav.ravel(v) @ matrix_t)
 
+    matrix_adjoint = matrix.conj()  # rows times conj(A) = (A^H v)^T; the matrix itself when real
+
     def dense_transpose(v):
-        return rav.unravel(rav.ravel(v) @ matrix)
+        return rav.unravel(rav.ravel(v) @ matrix_adjoint)
 
     if getattr(operator, "self_adjoint", False):
         dense.self_adjoint = True

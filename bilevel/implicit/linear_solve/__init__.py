@@ -28,6 +28,15 @@ not grow with them; a backward solve that misses its tolerance warns with
 its residual.  First order: a second derivative through such a solve raises
 (write the system as a root with :func:`bilevel.implicit.custom_root` for
 derivatives of every order).
+
+Complex dtypes (``complex64``, ``complex128``): every solver accepts them, with
+the inner products :math:`u^H v` and residual norms, ``info`` included, real.
+"Symmetric" then reads "Hermitian" (CG, MINRES, ``Direct("cholesky")``,
+``Auto(symmetric=True)``) and every transpose :math:`A^\top` reads as the adjoint
+:math:`A^H` (the VJP of a complex ``matvec``, and a ``.transpose`` attribute);
+gradients follow PyTorch's conjugate Wirtinger convention (the backward pass
+solves :math:`A^H u = \bar x`).  A ``b`` mixing real and complex leaves is
+refused (``TypeError``).
 """
 
 from ._base import (

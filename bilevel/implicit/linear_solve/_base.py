@@ -148,6 +148,13 @@ class LinearSolver:
         rav = Raveler(b, batch_dims, name="b")
         if not rav.dtype.is_floating_point and not rav.dtype.is_complex:
             raise TypeError(f"`b` must be floating point; got dtype {rav.dtype}.")
+        if rav.dtype.is_complex and not all(d.is_complex for d in rav.dtypes):
+            # the complex iterates would be cast to the real leaves' dtypes (imaginary parts dropped)
+            raise TypeError(
+                f"{type(self).__name__}: `b` mixes real and complex leaves (dtypes "
+                f"{sorted({str(d) for d in rav.dtypes})}); a complex system needs complex unknowns "
+                "throughout: cast the real leaves to the complex dtype."
+            )
         if x0 is not None:
             check_same_structure(x0, b, "x0", "b")
         batch, n = rav.batch_shape, rav.size
@@ -184,7 +191,7 @@ class LinearSolver:
         b_flat = rav.ravel(b).reshape(nbatch, n)
         if n == 0:  # no unknowns: solved by the empty x
             none = torch.zeros(batch, dtype=torch.int64, device=b_flat.device)
-            norm = torch.zeros(batch, dtype=b_flat.dtype, device=b_flat.device)
+            norm = torch.zeros(batch, dtype=_real_dtype(b_flat.dtype), device=b_flat.device)
             return rav.unravel(b_flat.reshape(tuple(batch) + (0,))), LinearSolveInfo(none, norm, norm, none)
         if inside_transform() and not all(_at_current_level(leaf) for leaf in tree_leaves(b)):
             b_flat = _batched_like_operator(flat_matvec, b_flat)
@@ -327,6 +334,11 @@ def _final_status(
 def transpose_operator(matvec: FlatMatvec, b: torch.Tensor) -> tuple[FlatMatvec, torch.Tensor]:
     """``v -> A^T v`` for the linear ``matvec``, checked by an adjoint test.
 
+    For a complex ``b`` this is the adjoint ``v -> A^H v`` (conjugate transpose):
+    the VJP of :func:`torch.func.vjp` already is (PyTorch's conjugate Wirtinger
+    convention), and so must a ``.transpose`` attribute be; the test then probes
+    with complex vectors, which tell ``A^H`` from ``A^T``.
+
     Also returns which elements passed the test: a failure raises, except under a
     ``torch.func`` transform (values unreadable), where it is reported per element.
     """
@@ -344,6 +356,8 @@ def transpose_operator(matvec: FlatMatvec, b: torch.Tensor) -> tuple[FlatMatvec,
             ) from err
         rmatvec = lambda v: vjp_fn(v)[0]  # noqa: E731
     u, w = _probe(b, 1), _probe(b, 2)
+    if b.is_complex():  # real probes cannot tell A^T from A^H (nor a conjugating map)
+        u, w = u + 1j * _probe(b, 3), w + 1j * _probe(b, 4)
     Au, Atw = matvec(u), rmatvec(w)
     lhs, rhs = (Au * w.conj()).sum(-1), (u * Atw.conj()).sum(-1)  # <A u, w> = <u, A^H w>
     scale = (_norm(Au) * _norm(w) + _norm(u) * _norm(Atw)).clamp_min(torch.finfo(b.dtype).tiny)
@@ -357,7 +371,7 @@ def transpose_operator(matvec: FlatMatvec, b: torch.Tensor) -> tuple[FlatMatvec,
             "linear solve: the transpose of `matvec` failed the adjoint test <A u, w> = <u, A^T w> "
             f"(got {lhs[bad].item():.6g} vs {rhs[bad].item():.6g}): `matvec` is "
             "not linear, or torch.func cannot trace it (e.g. it calls torch.autograd.grad). Give "
-            "the matvec a `.transpose` attribute."
+            "the matvec a `.transpose` attribute (for complex dtypes, the adjoint v -> A^H v)."
         )
     return rmatvec, adjoint
 
@@ -375,8 +389,38 @@ def _mark(status: torch.Tensor, mask: torch.Tensor, code: Status) -> torch.Tenso
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-batch-element dot product of two ``(B, n)`` tensors."""
+    """Per-batch-element dot product of two real ``(B, n)`` tensors."""
     return (a * b).sum(-1)
+
+
+def _cdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-batch-element inner product ``<a, b> = a^H b`` of two complex ``(B, n)`` tensors."""
+    return (a.conj() * b).sum(-1)
+
+
+def _rdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Re <a, b>`` of two complex ``(B, n)`` tensors: the inner products that are
+    real for a Hermitian operator (``p^H A p``, ``r^H M r``), rounding dropped."""
+    return (a.conj() * b).sum(-1).real
+
+
+def _inner(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The inner product ``<a, b> = a^H b`` for ``dtype``, picked once per solve:
+    :func:`_dot` for real tensors (no conjugation in the loops), :func:`_cdot` else."""
+    return _cdot if dtype.is_complex else _dot
+
+
+def _real_inner(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``Re <a, b>`` for ``dtype``: :func:`_dot` for real tensors, :func:`_rdot` else."""
+    return _rdot if dtype.is_complex else _dot
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of norms of ``dtype`` tensors (``complex64 -> float32``)."""
+    return _REAL_OF_COMPLEX.get(dtype, dtype)
+
+
+_REAL_OF_COMPLEX = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 def _norm(a: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,11 @@ column rank, and with respect to ``b`` for any rank (for a rank-deficient
 :math:`A`, the derivative with respect to the operator leaves out the term of
 the null space's motion).
 
+Complex dtypes: every transpose above is the adjoint :math:`A^H`, which
+:func:`torch.func.vjp` of a complex ``matvec`` already returns (PyTorch's
+conjugate Wirtinger convention: :math:`\bar b = A^{-H} \bar x`), so the rule
+is unchanged.
+
 Forward mode (:mod:`torch.autograd.forward_ad`) follows the same rule:
 :math:`\dot x = A^{-1} \dot r` with :math:`\dot r = \dot b - \dot A x`, one solve
 per tangent, and so do :func:`torch.func.grad`, ``jacrev`` and ``vmap``.

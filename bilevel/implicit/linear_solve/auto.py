@@ -51,6 +51,8 @@ class Auto(LinearSolver):
       ``symmetric``, else :class:`GMRES`, with a budget of ``maxiter`` products
       (``None``: ``min(10 n, 1000)``) and relative tolerance ``tol``.
 
+    Complex dtypes are supported, ``symmetric`` then meaning Hermitian.
+
     Args:
         symmetric: whether the operator is symmetric (positive definite expected).
         max_direct: largest system solved densely at once, default 128.

@@ -11,7 +11,7 @@ from ...status import Status
 from ._base import (
     KrylovSolver,
     _div,
-    _dot,
+    _inner,
     _mark,
     _norm,
     _look_every,
@@ -32,7 +32,8 @@ class BiCGStab(KrylovSolver):
     then a one-dimensional residual minimisation
     :math:`\omega = \langle t, s\rangle / \langle t, t\rangle` with :math:`t = A s`,
     :math:`x \leftarrow x + \alpha p + \omega s`, :math:`r \leftarrow s - \omega t`.
-    The shadow residual is :math:`\hat r_0 = r_0`.
+    The shadow residual is :math:`\hat r_0 = r_0`.  Complex dtypes are supported
+    (any non-singular complex :math:`A`; :math:`\langle u, v\rangle = u^H v`).
 
     Element ``i`` has converged when :math:`\|b_i - A_i x_i\| \le
     \max(\mathrm{tol}\,\|b_i\|, \mathrm{atol})` (``tol=None``: ``sqrt(eps)`` of the
@@ -71,6 +72,7 @@ class BiCGStab(KrylovSolver):
 def _bicgstab(matvec, b, x0, threshold, maxiter):
     nbatch, _ = b.shape
     eps = torch.finfo(b.dtype).eps
+    dot = _inner(b.dtype)  # <u, v> = u^H v (u^T v for real tensors)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b.clone() if x0 is None else b - matvec(x)
     r_hat, r_hat_norm = r.clone(), _norm(r)
@@ -85,14 +87,14 @@ def _bicgstab(matvec, b, x0, threshold, maxiter):
     for k in range((maxiter + 1) // 2):
         if sync and k % sync == 0 and not bool(active.any()):
             break
-        rho_new = _dot(r_hat, r)
+        rho_new = dot(r_hat, r)
         bad = active & ~(rho_new.abs() > eps * r_hat_norm * _norm(r))
         status, active = _mark(status, bad, Status.BREAKDOWN), active & ~bad
         beta = _div(rho_new, rho, active) * _div(alpha, omega, active)
         p = torch.where(active.unsqueeze(-1), r + beta.unsqueeze(-1) * (p - omega.unsqueeze(-1) * v), 0)
         v = matvec(p)
         iterations = iterations + active
-        rv = _dot(r_hat, v)
+        rv = dot(r_hat, v)
         bad = active & ~(rv.abs() > eps * r_hat_norm * _norm(v))
         status, active = _mark(status, bad, Status.BREAKDOWN), active & ~bad
         alpha = _div(rho_new, rv, active)
@@ -108,7 +110,7 @@ def _bicgstab(matvec, b, x0, threshold, maxiter):
             break
         t = matvec(torch.where(active.unsqueeze(-1), s, 0))
         iterations = iterations + active
-        ts, t_norm = _dot(t, s), _norm(t)
+        ts, t_norm = dot(t, s), _norm(t)
         bad = active & ~(ts.abs() > eps * t_norm * s_norm)
         status, active = _mark(status, bad, Status.BREAKDOWN), active & ~bad
         omega = _div(ts, t_norm**2, active)

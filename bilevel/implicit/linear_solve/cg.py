@@ -15,6 +15,8 @@ from ._base import (
     KrylovSolver,
     _mark,
     _look_every,
+    _real_dtype,
+    _real_inner,
 )
 
 
@@ -27,6 +29,8 @@ class CG(KrylovSolver):
     the :math:`A`-norm over the Krylov space
     :math:`\mathcal K_k = \mathrm{span}\{r_0, A r_0, \dots, A^{k-1} r_0\}`; in exact
     arithmetic the solve is exact after ``n`` steps.
+
+    Complex dtypes: :math:`A` Hermitian positive definite, inner products :math:`u^H v`.
 
     The operator must be symmetric positive definite.  Non-positive curvature
     ``p^T A p <= sqrt(n) * eps * max curvature seen`` is reported as
@@ -100,12 +104,14 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
                 return out
         return op(v.view(1, n)).reshape(n)
 
+    # u^T v, or Re u^H v for a complex (Hermitian) system: picked once, the real loop is unchanged
+    dot = (lambda u, v: torch.vdot(u, v).real) if b.is_complex() else torch.dot
     x, r = _start(matvec, b, x0)
     x, r = x.reshape(n), r.reshape(n)
     z = apply(precondition, r) if precondition else r
     p = z
-    rz = float(torch.dot(r, z))
-    rr = rz if precondition is None else float(torch.dot(r, r))
+    rz = float(dot(r, z))
+    rr = rz if precondition is None else float(dot(r, r))
     factor = math.sqrt(n) * torch.finfo(b.dtype).eps
     max_inv_alpha, status, k, last = 0.0, Status.SUCCESS, 0, None
     while rr > threshold**2:
@@ -114,7 +120,7 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
             break
         Ap = apply(matvec, p)
         last = p, Ap
-        inv_alpha = float(torch.dot(p, Ap)) / rz
+        inv_alpha = float(dot(p, Ap)) / rz
         max_inv_alpha = max(max_inv_alpha, inv_alpha)
         if not inv_alpha > factor * max_inv_alpha:  # also catches NaN
             status = Status.BREAKDOWN
@@ -122,8 +128,8 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
         x = x.add(p, alpha=1.0 / inv_alpha)
         r = r.add(Ap, alpha=-1.0 / inv_alpha)
         z = apply(precondition, r) if precondition else r
-        rz_new = float(torch.dot(r, z))
-        rr = rz_new if precondition is None else float(torch.dot(r, r))
+        rz_new = float(dot(r, z))
+        rr = rz_new if precondition is None else float(dot(r, r))
         p = z.add(p, alpha=rz_new / rz)
         rz, k = rz_new, k + 1
         if not math.isfinite(rr):
@@ -136,7 +142,7 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
     if not _estimate_is_reliable(rr, b, x, last, k):
         return x.view(1, n), iterations, code  # the base class measures the true residual
     # a failure is reported with the recursive residual, sparing one product
-    estimate = torch.full((1,), math.sqrt(rr) if rr >= 0 else math.nan, dtype=r.dtype, device=device)
+    estimate = torch.full((1,), math.sqrt(rr) if rr >= 0 else math.nan, dtype=_real_dtype(r.dtype), device=device)
     return x.view(1, n), iterations, code, estimate
 
 
@@ -166,11 +172,12 @@ def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
     below ``sqrt(n) eps`` times the largest seen (or NaN) is a breakdown.
     """
     nbatch, n = b.shape
+    dot = _real_inner(b.dtype)  # u^T v, or Re u^H v for a complex (Hermitian) system
     x, r = _start(matvec, b, x0)
     z = precondition(r) if precondition else r
     p = z
-    rz = (r * z).sum(-1)
-    rr = rz if precondition is None else (r * r).sum(-1)
+    rz = dot(r, z)
+    rr = rz if precondition is None else dot(r, r)
     threshold2 = threshold.square()
     active = rr > threshold2
     broke = torch.zeros_like(active)
@@ -183,7 +190,7 @@ def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
         if sync and k % sync == 0 and not bool(active.any()):
             break
         Ap = matvec(p)
-        inv_alpha = (p * Ap).sum(-1) / rz
+        inv_alpha = dot(p, Ap) / rz
         max_inv_alpha = torch.maximum(max_inv_alpha, inv_alpha)
         ok = inv_alpha > factor * max_inv_alpha  # False for NaN, <= 0 or negligible curvature
         broke = broke | (active > ok)
@@ -193,8 +200,8 @@ def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
         x = torch.addcmul(x, alpha, p)
         r = torch.addcmul(r, alpha, Ap, value=-1)
         z = precondition(r) if precondition else r
-        rz_new = (r * z).sum(-1)
-        rr = rz_new if precondition is None else (r * r).sum(-1)
+        rz_new = dot(r, z)
+        rr = rz_new if precondition is None else dot(r, r)
         beta = torch.where(active, rz_new / rz, zero).unsqueeze(-1)
         p = torch.addcmul(z, beta, p)
         rz = rz_new

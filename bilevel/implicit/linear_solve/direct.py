@@ -29,7 +29,8 @@ class Direct(LinearSolver):
     then factorises it:
 
     * ``"cholesky"``: :math:`A = L L^\top` for symmetric positive-definite
-      :math:`A` (Hessians of strictly convex inner problems).  A failed
+      :math:`A` (Hessians of strictly convex inner problems; :math:`L L^H` for
+      a Hermitian positive-definite complex :math:`A`).  A failed
       factorisation (indefinite :math:`A`), a matrix that is not symmetric to
       ``sqrt(eps)`` relative, or a numerically singular one (pivots
       :math:`\min_i L_{ii}^2 \le n\,\mathrm{eps} \max_i L_{ii}^2`) is reported as
@@ -46,7 +47,8 @@ class Direct(LinearSolver):
     An element whose matrix holds NaN or inf is reported as
     :attr:`~bilevel.status.Status.NONFINITE` (``x = 0``) without disturbing the
     others.  There is no tolerance; ``x0`` is ignored and ``info.iterations`` is ``n``
-    (the products spent building :math:`A`).
+    (the products spent building :math:`A`).  All three methods accept complex
+    dtypes (``"cholesky"`` checks Hermitian-ness, :math:`A = A^H`).
 
     Args:
         method: ``"cholesky"`` (default), ``"lu"`` or ``"lstsq"``.
@@ -94,7 +96,8 @@ class Direct(LinearSolver):
         rhs = torch.where(finite.unsqueeze(-1), b, 0).unsqueeze(-1)
         if self.method == "cholesky":
             L, info = torch.linalg.cholesky_ex(A)
-            symmetric = torch.linalg.matrix_norm(A - A.mT) <= math.sqrt(eps) * torch.linalg.matrix_norm(A)
+            # Hermitian: A^H is A^T for a real matrix
+            symmetric = torch.linalg.matrix_norm(A - A.mH) <= math.sqrt(eps) * torch.linalg.matrix_norm(A)
             ok = (info == 0) & symmetric & _regular_pivots(L.diagonal(dim1=-2, dim2=-1) ** 2, eps)
             x = torch.cholesky_solve(rhs, L).squeeze(-1)
         elif self.method == "lu":

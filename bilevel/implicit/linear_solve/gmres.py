@@ -35,7 +35,8 @@ class GMRES(KrylovSolver):
 
     with the least-squares residual tracked by Givens rotations at every step;
     after :math:`m` = ``restart`` steps the cycle restarts from the new true
-    residual.  :math:`A` need not be symmetric, only non-singular.
+    residual.  :math:`A` need not be symmetric, only non-singular.  Complex
+    dtypes are supported (any non-singular complex :math:`A`; complex rotations).
 
     Element ``i`` has converged when :math:`\|b_i - A_i x_i\| \le
     \max(\mathrm{tol}\,\|b_i\|, \mathrm{atol})` (``tol=None``: ``sqrt(eps)`` of the
@@ -121,10 +122,16 @@ def _arnoldi_cycle(matvec, r, beta, active, threshold, steps):
     per element (0 to go on, BREAKDOWN or NONFINITE), and the steps run.
     """
     nbatch, n = r.shape
+    complex_ = r.is_complex()
+    # h_ij = v_i^H A v_j, as sum(w * conj(v_i)): the operand order of the real path, whose
+    # summation (and results under vmap) stays what it was
+    dot = (lambda w_, v_: (w_ * v_.conj()).sum(-1)) if complex_ else _dot
     V = _buffer(r, steps + 1, n)
     H = _buffer(r, steps + 1, steps)
     cs = _buffer(r, steps)
-    sn = _buffer(r, steps)
+    sn = _buffer(r, steps)  # real-valued: it rotates against h_{j+1, j} = ||w|| >= 0
+    # the rotations [[conj(c), s], [-s, c]] (unitary for real s): conj(c) is c when real
+    cs_conj = _buffer(r, steps) if complex_ else cs
     g = _buffer(r, steps + 1)
     g[:, 0] = torch.where(active, beta, 0)
     V[:, 0] = torch.where(active.unsqueeze(-1), r / torch.where(active, beta, 1).unsqueeze(-1), 0)
@@ -143,23 +150,25 @@ def _arnoldi_cycle(matvec, r, beta, active, threshold, steps):
         w_norm = _norm(w)
         col = _buffer(r, steps + 1)
         for i in range(j + 1):  # modified Gram-Schmidt
-            h = _dot(w, V[:, i])
+            h = dot(w, V[:, i])
             col[:, i] = h
             w = w - h.unsqueeze(-1) * V[:, i]
         h_next = _norm(w)
         for i in range(j):  # previous Givens rotations
-            top = cs[:, i] * col[:, i] + sn[:, i] * col[:, i + 1]
+            top = cs_conj[:, i] * col[:, i] + sn[:, i] * col[:, i + 1]
             col[:, i + 1] = -sn[:, i] * col[:, i] + cs[:, i] * col[:, i + 1]
             col[:, i] = top
-        pivot = torch.hypot(col[:, j], h_next)
+        pivot = torch.hypot(col[:, j].abs() if complex_ else col[:, j], h_next)
         finite = torch.isfinite(pivot) & torch.isfinite(w_norm)
         regular = finite & (pivot > _singular_tol(r.dtype) * w_norm) & (pivot > 0)
         cs[:, j] = _div(col[:, j], pivot, regular) + (~regular).to(r.dtype)
         sn[:, j] = _div(h_next, pivot, regular)
+        if complex_:
+            cs_conj[:, j] = cs[:, j].conj()
         col[:, j] = torch.where(regular, pivot, col[:, j])
         H[:, :, j] = col
         g[:, j + 1] = -sn[:, j] * g[:, j]
-        g[:, j] = cs[:, j] * g[:, j]
+        g[:, j] = cs_conj[:, j] * g[:, j]
         code = _mark(code, running & ~finite, Status.NONFINITE)
         code = _mark(code, running & finite & ~regular, Status.BREAKDOWN)
         good = running & regular

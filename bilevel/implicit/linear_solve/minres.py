@@ -12,10 +12,10 @@ from ...status import Status
 from ._base import (
     KrylovSolver,
     _div,
-    _dot,
     _mark,
     _norm,
     _look_every,
+    _real_inner,
 )
 
 
@@ -29,9 +29,10 @@ class MINRES(KrylovSolver):
     .. math:: x_k = \arg\min_{x \in x_0 + \mathcal K_k(A, r_0)} \|b - A x\|,
 
     updated by short recurrences and Givens rotations (constant memory).  The
-    operator must be symmetric; it may be indefinite.  A residual that is
-    already a least-squares residual to the tolerance, :math:`\|A r_k\| \le
-    \max(\mathrm{tol}, \sqrt{\mathrm{eps}})\, \|T_k\|_F \|r_k\|`, where the next
+    operator must be symmetric; it may be indefinite.  Complex dtypes: :math:`A`
+    Hermitian, with a real :math:`T_k` (:math:`\alpha_k = v_k^H A v_k`).  A
+    residual that is already a least-squares residual to the tolerance,
+    :math:`\|A r_k\| \le \max(\mathrm{tol}, \sqrt{\mathrm{eps}})\, \|T_k\|_F \|r_k\|`, where the next
     step could not halve it (a singular operator and an inconsistent right-hand
     side, not a small eigenvalue; past that point the recurrences lose all
     accuracy), or a vanishing rotated pivot
@@ -78,6 +79,7 @@ class MINRES(KrylovSolver):
 def _minres(matvec, b, x0, threshold, maxiter, tol):
     nbatch, _ = b.shape
     eps = torch.finfo(b.dtype).eps
+    dot = _real_inner(b.dtype)  # v^T A v, or the real v^H A v of a Hermitian A: T_k stays real
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r1 = b.clone() if x0 is None else b - matvec(x)
     y, r2 = r1, r1
@@ -99,7 +101,7 @@ def _minres(matvec, b, x0, threshold, maxiter, tol):
         iterations = iterations + active
         if k > 0:
             y = y - _div(beta, old_beta, active).unsqueeze(-1) * r1
-        alfa = _dot(v, y)
+        alfa = dot(v, y)
         y = y - _div(alfa, beta, active).unsqueeze(-1) * r2
         r1, r2 = r2, y
         old_beta, beta = beta, _norm(y)

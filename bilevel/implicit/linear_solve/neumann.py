@@ -17,6 +17,7 @@ from ._base import (
     _mark,
     _norm,
     _probe,
+    _real_dtype,
 )
 
 
@@ -46,6 +47,8 @@ class Neumann(LinearSolver):
     :math:`\|p\|` grows above :math:`10^3 \|b\|`
     (:attr:`~bilevel.status.Status.DIVERGED`, ``alpha >= 2 / L`` or an
     indefinite operator); such an element stops at its last finite partial sum.
+    Complex dtypes are supported (:math:`\alpha` stays real; the series needs the
+    spectrum of :math:`\alpha A` in the disc :math:`|1 - z| < 1`).
     ``x0`` is ignored (the series starts from 0).  ``info.iterations`` counts
     the products of the series, ``terms - 1`` for an element that ran them all.
 
@@ -116,7 +119,7 @@ def _inverse_spectral_radius(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tenso
     """``1 / L`` per element, ``L ~ max |eigenvalue|`` by power iteration (1 where L = 0)."""
     v = _probe(b)
     v = v / _norm(v).unsqueeze(-1)
-    lam = torch.zeros(b.shape[0], dtype=b.dtype, device=b.device)
+    lam = torch.zeros(b.shape[0], dtype=_real_dtype(b.dtype), device=b.device)
     for _ in range(_POWER_STEPS):
         w = matvec(v)
         lam = _norm(w)

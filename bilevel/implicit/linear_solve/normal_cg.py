@@ -37,7 +37,8 @@ class NormalCG(LinearSolver):
     :math:`\langle A u, w\rangle = \langle u, A^\top w\rangle` on fixed vectors:
     a failure raises, or under :func:`torch.func.vmap` marks the element
     :attr:`~bilevel.status.Status.BREAKDOWN`.  The condition number is squared: prefer :class:`GMRES` for
-    non-singular systems.
+    non-singular systems.  Complex dtypes are supported: :math:`A^H A x = A^H b`,
+    with the VJP giving the adjoint :math:`A^H v` (and the inner solver conjugating).
 
     Tolerance rule: the *normal* residual is tested, element ``i`` succeeds when
     :math:`\|A_i^\top (b_i - A_i x_i)\| \le \max(\mathrm{tol}\,\|A_i^\top b_i\|,
