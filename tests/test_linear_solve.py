@@ -892,3 +892,20 @@ def test_forward_mode_of_a_rank_deficient_least_squares_solve_matches_reverse_mo
     b = torch.randn(5, generator=g)  # inconsistent
     solve = lambda M: NormalCG(CG(tol=1e-13))(matvec_of(M), b)[0]  # noqa: E731
     torch.testing.assert_close(jacfwd(solve)(A), jacrev(solve)(A), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", [CG(), MINRES(), GMRES(), BiCGStab(), NormalCG(), CG(atol=1e-40)])
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_krylov_solvers_are_invariant_to_the_scale_of_b_in_float32(solver, scale):
+    """b of size 1e-30 or 1e30 in float32 (squared norms under- or overflow): the iterations
+    run on b / s with s a power of two, so x is scale times the solution for unit b, up to
+    rounding, with the same iteration count."""
+    gen = torch.Generator().manual_seed(7)
+    M = torch.randn(40, 40, generator=gen)
+    A = M @ M.T / 40 + torch.eye(40)
+    b = torch.randn(40, generator=gen)
+    x1, info1 = solver(lambda v: A @ v, b)
+    xs, infos = solver(lambda v: A @ v, scale * b)
+    assert bool(torch.isfinite(xs).all())
+    torch.testing.assert_close(xs / scale, x1, rtol=1e-5, atol=1e-6)
+    assert int(infos.iterations) == int(info1.iterations)

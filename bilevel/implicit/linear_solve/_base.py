@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -246,12 +246,30 @@ class LinearSolver:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _threshold(self, b: torch.Tensor) -> torch.Tensor:
-        """Per-element stopping threshold ``max(tol * ||b||, atol)``."""
+    def _threshold(self, b: torch.Tensor, atol_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-element stopping threshold ``max(tol * ||b||, atol)``; for a system divided
+        by ``atol_scale`` (per element), ``atol`` is divided by it too."""
         tol = getattr(self, "tol", None)
         tol = default_tol(b.dtype) if tol is None else tol
         atol = getattr(self, "atol", 0.0)
-        return torch.clamp_min(tol * torch.linalg.vector_norm(b, dim=-1), atol)
+        relative = tol * torch.linalg.vector_norm(b, dim=-1)
+        if atol_scale is None or not atol:
+            return torch.clamp_min(relative, atol)
+        if not torch.is_tensor(atol_scale):
+            return torch.clamp_min(relative, atol / atol_scale)
+        return torch.maximum(relative, atol / atol_scale)
+
+
+def _unit_scale(b: torch.Tensor) -> Union[float, torch.Tensor]:
+    """``(B, 1)`` powers of two near ``max_j |b_ij|`` (real dtype; the largest entry, whose
+    square cannot underflow as the 2-norm's sum of squares does), 1 where it is 0 or not
+    finite; a Python number for one system on the CPU, where reading it is free."""
+    if b.shape[0] == 1 and b.device.type == "cpu" and not is_transformed(b):
+        size = float(torch.linalg.vector_norm(b, ord=math.inf))
+        return 2.0 ** math.floor(math.log2(size)) if 0 < size < math.inf else 1.0
+    size = b.abs().amax(dim=-1, keepdim=True)
+    scale = torch.exp2(torch.floor(torch.log2(size)))
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
 
 
 def _batched_like_operator(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
@@ -549,7 +567,22 @@ class KrylovSolver(LinearSolver):
 
     def _solve(self, matvec, b, x0, flatten):
         maxiter = resolve_maxiter(self.maxiter, b.shape[-1])
-        return self._iterate(matvec, b, x0, self._threshold(b), maxiter, flatten)
+        # Iterate on A (x / s) = b / s with s a power of two near max |b| per element:
+        # the squared norms the iterations compare stay near 1, so a tiny (or huge) b
+        # neither underflows to a zero residual nor overflows, and the scaling is exact.
+        scale = _unit_scale(b)
+        if isinstance(scale, float):  # one system on the host: a number, and no op where it is 1
+            unit = (lambda t: t) if scale == 1.0 else (lambda t: t * (1.0 / scale))
+            back, per_element = (lambda t: t) if scale == 1.0 else (lambda t: t * scale), scale
+        else:
+            unit, back, per_element = (lambda t: t / scale), (lambda t: t * scale), scale.squeeze(-1)
+        b_unit = unit(b)
+        threshold = self._threshold(b_unit, atol_scale=per_element)
+        x, iterations, status, *estimate = self._iterate(
+            matvec, b_unit, None if x0 is None else unit(x0), threshold, maxiter, flatten
+        )
+        estimate = [None if e is None else e * per_element for e in estimate]
+        return (back(x), iterations, status, *estimate)
 
     def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
         raise NotImplementedError
