@@ -33,7 +33,9 @@ class Direct(LinearSolver):
       a Hermitian positive-definite complex :math:`A`).  A failed
       factorisation (indefinite :math:`A`), a matrix that is not symmetric to
       ``sqrt(eps)`` relative, or a numerically singular one (pivots
-      :math:`\min_i L_{ii}^2 \le n\,\mathrm{eps} \max_i L_{ii}^2`) is reported as
+      :math:`p_i = L_{ii}^2 / A_{ii}` with :math:`\min_i p_i \le n\,\mathrm{eps} \max_i p_i`:
+      those of the unit-diagonal :math:`D^{-1/2} A D^{-1/2}`, so unknowns in very
+      different units are no singularity) is reported as
       :attr:`~bilevel.status.Status.BREAKDOWN` for that element (``x = 0``),
       not raised;
     * ``"lu"``: :math:`P A = L U` with partial pivoting, for non-symmetric (and
@@ -98,7 +100,11 @@ class Direct(LinearSolver):
             L, info = torch.linalg.cholesky_ex(A)
             # Hermitian: A^H is A^T for a real matrix
             symmetric = torch.linalg.matrix_norm(A - A.mH) <= math.sqrt(eps) * torch.linalg.matrix_norm(A)
-            ok = (info == 0) & symmetric & _regular_pivots(L.diagonal(dim1=-2, dim2=-1) ** 2, eps)
+            # pivots of the unit-diagonal D^-1/2 A D^-1/2 (D = diag A), whose factor is D^-1/2 L:
+            # a well-posed system whose unknowns have very different units is not "singular"
+            diagonal = A.diagonal(dim1=-2, dim2=-1).real
+            pivots = L.diagonal(dim1=-2, dim2=-1).real ** 2 / torch.where(diagonal > 0, diagonal, 1)
+            ok = (info == 0) & symmetric & (diagonal > 0).all(-1) & _regular_pivots(pivots, eps)
             x = torch.cholesky_solve(rhs, L).squeeze(-1)
         elif self.method == "lu":
             LU, pivots, info = torch.linalg.lu_factor_ex(A)
