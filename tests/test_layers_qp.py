@@ -51,6 +51,16 @@ def test_gradcheck_all_inputs():
     assert torch.autograd.gradcheck(lambda *t: qp_solve(*t), inputs, eps=1e-6, atol=1e-6)
 
 
+def test_second_derivatives_follow_the_implicit_rule_gradgradcheck():
+    """The OptNet backward is built from differentiable operations on the saved solution,
+    so second derivatives (Hessians of losses through the layer) are those of the
+    solution map where the active set is locally constant: gradgradcheck on every input."""
+    data, _ = _problem(n=4, p=1, m=5, active=2)
+    names = ["Q", "q", "A", "b", "G", "h"]
+    inputs = [data[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradgradcheck(lambda *t: qp_solve(*t, tol=1e-12), inputs, eps=1e-6, atol=1e-5)
+
+
 def test_lp_gradient_against_finite_differences():
     # min c^T z over {z >= 0, 1^T z = 1, z_i <= u_i}: a non-degenerate vertex depends on u and b.
     c = torch.tensor([1.0, 2.0, 3.0])

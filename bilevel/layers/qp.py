@@ -538,7 +538,9 @@ class _Options:
 class _QPFunction(torch.autograd.Function):
     """Forward: the interior point method; backward: the OptNet adjoint.  Written
     with ``setup_context`` so that it also runs under ``torch.func.grad`` /
-    ``functional_call`` (first order: the backward is not differentiable)."""
+    ``functional_call``.  The backward is built from differentiable operations on the
+    saved solution and duals (all three are outputs), so second derivatives follow
+    the same implicit rule where the active set is locally constant."""
 
     @staticmethod
     def forward(options: _Options, Q, q, A, b, G, h):
@@ -548,21 +550,19 @@ class _QPFunction(torch.autograd.Function):
         options.reports.append(info)
         if options.check:
             _raise_failures(info, options.batched, options.stage)
-        return z, y, lam
+        return z, y.clone(), lam.clone()  # the info keeps its own duals, out of the graph
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         options, Q, _, A, _, G, h = inputs
         z, y, lam = output
-        ctx.mark_non_differentiable(y, lam)
         ctx.save_for_backward(Q, A, G, h, z, y, lam)
         ctx.options = options
         ctx.failed = ~options.info.converged.reshape(-1)  # their outputs are NaN or an error
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, z_bar, _y_bar, _lam_bar):
-        if _vmapped(z_bar):
+    def backward(ctx, z_bar, y_bar, lam_bar):
+        if any(bar is not None and _vmapped(bar) for bar in (z_bar, y_bar, lam_bar)):
             raise NotImplementedError(
                 "the backward pass of qp_solve does not run under torch.func.vmap (jacrev, jacfwd, or "
                 "vmap over a gradient): take Jacobian rows with torch.autograd.grad one at a time, or "
@@ -571,7 +571,10 @@ class _QPFunction(torch.autograd.Function):
         Q, A, G, h, z, y, lam = ctx.saved_tensors
         # no solution at the failed elements: their gradients come from the adjoint alone
         z, y, lam = (torch.where(ctx.failed.unsqueeze(-1), 0, t) for t in (z, y, lam))
-        d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, z_bar, ctx.options.stage, ctx.failed)
+        # the duals are outputs too: their cotangents (a loss on them, or a second-order
+        # pass through this backward) join the adjoint system's right-hand side
+        bars = [torch.zeros_like(t) if bar is None else bar for t, bar in zip((z, y, lam), (z_bar, y_bar, lam_bar))]
+        d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, bars, ctx.options.stage, ctx.failed)
         for report in ctx.options.reports:  # frozen dataclasses: set, not mutated in place (torch.func)
             object.__setattr__(report, "degenerate", degenerate.detach().reshape(report.status.shape))
         need = ctx.needs_input_grad
@@ -587,8 +590,8 @@ class _QPFunction(torch.autograd.Function):
         return (None, *grads)
 
 
-def _adjoint(Q, A, G, h, z, lam, z_bar, stage, failed):
-    r"""Solve :math:`K^\top (d_z, d_\nu, d_\lambda) = (\bar z, 0, 0)` for the batch.
+def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
+    r"""Solve :math:`K^\top (d_z, d_\nu, d_\lambda) = (\bar z, \bar\nu, \bar\lambda)` for the batch.
 
     The ``failed`` elements (no solution: their outputs were NaN) are left out of
     the checks; their adjoint is 0 where their output was masked out of the loss
@@ -602,13 +605,13 @@ def _adjoint(Q, A, G, h, z, lam, z_bar, stage, failed):
         torch.cat([A, zeros(p, p), zeros(p, m)], -1),
         torch.cat([lam.unsqueeze(-1) * G, zeros(m, p), torch.diag_embed(_mv(G, z) - h)], -1),
     ], -2)
-    rhs = torch.cat([z_bar, zeros(p + m)], -1).unsqueeze(-1)
+    rhs = torch.cat(bars, -1).unsqueeze(-1)
     LU, piv, info = torch.linalg.lu_factor_ex(K)
     diag = LU.diagonal(dim1=-2, dim2=-1).abs()
     eps = torch.finfo(K.dtype).eps
     singular = ((info > 0) | (diag.amin(-1) <= K.shape[-1] * eps * diag.amax(-1))) & ~failed
     u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).squeeze(-1)
-    used = (z_bar != 0).any(-1, keepdim=True)
+    used = (rhs.squeeze(-1) != 0).any(-1, keepdim=True)
     u = torch.where(failed.unsqueeze(-1), torch.where(used, math.nan, 0.0).to(u.dtype), u)
     # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
     slack = h - _mv(G, z)
