@@ -494,13 +494,6 @@ def test_deepcopy_after_a_training_step_is_independent_and_identical(kind):
         assert torch.isfinite(p.grad).all(), name
 
 
-PICKLE_AFTER_FORWARD = (
-    "{cls}.forward stores the differentiable solve it builds, a closure local to forward "
-    "({attr}), on the module: after the first forward pass the model no longer pickles "
-    "(pickle.dumps / torch.save(model) raise \"Can't pickle local object '{cls}.forward.<locals>.run'\")"
-)
-
-
 @pytest.mark.parametrize("kind", CASES)
 def test_pickle_round_trip_before_any_forward_gives_identical_outputs(kind):
     """Every model here uses module-level objectives / residuals, so it pickles."""
@@ -511,13 +504,7 @@ def test_pickle_round_trip_before_any_forward_gives_identical_outputs(kind):
         _close(case.output(restored, case.batches[0]), case.output(case.model, case.batches[0]), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=_needs(k)) if k not in ("argmin", "moe") else pytest.param(k, marks=pytest.mark.xfail(
-        strict=True, reason=PICKLE_AFTER_FORWARD.format(
-            cls="ArgminLayer" if k == "argmin" else "HardConstraintMoE",
-            attr="`self._root`" if k == "argmin" else "`self._roots`")))
-    for k in KINDS
-])
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=_needs(k)) for k in KINDS])
 def test_pickle_round_trip_after_training_gives_identical_outputs(kind):
     """torch.save(model) after training: a forward and backward pass must not leave
     unpicklable state behind."""
@@ -596,17 +583,10 @@ def test_eval_and_no_grad_infer_the_same_without_a_graph(kind):
     _close(out, train.detach(), atol=1e-12, rtol=1e-12)
 
 
-INFERENCE_LBFGS = (
-    "bilevel.solvers.LBFGS (ArgminLayer's default solver) under torch.inference_mode returns its "
-    "warm start unchanged and reports it SOLVED (iterations=0, residual_norm=0): its leaves are "
-    "inference tensors, so `enable_grad` records nothing, value.requires_grad is False and the "
-    "gradient is taken as zero"
-)
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=_needs(k) + ([pytest.mark.xfail(strict=True, reason=INFERENCE_LBFGS)] if k == "argmin" else []))
-    for k in KINDS
+    pytest.param(k, marks=_needs(k)) for k in KINDS
 ])
 def test_inference_mode_infers_the_same_without_a_graph(kind):
     case = Case(kind)
@@ -621,14 +601,15 @@ def test_inference_mode_infers_the_same_without_a_graph(kind):
     _close(got, want, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=INFERENCE_LBFGS)
 def test_argmin_layer_default_solver_under_inference_mode_minimal():
+    """Gradient-based solvers run with inference mode off inside (on copies of their
+    inputs); the solution comes back as an inference tensor."""
     layer = ArgminLayer(quartic_objective, init=torch.zeros(3, dtype=D))  # default solver: LBFGS
     y = torch.tensor([1.0, -2.0, 0.5], dtype=D)
     with torch.no_grad():
         want = layer(y)  # (0.6823, -1.0, 0.4239): z + z^3 = y
     with torch.inference_mode():
-        got = layer(y)  # tensor([0., 0., 0.]), the warm start, with last_info: SOLVED after 0 iterations
+        got = layer(y)
     _close(got, want, atol=1e-10, rtol=1e-10)
 
 

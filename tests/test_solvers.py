@@ -485,3 +485,20 @@ def test_rprop_reaches_the_default_tolerance_untuned(dtype):
     assert bool(info.converged)
     gradient = 2 * (w - c) + 0.4 * w**3
     assert float(gradient.norm()) <= float(info.tolerance)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GradientDescent(), lambda: LBFGS(),
+    lambda: OptimizerLoop("adam", lr=0.05, maxiter=3000), lambda: ScipyMinimize(),
+], ids=["gd", "lbfgs", "adam", "scipy"])
+def test_gradient_based_solvers_work_under_inference_mode(make):
+    """Under torch.inference_mode autograd records nothing; the solvers run with it off
+    on copies of their inputs and give the no_grad answer, as an inference tensor."""
+    f = lambda z, y: 0.5 * ((z - y) ** 2).sum() + 0.25 * (z**4).sum()  # noqa: E731
+    y = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        want, _ = make().run(f, torch.zeros(3, dtype=torch.float64), y)
+    with torch.inference_mode():
+        got, info = make().run(f, torch.zeros(3, dtype=torch.float64), y)
+    assert got.is_inference() and bool(info.converged)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -298,6 +298,13 @@ class ArgminLayer(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, input_ndims={self.input_ndims}"
 
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save(model)``, ``copy.deepcopy``) leaves out the last forward
+        pass's differentiable solve, a closure, and with it :attr:`implicit_info`."""
+        state = self.__dict__.copy()
+        state["_root"] = None
+        return state
+
 
 def _expand_shared(args: tuple, input_ndims: Sequence[int | None], B: int) -> tuple:
     """``args = (params, *inputs)`` with every leaf expanded to the batch ``B``,

@@ -644,6 +644,13 @@ class HardConstraintMoE(_BasisExpansion):
         devices = "" if self.devices is None else f", devices={[str(d) for d in self.devices]}"
         return f"num_experts={self.num_experts}, solver={self.solver!r}, regularization={self.regularization}{devices}"
 
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save(model)``, ``copy.deepcopy``) leaves out the last forward
+        pass's differentiable solves, closures, and with them :attr:`implicit_info`."""
+        state = self.__dict__.copy()
+        state["_roots"] = []
+        return state
+
 
 def _expert_residual(residual: PointwiseResidual, spec, gamma: float, stage: str) -> Callable:
     """The residual vector of one expert, ``one(omega, params, mask, *basis_leaves, *data)``:

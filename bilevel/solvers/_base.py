@@ -71,6 +71,7 @@ Failures
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -237,6 +238,11 @@ class Solver:
     def run(self, fun: Objective, init: TensorTree, *args: Any) -> tuple[TensorTree, SolverInfo]:
         raise NotImplementedError
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:
+            cls.run = _outside_inference_mode(cls.__dict__["run"])
+
     def __call__(self, fun: Objective, init: TensorTree, *args: Any) -> TensorTree:
         check_fun(fun, self.name)
         solve, scale, dtype = self._recorded_run(fun, init)
@@ -325,6 +331,25 @@ def check_init(init: Any, name: str) -> list[torch.Tensor]:
     if sum(leaf.numel() for leaf in leaves) == 0:
         raise ValueError(f"{name}: `init` has no elements: there is nothing to solve for.")
     return leaves
+
+
+def _outside_inference_mode(run: Callable) -> Callable:
+    """``run`` made to work under :func:`torch.inference_mode`, where autograd records
+    nothing and a gradient-based solver would see a zero gradient and stop at its start:
+    there it runs with inference mode off, on copies of ``init`` and ``args`` (inference
+    tensors can neither be saved for a backward pass nor updated in place outside it),
+    and the solution is returned as inference tensors."""
+
+    @functools.wraps(run)
+    def wrapper(self, fun, init, *args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return run(self, fun, init, *args, **kwargs)
+        copy = lambda tree: tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, tree)  # noqa: E731
+        with torch.inference_mode(False):
+            sol, info = run(self, fun, *copy((init, *args)), **copy(kwargs))
+        return copy(sol), info  # back in inference mode: the solution is an inference tensor again
+
+    return wrapper
 
 
 def detach_args(args: Sequence[Any]) -> tuple:
