@@ -557,9 +557,6 @@ def test_repr_names_the_configuration(kind):
         assert piece in text, (piece, text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SoftConstraint has no extra_repr: repr() is the bare 'SoftConstraint()' (omega is a "
-    "parameter, which nn.Module's repr does not show), without num_basis, the number of experts or weight"))
 def test_soft_constraint_repr_names_the_configuration():
     problem = heat_1d()
     text = repr(SoftConstraint(problem.residual, 5, weight=3.0, experts=torch.tensor([0, 1, 1]), dtype=D))
@@ -914,10 +911,6 @@ def test_inputs_on_another_device_are_named():
             layer(torch.ones(3, 2, dtype=D), torch.ones(3, dtype=D, device=meta))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ArgminLayer does not check its inputs' devices (the other layers do): an input on another "
-    "device than the warm start / the other inputs fails inside the solver with torch's generic "
-    "'Tensor on device meta is not on the expected device cpu!', naming no input"))
 def test_argmin_layer_inputs_on_another_device_are_named():
     layer = ArgminLayer(lambda z, x, w: 0.5 * ((z - x * w) ** 2).sum(), LBFGS(), init=torch.zeros(3, dtype=D))
     with pytest.raises((TypeError, ValueError), match="input 1|`w`|inputs"):

@@ -237,6 +237,7 @@ class ArgminLayer(torch.nn.Module):
             FloatingPointError: the solver returned NaN or inf.
         """
         B = self._batch_size(inputs)
+        _check_devices(inputs)
         floating = [t for t in tree_flatten(inputs)[0] if torch.is_tensor(t) and t.is_floating_point()]
         guessed = init is None and self.init is None
         if guessed:
@@ -304,6 +305,23 @@ class ArgminLayer(torch.nn.Module):
         state = self.__dict__.copy()
         state["_root"] = None
         return state
+
+
+def _check_devices(inputs: tuple) -> None:
+    """All tensor inputs on one device (0-d CPU tensors aside, which torch mixes with any
+    device), or an error naming the first one elsewhere."""
+    first = None
+    for i, x in enumerate(inputs):
+        for t in tree_flatten(x)[0]:
+            if not torch.is_tensor(t) or (t.dim() == 0 and t.device.type == "cpu"):
+                continue
+            if first is None:
+                first = (i, t.device)
+            elif t.device != first[1]:
+                raise ValueError(
+                    f"ArgminLayer: input {i} is on {t.device} but input {first[0]} is on {first[1]}: "
+                    "put every input (and the module, with `.to(device)`) on one device."
+                )
 
 
 def _expand_shared(args: tuple, input_ndims: Sequence[int | None], B: int) -> tuple:

@@ -472,6 +472,10 @@ class HardConstraintMoE(_BasisExpansion):
         bounds = [sum(sizes[:g]) for g in range(D + 1)]
         return [(d, slice(lo, hi)) for d, lo, hi in zip(self.devices, bounds[:-1], bounds[1:])]
 
+    def extra_repr(self) -> str:
+        num_experts, num_basis = self.omega.shape
+        return f"num_experts={num_experts}, num_basis={num_basis}, weight={self.weight}"
+
     def _experts_for(self, points: int) -> torch.Tensor:
         if self.experts is None:
             return torch.zeros(points, dtype=torch.int64)
@@ -799,6 +803,10 @@ class SoftConstraint(_BasisExpansion):
         self.weight = float(weight)
         self.register_buffer("experts", experts)
         self.omega = torch.nn.Parameter(torch.zeros(K, num_basis, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        num_experts, num_basis = self.omega.shape
+        return f"num_experts={num_experts}, num_basis={num_basis}, weight={self.weight}"
 
     def _experts_for(self, points: int) -> torch.Tensor:
         if self.experts is None:
