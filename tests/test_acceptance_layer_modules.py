@@ -873,10 +873,6 @@ def test_argmin_layer_functional_call_with_swapped_parameters():
 
 
 @needs_cvxpy
-@pytest.mark.xfail(strict=True, reason=(
-    "ConvexLayer under torch.func.vmap fails inside its NaN check (bool() of a batched tensor) with "
-    "functorch's generic 'data-dependent control flow' RuntimeError, instead of running or refusing "
-    "with a NotImplementedError that points to the batched call, as qp_solve does"))
 @pytest.mark.parametrize("kind", ["convex_qp", "convex_conic"])
 def test_convex_layer_under_vmap_works_or_refuses_clearly(kind):
     layer = ProjectionNet(kind).layer

@@ -67,7 +67,7 @@ from ..implicit import custom_root
 from ..implicit.linear_solve import LinearSolver
 from ._checks import check_tensor
 from ._cones import _Cones
-from .qp import QPStatus, qp_solve, settle_failures
+from .qp import QPStatus, _vmapped, qp_solve, settle_failures
 
 __all__ = ["ConvexLayer"]
 
@@ -244,7 +244,14 @@ class ConvexLayer(torch.nn.Module):
             TypeError: non-floating tensors, or mixed dtypes / devices.
             SolveError: an infeasible, unbounded or unsolved problem (naming the
                 element and the solver status), as ``check`` says (class docstring).
+            NotImplementedError: under :func:`torch.func.vmap` (the layer is batched
+                already: stack the parameter values along a leading dimension).
         """
+        if any(_vmapped(t) for t in params):
+            raise NotImplementedError(
+                "ConvexLayer does not run under torch.func.vmap; it is batched already: stack the "
+                "parameter values along a leading dimension (shape (B, *parameter.shape)) and call it once."
+            )
         theta, B = self._stack(params)
         ones = torch.ones(theta.shape[0], 1, dtype=theta.dtype, device=theta.device)
         theta = torch.cat([theta, ones], -1)  # (B, U + 1)
