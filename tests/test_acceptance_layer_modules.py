@@ -439,10 +439,6 @@ def test_state_dict_round_trip_gives_identical_outputs(kind):
     _close(got, want, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HardConstraintMoE.load_state_dict replaces the persistent `experts` buffer but not the layout "
-    "derived from it in __init__ (`_gather`, `_mask`, `num_experts`): the loaded layer keeps "
-    "solving with the partition it was constructed with"))
 def test_moe_state_dict_carries_the_partition():
     x = torch.linspace(0, 1, 12, dtype=D)
     basis = torch.stack([torch.ones_like(x), x, x**2], 1)
@@ -680,17 +676,9 @@ def test_a_batch_inside_a_model_equals_a_loop_over_its_rows(kind):
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("qp", marks=pytest.mark.xfail(strict=True, reason=(
-        "QPLayer / qp_solve with an empty batch (q of shape (0, n)) raises torch.cat's opaque "
-        "'Sizes of tensors must match except in dimension 2. Expected size 0 but got size 1' "
-        "instead of returning z of shape (0, n) (or a ValueError naming `q`)"))),
-    pytest.param("convex_qp", marks=[needs_cvxpy, pytest.mark.xfail(strict=True, reason=(
-        "ConvexLayer with an empty batch (a parameter of shape (0, *shape)) raises the opaque "
-        "'cannot reshape tensor of 0 elements into shape [0, -1]' instead of returning outputs "
-        "of shape (0, *shape) (or a ValueError naming the parameter)"))]),
-    pytest.param("convex_conic", marks=[needs_cvxpy, pytest.mark.xfail(strict=True, reason=(
-        "ConvexLayer (conic route) with an empty batch raises the opaque 'cannot reshape tensor "
-        "of 0 elements into shape [0, -1]' instead of empty outputs or an error naming the parameter"))]),
+    "qp",
+    pytest.param("convex_qp", marks=needs_cvxpy),
+    pytest.param("convex_conic", marks=needs_cvxpy),
     "argmin",
 ])
 def test_an_empty_batch_gives_empty_outputs_or_a_clear_error(kind):
@@ -708,10 +696,6 @@ def test_an_empty_batch_gives_empty_outputs_or_a_clear_error(kind):
     assert g.shape == (0, 3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HardConstraint with no collocation points (basis of shape (0, N)) raises the opaque "
-    "'cannot reshape tensor of 0 elements into shape [1, 0, -1]' instead of its own 'fewer "
-    "residual rows than basis functions' error (regularization=0) or omega = 0 (regularization > 0)"))
 def test_hard_constraint_without_points_is_refused_clearly_or_regularized_to_zero():
     basis, y = torch.zeros(0, 3, dtype=D), torch.zeros(0, dtype=D)
     with pytest.raises(ValueError, match="fewer residual rows"):

@@ -215,3 +215,17 @@ def test_qp_solve_under_torch_func_grad_matches_autograd():
     g_auto = torch.autograd.grad(loss(q_, h_), (q_, h_))
     for a, b_ in zip(g_func, g_auto):
         torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+
+
+def test_an_empty_batch_gives_empty_outputs_and_a_zero_gradient():
+    """A data loader's last, empty batch: z of shape (0, n) in the graph of the batched
+    input (a zero gradient flows back), whichever input carries the batch; empty infos."""
+    Q, q = torch.eye(3), torch.ones(3)
+    qb = torch.zeros(0, 3, requires_grad=True)
+    z, info = qp_solve(Q, qb, G=torch.eye(3), h=torch.ones(3), return_info=True)
+    assert z.shape == (0, 3) and info.status.shape == (0,) and info.ineq_dual.shape == (0, 3)
+    (g,) = torch.autograd.grad(z.sum(), qb)
+    assert g.shape == (0, 3)
+    Qb = torch.eye(3).expand(0, 3, 3)
+    assert qp_solve(Qb, q).shape == (0, 3)
+    assert QPLayer()(Q, qb).shape == (0, 3)

@@ -55,6 +55,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -88,7 +89,7 @@ def _fortran_flat(x: torch.Tensor, ndim: int) -> torch.Tensor:
     """Flatten the last ``ndim`` dims of ``x`` in column-major (CVXPY's) order."""
     lead = x.dim() - ndim
     perm = list(range(lead)) + list(range(x.dim() - 1, lead - 1, -1))
-    return x.permute(perm).reshape(x.shape[:lead] + (-1,))
+    return x.permute(perm).reshape(x.shape[:lead] + (math.prod(x.shape[lead:]),))  # also for 0 rows
 
 
 def _fortran_unflat(x: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -253,6 +254,9 @@ class ConvexLayer(torch.nn.Module):
                 "parameter values along a leading dimension (shape (B, *parameter.shape)) and call it once."
             )
         theta, B = self._stack(params)
+        if B == 0:  # an empty batch (a data loader's last): outputs with 0 rows, in theta's graph
+            zero = theta.sum(-1) * 0
+            return tuple(zero.reshape((0,) + (1,) * len(var.shape)).expand((0, *var.shape)) for var in self.variables)
         ones = torch.ones(theta.shape[0], 1, dtype=theta.dtype, device=theta.device)
         theta = torch.cat([theta, ones], -1)  # (B, U + 1)
         c = theta @ self._c_map.to(theta).mT
@@ -304,7 +308,7 @@ class ConvexLayer(torch.nn.Module):
         for p, t in zip(self.parameters, params):
             nd = len(p.shape)
             t = t if t.dim() > nd else t.unsqueeze(0)
-            flat.append(_fortran_flat(t, nd).expand(B or 1, -1))
+            flat.append(_fortran_flat(t, nd).expand(1 if B is None else B, -1))
         return torch.cat(flat, -1), B
 
     def _solve_qp(self, P, c, A, b, solver_args, B):

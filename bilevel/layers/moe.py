@@ -425,9 +425,18 @@ class HardConstraintMoE(_BasisExpansion):
                 f"{self._stage()}: `experts` must be a 1-D integer tensor (the expert of each collocation point, "
                 f"e.g. BoxPartition(...)(points)); got {got}."
             )
+        experts = experts.to(torch.int64)
+        self.num_experts = self._count_experts(experts)
+        self.devices = self._check_devices(devices)
+        self.register_buffer("experts", experts)
+        gather, mask = _layout(experts, self.num_experts)
+        self.register_buffer("_gather", gather, persistent=False)
+        self.register_buffer("_mask", mask, persistent=False)
+
+    def _count_experts(self, experts: torch.Tensor) -> int:
+        """``K``, checking that every expert ``0..K-1`` has a collocation point."""
         if experts.numel() == 0 or int(experts.min()) < 0:
             raise ValueError(f"{self._stage()}: `experts` must be non-empty with entries >= 0.")
-        experts = experts.to(torch.int64)
         K = int(experts.max()) + 1
         counts = torch.bincount(experts, minlength=K)
         if bool((counts == 0).any()):
@@ -436,12 +445,17 @@ class HardConstraintMoE(_BasisExpansion):
                 f"{self._stage()}: `experts` must give every expert 0..{K - 1} at least one collocation point; "
                 f"experts {empty[:8]} have none (use fewer splits or more points)."
             )
-        self.num_experts = K
-        self.devices = self._check_devices(devices)
-        self.register_buffer("experts", experts)
-        gather, mask = _layout(experts, K)
-        self.register_buffer("_gather", gather, persistent=False)
-        self.register_buffer("_mask", mask, persistent=False)
+        return K
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loading a state dict loads the partition: the layout derived from the
+        ``experts`` buffer (number of experts, gather indices, masks) follows it."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.experts is not None and prefix + "experts" in state_dict:
+            self.num_experts = self._count_experts(self.experts)
+            self.devices = self._check_devices(self.devices)
+            gather, mask = _layout(self.experts, self.num_experts)
+            self._gather, self._mask = gather, mask
 
     # ------------------------------------------------------------------ layout
 
@@ -471,10 +485,6 @@ class HardConstraintMoE(_BasisExpansion):
         sizes = [K // D + (g < K % D) for g in range(D)]  # the first K mod D groups get one more
         bounds = [sum(sizes[:g]) for g in range(D + 1)]
         return [(d, slice(lo, hi)) for d, lo, hi in zip(self.devices, bounds[:-1], bounds[1:])]
-
-    def extra_repr(self) -> str:
-        num_experts, num_basis = self.omega.shape
-        return f"num_experts={num_experts}, num_basis={num_basis}, weight={self.weight}"
 
     def _experts_for(self, points: int) -> torch.Tensor:
         if self.experts is None:
@@ -625,7 +635,7 @@ class HardConstraintMoE(_BasisExpansion):
     def _check_rows(self, r0: torch.Tensor, mask: torch.Tensor, N: int) -> None:
         if self.regularization:
             return
-        per_point = r0.shape[1] // mask.shape[1]
+        per_point = r0.shape[1] // mask.shape[1] if mask.shape[1] else 0  # no points: no rows
         rows = mask.sum(1) * per_point
         few = (rows < N).nonzero().reshape(-1).tolist()
         if few:
@@ -678,7 +688,7 @@ def _expert_residual(residual: PointwiseResidual, spec, gamma: float, stage: str
                 f"{stage}: `residual(fields, *data)` must be pointwise, returning (P,) or (P, c) for the P "
                 f"points it is given; got {got} for {mask.shape[0]} points."
             )
-        r = (r.reshape(mask.shape[0], -1) * mask.to(r.dtype)[:, None]).reshape(-1)
+        r = (r.reshape(mask.shape[0], math.prod(r.shape[1:])) * mask.to(r.dtype)[:, None]).reshape(-1)
         return torch.cat([r, root_gamma * omega]) if gamma else r
 
     return one

@@ -260,8 +260,8 @@ def _check_inputs(Q, q, A, b, G, h) -> tuple:
 
     def full(t, name, *core):
         if t is None:
-            return torch.zeros((B or 1,) + core, dtype=dtype, device=device)
-        return t.expand((B or 1,) + t.shape) if t.dim() == len(_SHAPES[name]) else t
+            return torch.zeros((1 if B is None else B,) + core, dtype=dtype, device=device)
+        return t.expand((1 if B is None else B,) + t.shape) if t.dim() == len(_SHAPES[name]) else t
 
     out = (
         full(Q, "Q"), full(q, "q"), full(A, "A", 0, n), full(b, "b", 0), full(G, "G", 0, n), full(h, "h", 0)
@@ -644,6 +644,22 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
 _PROMOTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _empty_batch(tensors: tuple, return_info: bool):
+    """``z`` of shape ``(0, n)``, in the graph of ``q`` (a zero gradient flows back), and
+    an info whose per-element fields are empty."""
+    _, q, A, _, G, _ = tensors
+    z = q * 0
+    if not return_info:
+        return z
+    empty = lambda *shape, dtype=q.dtype: torch.zeros((0,) + shape, dtype=dtype, device=q.device)  # noqa: E731
+    info = QPInfo(
+        eq_dual=empty(A.shape[-2]), ineq_dual=empty(G.shape[-2]), slack=empty(G.shape[-2]),
+        iterations=empty(dtype=torch.int64), primal_residual=empty(), dual_residual=empty(), gap=empty(),
+        status=empty(dtype=torch.int64), degenerate=empty(dtype=torch.bool),
+    )
+    return z, info
+
+
 def _default_tol(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** 0.75
 
@@ -729,6 +745,8 @@ def qp_solve(
             "it once."
         )
     B, tensors = _check_inputs(Q, q, A, b, G, h)
+    if B == 0:  # an empty batch (a data loader's last): nothing to solve
+        return _empty_batch(tensors, return_info)
     # Below float64 the KKT systems of the last iterations are too ill-conditioned: solve in float64.
     work = torch.float64 if q.dtype in _PROMOTED else q.dtype
     tensors = tuple(t.to(work) for t in tensors)
