@@ -909,3 +909,20 @@ def test_krylov_solvers_are_invariant_to_the_scale_of_b_in_float32(solver, scale
     assert bool(torch.isfinite(xs).all())
     torch.testing.assert_close(xs / scale, x1, rtol=1e-5, atol=1e-6)
     assert int(infos.iterations) == int(info1.iterations)
+
+
+@pytest.mark.parametrize("seed", [9, 20, 23])
+def test_minres_stops_at_a_least_squares_point_when_its_krylov_space_is_exhausted(seed):
+    """A singular symmetric A (two zero eigenvalues) and an inconsistent b: once the Krylov
+    space is exhausted, beta and gbar are rounding noise; MINRES must stop there
+    (BREAKDOWN) with a least-squares x, not divide by a noise pivot (x was ~3e15)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.tensor([0, 0, 1, 1.5, 2, 2.5, 3, 4], dtype=torch.float64)) @ Q.T
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    x, info = MINRES()(lambda v: A @ v, b)
+    assert int(info.status) == Status.BREAKDOWN
+    least_squares = torch.linalg.pinv(A) @ b
+    assert float(x.norm()) < 10 * float(least_squares.norm())
+    torch.testing.assert_close(torch.linalg.norm(A @ x - b), torch.linalg.norm(A @ least_squares - b),
+                               rtol=1e-6, atol=1e-8)
