@@ -926,3 +926,20 @@ def test_minres_stops_at_a_least_squares_point_when_its_krylov_space_is_exhauste
     assert float(x.norm()) < 10 * float(least_squares.norm())
     torch.testing.assert_close(torch.linalg.norm(A @ x - b), torch.linalg.norm(A @ least_squares - b),
                                rtol=1e-6, atol=1e-8)
+
+
+def test_direct_lu_solves_a_system_whose_rows_and_unknowns_have_very_different_units():
+    """D A D with D = diag(1e-8 .. 1e8): well posed after equilibration (rows and columns
+    scaled by powers of two, exactly); LU must solve it, not call it singular; a
+    genuinely singular matrix is still a BREAKDOWN."""
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(6, 6, generator=g) + 3 * torch.eye(6)
+    D = torch.diag(torch.tensor([1e-8, 1e-8, 1.0, 1.0, 1e8, 1e8]))
+    A, b = D @ M @ D, torch.randn(6, generator=g)
+    x, info = Direct("lu")(lambda v: A @ v, b)
+    assert int(info.status) == Status.SUCCESS
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=0)
+    S = torch.zeros(4, 4)
+    S[:3, :3] = torch.randn(3, 3, generator=g)
+    _, info = Direct("lu")(lambda v: S @ v, torch.ones(4))
+    assert int(info.status) == Status.BREAKDOWN

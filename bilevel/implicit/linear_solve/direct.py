@@ -39,7 +39,8 @@ class Direct(LinearSolver):
       :attr:`~bilevel.status.Status.BREAKDOWN` for that element (``x = 0``),
       not raised;
     * ``"lu"``: :math:`P A = L U` with partial pivoting, for non-symmetric (and
-      symmetric indefinite) non-singular systems; a numerically singular
+      symmetric indefinite) non-singular systems, after equilibrating rows and
+      columns by powers of two; a numerically singular
       :math:`U` (:math:`\min_i |U_{ii}| \le n\,\mathrm{eps} \max_i |U_{ii}|`) is a
       BREAKDOWN;
     * ``"lstsq"``: the minimum-norm least-squares solution :math:`A^+ b`
@@ -107,9 +108,13 @@ class Direct(LinearSolver):
             ok = (info == 0) & symmetric & (diagonal > 0).all(-1) & _regular_pivots(pivots, eps)
             x = torch.cholesky_solve(rhs, L).squeeze(-1)
         elif self.method == "lu":
-            LU, pivots, info = torch.linalg.lu_factor_ex(A)
+            # equilibrated D_r A D_c (powers of two: exact), so that rows or unknowns in very
+            # different units are no "singularity" for the pivot test; x = D_c y
+            rows = _power_of_two(A.abs().amax(-1, keepdim=True))
+            cols = _power_of_two((A / rows).abs().amax(-2, keepdim=True))
+            LU, pivots, info = torch.linalg.lu_factor_ex(A / rows / cols)
             ok = (info == 0) & _regular_pivots(LU.diagonal(dim1=-2, dim2=-1), eps)
-            x = torch.linalg.lu_solve(LU, pivots, rhs).squeeze(-1)
+            x = torch.linalg.lu_solve(LU, pivots, rhs / rows).squeeze(-1) / cols.squeeze(-2)
         else:
             ok = finite
             if b.device.type == "cpu":
@@ -121,6 +126,12 @@ class Direct(LinearSolver):
         status = _mark(torch.zeros_like(ok, dtype=torch.int64), ~ok, Status.BREAKDOWN)
         status = _mark(status, ~finite, Status.NONFINITE)
         return x, torch.full_like(status, b.shape[-1]), status
+
+
+def _power_of_two(size: torch.Tensor) -> torch.Tensor:
+    """Powers of two near the positive finite entries of ``size`` (real), 1 elsewhere."""
+    scale = torch.exp2(torch.floor(torch.log2(size.real if size.is_complex() else size)))
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
 
 
 def _regular_pivots(pivots: torch.Tensor, eps: float) -> torch.Tensor:
