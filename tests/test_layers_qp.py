@@ -229,3 +229,18 @@ def test_an_empty_batch_gives_empty_outputs_and_a_zero_gradient():
     Qb = torch.eye(3).expand(0, 3, 3)
     assert qp_solve(Qb, q).shape == (0, 3)
     assert QPLayer()(Q, qb).shape == (0, 3)
+
+
+def test_second_derivatives_at_a_singular_kkt_matrix_are_finite():
+    """Duplicate equality rows make the KKT matrix singular (the pinv adjoint): the second
+    derivative is finite (here 0: z is affine in q on the constraint line)."""
+    import warnings
+
+    q = torch.tensor([0.3, -1.0], requires_grad=True)
+    A = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CurvatureWarning)
+        z = qp_solve(torch.eye(2), q, A=A, b=torch.ones(2))
+        (g,) = torch.autograd.grad((z**2).sum() + z.sum(), q, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), q)
+    assert bool(torch.isfinite(h).all()) and float(h.abs().max()) < 1e-10

@@ -365,6 +365,7 @@ class SingleLoop(Algorithm):
         lowest = inner_y - curvature(inner, xs, ys, x_spec, y_spec, "y", k, shift=inner_y) if inner_y > 0 else 0.0
         # weak-convexity modulus rho of f(x, .) (0 when convex there)
         out["inner_weak_convexity"] = max(0.0, -lowest) if -lowest > 1e-6 * inner_y else 0.0
+        out["inner_y_min"] = lowest  # the smallest eigenvalue of the lower Hessian (estimate)
         return out
 
     def _warm_up(self, problem: BilevelProblem, state: State, project_y) -> None:

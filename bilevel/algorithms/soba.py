@@ -42,13 +42,20 @@ class SOBA(SingleLoop):
     :math:`v` grows without bound along its null space; use the penalty method,
     MEHA, sl-BAMM or BDA there.
 
-    Defaults: :math:`\rho = \rho' = 1/\|\nabla^2_{yy} f\|` from a curvature estimate
-    (re-taken every 25 steps), and :math:`\gamma` the coupled-block step
-    :math:`\min\bigl(\tfrac{1}{2\|A\|}, \tfrac{\|C\|}{4\|B\|^2}\bigr)` of
-    :func:`~bilevel.algorithms._single_loop.coupled_step` with
-    :math:`A = \nabla^2_{xx}(F + f)`, :math:`B = \nabla^2_{xy}(F + f)`,
-    :math:`C = \nabla^2_{yy} f`; constant steps (:math:`a = b = 0`), the
-    deterministic rule.  With noisy mini-batches the paper's decays
+    Defaults: :math:`\rho = \rho' = 1/L` with :math:`L = \|\nabla^2_{yy} f\|` from a
+    curvature estimate (re-taken every 25 steps), and
+    :math:`\gamma = \min\bigl(\alpha_c, \tfrac{1}{2 L_\Phi}\bigr)\, \mu / L`: a stable
+    step on the hyper-objective, bounded by the coupled-block step :math:`\alpha_c`
+    of :func:`~bilevel.algorithms._single_loop.coupled_step` and by the curvature bound
+    :math:`L_\Phi = \|\nabla^2_{xx}(F + f)\| + 2\|\nabla^2_{xy} F\| \|B\|/\mu
+    + \|\nabla^2_{yy} F\| \|B\|^2/\mu^2` (:math:`B = \nabla^2_{xy} f`, :math:`\mu` the
+    smallest eigenvalue of :math:`\nabla^2_{yy} f`, estimated), slowed by the
+    condition number so that :math:`y` and :math:`v`, which converge in about
+    :math:`L/\mu` steps, keep up (larger steps diverge on ill-conditioned lower
+    levels); constant steps (:math:`a = b = 0`), the deterministic rule.  The
+    bound is pessimistic for weakly coupled problems (one weight per training
+    example): there a larger ``lr`` runs faster (hyper-cleaning: 66 % test accuracy
+    after 500 steps with the default, 92 % with ``lr=100``).  With noisy mini-batches the paper's decays
     :math:`a = 2/5`, :math:`b = 3/5` give convergence to a stationary point
     (``SOBA(y_decay=0.4, x_decay=0.6)``).  The history reports the norm of the
     :math:`x` direction, :math:`\|\nabla_y f(x, y)\|` and the residual
@@ -93,13 +100,30 @@ class SOBA(SingleLoop):
     def setup(self, problem, state: State) -> dict:
         s = self.scales(problem, state)
         v = [torch.zeros_like(t) for t in tree_leaves(state.y)]
-        return {"v": v, "scales": s, **self.step_sizes(s, {})}
+        extras = {"v": v, "scales": s, **self.step_sizes(s, {})}
+        if s["inner_y"] > 0 and s.get("inner_y_min", 0.0) <= 1e-6 * s["inner_y"]:
+            extras["v_warned"] = True
+            warnings.warn(
+                f"SOBA: the lower-level Hessian is singular or indefinite at the start (smallest eigenvalue "
+                f"{s.get('inner_y_min', 0.0):.2g}, largest {s['inner_y']:.3g}): v cannot solve "
+                "Hess_yy f v = -grad_y F, so the x direction is no hypergradient. Use a method for non-unique "
+                "lower levels (penalty, meha, bamm, bda).",
+                CurvatureWarning, stacklevel=4,
+            )
+        return extras
 
     def step_sizes(self, scales: dict, extras: dict) -> dict:
         curvature = scales["inner_y"]
         rho = self.y_step if self.y_step is not None else (1.0 / curvature if curvature > 0 else 0.1)
+        # mu: the lower level's strong convexity (floored at 1e-3 L: singular problems warn)
+        mu = max(scales.get("inner_y_min", 0.0), 1e-3 * curvature)
+        cross = scales["inner_cross"]
+        phi_curvature = (scales["outer_x"] + scales["inner_x"] + 2 * scales["outer_cross"] * cross / mu
+                         + scales["outer_y"] * cross**2 / mu**2) if mu > 0 else 0.0
         x_step = coupled_step(scales["outer_x"] + scales["inner_x"], curvature,
                               scales["outer_cross"] + scales["inner_cross"])
+        if phi_curvature > 0:  # a stable step on Phi, slowed by mu / L so that y and v keep up
+            x_step = min(x_step, 0.5 / phi_curvature) * mu / curvature
         return {"x_step": x_step, "y_step": rho, "v_step": self.v_step if self.v_step is not None else rho}
 
     def update(self, problem, outer, inner, state: State, batch, project_x, project_y) -> StepInfo:
@@ -129,22 +153,24 @@ class SOBA(SingleLoop):
         state.y = tree_unflatten(ys_new, y_spec)
         residual = torch.sqrt(tree_sq_norm([g.detach() for g in gf_y]))
         linear_residual = torch.sqrt(tree_sq_norm(d_v))
-        if self.rescale_every and state.iteration % self.rescale_every == 0:  # a host read now and then
+        scales = ex["scales"]
+        patience = max(200, 10 * scales["inner_y"] / max(scales.get("inner_y_min", 0.0), 1e-12))
+        # deterministic runs only (one mini-batch's residual is too noisy to judge), after about
+        # ten times the steps v needs (L / mu), and a host read only now and then
+        if (batch is None and self.rescale_every and state.iteration % self.rescale_every == 0
+                and state.iteration >= patience and not ex.get("v_warned")):
             scale = float(torch.sqrt(tree_sq_norm(gF[n_x:])))
             if scale > 0:  # with grad_y F = 0 the system is v = 0, nothing to judge by
                 self._check_linear_system(state, float(linear_residual) / scale)
         return step_report(outer, state, d_x, residual, linear_residual=linear_residual)
 
     def _check_linear_system(self, state: State, relative: float) -> None:
-        r"""Warn once when :math:`v` has not solved its system after 200 steps: a relative
-        residual :math:`\|
-abla^2_{yy} f\, v + 
-abla_y F\| / \|
-abla_y F\|` above 1/2 at
+        r"""Warn once when :math:`v` has not solved its system long after it should have: a relative
+        residual :math:`\|\nabla^2_{yy} f\, v + \nabla_y F\| / \|\nabla_y F\|` above 1/2 at
         two looks in a row means a singular (or indefinite) lower-level Hessian, along
         whose null space :math:`v` only drifts (problem M1)."""
         ex = state.extras
-        stuck = state.iteration >= 200 and relative > 0.5
+        stuck = relative > 0.5
         if stuck and ex.get("v_stuck") and not ex.get("v_warned"):
             ex["v_warned"] = True
             warnings.warn(

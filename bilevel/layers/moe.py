@@ -450,6 +450,9 @@ class HardConstraintMoE(_BasisExpansion):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Loading a state dict loads the partition: the layout derived from the
         ``experts`` buffer (number of experts, gather indices, masks) follows it."""
+        incoming = state_dict.get(prefix + "experts")
+        if self.experts is not None and torch.is_tensor(incoming):
+            self._count_experts(incoming.to(torch.int64))  # an invalid partition is refused before loading
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.experts is not None and prefix + "experts" in state_dict:
             self.num_experts = self._count_experts(self.experts)

@@ -622,6 +622,12 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
     any_singular, any_degenerate, finite = torch.stack(
         [singular.any(), degenerate.any(), (torch.isfinite(u).all(-1) | singular | failed).all()]).tolist()
     if any_singular:
+        # the LU solve of a singular K is NaN, and so is its derivative (a second-order pass
+        # multiplies it by 0): solve those elements with the identity, then use the pinv
+        eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+        LU, piv, _ = torch.linalg.lu_factor_ex(torch.where(singular[:, None, None], eye, K))
+        u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).squeeze(-1)
+        u = torch.where(failed.unsqueeze(-1), torch.where(used, math.nan, 0.0).to(u.dtype), u)
         idx = singular.nonzero().reshape(-1)
         u[idx] = (torch.linalg.pinv(K[idx].mT) @ rhs[idx]).squeeze(-1)
         finite = bool((torch.isfinite(u).all(-1) | failed).all())

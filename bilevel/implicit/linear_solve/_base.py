@@ -264,12 +264,13 @@ def _unit_scale(b: torch.Tensor) -> Union[float, torch.Tensor]:
     """``(B, 1)`` powers of two near ``max_j |b_ij|`` (real dtype; the largest entry, whose
     square cannot underflow as the 2-norm's sum of squares does), 1 where it is 0 or not
     finite; a Python number for one system on the CPU, where reading it is free."""
+    tiny = torch.finfo(b.dtype).tiny  # a power of two whose reciprocal is finite: subnormal b
     if b.shape[0] == 1 and b.device.type == "cpu" and not is_transformed(b):
         size = float(torch.linalg.vector_norm(b, ord=math.inf))
-        return 2.0 ** math.floor(math.log2(size)) if 0 < size < math.inf else 1.0
+        return max(2.0 ** math.floor(math.log2(size)), tiny) if 0 < size < math.inf else 1.0
     size = b.abs().amax(dim=-1, keepdim=True)
-    scale = torch.exp2(torch.floor(torch.log2(size)))
-    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    scale = torch.exp2(torch.floor(torch.log2(size))).clamp_min(tiny)
+    return torch.where(torch.isfinite(scale) & (size > 0), scale, torch.ones_like(scale))
 
 
 def _batched_like_operator(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:

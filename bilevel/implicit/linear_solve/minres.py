@@ -79,7 +79,6 @@ class MINRES(KrylovSolver):
 def _minres(matvec, b, x0, threshold, maxiter, tol):
     nbatch, _ = b.shape
     eps = torch.finfo(b.dtype).eps
-    sqrt_eps = math.sqrt(eps)
     dot = _real_inner(b.dtype)  # v^T A v, or the real v^H A v of a Hermitian A: T_k stays real
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r1 = b.clone() if x0 is None else b - matvec(x)
@@ -121,13 +120,7 @@ def _minres(matvec, b, x0, threshold, maxiter, tol):
         t_norm = t_norm2.sqrt()
         # Told apart from a small eigenvalue (cond > 1/tol, still solvable) by the step
         # it would take: there it removes the residual (sn ~ 0), here it cannot (sn ~ 1).
-        # Where the Krylov space is exhausted (beta at rounding level, seen up to ~1e3 eps
-        # ||T||), beta and gbar are both noise and sn can be anywhere from ~0.1 to 1; a tiny
-        # eigenvalue being resolved gives sn ~1e-2 or less. Dividing by such a gamma
-        # would throw x to ~1e15.
-        exhausted = beta <= sqrt_eps * t_norm
-        cannot_reduce = (2 * beta >= gamma) | (exhausted & (10 * beta >= gamma))
-        least_squares = (torch.hypot(gbar, dbar) <= tol * t_norm) & cannot_reduce
+        least_squares = (torch.hypot(gbar, dbar) <= tol * t_norm) & (2 * beta >= gamma)
         singular = active & ~nonfinite & (least_squares | ~(gamma > eps * t_norm))
         status = _mark(_mark(status, nonfinite, Status.NONFINITE), singular, Status.BREAKDOWN)
         active = active & ~nonfinite & ~singular
