@@ -483,3 +483,16 @@ def test_experts_on_cpu_and_cuda_equal_one_device():
     one, basis, pts, kind = _devices_setup(None)
     spread, _, _, _ = _devices_setup(["cpu", "cuda"])
     torch.testing.assert_close(spread(basis, pts, kind).detach(), one(basis, pts, kind).detach(), atol=1e-10, rtol=1e-8)
+
+
+def test_load_state_dict_refuses_a_bad_partition_before_changing_anything():
+    """A float, 2-D or device-incompatible `experts` is refused with the layer unchanged."""
+    x = torch.linspace(0, 1, 12, dtype=torch.float64)
+    layer = HardConstraintMoE(lambda u, y: u - y, torch.arange(12) % 2, devices=["cpu", "cpu"])
+    before = layer.experts.clone()
+    for bad in (torch.zeros(12, dtype=torch.int64), torch.full((12,), 0.7), torch.zeros(2, 6, dtype=torch.int64)):
+        with pytest.raises(ValueError):
+            layer.load_state_dict({"experts": bad})
+        assert torch.equal(layer.experts, before) and layer.num_experts == 2
+    basis = torch.stack([torch.ones(12, dtype=torch.float64), x], 1)
+    assert layer(basis, x).shape == (2, 2)

@@ -154,9 +154,10 @@ class SOBA(SingleLoop):
         residual = torch.sqrt(tree_sq_norm([g.detach() for g in gf_y]))
         linear_residual = torch.sqrt(tree_sq_norm(d_v))
         scales = ex["scales"]
-        patience = max(200, 10 * scales["inner_y"] / max(scales.get("inner_y_min", 0.0), 1e-12))
-        # deterministic runs only (one mini-batch's residual is too noisy to judge), after about
-        # ten times the steps v needs (L / mu), and a host read only now and then
+        # about ten times the steps v needs (L / mu; the estimate of mu is rough, hence the cap),
+        # deterministic runs only (one mini-batch's residual is too noisy to judge), and a
+        # host read only now and then
+        patience = min(max(200, 10 * scales["inner_y"] / max(scales.get("inner_y_min", 0.0), 1e-12)), 1000)
         if (batch is None and self.rescale_every and state.iteration % self.rescale_every == 0
                 and state.iteration >= patience and not ex.get("v_warned")):
             scale = float(torch.sqrt(tree_sq_norm(gF[n_x:])))

@@ -451,8 +451,18 @@ class HardConstraintMoE(_BasisExpansion):
         """Loading a state dict loads the partition: the layout derived from the
         ``experts`` buffer (number of experts, gather indices, masks) follows it."""
         incoming = state_dict.get(prefix + "experts")
-        if self.experts is not None and torch.is_tensor(incoming):
-            self._count_experts(incoming.to(torch.int64))  # an invalid partition is refused before loading
+        if self.experts is not None and torch.is_tensor(incoming):  # refused before anything is loaded
+            if incoming.dim() != 1 or incoming.dtype not in (torch.int64, torch.int32):
+                raise ValueError(
+                    f"{self._stage()}: the state dict's `experts` must be a 1-D integer tensor; got shape "
+                    f"{tuple(incoming.shape)}, dtype {incoming.dtype}."
+                )
+            K = self._count_experts(incoming.to(torch.int64))
+            if self.devices is not None and len(self.devices) > K:
+                raise ValueError(
+                    f"{self._stage()}: the state dict's partition has {K} expert(s), fewer than the "
+                    f"{len(self.devices)} devices of this layer."
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.experts is not None and prefix + "experts" in state_dict:
             self.num_experts = self._count_experts(self.experts)
