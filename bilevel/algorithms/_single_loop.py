@@ -68,6 +68,12 @@ def value_and_grads(fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y
     return value.detach().reshape(()), gx, gy
 
 
+def tracked(leaves: Leaves, spec) -> tuple[Leaves, Any]:
+    """Fresh leaves that require grad, detached from ``leaves``, and their tree."""
+    fresh = [t.detach().requires_grad_(True) for t in leaves]
+    return fresh, tree_unflatten(fresh, spec)
+
+
 def autograd_grads(outputs, inputs, grad_outputs=None, create_graph=False, retain_graph=None):
     """``torch.autograd.grad`` with zeros for inputs the outputs do not depend on."""
     if isinstance(outputs, list):
@@ -559,4 +565,4 @@ def power_schedule(base: float, k: int, exponent: float) -> float:
     return base * (k + 1) ** exponent
 
 
-__all__ = ["SingleLoop", "value_and_grads", "autograd_grads", "curvature", "block_curvature", "coupled_step", "set_projection", "power_schedule"]
+__all__ = ["SingleLoop", "value_and_grads", "tracked", "autograd_grads", "curvature", "block_curvature", "coupled_step", "set_projection", "power_schedule"]

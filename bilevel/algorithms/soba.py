@@ -12,7 +12,7 @@ import torch
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ..status import CurvatureWarning
 from ._base import State, StepInfo
-from ._single_loop import SingleLoop, autograd_grads, coupled_step, shared_args, step_report, tree_sq_norm
+from ._single_loop import SingleLoop, autograd_grads, coupled_step, shared_args, step_report, tracked, tree_sq_norm
 
 
 @shared_args
@@ -136,9 +136,7 @@ class SOBA(SingleLoop):
         v = ex["v"]
         n_x = len(xs)
         with torch.enable_grad():
-            xs_ = [t.detach().requires_grad_(True) for t in xs]
-            ys_ = [t.detach().requires_grad_(True) for t in ys]
-            x_tree, y_tree = tree_unflatten(xs_, x_spec), tree_unflatten(ys_, y_spec)
+            (xs_, x_tree), (ys_, y_tree) = tracked(xs, x_spec), tracked(ys, y_spec)
             gF = autograd_grads(outer(x_tree, y_tree).reshape(()), xs_ + ys_)
             gf_y = autograd_grads(inner(x_tree, y_tree).reshape(()), ys_, create_graph=True)
             hv = autograd_grads(gf_y, xs_ + ys_, grad_outputs=v)  # (cross term, Hessian) times v
