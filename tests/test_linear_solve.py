@@ -957,3 +957,57 @@ def test_krylov_solvers_handle_a_subnormal_right_hand_side(dtype):
         xb, infob = solver(lambda v: 2 * v, b.expand(2, 4), batch_dims=1)
         assert bool((infob.status == Status.SUCCESS).all())
         torch.testing.assert_close(xb, (b / 2).expand(2, 4), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method", ["cholesky", "lu"])
+def test_direct_never_reports_success_with_a_large_residual(method):
+    """Rank-(n-1) projectors I - u u^T: the pivot test may pass on a rounding-noise pivot,
+    and x is then garbage; the residual check must report it (INACCURATE or BREAKDOWN),
+    never SUCCESS with a residual far above sqrt(eps)."""
+    flagged = 0
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(6, 1, generator=g, dtype=torch.float64)
+        P = torch.eye(6, dtype=torch.float64) - u @ u.T / (u.T @ u)
+        b = torch.randn(6, generator=g, dtype=torch.float64)
+        x, info = Direct(method)(lambda v: P @ v, b)
+        if int(info.status) == Status.SUCCESS:
+            assert float((P @ x - b).norm()) <= 1e-6 * float(b.norm())
+        else:
+            assert int(info.status) in (Status.INACCURATE, Status.BREAKDOWN)
+            flagged += 1
+    assert flagged == 60  # b has a component along u: no seed is solvable
+
+
+@pytest.mark.parametrize("method", ["cholesky", "lu"])
+def test_direct_residual_check_is_blind_to_units_and_passes_solvable_ill_conditioned_systems(method):
+    """D M D with D spanning 1e-6..1e6 (M SPD, condition 1e4) and a unit-scale matrix with
+    condition 1e8: both are solved to full accuracy and reported SUCCESS."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    M = Q @ torch.diag(torch.logspace(0, 4, 8, dtype=torch.float64)) @ Q.T
+    D = torch.diag(torch.logspace(-6, 6, 8, dtype=torch.float64))
+    ill = Q @ torch.diag(torch.logspace(0, 8, 8, dtype=torch.float64)) @ Q.T
+    for A in (D @ M @ D, ill):
+        b = torch.randn(8, generator=g, dtype=torch.float64)
+        x, info = Direct(method)(lambda v: A @ v, b)
+        assert int(info.status) == Status.SUCCESS
+        torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("solver", [CG(), GMRES(), MINRES(), BiCGStab(), NormalCG(), Direct(), Direct("lu")],
+                         ids=lambda s: repr(s)[:24])
+def test_a_float32_rhs_whose_sum_of_squares_overflows_is_solved(solver):
+    """b = [1e30, 1, 1, 1] in float32: ||b||^2 overflows although ||b|| = 1e30 is representable.
+    The norms are then taken as m ||b / m||: a correct x, SUCCESS and ||b|| reported, for one
+    system and for a batch; a b whose norm itself exceeds the range is refused by name."""
+    b = torch.tensor([1e30, 1.0, 1.0, 1.0], dtype=torch.float32)
+    x, info = solver(lambda v: 2 * v, b)
+    assert int(info.status) == Status.SUCCESS
+    torch.testing.assert_close(x, b / 2, rtol=1e-6, atol=0)
+    assert float(info.b_norm) == pytest.approx(1e30, rel=1e-6)
+    xb, infob = solver(lambda v: 2 * v, torch.stack([b, torch.ones_like(b)]), batch_dims=1)
+    assert bool((infob.status == Status.SUCCESS).all())
+    torch.testing.assert_close(xb[0], b / 2, rtol=1e-6, atol=0)
+    with pytest.raises(FloatingPointError, match="overflows"):
+        solver(lambda v: 2 * v, torch.full((2,), 3e38, dtype=torch.float32))

@@ -196,7 +196,9 @@ class LinearSolver:
         if inside_transform() and not all(_at_current_level(leaf) for leaf in tree_leaves(b)):
             b_flat = _batched_like_operator(flat_matvec, b_flat)
         b_norm = torch.linalg.vector_norm(b_flat.detach(), dim=-1)
-        _check_rhs(b, b_norm)
+        huge = _check_rhs(b, b_flat, b_norm)  # then ||b||^2 overflows: norms are taken as m ||v / m||
+        norm = _scaled_norm if huge else _norm
+        b_norm = norm(b_flat.detach())
         x0_flat = None
         if x0 is not None:  # b = 0 is solved by x = 0, whatever the warm start
             x0_flat = rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
@@ -210,11 +212,11 @@ class LinearSolver:
             from ._gradient import attach_gradient  # it builds on this module
 
             x, residual = attach_gradient(self, flat_matvec, b_flat, x, flatten, transpose_operator)
-            residual_norm = torch.linalg.vector_norm(residual, dim=-1)
+            residual_norm = norm(residual)
         elif estimate and estimate[0] is not None:  # no element claims success: its own residual will do
             residual_norm = estimate[0]
         else:
-            residual_norm = torch.linalg.vector_norm(b_flat - flat_matvec(x), dim=-1)
+            residual_norm = norm(b_flat - flat_matvec(x))
         status = _final_status(self, status, residual_norm, b_norm)
         info = LinearSolveInfo(
             iterations=iterations.reshape(batch),
@@ -230,6 +232,14 @@ class LinearSolver:
         system), ``("transpose", solver)`` for a general one, ``("normal", solver)``
         for a least-squares solver (the adjoint system is ``A^T A u = g``)."""
         return "transpose", self
+
+    def _residual_tolerances(self, dtype: torch.dtype) -> Optional[tuple[float, float]]:
+        """``(tol, atol)``: a solve claiming success whose true residual exceeds ten times
+        ``max(tol ||b||, atol)`` is reported INACCURATE; ``None`` for no such check (a
+        fixed number of terms).  By default the solver's own ``tol`` and ``atol`` fields."""
+        if not hasattr(self, "tol"):
+            return None
+        return (self.tol if self.tol is not None else default_tol(dtype)), getattr(self, "atol", 0.0)
 
     def max_products(self, n: int) -> int:
         """The most operator products a solve of ``n`` unknowns may take (0 if
@@ -312,28 +322,39 @@ def _on_host(t: torch.Tensor) -> bool:
     return t.numel() == 1 and t.device.type == "cpu" and not is_transformed(t)
 
 
-def _check_rhs(b: TensorTree, b_norm: torch.Tensor) -> None:
+def _check_rhs(b: TensorTree, b_flat: torch.Tensor, b_norm: torch.Tensor) -> bool:
     """Raise on a non-finite right-hand side; ``b_norm`` (per element) is finite
-    exactly when ``b`` is, unless the norm overflows, which is told apart here."""
+    exactly when ``b`` is, unless its sum of squares overflows (float32 entries past
+    ~1e19): then return True (the norms are to be scaled), unless even the scaled
+    norm of ``b`` is beyond the dtype's range."""
     if _on_host(b_norm):
         if math.isfinite(float(b_norm)):
-            return
+            return False
     elif is_transformed(b_norm) or bool(torch.isfinite(b_norm).all()):
-        return
+        return False
     if not all_finite(tree_leaves(b)):
         raise FloatingPointError("linear solve: the right-hand side `b` contains NaN or inf.")
-    raise FloatingPointError(
-        f"linear solve: the norm of the right-hand side `b` overflows in {b_norm.dtype}; rescale the system."
-    )
+    if not bool(torch.isfinite(_scaled_norm(b_flat.detach())).all()):
+        raise FloatingPointError(
+            f"linear solve: the norm of the right-hand side `b` overflows in {b_norm.dtype}; rescale the system."
+        )
+    return True
+
+
+def _scaled_norm(v: torch.Tensor) -> torch.Tensor:
+    """Per-row 2-norm of ``(B, n)`` ``v`` as ``m ||v / m||`` with ``m = max_j |v_ij|``: no
+    overflow of the sum of squares while the norm itself is representable."""
+    size = v.abs().amax(dim=-1)
+    return size * torch.linalg.vector_norm(v / size.clamp_min(torch.finfo(size.dtype).tiny).unsqueeze(-1), dim=-1)
 
 
 def _final_status(
     solver: LinearSolver, status: torch.Tensor, residual_norm: torch.Tensor, b_norm: torch.Tensor
 ) -> torch.Tensor:
     """Re-check the true residual: a solve is a success only if ``b - A x`` is small."""
-    has_tol = getattr(solver, "tol", "absent") != "absent"  # direct and fixed-term solvers set none
-    tol = (solver.tol if solver.tol is not None else default_tol(residual_norm.dtype)) if has_tol else 0.0
-    atol = getattr(solver, "atol", 0.0)
+    tolerances = solver._residual_tolerances(residual_norm.dtype)
+    has_tol = tolerances is not None
+    tol, atol = tolerances if has_tol else (0.0, 0.0)
     # The recursive residual of a Krylov method drifts from the true one by a few
     # ulps times the condition number: allow a factor 10 before calling it a failure.
     if _on_host(status) and _on_host(residual_norm) and _on_host(b_norm):

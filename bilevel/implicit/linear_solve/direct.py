@@ -8,10 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from ..._checks import check_fields as _check_fields
+from ..._tolerance import default_tol
 from ...status import Status
 from ._base import (
     LinearSolver,
     _mark,
+    _scaled_norm,
 )
 from ._base import (
     materialize as _materialize,
@@ -49,8 +51,13 @@ class Direct(LinearSolver):
 
     An element whose matrix holds NaN or inf is reported as
     :attr:`~bilevel.status.Status.NONFINITE` (``x = 0``) without disturbing the
-    others.  There is no tolerance; ``x0`` is ignored and ``info.iterations`` is ``n``
-    (the products spent building :math:`A`).  All three methods accept complex
+    others.  There is no stopping tolerance, but a ``"cholesky"`` or ``"lu"``
+    solution whose residual, in the equilibrated equations (``D^{-1/2}`` or
+    ``D_r`` above), exceeds :math:`10 \sqrt{\mathrm{eps}}` times the
+    right-hand side's (a pivot just above the singularity test, or a condition
+    number near :math:`1/\sqrt{\mathrm{eps}}`) is reported as
+    :attr:`~bilevel.status.Status.INACCURATE`.  ``x0`` is ignored and
+    ``info.iterations`` is ``n`` (the products spent building :math:`A`).  All three methods accept complex
     dtypes (``"cholesky"`` checks Hermitian-ness, :math:`A = A^H`).
 
     Args:
@@ -107,6 +114,7 @@ class Direct(LinearSolver):
             pivots = L.diagonal(dim1=-2, dim2=-1).real ** 2 / torch.where(diagonal > 0, diagonal, 1)
             ok = (info == 0) & symmetric & (diagonal > 0).all(-1) & _regular_pivots(pivots, eps)
             x = torch.cholesky_solve(rhs, L).squeeze(-1)
+            accurate = _small_residual(A, x, rhs, torch.where(diagonal > 0, diagonal, 1).sqrt().unsqueeze(-1))
         elif self.method == "lu":
             # equilibrated D_r A D_c (powers of two: exact), so that rows or unknowns in very
             # different units are no "singularity" for the pivot test; x = D_c y
@@ -115,15 +123,17 @@ class Direct(LinearSolver):
             LU, pivots, info = torch.linalg.lu_factor_ex(A / rows / cols)
             ok = (info == 0) & _regular_pivots(LU.diagonal(dim1=-2, dim2=-1), eps)
             x = torch.linalg.lu_solve(LU, pivots, rhs / rows).squeeze(-1) / cols.squeeze(-2)
+            accurate = _small_residual(A, x, rhs, rows)
         else:
-            ok = finite
+            ok = accurate = finite
             if b.device.type == "cpu":
                 x = torch.linalg.lstsq(A, rhs, driver="gelsd").solution.squeeze(-1)
             else:  # only the full-rank driver "gels" exists off CPU
                 x = (torch.linalg.pinv(A) @ rhs).squeeze(-1)
         ok = ok & finite
         x = torch.where(ok.unsqueeze(-1), x, 0)
-        status = _mark(torch.zeros_like(ok, dtype=torch.int64), ~ok, Status.BREAKDOWN)
+        status = _mark(torch.zeros_like(ok, dtype=torch.int64), ~accurate, Status.INACCURATE)
+        status = _mark(status, ~ok, Status.BREAKDOWN)
         status = _mark(status, ~finite, Status.NONFINITE)
         return x, torch.full_like(status, b.shape[-1]), status
 
@@ -132,6 +142,14 @@ def _power_of_two(size: torch.Tensor) -> torch.Tensor:
     """Powers of two near the positive finite entries of ``size`` (real), 1 elsewhere."""
     scale = torch.exp2(torch.floor(torch.log2(size.real if size.is_complex() else size)))
     return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+
+
+def _small_residual(A: torch.Tensor, x: torch.Tensor, rhs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Whether the residual of each solution, its rows divided by ``rows`` (the
+    equilibration: the test is then blind to the units of the equations), is within
+    ``10 sqrt(eps)`` of the scaled right-hand side."""
+    residual = _scaled_norm(((rhs - A @ x.unsqueeze(-1)) / rows).squeeze(-1))
+    return residual <= 10 * default_tol(x.dtype) * _scaled_norm((rhs / rows).squeeze(-1))
 
 
 def _regular_pivots(pivots: torch.Tensor, eps: float) -> torch.Tensor:
