@@ -32,7 +32,11 @@ class Implicit(Algorithm):
         x_{k+1} = \mathrm{opt}\bigl(x_k,\ \nabla_x F - \nabla^2_{xy} f\, v\bigr),
 
     with "opt" the outer optimizer.  Warm starts make each inner solve cheap once
-    :math:`x` moves slowly (HOAG, Pedregosa 2016).
+    :math:`x` moves slowly (HOAG, Pedregosa 2016).  With ``warm_start=False``
+    every inner solve starts from :math:`y_0` instead ("cold-start" BLO): on
+    over-parameterized inner problems the two reach different solutions, and the
+    warm-started inner iterate carries information about the outer objective
+    (Vicol et al. 2022).
 
     Args:
         inner_solver: a :mod:`bilevel.solvers` object, used as given; default:
@@ -56,6 +60,8 @@ class Implicit(Algorithm):
             :math:`y = P(y - \eta \nabla_y f(x, y))` (a non-symmetric system:
             ``solve`` must handle one, the default GMRES does).  ``inner_solver``
             and ``damping`` do not apply there.
+        warm_start: start each inner solve from the previous one's solution
+            (default ``True``); ``False``: from :math:`y_0` at every outer step.
         outer_optimizer, lr, x_set: see :class:`~bilevel.algorithms.Algorithm`.
 
     References:
@@ -64,6 +70,9 @@ class Implicit(Algorithm):
         Lorraine, J., Vicol, P. and Duvenaud, D. `Optimizing Millions of
         Hyperparameters by Implicit Differentiation <https://arxiv.org/abs/1911.02590>`_.
         AISTATS 2020.
+        Vicol, P., Lorraine, J., Pedregosa, F., Duvenaud, D. and Grosse, R. `On Implicit
+        Bias in Overparameterized Bilevel Optimization <https://proceedings.mlr.press/v162/vicol22a.html>`_.
+        ICML 2022.
 
     Example:
         >>> import bilevel
@@ -83,6 +92,7 @@ class Implicit(Algorithm):
     damping: float = 0.0
     strict: bool = False
     y_set: Any = None
+    warm_start: bool = True
 
     handles_y_set: ClassVar[bool] = True
 
@@ -98,8 +108,17 @@ class Implicit(Algorithm):
                 f"CG(maxiter=50)) or None; got {self.solve!r}."
             )
 
+    def init(self, problem, x0=None, y0=None) -> State:
+        state = super().init(problem, x0, y0)
+        if not self.warm_start:
+            state.extras["y_start"] = [t.clone() for t in tree_leaves(state.y)]
+        return state
+
     def hypergradient(self, outer, inner, state: State, batch: Any):
         objective = lambda y_, x_: inner(x_, y_)  # noqa: E731  solution first, for the solvers
+        if not self.warm_start:  # cold start: the inner solve runs from y0 (the step replaces state.y)
+            start = state.extras.setdefault("y_start", [t.clone() for t in tree_leaves(state.y)])
+            state.y = tree_unflatten([t.clone() for t in start], tree_flatten(state.y)[1])
         project = y_projection(state)
         if project is not None:
             return self._projected(outer, objective, state, project)
