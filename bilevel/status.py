@@ -32,7 +32,8 @@ class Status(enum.IntEnum):
     SUCCESS = 0
     """The tolerance was reached."""
     MAX_ITERATIONS = 1
-    """The iteration budget ran out before the tolerance was reached."""
+    """The iteration budget ran out before the tolerance was reached (for a
+    Neumann series: its terms did not shrink at all)."""
     BREAKDOWN = 2
     """The method broke down, from non-positive curvature in CG (the operator is not
     positive definite), a zero denominator in BiCGStab, or a singular matrix in a
@@ -45,7 +46,9 @@ class Status(enum.IntEnum):
     INACCURATE = 5
     r"""A Krylov method met the tolerance on its own (recursively updated) residual,
     but the true residual :math:`\|b - A x\|` of the returned solution misses it
-    by more than a factor 10: rounding errors grown by an ill-conditioned operator."""
+    by more than a factor 10, or a direct solve's residual exceeds
+    :math:`10\sqrt{\mathrm{eps}}\,\|b\|`: rounding errors grown by an
+    ill-conditioned (or numerically singular) operator."""
 
     @property
     def message(self) -> str:
@@ -57,7 +60,8 @@ _MESSAGES = {
     Status.SUCCESS: "converged",
     Status.MAX_ITERATIONS: (
         "the iteration budget ran out before the tolerance was reached; raise "
-        "`maxiter`, loosen `tol`, or precondition the system"
+        "`maxiter`, loosen `tol`, or precondition the system; a Neumann series that "
+        "made no progress has alpha far below 1 / L: use alpha=None"
     ),
     Status.BREAKDOWN: (
         "the method broke down: the operator is singular or, for CG, not positive "

@@ -911,10 +911,6 @@ def test_krylov_solvers_are_invariant_to_the_scale_of_b_in_float32(solver, scale
     assert int(infos.iterations) == int(info1.iterations)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known: once MINRES's Krylov space is exhausted on a singular inconsistent system, beta and gbar "
-    "are rounding noise and the step divides by a noise pivot (x ~ 3e15, status BREAKDOWN); telling "
-    "it from a tiny genuine eigenvalue needs MINRES-QLP"))
 @pytest.mark.parametrize("seed", [9, 20, 23])
 def test_minres_stops_at_a_least_squares_point_when_its_krylov_space_is_exhausted(seed):
     """A singular symmetric A (two zero eigenvalues) and an inconsistent b."""
@@ -1011,3 +1007,28 @@ def test_a_float32_rhs_whose_sum_of_squares_overflows_is_solved(solver):
     torch.testing.assert_close(xb[0], b / 2, rtol=1e-6, atol=0)
     with pytest.raises(FloatingPointError, match="overflows"):
         solver(lambda v: 2 * v, torch.full((2,), 3e38, dtype=torch.float32))
+
+
+def test_neumann_reports_a_series_that_made_no_progress():
+    """alpha = 1 on an operator of scale 1e-8: the terms (I - alpha A)^k b do not shrink and
+    x ~ alpha K b is off by 1e8; the status says so (MAX_ITERATIONS), per element.  A
+    series that does make progress, even a crude one (5 terms, residual ~ 0.5), and
+    alpha=None on the tiny operator, stay SUCCESS."""
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    A = M @ M.T / 6 + torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    tiny = 1e-8 * A
+    _, info = Neumann(terms=20, alpha=1.0)(lambda v: tiny @ v, b)
+    assert int(info.status) == Status.MAX_ITERATIONS
+    assert float(info.relative_residual) > 0.99
+    x, info = Neumann(terms=200, alpha=None)(lambda v: tiny @ v, b)
+    assert int(info.status) == Status.SUCCESS
+    torch.testing.assert_close(x, torch.linalg.solve(tiny, b), rtol=1e-6, atol=0)
+    alpha = 0.1 / float(torch.linalg.eigvalsh(A)[-1])
+    _, info = Neumann(terms=5, alpha=alpha)(lambda v: A @ v, b)
+    assert int(info.status) == Status.SUCCESS and 0.3 < float(info.relative_residual) < 0.999
+    batch = torch.stack([tiny, A])  # per element: the stalled one is flagged, the other is not
+    _, info = Neumann(terms=20, alpha=1.0 / float(torch.linalg.eigvalsh(A)[-1]))(
+        lambda v: (batch @ v.unsqueeze(-1)).squeeze(-1), b.expand(2, 6), batch_dims=1)
+    assert info.status.tolist() == [Status.MAX_ITERATIONS, Status.SUCCESS]

@@ -43,10 +43,15 @@ class Neumann(LinearSolver):
     :math:`\alpha = 1 / L` (20 extra products).
 
     There is no tolerance: an element is a success unless its iterates become
-    non-finite (:attr:`~bilevel.status.Status.NONFINITE`) or the term
+    non-finite (:attr:`~bilevel.status.Status.NONFINITE`), the term
     :math:`\|p\|` grows above :math:`10^3 \|b\|`
     (:attr:`~bilevel.status.Status.DIVERGED`, ``alpha >= 2 / L`` or an
-    indefinite operator); such an element stops at its last finite partial sum.
+    indefinite operator; such an element stops at its last finite partial sum),
+    or the series made no progress, the last term's norm within
+    :math:`10^{-3} \|b\|` of :math:`\|b\|` (:attr:`~bilevel.status.Status.MAX_ITERATIONS`:
+    :math:`\alpha \|A\|` is tiny, e.g. ``alpha=1`` on an objective of scale
+    :math:`10^{-8}`, and :math:`x \approx \alpha K b` is no approximation of
+    :math:`A^{-1} b`; ``alpha=None`` adapts :math:`\alpha` to the operator).
     Complex dtypes are supported (:math:`\alpha` stays real; the series needs the
     spectrum of :math:`\alpha A` in the disc :math:`|1 - z| < 1`).
     ``x0`` is ignored (the series starts from 0).  ``info.iterations`` counts
@@ -108,10 +113,14 @@ class Neumann(LinearSolver):
             active = active & ~nonfinite & ~diverged
             p = torch.where(active.unsqueeze(-1), p_new, p)
             acc = torch.where(active.unsqueeze(-1), acc + p_new, acc)
+        if self.terms > 1:  # (I - alpha A)^k b did not change size: alpha ||A|| is negligible
+            stalled = active & ((_norm(p) - _norm(b)).abs() < _PROGRESS * _norm(b))
+            status = _mark(status, stalled, Status.MAX_ITERATIONS)
         return alpha * acc, iterations, status
 
 
 _DIVERGENCE_FACTOR = 1e3
+_PROGRESS = 1e-3  # the least relative change of the series' terms that counts as progress
 _POWER_STEPS = 20
 
 
