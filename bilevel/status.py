@@ -78,9 +78,10 @@ _MESSAGES = {
         "eigenvalue), or alpha=None to estimate it"
     ),
     Status.INACCURATE: (
-        "the method's own residual met the tolerance but the true residual b - A x "
-        "does not: the system is too ill-conditioned for this tolerance in this "
-        "dtype; loosen `tol`, add damping, precondition, or solve in float64"
+        "the true residual b - A x of the returned solution misses the tolerance "
+        "(for a Krylov method, although its own residual met it): the system is too "
+        "ill-conditioned, or numerically singular, for this tolerance in this dtype; "
+        "loosen `tol`, add damping, precondition, or solve in float64"
     ),
 }
 
