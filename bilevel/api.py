@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from ._autograd_context import differentiates
 from ._tree import tree_leaves
 from .algorithms import METHODS, Algorithm, State, StepInfo
 from .algorithms._base import host_floats
@@ -243,6 +244,7 @@ def _level_streams(data: Any) -> Optional[tuple]:
     return None
 
 
+@differentiates
 def solve(
     outer: Union[Callable, BilevelProblem],
     inner: Optional[Callable] = None,

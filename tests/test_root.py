@@ -594,3 +594,69 @@ def test_custom_fixed_point_batch_dims_equals_a_loop():
         torch.testing.assert_close(gW[b], gWb, rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(ga[b], gab, rtol=1e-8, atol=1e-10)
     assert torch.autograd.gradcheck(lambda a_: batched(W, a_), (a.clone().requires_grad_(),))
+
+
+def test_root_backward_and_hypergrad_lift_saved_tensor_hooks_and_restore_them():
+    """Under saved-tensor hooks (save_on_cpu, a user's own pack/unpack pair), torch.func
+    refuses to run; the library lifts the hooks while it differentiates and puts them
+    back: the caller's own saved tensors still go through them, the gradients are exact."""
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+
+    def objective(w, lam):
+        return 0.5 * w @ A @ w + 0.5 * lam * (w @ w) - w.sum()
+
+    @bilevel.custom_root(stationarity(objective))
+    def argmin(lam):
+        return torch.linalg.solve(A + lam * torch.eye(2), torch.ones(2))
+
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    lam = torch.tensor(0.5, requires_grad=True)
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hooks = top(True)
+        loss = (argmin(lam) ** 2).sum() * lam.exp()  # the caller's graph saves tensors
+        loss.backward()
+        assert top(True) == hooks  # restored after the backward pass
+        g = bilevel.hypergrad(lambda x, y: (y ** 2).sum(), lambda x, y: objective(y, x), lam.detach(),
+                              argmin(lam.detach()))
+        assert top(True) == hooks
+    assert top(True) is None and packed  # the caller's tensors went through its hooks
+    M = A + lam.detach() * torch.eye(2)
+    w = torch.linalg.solve(M, torch.ones(2))
+    dw = -torch.linalg.solve(M, w)
+    expected = (2 * w @ dw) * lam.detach().exp() + (w ** 2).sum() * lam.detach().exp()
+    torch.testing.assert_close(lam.grad, expected)
+    torch.testing.assert_close(g, 2 * w @ dw)
+
+
+def test_a_full_backward_hook_in_a_root_objective_is_named():
+    """torch.func refuses nn.Module full backward hooks with a message naming neither; the
+    library's error names the hook and what to do."""
+    layer = torch.nn.Linear(2, 2, bias=False).requires_grad_(False)  # a fixed map, no captured leaf
+    layer.register_full_backward_hook(lambda *a: None)
+
+    @bilevel.custom_root(stationarity(lambda w, lam: 0.5 * (layer(w) ** 2).sum() + 0.5 * lam * (w @ w) - w.sum()))
+    def argmin(lam):
+        M = layer.weight.detach().T @ layer.weight.detach() + lam.detach() * torch.eye(2)
+        return torch.linalg.solve(M, torch.ones(2))
+
+    with pytest.raises(RuntimeError, match="full backward hooks"):
+        argmin(torch.tensor(0.5, requires_grad=True)).sum().backward()
+
+
+def test_gradients_batched_by_autograd_are_refused_by_name():
+    """torch.autograd.functional.jacobian(vectorize=True) hands the backward legacy-batched
+    cotangents: refused with the supported alternatives named, not an opaque crash."""
+    @bilevel.custom_root(stationarity(lambda w, lam: 0.5 * (w @ w) * (1 + lam) - w.sum()))
+    def argmin(lam):
+        return torch.ones(3) / (1 + lam)
+
+    lam = torch.tensor(0.5)
+    with pytest.raises(NotImplementedError, match="vectorize=False"):
+        torch.autograd.functional.jacobian(argmin, lam, vectorize=True)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(argmin, lam), -torch.ones(3) / 1.5 ** 2)

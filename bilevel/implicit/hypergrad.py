@@ -33,6 +33,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.func import grad, vjp
 
+from .._autograd_context import differentiates
 from .._tree import (
     all_finite,
     describe,
@@ -114,6 +115,7 @@ def inner_stationarity(inner: BilevelObjective) -> Condition:
     return condition
 
 
+@differentiates
 def hypergrad(
     outer: BilevelObjective,
     inner: BilevelObjective,
@@ -268,6 +270,7 @@ def _inner_step(inner: BilevelObjective, step_size, project: Optional[Callable] 
     return lambda x, y: project(tree_map(lambda a, g: a - step_size * g, y, grad_y(x, y)))
 
 
+@differentiates
 def unrolled_hypergrad(
     outer: BilevelObjective,
     inner: BilevelObjective,
@@ -363,6 +366,7 @@ def unrolled_hypergrad(
     return (g, y_final) if return_solution else g
 
 
+@differentiates
 def one_step_hypergrad(
     outer: BilevelObjective,
     inner: BilevelObjective,

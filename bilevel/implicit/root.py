@@ -47,7 +47,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch.func import vjp, vmap
 
-from .._tree import all_finite, split_leaves, tensor_leaves, tree_flatten, tree_leaves, tree_unflatten, tree_vdot
+from .._autograd_context import differentiates, refuse_grads_batched_by_autograd
+from .._tree import (
+    all_finite,
+    split_leaves,
+    tensor_leaves,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+    tree_vdot,
+)
 from ..typing import FixedPointMap, Residual
 from ._captured import check_captured, check_keywords
 from ._certificate import ImplicitInfo, report
@@ -158,6 +167,7 @@ class _Adjoint(torch.autograd.Function):
         ctx.save_for_forward(*inputs[1 + system.n_sol :], *output)
 
     @staticmethod
+    @differentiates
     def jvp(ctx, _, *tangents):
         r"""Forward mode: :math:`x = M^{-1} b` moves by
         :math:`\dot x = M^{-1}(\dot b - \dot M x)`, where :math:`\dot M x` is the
@@ -194,7 +204,9 @@ class _Adjoint(torch.autograd.Function):
         return tuple(_Adjoint.apply(other, *rhs, *sol_leaves, *args))
 
     @staticmethod
+    @differentiates
     def backward(ctx, *u_bar):
+        refuse_grads_batched_by_autograd(u_bar, "the second derivative of a custom_root root")
         system = ctx.system
         n = system.n_sol
         saved = ctx.saved_tensors
@@ -314,7 +326,9 @@ class _Root(torch.autograd.Function):
         ctx.save_for_forward(*inputs[1:], *output)
 
     @staticmethod
+    @differentiates
     def backward(ctx, *sol_bar):
+        refuse_grads_batched_by_autograd(sol_bar, "the backward pass of a custom_root root")
         call, n_in = ctx.call, ctx.n_in
         saved = ctx.saved_tensors
         tensors, sol_leaves = saved[:n_in], saved[n_in:]
@@ -332,6 +346,7 @@ class _Root(torch.autograd.Function):
         return (None, *out)
 
     @staticmethod
+    @differentiates
     def jvp(ctx, _call_tangent, *tangents):
         call, n_in = ctx.call, ctx.n_in
         saved = ctx.saved_tensors

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._autograd_context import refuse_grads_batched_by_autograd
 from .._checks import check_fields as _check_fields
 from .._checks import positive_int as _positive_int
 from .._checks import tol_ok as _tol_ok
@@ -562,6 +563,7 @@ class _QPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, z_bar, y_bar, lam_bar):
+        refuse_grads_batched_by_autograd((z_bar, y_bar, lam_bar), "the backward pass of qp_solve")
         if any(bar is not None and _vmapped(bar) for bar in (z_bar, y_bar, lam_bar)):
             raise NotImplementedError(
                 "the backward pass of qp_solve does not run under torch.func.vmap (jacrev, jacfwd, or "

@@ -71,7 +71,6 @@ Failures
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -79,6 +78,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .._autograd_context import clone_tensors, differentiates
 from .._tolerance import default_residual_tol, default_tol
 from .._tree import Raveler, tensor_leaves, tree_map
 from ..implicit import custom_root
@@ -339,17 +339,7 @@ def _outside_inference_mode(run: Callable) -> Callable:
     there it runs with inference mode off, on copies of ``init`` and ``args`` (inference
     tensors can neither be saved for a backward pass nor updated in place outside it),
     and the solution is returned as inference tensors."""
-
-    @functools.wraps(run)
-    def wrapper(self, fun, init, *args, **kwargs):
-        if not torch.is_inference_mode_enabled():
-            return run(self, fun, init, *args, **kwargs)
-        copy = lambda tree: tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, tree)  # noqa: E731
-        with torch.inference_mode(False):
-            sol, info = run(self, fun, *copy((init, *args)), **copy(kwargs))
-        return copy(sol), info  # back in inference mode: the solution is an inference tensor again
-
-    return wrapper
+    return differentiates(run, finish=lambda out: (clone_tensors(out[0]), out[1]))
 
 
 def detach_args(args: Sequence[Any]) -> tuple:
