@@ -144,7 +144,8 @@ def test_indefinite_systems_take_minres_iterations(seed, tol):
     A, b = indefinite_system(seed)
     x, info = MINRES(tol=tol, maxiter=500)(matvec_of(A), b)
     assert int(info.status) == Status.SUCCESS
-    assert int(info.iterations) == OLD_ITERATIONS[(seed, tol)]
+    # +-2: the thread count changes the order of the reductions in the products (measured with 1)
+    assert abs(int(info.iterations) - OLD_ITERATIONS[(seed, tol)]) <= 2
     ref = torch.linalg.solve(A, b)
     # residual <= tol ||b|| and ||A^{-1}|| = 10: error <= 10 tol ||b|| (x 10 for the re-check slack)
     bound = 100 * (1.5e-8 if tol is None else tol) * float(b.norm())
