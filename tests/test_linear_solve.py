@@ -1032,3 +1032,32 @@ def test_neumann_reports_a_series_that_made_no_progress():
     _, info = Neumann(terms=20, alpha=1.0 / float(torch.linalg.eigvalsh(A)[-1]))(
         lambda v: (batch @ v.unsqueeze(-1)).squeeze(-1), b.expand(2, 6), batch_dims=1)
     assert info.status.tolist() == [Status.MAX_ITERATIONS, Status.SUCCESS]
+
+
+def test_gmres_never_returns_an_iterate_worse_than_its_start():
+    """The adjoint of a Sinkhorn fixed point without its gauge: singular (the potentials are
+    defined up to a shift) with an inconsistent b.  A 20-step cycle solves a rotated H that
+    is numerically singular as a whole although each pivot passes, and its update would
+    blow x up to ~1e17 with 19x the residual; it is discarded: BREAKDOWN at the previous
+    iterate, whose residual is at most ||b||."""
+    torch.manual_seed(1)
+    n, eps = 100, 0.05
+    C = torch.rand(n, n, dtype=torch.float64)
+
+    def sweep(f, g):
+        f = -eps * math.log(n) - eps * torch.logsumexp((g[None, :] - C) / eps, 1)
+        return f, -eps * math.log(n) - eps * torch.logsumexp((f[:, None] - C) / eps, 0)
+
+    f = g = torch.zeros(n, dtype=torch.float64)
+    for _ in range(2000):
+        f, g = sweep(f, g)
+    J = torch.cat(torch.func.jacrev(lambda f, g: torch.cat(sweep(f, g)), argnums=(0, 1))(f, g), 1)
+    A = (torch.eye(2 * n, dtype=torch.float64) - J).T
+    b = torch.cat([torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)])
+    x, info = GMRES()(lambda v: A @ v, b)
+    assert int(info.status) == Status.BREAKDOWN
+    assert float((A @ x - b).norm()) <= float(b.norm()) * (1 + 1e-12)
+    consistent = A @ torch.randn(2 * n, dtype=torch.float64)  # same operator, b in the range: solved
+    xb, infob = GMRES()(lambda v: v @ A.T, torch.stack([b, consistent]), batch_dims=1)
+    assert infob.status.tolist() == [Status.BREAKDOWN, Status.SUCCESS]
+    assert float((A @ xb[1] - consistent).norm()) <= 1e-6 * float(consistent.norm())

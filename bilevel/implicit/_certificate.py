@@ -10,7 +10,9 @@ into a scale-free number, the estimated distance to the root
 where :math:`J^\top u = b` is the adjoint system just solved (so
 :math:`\|b\|/\|u\|` is a curvature scale of :math:`J`, between its smallest and
 largest singular values).  It is unchanged when the objective is rescaled and is
-compared with ``residual_tol * max(1, ||sol||)``.  It also reads the linear
+compared with ``residual_tol * max(1, ||sol||)`` (and not warned about where the
+adjoint solve broke down: ``u`` is then meaningless, and the solve's own warning
+says what happened).  It also reads the linear
 solve's info; a failure becomes a warning naming the stage, the residual and the
 remedy, or a :class:`~bilevel.status.BilevelError` in strict mode.
 """
@@ -146,7 +148,7 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
         flags = [torch.isfinite(x_norm).all(), (info.status == Status.NONFINITE).any(), (~info.converged).any(),
                  (info.status == Status.BREAKDOWN).any()]
         if certify:
-            flags.append((~certificate.optimal).any())
+            flags.append((~certificate.optimal & (info.status != Status.BREAKDOWN)).any())
         failures = torch.stack(flags).tolist()
     finite, stale, any_failed, singular, *any_bad = failures
     if not finite or stale:
@@ -158,7 +160,9 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
             what = "a solution whose norm overflows"
         raise FloatingPointError(f"{stage}: the adjoint linear solve returned {what}; {info.summary()}")
     if certify and any_bad[0]:
-        bad = ~certificate.optimal
+        # not where the adjoint solve broke down: its u, hence the distance estimate, is
+        # meaningless there (the CurvatureWarning below says what happened)
+        bad = ~certificate.optimal & (info.status != Status.BREAKDOWN)
         worst = int(torch.where(bad, distance, -1).reshape(-1).argmax())
         _fail(
             OptimalityWarning,
@@ -190,5 +194,6 @@ def _host_failures(tol, sol_norm, x_norm, optimality, info: LinearSolveInfo) -> 
     if optimality is not None:
         b_size = float(info.b_norm)
         distance = float(optimality) * x_size / max(b_size, torch.finfo(info.b_norm.dtype).tiny) if b_size > 0 else 0.0
-        flags += [not distance <= tol * max(float(sol_norm), 1.0), distance]
+        bad = code != Status.BREAKDOWN and not distance <= tol * max(float(sol_norm), 1.0)
+        flags += [bad, distance]
     return flags

@@ -46,8 +46,11 @@ class GMRES(KrylovSolver):
     condition number above ``eps ** (-2/3)``) or a full cycle that does not
     reduce the true residual (stagnation, e.g. a singular inconsistent system)
     is reported as :attr:`~bilevel.status.Status.BREAKDOWN` and the element
-    keeps the minimum-residual iterate up to that step.  An exact (happy)
-    breakdown of Arnoldi gives the exact solution.
+    keeps the minimum-residual iterate up to that step; a cycle whose update
+    would increase the true residual (which exact arithmetic rules out: the
+    rotated :math:`\bar H` is numerically singular as a whole although each
+    pivot passed) is discarded, and the element stops at the iterate before it.
+    An exact (happy) breakdown of Arnoldi gives the exact solution.
 
     Args:
         maxiter: budget of Arnoldi steps (matrix-vector products) per element,
@@ -100,13 +103,19 @@ def _gmres(matvec, b, x0, threshold, maxiter, restart):
         dx, done, code, ran = _arnoldi_cycle(matvec, r, beta, active, threshold, steps)
         used += ran
         iterations = iterations + done
+        cycled = active
         status = torch.where(code != 0, code, status)
         active = active & (code == 0)
-        x = x + dx
-        r = b - matvec(x)
-        beta_new = _norm(r)
+        x_new = x + dx
+        r_new = b - matvec(x_new)
+        beta_new = _norm(r_new)
+        # In exact arithmetic a cycle never increases the residual: one that does (or gives
+        # NaN) solved a numerically singular triangular factor; keep the previous iterate.
+        grew = (cycled & ~(beta_new <= beta)).unsqueeze(-1)
+        x, r = torch.where(grew, x, x_new), torch.where(grew, r, r_new)
         nonfinite = active & ~torch.isfinite(beta_new)
-        stagnated = active & ~nonfinite & (done == m) & (beta_new >= (1 - 10 * eps) * beta)
+        beta_new = torch.where(grew.squeeze(-1), beta, beta_new)
+        stagnated = active & ~nonfinite & (grew.squeeze(-1) | (done == m)) & (beta_new >= (1 - 10 * eps) * beta)
         stagnated = stagnated & (beta_new > threshold)
         status = _mark(_mark(status, nonfinite, Status.NONFINITE), stagnated, Status.BREAKDOWN)
         active = active & ~nonfinite & ~stagnated & (beta_new > threshold)
