@@ -267,13 +267,25 @@ warmup: at most this many gradient steps on :math:`y` at ``x0`` before the first
     1e-3): curvature at a far-off :math:`y_0` misjudges the scale of the coupling.
 rescale_every: re-estimate the curvature (8 power iterations), and the steps derived
     from it, every this many steps (default <rescale_every>; 0: never).
-backoffs: how many times iterates that blow up (non-finite, or :math:`10^8` times the
-    start norm) go back to the state saved at the start or the last re-estimate and
-    continue with a 10 times smaller :math:`x` step, warning
-    :class:`~bilevel.status.StepSizeWarning`, before ``FloatingPointError`` naming the
-    step (default <backoffs>).  On accelerators the test reads the iterates' norms every
-    8 steps, at each re-estimate and when a step fails, and acts on the first
-    blown-up step as on the CPU.
+backoffs: how many times a run whose iterates blow up goes back to a saved state and
+    continues with the :math:`x` step divided by 10 (:math:`10^{-j}` times the original
+    after the :math:`j`-th back-off), warning :class:`~bilevel.status.StepSizeWarning`
+    with :math:`\|(x, y)\|`, before ``FloatingPointError`` naming the step,
+    :math:`\|(x, y)\|` and the limit (default <backoffs>; 0: raise at once).  A blow-up
+    is an iterate that is not finite or has :math:`\|(x, y)\| > 10^8 s`, with the scale
+    :math:`s = \max(1, \|(x_0, y_0)\|, \text{the largest } \|(x, y)\| \text{ of the steps
+    before the first re-estimate})` (until then, without the last term).  The state is
+    saved at the start and at each re-estimate where :math:`\|(x, y)\| \le 10 s` and at
+    most 10 times its value at the previous re-estimate (or :math:`\max(1, \|(x_0,
+    y_0)\|)`): a state farther out may be part of a slow blow-up.  A back-off goes to
+    the newest save, or to the start where the previous back-off went to that same
+    save already (:math:`s` is then measured anew), so a step that is stable once
+    divided by :math:`10^k`, :math:`k \le` ``backoffs``, goes on from near the scale
+    :math:`s` instead of raising.  Steps that ``lr`` also sets (LV-HBA's :math:`y` step,
+    and its :math:`\beta` unless given) shrink alike; other :math:`y` steps are
+    unchanged.  On accelerators the test reads the iterates' norms every 8 steps, at
+    each re-estimate and when a step fails, and acts on the first blown-up step as
+    on the CPU.
 """
 """The ``Args:`` entries of the fields every single-loop method shares; ``<name>`` is
 replaced by the class's default."""
@@ -420,8 +432,8 @@ class SingleLoop(Algorithm):
         boundary = state.iteration == 0 or (self.rescale_every and state.iteration % self.rescale_every == 0)
         if boundary and self._settle_divergence(state, outer):
             return state  # a deferred check found a blow-up before the state is saved anew: went back
-        if self.backoffs and boundary:
-            _save_rollback(state)
+        if boundary:
+            _at_boundary(state, self.backoffs)
         if self.rescale_every and state.iteration and state.iteration % self.rescale_every == 0:
             # on the problem's example batch: one mini-batch's curvature is too noisy a scale
             scales = self.scales(problem, state, None, iterations=8)
@@ -478,37 +490,48 @@ class SingleLoop(Algorithm):
     def _settle_divergence(self, state: State, outer: Callable, cause: Optional[BaseException] = None) -> bool:
         r"""Read the squared norms :math:`\|(x, y)\|^2` that the steps since the last look
         left on the device (one host read) and act on the first blown-up one
-        (non-finite, or :math:`10^{16}` times the start): go back to the saved state
-        and return ``True``, or raise naming its step."""
+        (non-finite, or :math:`10^{16} s^2` with the scale :math:`s` of :func:`_scale`):
+        go back to a saved state and return ``True``, or raise naming its step.  The
+        sizes of the healthy steps feed :math:`s` and the choice of states to save."""
         checks = state.__dict__.pop(_DEFERRED, None)
         if not checks:
             return False
-        start = state.extras.get("start_size", 0.0)
+        ex = state.extras
+        scale = _scale(ex)
+        measuring = _SCALE not in ex  # the largest size before the first re-estimate becomes part of s
         for step, size in zip([step for step, _ in checks], host_floats([size for _, size in checks])):
-            if not math.isfinite(size) or size > 1e16 * max(1.0, start):
-                self._diverged(state, step, size, start, cause)
+            if not math.isfinite(size) or size > _BLOW_UP * scale:
+                self._diverged(state, step, size, scale, cause)
                 with torch.no_grad():  # went back to a saved state: report where it stands
                     state.info = StepInfo(outer=report_value(outer(state.x, state.y)), rolled_back_at=step)
                 return True
+            if measuring:
+                ex[_SIZE_MAX] = max(ex.get(_SIZE_MAX, 0.0), size)
+        ex[_SIZE_LAST] = (step, size)
         return False
 
-    def _diverged(self, state: State, failed: int, size: float, start: float, cause) -> None:
-        """Go back to the saved state (warning), or raise after the last back-off."""
+    _backoff_scope = "the y steps are unchanged"
+    """How a back-off's warning describes the steps it leaves alone (or shrinks too)."""
+
+    def _diverged(self, state: State, failed: int, size: float, scale: float, cause) -> None:
+        """Go back to a saved state (warning), or raise after the last back-off."""
         used = state.extras.get("x_step", float("nan")) * state.extras.get("x_step_scale", 1.0)
+        norm = f"|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}"
         if _roll_back(state, self.backoffs):
             now = state.extras.get("x_step", float("nan")) * state.extras["x_step_scale"]
             warnings.warn(
-                f"{type(self).__name__}: the iterates blew up at step {failed} with an x step of "
+                f"{type(self).__name__}: the iterates blew up at step {failed} ({norm}) with an x step of "
                 f"{used:.3g}; went back to step {state.iteration} and go on with an x step of {now:.3g} "
-                f"(back-off {state.extras['backoffs_taken']} of {self.backoffs}; the y steps are unchanged).",
+                f"(back-off {state.extras['backoffs_taken']} of {self.backoffs}; {self._backoff_scope}).",
                 StepSizeWarning, stacklevel=5,
             )
             return
         taken = state.extras.get("backoffs_taken", 0)
+        start = state.extras.get("start_size", 0.0)
         error = FloatingPointError(
             f"{type(self).__name__}: the iterates diverged at step {failed} "
-            f"(|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}, "
-            f"{math.sqrt(max(start, 0.0)):.3g} at the start) with an x step of {used:.3g}"
+            f"({norm}, {math.sqrt(max(start, 0.0)):.3g} at the start, blow-up limit "
+            f"{math.sqrt(_BLOW_UP * scale):.3g}) with an x step of {used:.3g}"
             + (f", after {taken} back-off(s) that each divided it by 10" if taken else "")
             + "; lower the step sizes (`lr`, and the method's inner step settings)."
         )
@@ -520,25 +543,85 @@ class SingleLoop(Algorithm):
 _DEFERRED = "_deferred"
 """Attribute of a :class:`State` (not part of its checkpoint): the ``(step, |(x, y)|^2)``
 pairs whose blow-up check waits for the next host read."""
-_ROLLBACK = "rollback"
+
+_BLOW_UP = 1e16
+"""A squared norm :math:`\\|(x, y)\\|^2` above this times the squared scale is a blow-up."""
+_FAR_OUT = 1e2
+"""A state whose squared norm exceeds this times the squared scale is not saved: it may
+belong to a slow blow-up, and going back there would not rescue the run."""
+
+# Keys of ``state.extras`` (plain floats and copies: checkpointed with the state).
+_ROLLBACK = "rollback"              # the newest saved state after the start (a state_dict)
+_ROLLBACK_START = "rollback_start"  # the state at the start of the run
+_ROLLBACK_USED = "rollback_used"    # a back-off went to _ROLLBACK already
+_SCALE = "size_scale"               # s^2, fixed at the first re-estimate
+_SIZE_MAX = "size_max"              # the largest |(x, y)|^2 read before that
+_SIZE_LAST = "size_last"            # (step, |(x, y)|^2) of the last step read
+_SIZE_BOUNDARY = "size_boundary"    # |(x, y)|^2 at the last re-estimate
+_KEPT = (_ROLLBACK, _ROLLBACK_START)  # not copied into the saved states
 
 
-def _save_rollback(state: State) -> None:
-    """Keep a copy of the state (without the previous copy) to go back to."""
-    state.extras.pop(_ROLLBACK, None)
-    state.extras[_ROLLBACK] = state.state_dict()
+def _scale(extras: dict) -> float:
+    r"""The squared scale :math:`s^2 = \max(1, \|(x_0, y_0)\|^2, \text{the sizes read before the
+    first re-estimate})` of the blow-up test (before that re-estimate: without the last term)."""
+    if _SCALE in extras:
+        return extras[_SCALE]
+    return max(1.0, extras.get("start_size", 0.0))
+
+
+def _at_boundary(state: State, backoffs: int) -> None:
+    """At the start and at each re-estimate (after the deferred checks were read): fix the
+    scale at the first re-estimate, and save the state to go back to where it is not far out."""
+    ex = state.extras
+    if state.iteration > 0 and _SCALE not in ex:
+        ex[_SCALE] = max(_scale(ex), ex.get(_SIZE_MAX, 0.0))
+    if not backoffs:
+        return
+    if _ROLLBACK_START not in ex:  # the start (or, resuming an older checkpoint, the earliest state known)
+        ex[_ROLLBACK_START] = _snapshot(state)
+        return
+    if state.iteration == 0:
+        return  # back at the start: nothing newer to save
+    newest = ex.get(_ROLLBACK)
+    if newest is not None and newest["iteration"] == state.iteration:
+        return  # went back to this save: it stays the one used
+    last = ex.get(_SIZE_LAST)
+    if last is None or last[0] != state.iteration:
+        return  # its size was not read (a resumed run): keep the older save
+    size, before = last[1], ex.get(_SIZE_BOUNDARY, ex.get("start_size", 0.0))
+    ex[_SIZE_BOUNDARY] = size
+    if size > _FAR_OUT * ex[_SCALE] or size > _FAR_OUT * max(before, 1.0, ex.get("start_size", 0.0)):
+        return  # far out, or grown 10 times since the last re-estimate: maybe a blow-up; keep the older save
+    ex[_ROLLBACK] = _snapshot(state)
+    ex.pop(_ROLLBACK_USED, None)
+
+
+def _snapshot(state: State) -> dict:
+    """A copy of the state (without the saved copies) to go back to."""
+    kept = {key: state.extras.pop(key) for key in _KEPT if key in state.extras}
+    try:
+        return state.state_dict()
+    finally:
+        state.extras.update(kept)
 
 
 def _roll_back(state: State, limit: int) -> bool:
-    """Restore the saved copy with a 10 times smaller x step, unless ``limit``
-    back-offs were taken already or there is no copy."""
-    saved = state.extras.get(_ROLLBACK)
-    taken = state.extras.get("backoffs_taken", 0)
-    if saved is None or taken >= limit:
+    """Restore a saved state with a 10 times smaller x step, unless ``limit`` back-offs
+    were taken already or there is no saved state.  The target is the newest save,
+    or the start where a back-off went to that save already (it did not rescue the
+    run: the save may be part of the blow-up, or the step still too large)."""
+    ex = state.extras
+    taken = ex.get("backoffs_taken", 0)
+    start, newest = ex.get(_ROLLBACK_START), ex.get(_ROLLBACK)
+    if taken >= limit or (start is None and newest is None):
         return False
-    scale = state.extras.get("x_step_scale", 1.0) * 0.1
-    state.load_state_dict(saved)
-    state.extras.update({"x_step_scale": scale, "backoffs_taken": taken + 1, _ROLLBACK: saved})
+    to_newest = newest is not None and (start is None or not ex.get(_ROLLBACK_USED, False))
+    state.load_state_dict(newest if to_newest else start)
+    state.extras.update({"x_step_scale": 10.0 ** -(taken + 1), "backoffs_taken": taken + 1})
+    if start is not None:
+        state.extras[_ROLLBACK_START] = start
+    if to_newest:
+        state.extras.update({_ROLLBACK: newest, _ROLLBACK_USED: True})
     return True
 
 

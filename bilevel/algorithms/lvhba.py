@@ -93,6 +93,7 @@ class LVHBA(SingleLoop):
     """
 
     handles_constraints = True
+    _backoff_scope = "the joint (x, y) step alpha, and beta where it follows alpha, shrink alike"
 
     beta: Optional[float] = None
     eta: Optional[float] = None
@@ -214,9 +215,11 @@ class LVHBA(SingleLoop):
         d_x = [a - b for a, b in zip(gx, gx_theta)]
         with torch.no_grad():
             d_y = [g - (y - t) / g1 for g, y, t in zip(gy, ys, theta)]
-            x_alpha = alpha * ex.get("x_step_scale", 1.0)  # after a back-off, as move_x does
+            # after a back-off: the joint step alpha (which `lr` sets) is smaller for x, as in move_x,
+            # and for y alike
+            x_alpha = alpha * ex.get("x_step_scale", 1.0)
             x_try = [a - x_alpha * d for a, d in zip(xs, d_x)] if self.outer_optimizer == "sgd" else None
-            y_try = [a - alpha * d for a, d in zip(ys, d_y)]
+            y_try = [a - x_alpha * d for a, d in zip(ys, d_y)]
         if x_try is None:  # a custom optimizer moves x; project the pair afterwards
             self.move_x(state, d_x, alpha, None)
             x_try = [t.detach() for t in tree_leaves(state.x)]
@@ -224,6 +227,8 @@ class LVHBA(SingleLoop):
         with torch.no_grad():
             for leaf, value in zip(tree_leaves(state.x), new_x):
                 leaf.copy_(value)
+            if self.beta is None:  # beta follows `lr` (or the derived alpha): it backs off with it
+                beta = beta * ex.get("x_step_scale", 1.0)
             z = (z - beta * (z - lam) / g2).clamp(0, self.r)
         state.y = tree_unflatten(list(new_y), y_spec)
         ex.update(theta=theta, lam=lam, z=z)

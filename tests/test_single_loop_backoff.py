@@ -1,0 +1,173 @@
+"""Back-offs of the single-loop methods (SOBA, penalty, MEHA, sl-BAMM, LV-HBA): a too-large
+step is rescued by going back to a state from before the blow-up with a 10 times smaller
+step, a hopeless one ends in ``FloatingPointError`` with the norm it reached, and runs
+that do not blow up are untouched.  Float64, problems Q and L of ALGORITHMS.md section 8
+(closed-form answers), both started at x0 = y0 = 0."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from _host_syncs import simulate_accelerator
+
+import bilevel
+from bilevel.algorithms import METHODS
+from bilevel.problems import coupled_constraint, quadratic
+from bilevel.status import StepSizeWarning
+
+
+def relative_error(problem, x) -> float:
+    return float((x - problem.solution.x).norm() / problem.solution.x.norm())
+
+
+def size(state) -> float:
+    return math.sqrt(float(state.x.norm() ** 2 + state.y.norm() ** 2))
+
+
+def drive(problem, method, steps, **options):
+    """Step ``method`` by hand as ``bilevel.solve`` does; returns the state, every
+    StepSizeWarning message, the norm of the iterates over the first 25 steps, and for
+    each back-off (step it went back to, norm of the state it went back to)."""
+    algorithm = METHODS[method](**options)
+    state = algorithm.init(problem)
+    messages, first, backs = [], [size(state)], []
+    while state.iteration < steps:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = algorithm.step(problem, state)
+        new = [str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)]
+        if new:
+            backs.append((state.iteration, size(state)))
+        elif not backs and state.iteration <= 25:
+            first.append(size(state))
+        messages += new
+    return state, messages, max(first), backs
+
+
+# Too-large steps, each 10 to 300 times the method's derived step, whose blow-up the
+# code before this test file did not survive (measured with it, in the same budget):
+#   soba    Q,      lr 0.2:  slow blow-up, seen at step 886 at |(x, y)| = 1e8 (an absolute limit, as
+#                            x0 = y0 = 0); it went back to the save of step 875, already at 6e7:
+#                            relative error 0.25
+#   meha    Q,      lr 0.7:  went back to step 225, at 9e7: relative error 3e5
+#   bamm    Q d=20, lr 2.36: relative error 1e4
+#   penalty Q d=20, lr 0.839: FloatingPointError after 3 back-offs (went back to step 175, far out)
+#   lvhba   L,      lr 15:   FloatingPointError after 3 back-offs: lr sets the joint (x, y) step
+#                            and beta, and only the x step shrank
+RESCUED = [
+    ("soba", lambda: quadratic(), 0.2, 1500, 1e-8),
+    ("meha", lambda: quadratic(), 0.7, 1500, 5e-2),     # MEHA's penalty bias at 1500 steps: 2.2e-2
+    ("bamm", lambda: quadratic(d=20, m=10), 2.36, 3000, 2e-2),
+    ("penalty", lambda: quadratic(d=20, m=10), 0.839, 3000, 2e-2),
+    ("lvhba", lambda: coupled_constraint(), 15.0, 1000, 1e-8),
+]
+
+
+@pytest.mark.parametrize("method, problem, lr, steps, tol", RESCUED, ids=[c[0] for c in RESCUED])
+def test_a_too_large_step_is_rescued_and_reaches_the_solution(method, problem, lr, steps, tol):
+    problem = problem()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = bilevel.solve(problem, method=method, lr=lr, max_steps=steps, progress=False)
+    assert any(issubclass(w.category, StepSizeWarning) for w in caught)   # it did blow up
+    taken = result.state.extras["backoffs_taken"]
+    assert 1 <= taken <= 3
+    assert result.state.extras["x_step_scale"] == 10.0 ** -taken
+    assert relative_error(problem, result.x) < tol
+
+
+@pytest.mark.parametrize("method, problem, lr, steps, tol", RESCUED[:2], ids=["soba", "meha"])
+def test_from_zero_a_back_off_goes_to_a_state_from_before_the_blow_up(method, problem, lr, steps, tol):
+    """x0 = y0 = 0: the blow-up limit was 1e8 in absolute terms and the state saved last before
+    it was already ~1e7 out.  Now the state gone back to is within 10 times the norms of the
+    first 25 steps, and the run from there reaches x*."""
+    problem = problem()
+    assert float(problem.x0.abs().max()) == 0 and float(problem.y0.abs().max()) == 0
+    state, messages, first, backs = drive(problem, method, steps, lr=lr)
+    assert backs and messages
+    for message, (went_to, norm) in zip(messages, backs):
+        blew_up_at = int(message.split("blew up at step ")[1].split(" ")[0])
+        assert went_to < blew_up_at
+        assert norm <= 10 * max(first, 1.0), (message, norm, first)
+    assert relative_error(problem, state.x) < tol
+
+
+@pytest.mark.parametrize("method", ["soba", "penalty", "meha", "bamm", "lvhba"])
+def test_a_hopeless_step_raises_with_the_norm_after_the_last_back_off(method):
+    """lr = 1e5: 10^3 times smaller is still unstable.  Each back-off warns with |(x, y)|, and
+    the error names the step, |(x, y)|, the limit and the back-offs taken."""
+    problem = coupled_constraint() if method == "lvhba" else quadratic()
+    with pytest.raises(FloatingPointError) as error:
+        drive(problem, method, 500, lr=1e5)
+    text = str(error.value)
+    assert text.startswith(f"{type(METHODS[method]()).__name__}: the iterates diverged at step ")
+    norm = float(text.split("|(x, y)| = ")[1].split(",")[0])
+    limit = float(text.split("blow-up limit ")[1].split(")")[0])
+    assert not norm <= limit                            # non-finite (nan/inf) or past the limit
+    assert "with an x step of 100, after 3 back-off(s) that each divided it by 10" in text
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(FloatingPointError):
+            bilevel.solve(problem, method=method, lr=1e5, max_steps=500, progress=False)
+    # the driver reports the first back-off's warning, with the norm
+    assert any("|(x, y)| = " in str(w.message) and "(back-off 1 of 3;" in str(w.message) for w in caught)
+
+
+def test_each_back_off_warning_reports_the_norm_and_the_steps():
+    _, messages, _, _ = drive(quadratic(), "penalty", 300, lr=10.0)   # rescued after one back-off
+    assert len(messages) == 1
+    assert "blew up at step" in messages[0] and "|(x, y)| = " in messages[0]
+    assert "with an x step of 10; went back to step 0 and go on with an x step of 1 " in messages[0]
+    assert "(back-off 1 of 3; the y steps are unchanged)" in messages[0]
+
+
+def test_lvhba_back_off_shrinks_the_joint_step_and_says_so():
+    _, messages, _, _ = drive(coupled_constraint(), "lvhba", 200, lr=15.0)
+    assert messages and "the joint (x, y) step alpha, and beta where it follows alpha, shrink alike" in messages[0]
+
+
+def test_accelerator_path_backs_off_as_on_the_cpu(monkeypatch):
+    """The slow blow-up of SOBA on Q read every 8 steps (accelerators) goes back to the same
+    state with the same warnings as read every step, and ends at the same iterates."""
+    runs = []
+    for simulated in (False, True):
+        if simulated:
+            simulate_accelerator(monkeypatch, 8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = bilevel.solve(quadratic(), method="soba", lr=0.2, max_steps=1200, progress=False)
+        runs.append((result, sorted(str(w.message) for w in caught if issubclass(w.category, StepSizeWarning))))
+    (cpu, cpu_warnings), (device, device_warnings) = runs
+    assert cpu_warnings and cpu_warnings == device_warnings
+    assert torch.equal(cpu.x, device.x) and torch.equal(cpu.y, device.y)
+
+
+# Iterates after 60 steps with the defaults (no blow-up), computed by the code BEFORE the
+# back-off changes (saved as literals then): the changes must leave them bit-identical.
+BEFORE = {
+    "soba": ([0.24282803401077563, 0.11827723967853511, -0.3002356617949383],
+             [0.23091839340690448, -0.19087708502635473, 0.1616702451136798, -0.32261349925566785,
+              0.15887331347143935]),
+    "penalty": ([0.4040760387189758, 0.12226331874906574, -0.6919646271690801],
+                [0.5166210744110001, -0.23494853175332905, 0.053154057048399865, -0.7305460696384245,
+                 0.2655890579014949]),
+    "meha": ([0.1253252321140794, 0.05867320613202469, -0.14707554540509418],
+             [0.27500043271807995, -0.08804474268292034, 0.05551285480700134, -0.3804639142244206,
+              -0.09079769524118556]),
+    "bamm": ([0.23202501374586318, 0.1101029183213486, -0.2760485553995204],
+             [0.2951547477694228, -0.15777401183399636, 0.13964583457206456, -0.4024591758672368,
+              0.04475438278425143]),
+    "lvhba": ([0.7366458676262415] * 3, [0.7366458676262415] * 3),
+}
+
+
+@pytest.mark.parametrize("method", sorted(BEFORE))
+def test_runs_without_blow_up_keep_their_iterates(method):
+    problem = coupled_constraint(n=3) if method == "lvhba" else quadratic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepSizeWarning)
+        result = bilevel.solve(problem, method=method, max_steps=60, progress=False)
+    x, y = BEFORE[method]
+    assert torch.equal(result.x, torch.tensor(x, dtype=torch.float64))
+    assert torch.equal(result.y, torch.tensor(y, dtype=torch.float64))
