@@ -54,6 +54,7 @@ TUTORIALS = (
     "plot_single_loop.py",
     "plot_convex_layer.py",
     "plot_moe_pde.py",
+    "plot_sinkhorn_rebasin.py",
 )
 """Order of the gallery; files not listed follow, alphabetically."""
 
