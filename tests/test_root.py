@@ -660,3 +660,34 @@ def test_gradients_batched_by_autograd_are_refused_by_name():
     with pytest.raises(NotImplementedError, match="vectorize=False"):
         torch.autograd.functional.jacobian(argmin, lam, vectorize=True)
     torch.testing.assert_close(torch.autograd.functional.jacobian(argmin, lam), -torch.ones(3) / 1.5 ** 2)
+
+
+def test_a_solver_option_passed_positionally_is_explained():
+    """Every positional argument of the decorated solver goes to the condition too: an
+    iteration count given positionally makes the condition's call fail in the backward
+    pass; the error says why and what to do (keywords are not passed on)."""
+    T = lambda w, lam: 0.5 * w + lam  # noqa: E731  fixed point w* = 2 lam
+
+    @bilevel.custom_fixed_point(T)
+    def fixed_point(lam, iterations):
+        w = torch.zeros_like(lam)
+        for _ in range(iterations):
+            w = T(w, lam)
+        return w
+
+    lam = torch.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(TypeError) as caught:
+        fixed_point(lam, 60).sum().backward()
+    if hasattr(caught.value, "add_note"):  # Python >= 3.11
+        assert any("keyword arguments" in note for note in getattr(caught.value, "__notes__", []))
+
+    @bilevel.custom_fixed_point(T)
+    def by_keyword(lam, *, iterations=60):
+        w = torch.zeros_like(lam)
+        for _ in range(iterations):
+            w = T(w, lam)
+        return w
+
+    lam = torch.tensor([1.0, 2.0], requires_grad=True)
+    by_keyword(lam, iterations=60).sum().backward()
+    torch.testing.assert_close(lam.grad, torch.full((2,), 2.0))

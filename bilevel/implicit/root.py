@@ -290,6 +290,16 @@ class _RootCall:
     aux: Any = None
 
 
+def _note_positional_arguments(err: TypeError, n_args: int) -> None:
+    """A note for the usual cause of a TypeError when the condition is evaluated."""
+    if "positional argument" in str(err) and hasattr(err, "add_note"):
+        err.add_note(
+            f"custom_root: the optimality condition is called as residual(sol, *args) with all {n_args} "
+            "positional arguments of the decorated solver; pass the solver's own options (iteration "
+            "counts, tolerances) as keyword arguments, which the condition does not receive."
+        )
+
+
 class _Root(torch.autograd.Function):
     @staticmethod
     def forward(call: _RootCall, *tensors):
@@ -338,8 +348,12 @@ class _Root(torch.autograd.Function):
             return (None,) * (1 + n_in)
         sol_bar = [torch.zeros_like(s) if g is None else g for s, g in zip(sol_leaves, sol_bar)]
         system = call.system(call.sol_spec, len(sol_leaves))
-        u = solve_adjoint(system, sol_bar, sol_leaves, tensors)
-        grads = _cross_pullback(system, sol_leaves, tensors, float_pos, u)
+        try:
+            u = solve_adjoint(system, sol_bar, sol_leaves, tensors)
+            grads = _cross_pullback(system, sol_leaves, tensors, float_pos, u)
+        except TypeError as err:
+            _note_positional_arguments(err, len(call.rebuild_args(tensors)))
+            raise
         out = [None] * n_in
         for i, g in zip(float_pos, grads):
             out[i] = -g
