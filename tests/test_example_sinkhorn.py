@@ -8,7 +8,6 @@ per-element results of batched and vmapped calls.  The last test runs the
 tutorial itself and checks the numbers it prints its claims about.
 """
 
-
 import pytest
 import torch
 
