@@ -445,3 +445,18 @@ def test_implicit_cold_start_reaches_the_solution_of_a_strongly_convex_problem()
     result = bilevel.solve(problem, method=Implicit(solve=CG(maxiter=20), outer_optimizer="sgd", lr=0.5,
                                                     warm_start=False), max_steps=100, progress=False)
     torch.testing.assert_close(result.x, problem.solution.x, rtol=1e-6, atol=1e-8)
+
+
+def test_resuming_twice_from_one_checkpoint_gives_the_same_run():
+    """torch's Optimizer.load_state_dict keeps the checkpoint's tensors (Adam's moments);
+    a resumed run must not update them in place, or a second resume from the same
+    checkpoint starts elsewhere."""
+    problem = quadratic()
+    part = bilevel.solve(problem, method="implicit", lr=0.05, max_steps=10, progress=False)
+    checkpoint = part.state.state_dict()
+    moments = [t.clone() for t in checkpoint["optimizer"]["state"][0].values() if torch.is_tensor(t)]
+    first = bilevel.solve(problem, method="implicit", lr=0.05, max_steps=20, progress=False, resume=checkpoint)
+    second = bilevel.solve(problem, method="implicit", lr=0.05, max_steps=20, progress=False, resume=checkpoint)
+    assert torch.equal(first.x, second.x)
+    after = [t for t in checkpoint["optimizer"]["state"][0].values() if torch.is_tensor(t)]
+    assert all(torch.equal(a, b) for a, b in zip(moments, after))

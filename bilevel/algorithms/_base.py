@@ -188,7 +188,9 @@ class State:
         self.iteration = int(checkpoint["iteration"])
         self.extras = copy.deepcopy(checkpoint.get("extras", {}))
         if self.optimizer is not None and checkpoint.get("optimizer") is not None:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            # a copy: torch's load_state_dict keeps the checkpoint's tensors (Adam's moments),
+            # which the next steps would update in place, changing the caller's checkpoint
+            self.optimizer.load_state_dict(copy.deepcopy(checkpoint["optimizer"]))
         return self
 
 
