@@ -12,12 +12,15 @@ three contexts a caller may be in do not break it:
 * saved-tensor hooks around the call (``torch.autograd.graph.save_on_cpu()``,
   ``saved_tensors_hooks``): :mod:`torch.func`, which evaluates optimality
   conditions and curvature here, refuses to run under them.  They are lifted
-  while the wrapped function runs (its intermediate graphs are transient: nothing
-  is saved for the caller's backward pass) and restored after.
+  while the wrapped function runs and restored after; the tensors it saves for
+  a backward pass (the graph of ``hypergrad(..., create_graph=True)``, a root's
+  double backward) therefore bypass the caller's hooks: not offloaded to the CPU,
+  nor freed by a non-reentrant checkpoint.
 * what torch.func cannot do inside an objective, saved-tensor hooks the objective
   installs itself (``torch.utils.checkpoint(..., use_reentrant=False)``) and
-  ``nn.Module`` full backward hooks: torch's error, which names neither the cause
-  nor the library, is re-raised with both.
+  old-style :class:`torch.autograd.Function` s without ``setup_context`` (among
+  them the one ``nn.Module`` full backward hooks install): torch's error, which
+  names neither the cause nor the library, is re-raised with both.
 """
 
 from __future__ import annotations
@@ -85,9 +88,11 @@ _LIMITS = (
     ),
     (
         "setup_context staticmethod",
-        "nn.Module full backward hooks (register_full_backward_hook / "
-        "register_full_backward_pre_hook) on a module the objective or residual calls: remove "
-        "the hook while the library differentiates (forward hooks are fine)",
+        "a torch.autograd.Function without a setup_context staticmethod (the old forward(ctx, ...) "
+        "style) in the objective or residual: write it with forward(...) and setup_context(ctx, "
+        "inputs, output) (see 'Extending torch.func with autograd.Function'); nn.Module full "
+        "backward hooks (register_full_backward_hook / register_full_backward_pre_hook) install "
+        "such a Function: remove the hook while the library differentiates (forward hooks are fine)",
     ),
 )
 

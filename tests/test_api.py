@@ -460,3 +460,8 @@ def test_resuming_twice_from_one_checkpoint_gives_the_same_run():
     assert torch.equal(first.x, second.x)
     after = [t for t in checkpoint["optimizer"]["state"][0].values() if torch.is_tensor(t)]
     assert all(torch.equal(a, b) for a, b in zip(moments, after))
+
+
+def test_implicit_warm_start_must_be_a_bool():
+    with pytest.raises(TypeError, match="warm_start"):
+        Implicit(warm_start="no")

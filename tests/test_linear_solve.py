@@ -991,8 +991,8 @@ def test_direct_residual_check_is_blind_to_units_and_passes_solvable_ill_conditi
         torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("solver", [CG(), GMRES(), MINRES(), BiCGStab(), NormalCG(), Direct(), Direct("lu")],
-                         ids=lambda s: repr(s)[:24])
+@pytest.mark.parametrize("solver", [CG(), GMRES(), MINRES(), BiCGStab(), NormalCG(), Direct(), Direct("lu"),
+                                    Neumann(terms=200, alpha=0.25)], ids=lambda s: repr(s)[:24])
 def test_a_float32_rhs_whose_sum_of_squares_overflows_is_solved(solver):
     """b = [1e30, 1, 1, 1] in float32: ||b||^2 overflows although ||b|| = 1e30 is representable.
     The norms are then taken as m ||b / m||: a correct x, SUCCESS and ||b|| reported, for one
@@ -1007,6 +1007,9 @@ def test_a_float32_rhs_whose_sum_of_squares_overflows_is_solved(solver):
     torch.testing.assert_close(xb[0], b / 2, rtol=1e-6, atol=0)
     with pytest.raises(FloatingPointError, match="overflows"):
         solver(lambda v: 2 * v, torch.full((2,), 3e38, dtype=torch.float32))
+    # under vmap (values unreadable) the norms are scaled too
+    b_norm = torch.func.vmap(lambda b_: solver(lambda v: 2 * v, b_)[1].b_norm)(b[None])
+    assert float(b_norm[0]) == pytest.approx(1e30, rel=1e-6)
 
 
 def test_neumann_reports_a_series_that_made_no_progress():

@@ -97,6 +97,8 @@ class Implicit(Algorithm):
     handles_y_set: ClassVar[bool] = True
 
     def __post_init__(self):
+        if not isinstance(self.warm_start, bool):
+            raise TypeError(f"Implicit: `warm_start` must be True or False; got {self.warm_start!r}.")
         if self.inner_solver is not None and not isinstance(self.inner_solver, Solver):
             raise TypeError(
                 "Implicit: `inner_solver` must be a bilevel.solvers object (e.g. LBFGS(), "

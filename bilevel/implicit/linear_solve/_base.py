@@ -326,11 +326,14 @@ def _check_rhs(b: TensorTree, b_flat: torch.Tensor, b_norm: torch.Tensor) -> boo
     """Raise on a non-finite right-hand side; ``b_norm`` (per element) is finite
     exactly when ``b`` is, unless its sum of squares overflows (float32 entries past
     ~1e19): then return True (the norms are to be scaled), unless even the scaled
-    norm of ``b`` is beyond the dtype's range."""
+    norm of ``b`` is beyond the dtype's range.  Under a ``torch.func`` transform,
+    where nothing can be read, always True."""
     if _on_host(b_norm):
         if math.isfinite(float(b_norm)):
             return False
-    elif is_transformed(b_norm) or bool(torch.isfinite(b_norm).all()):
+    elif is_transformed(b_norm):  # values unreadable: scaled norms, which cost a few ops
+        return True
+    elif bool(torch.isfinite(b_norm).all()):
         return False
     if not all_finite(tree_leaves(b)):
         raise FloatingPointError("linear solve: the right-hand side `b` contains NaN or inf.")

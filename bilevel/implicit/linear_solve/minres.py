@@ -66,7 +66,11 @@ class MINRES(KrylovSolver):
     iterate with :math:`u_k` left out when that moves the residual by at most
     :math:`\mathrm{tol}\, \|r_{k-1}\|` (row :math:`k` of :math:`L_k` applied to
     the kept components), else the last iterate :math:`x_{k-1}`: a least-squares
-    solution, and :math:`A^+ b` when the Krylov space was exhausted.
+    solution, :math:`A^+ b` when the noise pivot of an exhausted Krylov space
+    stopped it (small systems), but in general not the minimum-length one: on
+    larger singular systems, where the least-squares test stops it first, and in
+    float32, its norm may exceed :math:`\|A^+ b\|` several times
+    (:class:`NormalCG` or ``Direct("lstsq")`` give :math:`A^+ b`).
 
     Element ``i`` has converged when its residual estimate
     :math:`\phi_k = \|b_i - A_i x_i\|` satisfies :math:`\phi_k \le

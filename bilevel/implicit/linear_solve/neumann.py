@@ -18,6 +18,7 @@ from ._base import (
     _norm,
     _probe,
     _real_dtype,
+    _unit_scale,
 )
 
 
@@ -48,7 +49,7 @@ class Neumann(LinearSolver):
     (:attr:`~bilevel.status.Status.DIVERGED`, ``alpha >= 2 / L`` or an
     indefinite operator; such an element stops at its last finite partial sum),
     or the series made no progress, the last term's norm within
-    :math:`10^{-3} \|b\|` of :math:`\|b\|` (:attr:`~bilevel.status.Status.MAX_ITERATIONS`:
+    :math:`10^{-6} \|b\|` of :math:`\|b\|` (:attr:`~bilevel.status.Status.MAX_ITERATIONS`:
     :math:`\alpha \|A\|` is tiny, e.g. ``alpha=1`` on an objective of scale
     :math:`10^{-8}`, and :math:`x \approx \alpha K b` is no approximation of
     :math:`A^{-1} b`; ``alpha=None`` adapts :math:`\alpha` to the operator).
@@ -98,6 +99,10 @@ class Neumann(LinearSolver):
             alpha = _inverse_spectral_radius(matvec, b).unsqueeze(-1)
         else:
             alpha = torch.full((nbatch, 1), float(self.alpha), dtype=b.dtype, device=b.device)
+        # the series on b / s, s a power of two near max |b| (exact, and x is linear in b):
+        # the norms of its terms neither overflow nor underflow for a huge or tiny b
+        scale = _unit_scale(b)
+        b = b / scale
         limit = _DIVERGENCE_FACTOR * _norm(b)
         status = torch.zeros(nbatch, dtype=torch.int64, device=b.device)
         iterations = torch.zeros_like(status)
@@ -116,11 +121,11 @@ class Neumann(LinearSolver):
         if self.terms > 1:  # (I - alpha A)^k b did not change size: alpha ||A|| is negligible
             stalled = active & ((_norm(p) - _norm(b)).abs() < _PROGRESS * _norm(b))
             status = _mark(status, stalled, Status.MAX_ITERATIONS)
-        return alpha * acc, iterations, status
+        return alpha * acc * scale, iterations, status
 
 
 _DIVERGENCE_FACTOR = 1e3
-_PROGRESS = 1e-3  # the least relative change of the series' terms that counts as progress
+_PROGRESS = 1e-6  # the least relative change of the series' terms that counts as progress
 _POWER_STEPS = 20
 
 
