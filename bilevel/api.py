@@ -27,7 +27,7 @@ import inspect
 import math
 import time
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -346,7 +346,8 @@ def solve(
     state = algorithm.init(problem)
     if resume is not None:
         _resume(state, resume, algorithm)
-    batches.skip(state.iteration)
+    # the batches the checkpointed run consumed: more than its steps where a back-off went back
+    batches.skip(state.extras.get(_SERVED, state.iteration))
     history: dict = {key: [] for key in HISTORY_KEYS}
     caught: dict = defaultdict(list)
     converged, message = False, f"reached max_steps={max_steps}"
@@ -354,12 +355,15 @@ def solve(
     # every step where the stopping rule or the callback needs each step's values.
     every = 1 if tol is not None or callback is not None else _sync_every(tree_leaves(state.x)[0])
     pending: list = []
+    drawn: deque = deque(maxlen=_REDRAW)  # (step, batch) of the recent steps, to serve again after a back-off
     start = time.perf_counter()
     bar = tqdm(total=max_steps, initial=min(state.iteration, max_steps), disable=not progress, desc="bilevel")
     try:
         while state.iteration < max_steps:
             tick = time.perf_counter()
             batch = batches.next()
+            drawn.append((state.iteration + 1, batch))
+            info = state.info
             with warnings.catch_warnings(record=True) as records:
                 warnings.simplefilter("always", BilevelWarning)
                 try:
@@ -367,10 +371,15 @@ def solve(
                 except Exception:
                     _flush(pending, history, bar)  # a non-finite earlier step raises its own error
                     raise
+            _serve_again(batches, drawn, state, info)
+            state.extras[_SERVED] = batches.served
             _sort_warnings(records, caught, state.iteration)
             _queue(pending, state, time.perf_counter() - tick)
             if len(pending) >= every or state.iteration >= max_steps:
+                info = state.info
                 state = _settle(algorithm, problem, state, batch, pending, caught)
+                _serve_again(batches, drawn, state, info)
+                state.extras[_SERVED] = batches.served
                 record = _flush(pending, history, bar)
                 if tol is not None and record["hypergradient_norm"] <= tol:
                     converged, message = True, f"hypergradient norm {record['hypergradient_norm']:.3g} <= tol={tol}"
@@ -379,7 +388,10 @@ def solve(
                     message = "stopped by the callback"
                     break
             if max_time is not None and time.perf_counter() - start >= max_time:
+                info = state.info
                 state = _settle(algorithm, problem, state, batch, pending, caught)
+                _serve_again(batches, drawn, state, info)
+                state.extras[_SERVED] = batches.served
                 _flush(pending, history, bar)
                 message = f"reached max_time={max_time} s"
                 break
@@ -387,6 +399,28 @@ def solve(
         bar.close()
         _warn_once(caught)  # also when a step raised: the warnings that led there
     return BilevelResult(x=state.x, y=state.y, history=history, converged=converged, state=state, message=message)
+
+
+_SERVED = "batches_served"
+"""Key of ``state.extras``: the mini-batches drawn so far, which a resumed run skips."""
+
+_REDRAW = 16
+"""How many recent batches are kept to be served again after a deferred back-off (the
+checks of the single-loop methods wait at most 8 steps on accelerators)."""
+
+
+def _serve_again(batches: _Batches, drawn: deque, state: State, before: Any) -> None:
+    """After a step or check that went back to a saved state because step ``s`` blew
+    up, serve the batches of the steps after ``s`` again, in order: they were drawn
+    only because the check waited (on accelerators), and the run goes on with the
+    batches it would have drawn on the CPU, where the check does not wait."""
+    failed = state.info.rolled_back_at if state.info is not before else None
+    if failed is None:
+        return
+    again = [batch for step, batch in drawn if step > failed]
+    batches.buffer[:0] = again
+    batches.served -= len(again)
+    drawn.clear()
 
 
 def _problem(outer, inner, x0, y0, constraints, stream) -> BilevelProblem:

@@ -171,3 +171,39 @@ def test_runs_without_blow_up_keep_their_iterates(method):
     x, y = BEFORE[method]
     assert torch.equal(result.x, torch.tensor(x, dtype=torch.float64))
     assert torch.equal(result.y, torch.tensor(y, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method, lr", [("penalty", 30.0), ("meha", 50.0), ("bamm", 100.0)])
+def test_back_offs_with_mini_batches_resume_and_match_the_deferred_checks(method, lr, monkeypatch):
+    """Mini-batches and a back-off: a run stopped after the back-off and resumed from its
+    checkpoint ends where the uninterrupted run ends (the checkpoint counts the batches
+    drawn, more than the steps once a back-off went back), and with the blow-up checks
+    deferred as on accelerators the batches drawn while the check waited are served again,
+    so the run is the CPU's."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    t = A @ torch.randn(5, generator=g, dtype=torch.float64) + 0.1 * torch.randn(40, generator=g, dtype=torch.float64)
+    data = [(A[i:i + 10], t[i:i + 10]) for i in range(0, 40, 10)]
+
+    def inner(x, y, b):
+        return 0.5 * ((b[0] @ y - b[1]) ** 2).mean() + 0.5 * (x * y ** 2).sum()
+
+    def outer(x, y, b):
+        return 0.5 * ((b[0] @ y - b[1]) ** 2).mean() + 0.5 * ((x - 1) ** 2).sum()
+
+    def run(**options):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bilevel.solve(outer, inner, torch.ones(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64),
+                                 method=method, lr=lr, data=data, progress=False, outer_optimizer="sgd", **options)
+
+    full = run(max_steps=120)
+    steps = full.history["step"]
+    back = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert back, "the setting must trigger a back-off"
+    stop = steps[back[-1] - 1] + 5
+    part = run(max_steps=stop)
+    assert part.state.extras["batches_served"] > part.state.iteration
+    torch.testing.assert_close(run(max_steps=120, resume=part.state.state_dict()).x, full.x, rtol=0, atol=0)
+    simulate_accelerator(monkeypatch, 8)
+    torch.testing.assert_close(run(max_steps=120).x, full.x, rtol=0, atol=0)

@@ -110,15 +110,10 @@ class Implicit(Algorithm):
                 f"CG(maxiter=50)) or None; got {self.solve!r}."
             )
 
-    def init(self, problem, x0=None, y0=None) -> State:
-        state = super().init(problem, x0, y0)
-        if not self.warm_start:
-            state.extras["y_start"] = [t.clone() for t in tree_leaves(state.y)]
-        return state
-
     def hypergradient(self, outer, inner, state: State, batch: Any):
         objective = lambda y_, x_: inner(x_, y_)  # noqa: E731  solution first, for the solvers
-        if not self.warm_start:  # cold start: the inner solve runs from y0 (the step replaces state.y)
+        if not self.warm_start:  # cold start: the inner solve runs from y0 (the step replaces state.y);
+            # y0 is kept at the first step (a warm-started checkpoint resumed cold: its current y)
             start = state.extras.setdefault("y_start", [t.clone() for t in tree_leaves(state.y)])
             state.y = tree_unflatten([t.clone() for t in start], tree_flatten(state.y)[1])
         project = y_projection(state)
