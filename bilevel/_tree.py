@@ -7,6 +7,8 @@ several leaves are concatenated.  :func:`ravel` returns the inverse map too.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Any, Callable, Sequence
 
@@ -196,7 +198,11 @@ def seeded_normal_like(tensors: Sequence[torch.Tensor], gen: torch.Generator) ->
     if not tensors:
         return []
     sizes = [t.numel() for t in tensors]
-    draw = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
+    # the same plain draw inside a torch.func transform (vmap refuses random operations,
+    # though these numbers are the same for every batch element)
+    outside = getattr(torch._C, "_DisableFuncTorch", None)
+    with outside() if outside is not None and inside_transform() else contextlib.nullcontext():
+        draw = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
     device = tensors[0].device
     if device.type == "cuda":
         draw = draw.pin_memory().to(device, non_blocking=True)

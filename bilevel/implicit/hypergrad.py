@@ -332,10 +332,12 @@ def unrolled_hypergrad(
     if truncate is not None and not (isinstance(truncate, int) and 1 <= truncate <= steps):
         raise ValueError(f"unrolled_hypergrad: `truncate` must be an int in [1, steps={steps}]; got {truncate!r}.")
     if step_size is None:
-        step_size = float(1.0 / estimate_lipschitz(inner, x, y0).clamp_min(1e-12))
+        step_size = 1.0 / estimate_lipschitz(inner, x, y0).clamp_min(1e-12)
+        if not is_transformed(step_size):  # a number; per element under torch.func.vmap
+            step_size = float(step_size)
     # checked wherever it is free: a number or a CPU tensor (an accelerator's estimate is
     # our own 1/L, positive by construction, and reading it would stall the device)
-    on_host = not torch.is_tensor(step_size) or step_size.device.type == "cpu"
+    on_host = not torch.is_tensor(step_size) or (step_size.device.type == "cpu" and not is_transformed(step_size))
     if on_host and not bool(step_size > 0):
         raise ValueError(f"unrolled_hypergrad: `step_size` must be positive; got {step_size!r}.")
     if project is not None and not callable(project):
