@@ -212,3 +212,18 @@ def test_an_error_inside_an_objective_is_annotated_with_the_shapes(broken):
         assert len(notes) == 1
         assert f"`{broken}(x, y)`" in notes[0] and "x: tensor of shape (2,)" in notes[0]
         assert "y: tensor of shape (3,)" in notes[0]
+
+
+def test_a_solve_spoiled_by_autocast_says_so():
+    """Under bf16 autocast the products of the objective run in bfloat16 and the adjoint solve
+    cannot reach a float32 tolerance: the warning names autocast (its generic remedy, float64,
+    would not help), not only ill-conditioning."""
+    g = torch.Generator().manual_seed(0)
+    X, t = torch.randn(200, 50, generator=g, dtype=torch.float32), torch.randn(200, generator=g, dtype=torch.float32)
+    inner = lambda lam, w: 0.5 * ((X @ w - t) ** 2).mean() + 0.5 * (lam.exp() * w ** 2).sum()  # noqa: E731
+    outer = lambda lam, w: 0.5 * ((X @ w - t) ** 2).mean()  # noqa: E731
+    lam = torch.full((50,), -3.0, dtype=torch.float32)
+    w = torch.linalg.solve(X.T @ X / 200 + torch.diag(lam.exp()), X.T @ t / 200)
+    with pytest.warns(bilevel.status.ConvergenceWarning, match="autocast is on"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bilevel.hypergrad(outer, inner, lam, w)

@@ -180,9 +180,22 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
             "solution not unique; pass damping=..., a least-squares solve, or use a single-loop "
             "method (penalty, MEHA, BAMM)." if singular else ""
         )
-        _fail(category, f"{stage}: {info.summary()}.{hint}", strict)
+        _fail(category, f"{stage}: {info.summary()}.{hint}{_autocast_hint(x_leaves[0].device.type)}", strict)
     system.options.record(certificate)
     return certificate
+
+
+def _autocast_hint(device_type: str) -> str:
+    """Where :func:`torch.autocast` is on, what limits the solve (its remedies name float64)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # an older torch, or a device type autocast does not know
+        return ""
+    if not enabled:
+        return ""
+    dtype = str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
+    return (f" torch.autocast is on ({dtype}): the objective's products, hence the system, are computed in "
+            f"{dtype}, whose precision limits the solve; compute the implicit gradient outside autocast.")
 
 
 def _host_failures(tol, sol_norm, x_norm, optimality, info: LinearSolveInfo) -> list:
