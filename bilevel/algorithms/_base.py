@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 
@@ -350,6 +353,18 @@ class Algorithm:
     lr: float = 1e-2
     x_set: Any = None
 
+    field_rules: ClassVar[dict] = {}
+    """Ranges of fields beyond their annotated types: ``name -> (predicate, "what is expected")``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_fields", False):
+            cls.__post_init__ = _checking_fields(own)
+
+    def __post_init__(self):
+        check_field_values(self)
+
     def init(self, problem: BilevelProblem, x0: TensorTree = None, y0: TensorTree = None) -> State:
         if problem.y_set is not None and not getattr(self, "handles_y_set", False):
             raise ValueError(
@@ -407,6 +422,56 @@ class Algorithm:
 
     def replace(self, **changes) -> "Algorithm":
         return dataclasses.replace(self, **changes)
+
+
+def _checking_fields(post_init: Callable) -> Callable:
+    """A subclass's ``__post_init__`` preceded by :func:`check_field_values`."""
+
+    @functools.wraps(post_init)
+    def wrapper(self):
+        check_field_values(self)
+        post_init(self)
+
+    wrapper._checks_fields = True
+    return wrapper
+
+
+class FieldError(ValueError, TypeError):
+    """A configuration field of the wrong type or out of range: both a ``ValueError``
+    and a ``TypeError``, as callers catching either expect (like NumPy's ``AxisError``)."""
+
+
+def check_field_values(config: Any) -> None:
+    """Refuse, naming it, a field whose value does not fit its annotation (``bool``,
+    ``int``, ``float``, optionally ``None``; a float must be finite) or its
+    ``field_rules`` entry: a string, a ``bool`` for a number or a NaN step size would
+    otherwise fail much later, or not at all."""
+    name = type(config).__name__
+    try:
+        hints = typing.get_type_hints(type(config))
+    except Exception:  # an annotation that cannot be resolved here: no type checks
+        hints = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind = hints.get(f.name)
+        optional = typing.get_origin(kind) is Union and type(None) in typing.get_args(kind)
+        if optional:
+            rest = [a for a in typing.get_args(kind) if a is not type(None)]
+            kind = rest[0] if len(rest) == 1 else None
+        if value is None and optional:
+            continue
+        if kind is bool and not isinstance(value, bool):
+            raise FieldError(f"{name}: `{f.name}` must be True or False; got {value!r}.")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise FieldError(f"{name}: `{f.name}` must be an int; got {value!r}.")
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FieldError(f"{name}: `{f.name}` must be a number; got {value!r}.")
+            if not math.isfinite(value):
+                raise FieldError(f"{name}: `{f.name}` must be finite; got {value!r}.")
+        rule = config.field_rules.get(f.name)
+        if rule is not None and not (value is None and optional) and not rule[0](value):
+            raise FieldError(f"{name}: `{f.name}` must be {rule[1]}; got {value!r}.")
 
 
 def tree_norm(tree: TensorTree) -> torch.Tensor:

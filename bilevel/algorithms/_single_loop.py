@@ -24,7 +24,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
@@ -327,6 +327,14 @@ class SingleLoop(Algorithm):
     warmup: int = 200
     rescale_every: int = 25
     backoffs: int = 3
+
+    field_rules: ClassVar[dict] = {
+        "curvature_iterations": (lambda v: v >= 1, "a positive int"),
+        "warmup": (lambda v: v >= 0, "a non-negative int"),
+        "rescale_every": (lambda v: v >= 0, "a non-negative int (0: never)"),
+        "backoffs": (lambda v: v >= 0, "a non-negative int"),
+        "lr": (lambda v: v > 0, "a positive number or None"),
+    }
 
     # -- set-up ---------------------------------------------------------------
     def init(self, problem: BilevelProblem, x0=None, y0=None) -> State:

@@ -94,6 +94,8 @@ class BAMM(SingleLoop):
     def __post_init__(self):
         if not 0 < self.mu0 < 1:
             raise ValueError(f"BAMM: `mu0` must lie in (0, 1); got {self.mu0!r}.")
+        if not self.x_power >= 0:
+            raise ValueError(f"BAMM: `x_power` must be non-negative; got {self.x_power!r}.")
         if not self.q > 0 or not self.tau >= 0:
             raise ValueError(f"BAMM: need q > 0 and tau >= 0; got q={self.q!r}, tau={self.tau!r}.")
         if self.y_step is not None and not self.y_step > 0:

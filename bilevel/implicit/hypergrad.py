@@ -51,7 +51,7 @@ from ._certificate import ImplicitInfo, report
 from .conditions import Condition
 from .linear_solve import LinearSolver
 from .operators import damped, densify, hessian_operator, linearize
-from .root import AdjointSystem, _Options, default_solve, solve_adjoint
+from .root import AdjointSystem, _Options, check_adjoint_options, default_solve, solve_adjoint
 
 BilevelObjective = Callable[[TensorTree, TensorTree], torch.Tensor]
 
@@ -178,6 +178,7 @@ def hypergrad(
         >>> torch.allclose(g, torch.linalg.solve(A, torch.linalg.solve(A, x)))
         True
     """
+    check_adjoint_options(solve, damping, residual_tol, strict)
     if _is_compiling():  # under torch.compile: a graph break, and the whole computation runs eagerly
         return _eager_hypergrad(outer, inner, x, y, solve, damping=damping, strict=strict,
                                 residual_tol=residual_tol, create_graph=create_graph, return_info=return_info)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -290,6 +291,36 @@ class _RootCall:
     aux: Any = None
 
 
+def check_adjoint_options(solve, damping, residual_tol, strict) -> None:
+    """Refuse, naming it, a bad option of an implicit differentiation (shared by
+    :func:`custom_root` and :func:`~bilevel.hypergrad`)."""
+    if isinstance(solve, type):
+        raise TypeError(f"`solve` must be a linear solver instance, e.g. {solve.__name__}(); got the class itself.")
+    if solve is not None and not callable(solve):
+        raise TypeError(
+            f"`solve` must be a linear solver such as bilevel.implicit.CG(); got {type(solve).__name__}."
+        )
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
+        raise ValueError(f"`damping` must be a non-negative finite float; got {damping!r}.")
+    if residual_tol is not None and (isinstance(residual_tol, bool) or not isinstance(residual_tol, (int, float))
+                                     or not residual_tol > 0):
+        raise ValueError(f"`residual_tol` must be a positive float or None; got {residual_tol!r}.")
+    if not isinstance(strict, bool):
+        raise TypeError(f"`strict` must be True or False; got {strict!r}.")
+
+
+def _check_differentiable_output(leaves, tensors, name: str) -> None:
+    """An integer or boolean solution cannot carry the implicit gradient: refuse it
+    where an argument asks for one, instead of dropping that gradient silently."""
+    if any(torch.is_tensor(t) and t.requires_grad for t in tensors):
+        bad = [str(x.dtype) for x in leaves if not (x.is_floating_point() or x.is_complex())]
+        if bad:
+            raise TypeError(
+                f"custom_root: the solver's output (`{name}`) has dtype {', '.join(sorted(set(bad)))}, which "
+                "cannot carry a gradient, while an argument requires grad; return floating-point tensors."
+            )
+
+
 def _note_positional_arguments(err: TypeError, n_args: int) -> None:
     """A note for the usual cause of a TypeError when the condition is evaluated."""
     if "positional argument" in str(err) and hasattr(err, "add_note"):
@@ -483,14 +514,11 @@ def custom_root(
     """
     if not callable(residual):
         raise TypeError(f"`residual` must be callable residual(sol, *args); got {type(residual).__name__}.")
-    if solve is not None and not callable(solve):
-        raise TypeError(
-            f"`solve` must be a linear solver such as bilevel.implicit.CG(); got {type(solve).__name__}."
-        )
-    if not isinstance(damping, (int, float)) or damping < 0:
-        raise ValueError(f"`damping` must be a non-negative float; got {damping!r}.")
+    check_adjoint_options(solve, damping, residual_tol, strict)
     if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
         raise ValueError(f"`batch_dims` must be a non-negative int; got {batch_dims!r}.")
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"`has_aux` must be True or False; got {has_aux!r}.")
     symmetric = is_symmetric(residual)
     linear_solver = solve if solve is not None else default_solve(symmetric)
 
@@ -514,6 +542,7 @@ def custom_root(
 
             call = _RootCall(solver, kwargs, has_aux, system, rebuild)
             leaves = _Root.apply(call, *tensors)
+            _check_differentiable_output(leaves, tensors, getattr(solver, "__name__", "the solver"))
             sol = tree_unflatten(list(leaves), call.sol_spec)
             return (sol, call.aux) if has_aux else sol
 

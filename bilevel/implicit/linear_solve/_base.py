@@ -202,6 +202,11 @@ class LinearSolver:
         x0_flat = None
         if x0 is not None:  # b = 0 is solved by x = 0, whatever the warm start
             x0_flat = rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
+            # one system on the CPU: free to check (in a batch, or elsewhere, a NaN start is that
+            # element's NONFINITE, and does not abort the others)
+            if not batch and x0_flat.device.type == "cpu" and not is_transformed(x0_flat) and not bool(
+                    torch.isfinite(x0_flat).all()):
+                raise FloatingPointError("linear solve: the warm start `x0` contains NaN or inf.")
             x0_flat = torch.where((b_norm == 0).unsqueeze(-1), 0, x0_flat)
         # Recording gradients (a direct call on tensors that may require grad): the
         # iterations are not recorded; x gets the implicit gradient (._gradient).
