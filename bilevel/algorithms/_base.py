@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import functools
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Sequence, Union
@@ -462,10 +463,10 @@ def check_field_values(config: Any) -> None:
             continue
         if kind is bool and not isinstance(value, bool):
             raise FieldError(f"{name}: `{f.name}` must be True or False; got {value!r}.")
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise FieldError(f"{name}: `{f.name}` must be an int; got {value!r}.")
         if kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise FieldError(f"{name}: `{f.name}` must be a number; got {value!r}.")
             if not math.isfinite(value):
                 raise FieldError(f"{name}: `{f.name}` must be finite; got {value!r}.")
