@@ -69,6 +69,18 @@ def _call(fn: BilevelObjective, name: str, x: TensorTree, y: TensorTree) -> torc
         raise
 
 
+def _checked_variables(stage: str, x: TensorTree, y: TensorTree, y_name: str):
+    """``(leaves, spec)`` of ``x`` and of ``y`` after checking that they are trees of
+    finite floating-point tensors (an error naming the argument otherwise)."""
+    x_leaves, x_spec = tensor_leaves(x, "x")
+    y_leaves, y_spec = tensor_leaves(y, y_name)
+    if not all(t.is_floating_point() for t in x_leaves + y_leaves):
+        raise TypeError(f"{stage}: `x` and `{y_name}` must hold floating-point tensors.")
+    if not all_finite(x_leaves + y_leaves):
+        raise FloatingPointError(f"{stage}: `x` or `{y_name}` contains NaN or inf.")
+    return (x_leaves, x_spec), (y_leaves, y_spec)
+
+
 def _scalar_check(name: str, value: torch.Tensor) -> None:
     if not torch.is_tensor(value) or value.numel() != 1:
         shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
@@ -182,12 +194,7 @@ def hypergrad(
     if _is_compiling():  # under torch.compile: a graph break, and the whole computation runs eagerly
         return _eager_hypergrad(outer, inner, x, y, solve, damping=damping, strict=strict,
                                 residual_tol=residual_tol, create_graph=create_graph, return_info=return_info)
-    x_leaves, x_spec = tensor_leaves(x, "x")
-    y_leaves, y_spec = tensor_leaves(y, "y")
-    if not all(t.is_floating_point() for t in x_leaves + y_leaves):
-        raise TypeError("hypergrad: `x` and `y` must hold floating-point tensors.")
-    if not all_finite(x_leaves + y_leaves):
-        raise FloatingPointError("hypergrad: `x` or `y` contains NaN or inf.")
+    (x_leaves, x_spec), (y_leaves, y_spec) = _checked_variables("hypergrad", x, y, "y")
     condition = inner_stationarity(inner)
     recorded: list[ImplicitInfo] = []
     symmetric_solve = solve if solve is not None else default_solve(True)
@@ -328,8 +335,12 @@ def unrolled_hypergrad(
         >>> torch.allclose(yT, c * x), torch.allclose(g, c * (c * x - t))
         (True, True)
     """
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"unrolled_hypergrad: `steps` must be a positive int; got {steps!r}.")
+    if step_size is not None and (isinstance(step_size, bool) or not (
+            isinstance(step_size, (int, float)) or torch.is_tensor(step_size))):
+        raise ValueError(f"unrolled_hypergrad: `step_size` must be a positive number or None; got {step_size!r}.")
+    _checked_variables("unrolled_hypergrad", x, y0, "y0")
     if truncate is not None and not (isinstance(truncate, int) and 1 <= truncate <= steps):
         raise ValueError(f"unrolled_hypergrad: `truncate` must be an int in [1, steps={steps}]; got {truncate!r}.")
     if step_size is None:

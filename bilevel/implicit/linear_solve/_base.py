@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -160,26 +160,30 @@ class LinearSolver:
         batch, n = rav.batch_shape, rav.size
         nbatch = math.prod(batch)
 
+        b_flat = rav.ravel(b).reshape(nbatch, n)
+
         def flatten(tree_fn: Matvec) -> FlatMatvec:
             if rav.bare and not batch:  # one plain tensor: two reshapes per product
                 shape = rav.shapes[0]
 
                 def flat_fn(v: torch.Tensor) -> torch.Tensor:
                     out = tree_fn(v.reshape(shape))
-                    out = out if torch.is_tensor(out) else rav.ravel(out)
+                    out = out if torch.is_tensor(out) else _ravel_output(tree_fn, out, rav)
                     if out.numel() != n:
                         _wrong_output(tree_fn, out, rav)
-                    return out.reshape(1, n)
+                    out = out.reshape(1, n)
+                    return out if out.dtype == b_flat.dtype else out.to(b_flat.dtype)
 
                 if len(shape) == 1:  # a vector: single-system solvers may skip the reshapes
                     flat_fn.on_vectors = tree_fn
                 return flat_fn
 
             def flat_fn(v: torch.Tensor) -> torch.Tensor:
-                out = rav.ravel(tree_fn(rav.unravel(v.reshape(tuple(batch) + (n,)))))
+                out = _ravel_output(tree_fn, tree_fn(rav.unravel(v.reshape(tuple(batch) + (n,)))), rav)
                 if out.numel() != nbatch * n:
                     _wrong_output(tree_fn, out, rav)
-                return out.reshape(nbatch, n)
+                out = out.reshape(nbatch, n)
+                return out if out.dtype == b_flat.dtype else out.to(b_flat.dtype)
 
             return flat_fn
 
@@ -188,7 +192,6 @@ class LinearSolver:
             flat_matvec.self_adjoint = True  # a cycle would keep autograd graphs alive
         elif getattr(matvec, "transpose", None) is not None:
             flat_matvec.transpose = flatten(matvec.transpose)
-        b_flat = rav.ravel(b).reshape(nbatch, n)
         if n == 0:  # no unknowns: solved by the empty x
             none = torch.zeros(batch, dtype=torch.int64, device=b_flat.device)
             norm = torch.zeros(batch, dtype=_real_dtype(b_flat.dtype), device=b_flat.device)
@@ -308,6 +311,19 @@ def _at_current_level(t: torch.Tensor) -> bool:
 def _forward_ad_level() -> int:
     """The innermost :mod:`torch.autograd.forward_ad` dual level, -1 outside any."""
     return getattr(torch.autograd.forward_ad, "_current_level", -1)
+
+
+def _ravel_output(fn: Callable, out: Any, rav: Raveler) -> torch.Tensor:
+    """The flat tensor of what ``fn`` (the matvec) returned, or an error naming it."""
+    try:
+        return rav.ravel(out)
+    except (TypeError, AttributeError, ValueError) as err:
+        name = getattr(fn, "__name__", "<lambda>")
+        what = "`matvec` (or the preconditioner)" if name == "<lambda>" else f"`{name}`"
+        raise TypeError(
+            f"linear solve: {what} returned {type(out).__name__}; it must return a tensor, or a tree of "
+            "tensors, shaped like `b`."
+        ) from err
 
 
 def _wrong_output(fn: Callable, out: torch.Tensor, rav: Raveler) -> None:

@@ -101,7 +101,7 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
         if on_vectors is not None:
             out = on_vectors(v)
             if torch.is_tensor(out) and out.shape == v.shape:
-                return out
+                return out if out.dtype == v.dtype else out.to(v.dtype)
         return op(v.view(1, n)).reshape(n)
 
     # u^T v, or Re u^H v for a complex (Hermitian) system: picked once, the real loop is unchanged
