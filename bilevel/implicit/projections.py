@@ -339,6 +339,8 @@ def project_simplex(z: TensorTree, radius: Scalar = 1.0) -> TensorTree:
         return _as_one_vector(project_simplex, z, radius=radius)
     _check_tensor(z, min_dim=1)
     _check_radius(radius)
+    if z.shape[-1] == 0:
+        raise ValueError(f"`z` is empty along its last dimension (shape {tuple(z.shape)}): the simplex needs a point.")
     r = _as_batch_scalar(radius, z)
     n = z.shape[-1]
     # P(z + c 1) = P(z): shifting the largest entry to 0 keeps cumsum(u) - r exact

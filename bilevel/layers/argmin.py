@@ -144,6 +144,11 @@ class ArgminLayer(torch.nn.Module):
         self.objective = objective  # registered as a sub-module if it is one
         self.solver, self.residual, self.solve, self.input_ndims = solver, residual, solve, input_ndims
         init = None if init is None else tree_map(lambda t: t.detach().clone(), init)
+        if init is not None and not all(torch.is_tensor(t) and t.is_floating_point() for t in tree_flatten(init)[0]):
+            raise TypeError(
+                "ArgminLayer: `init` must be a floating-point tensor or a tree of them (the warm start of one "
+                f"problem); got {[getattr(t, 'dtype', type(t).__name__) for t in tree_flatten(init)[0]]}."
+            )
         if torch.is_tensor(init):
             self.register_buffer("init", init)
         else:

@@ -411,7 +411,9 @@ class HardConstraintMoE(_BasisExpansion):
         if solve is not None and not isinstance(solve, LinearSolver):
             raise TypeError(f"{self._stage()}: `solve` must be a linear solver such as bilevel.implicit.CG(); got {solve!r}.")
         self.solver = dataclasses.replace(solver, batch_dims=1)
-        self.regularization, self.solve, self.strict = float(regularization), solve, bool(strict)
+        if not isinstance(strict, bool):
+            raise TypeError(f"{self._stage()}: `strict` must be True or False; got {strict!r}.")
+        self.regularization, self.solve, self.strict = float(regularization), solve, strict
         self.last_info: SolverInfo | None = None  # per expert, of the last forward pass
         self._roots: list = []  # one differentiable solve per device group, of the last forward pass
         if experts is None:  # one expert over all points (HardConstraint)

@@ -238,6 +238,8 @@ def _check_inputs(Q, q, A, b, G, h) -> tuple:
         check_tensor(t, f"`{name}`", q, "`q`", "qp_solve")
     if q.dim() not in (1, 2):
         raise ValueError(f"qp_solve: `q` must have shape (n,) or (B, n); got {tuple(q.shape)}.")
+    if q.shape[-1] == 0:
+        raise ValueError(f"qp_solve: the problem is empty (n=0 variables: `q` has shape {tuple(q.shape)}).")
     sizes = {"n": q.shape[-1], "p": None if A is None else A.shape[-2], "m": None if G is None else G.shape[-2]}
     finite = dict(zip(given, torch.stack([torch.isfinite(t).all() for t in given.values()]).tolist()))  # one read
     batch = set()

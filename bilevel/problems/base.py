@@ -125,6 +125,8 @@ def _check_tree(tree: Any, name: str) -> torch.dtype:
                 f"{tuple(leaf.shape)}. Convert it, e.g. `{name}.to(torch.float64)`."
             )
         dtypes.add(leaf.dtype)
+    if all(leaf.numel() == 0 for leaf in leaves):
+        raise ValueError(f"`{name}` is empty (no element in {[tuple(t.shape) for t in leaves]}): nothing to optimize.")
     if len(dtypes) > 1:
         raise TypeError(f"`{name}` mixes dtypes {sorted(map(str, dtypes))}; use one floating dtype.")
     return dtypes.pop()
