@@ -279,6 +279,15 @@ def project_box(z: TensorTree, lower: Optional[Scalar] = None, upper: Optional[S
         if bound is None:
             continue
         if torch.is_tensor(bound):
+            try:
+                fits = torch.broadcast_shapes(bound.shape, z.shape) == z.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(
+                    f"Box (project_box): the bound `{name}` has shape {tuple(bound.shape)}, which does not "
+                    f"broadcast to the point's shape {tuple(z.shape)}."
+                )
             bounds[name] = bound.to(dtype=z.dtype) if bound.dtype != z.dtype else bound
         elif isinstance(bound, numbers.Real) and not isinstance(bound, bool):
             bounds[name] = torch.full((), float(bound), dtype=z.dtype, device=z.device)  # no host-to-device copy
