@@ -371,15 +371,13 @@ def solve(
                 except Exception:
                     _flush(pending, history, bar)  # a non-finite earlier step raises its own error
                     raise
-            _serve_again(batches, drawn, state, info)
-            state.extras[_SERVED] = batches.served
+            _account_batches(batches, drawn, state, info)
             _sort_warnings(records, caught, state.iteration)
             _queue(pending, state, time.perf_counter() - tick)
             if len(pending) >= every or state.iteration >= max_steps:
                 info = state.info
                 state = _settle(algorithm, problem, state, batch, pending, caught)
-                _serve_again(batches, drawn, state, info)
-                state.extras[_SERVED] = batches.served
+                _account_batches(batches, drawn, state, info)
                 record = _flush(pending, history, bar)
                 if tol is not None and record["hypergradient_norm"] <= tol:
                     converged, message = True, f"hypergradient norm {record['hypergradient_norm']:.3g} <= tol={tol}"
@@ -390,8 +388,7 @@ def solve(
             if max_time is not None and time.perf_counter() - start >= max_time:
                 info = state.info
                 state = _settle(algorithm, problem, state, batch, pending, caught)
-                _serve_again(batches, drawn, state, info)
-                state.extras[_SERVED] = batches.served
+                _account_batches(batches, drawn, state, info)
                 _flush(pending, history, bar)
                 message = f"reached max_time={max_time} s"
                 break
@@ -409,18 +406,19 @@ _REDRAW = 16
 checks of the single-loop methods wait at most 8 steps on accelerators)."""
 
 
-def _serve_again(batches: _Batches, drawn: deque, state: State, before: Any) -> None:
-    """After a step or check that went back to a saved state because step ``s`` blew
-    up, serve the batches of the steps after ``s`` again, in order: they were drawn
-    only because the check waited (on accelerators), and the run goes on with the
-    batches it would have drawn on the CPU, where the check does not wait."""
+def _account_batches(batches: _Batches, drawn: deque, state: State, before: Any) -> None:
+    """Record in ``state`` the batches drawn so far (what a resumed run skips).  After a
+    step or check that went back to a saved state because step ``s`` blew up, first
+    serve the batches of the steps after ``s`` again, in order: they were drawn only
+    because the check waited (on accelerators), and the run goes on with the batches
+    it would have drawn on the CPU, where the check does not wait."""
     failed = state.info.rolled_back_at if state.info is not before else None
-    if failed is None:
-        return
-    again = [batch for step, batch in drawn if step > failed]
-    batches.buffer[:0] = again
-    batches.served -= len(again)
-    drawn.clear()
+    if failed is not None:
+        again = [batch for step, batch in drawn if step > failed]
+        batches.buffer[:0] = again
+        batches.served -= len(again)
+        drawn.clear()
+    state.extras[_SERVED] = batches.served
 
 
 def _problem(outer, inner, x0, y0, constraints, stream) -> BilevelProblem:

@@ -201,7 +201,8 @@ class LinearSolver:
         b_norm = torch.linalg.vector_norm(b_flat.detach(), dim=-1)
         huge = _check_rhs(b, b_flat, b_norm)  # then ||b||^2 overflows: norms are taken as m ||v / m||
         norm = _scaled_norm if huge else _norm
-        b_norm = norm(b_flat.detach())
+        if huge:  # the plain norm above is kept otherwise: no second reduction on the hot path
+            b_norm = norm(b_flat.detach())
         x0_flat = None
         if x0 is not None:  # b = 0 is solved by x = 0, whatever the warm start
             x0_flat = rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
