@@ -208,16 +208,7 @@ def test_nan_in_a_later_batch_is_a_floating_point_error(method, level):
         run(outer, inner, _z(), _z(), data=data, max_steps=6, method=method)
 
 
-@pytest.mark.parametrize("method", [
-    "soba",
-    pytest.param("penalty", marks=_xfail(
-        "a NaN outer batch at step 4 is reported as 'solve: step 0: the iterates became non-finite': the "
-        "back-offs go back to the start snapshot, whose record (step 0) is the one that is flushed. Suspected: "
-        "bilevel/api.py _settle/_queue after SingleLoop.settle rolls back (algorithms/_single_loop.py _roll_back).")),
-    pytest.param("meha", marks=_xfail("same as penalty: the error names step 0 instead of step 4")),
-    pytest.param("bamm", marks=_xfail("same as penalty: the error names step 0 instead of step 4")),
-    pytest.param("bda", marks=_xfail("same as penalty: the error names step 0 instead of step 4")),
-])
+@pytest.mark.parametrize("method", ["soba", "penalty", "meha", "bamm", "bda"])
 def test_nan_in_the_outer_batch_of_step_4_names_step_4(method):
     outer, inner, data = _nan_at_batch_4("outer")
     with pytest.raises(FloatingPointError, match=r"step 4\b"):

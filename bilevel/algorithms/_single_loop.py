@@ -281,7 +281,11 @@ backoffs: how many times a run whose iterates blow up goes back to a saved state
     the newest save, or to the start where the previous back-off went to that same
     save already (:math:`s` is then measured anew), so a step that is stable once
     divided by :math:`10^k`, :math:`k \le` ``backoffs``, goes on from near the scale
-    :math:`s` instead of raising.  Steps that ``lr`` also sets (LV-HBA's :math:`y` step,
+    :math:`s` instead of raising.  A slow divergence counts as a blow-up: at a
+    re-estimate, a median of :math:`\|d_x\|` over the steps since the previous one
+    that is a hundred times its lowest value before (from the second such window on)
+    and above the first window's; a state whose median grew tenfold is not saved.
+    Steps that ``lr`` also sets (LV-HBA's :math:`y` step,
     and its :math:`\beta` unless given) shrink alike; other :math:`y` steps are
     unchanged.  On accelerators the test reads the iterates' norms every 8 steps, at
     each re-estimate and when a step fails, and acts on the first blown-up step as
@@ -440,6 +444,8 @@ class SingleLoop(Algorithm):
         boundary = state.iteration == 0 or (self.rescale_every and state.iteration % self.rescale_every == 0)
         if boundary and self._settle_divergence(state, outer):
             return state  # a deferred check found a blow-up before the state is saved anew: went back
+        if boundary and self._growth_diverged(state, outer):
+            return state  # the x direction grew a hundredfold: went back
         if boundary:
             _at_boundary(state, self.backoffs)
         if self.rescale_every and state.iteration and state.iteration % self.rescale_every == 0:
@@ -458,7 +464,8 @@ class SingleLoop(Algorithm):
         state.iteration += 1
         state.info = info
         checks = state.__dict__.setdefault(_DEFERRED, [])
-        checks.append((state.iteration, tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)).detach()))
+        checks.append((state.iteration, tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)).detach(),
+                       info.values()[1]))
         if len(checks) >= _sync_every(checks[-1][1]):  # every step on the CPU, every few on accelerators
             self._settle_divergence(state, outer)
         return state
@@ -507,39 +514,89 @@ class SingleLoop(Algorithm):
         ex = state.extras
         scale = _scale(ex)
         measuring = _SCALE not in ex  # the largest size before the first re-estimate becomes part of s
-        for step, size in zip([step for step, _ in checks], host_floats([size for _, size in checks])):
+        numbers = host_floats([size for _, size, _ in checks] + [dx for _, _, dx in checks])
+        window = ex.setdefault(_DX_WINDOW, [])
+        for (step, _, _), size, dx in zip(checks, numbers[:len(checks)], numbers[len(checks):]):
             if not math.isfinite(size) or size > _BLOW_UP * scale:
                 self._diverged(state, step, size, scale, cause)
                 with torch.no_grad():  # went back to a saved state: report where it stands
-                    state.info = StepInfo(outer=report_value(outer(state.x, state.y)), rolled_back_at=step)
+                    value = report_value(outer(state.x, state.y))
+                if not math.isfinite(size) and not all(host_floats([torch.isfinite(value)])):
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: the iterates became non-finite at step {step}, and `outer` "
+                        f"is not finite on the current mini-batch even at the saved state of step "
+                        f"{state.iteration} that the run went back to: the batch or the objectives give "
+                        "NaN/inf, which a smaller step does not cure."
+                    ) from cause
+                state.info = StepInfo(outer=value, rolled_back_at=step)
                 return True
             if measuring:
                 ex[_SIZE_MAX] = max(ex.get(_SIZE_MAX, 0.0), size)
+            window.append(dx)
         ex[_SIZE_LAST] = (step, size)
+        return False
+
+    def _growth_diverged(self, state: State, outer: Callable) -> bool:
+        r"""At a re-estimate: the median :math:`m_j` of :math:`\|d_x\|` over the steps since the
+        previous one (window :math:`j`, counted from the start or the last back-off).
+
+        A run whose iterates diverge slowly (an x step too large for the coupled iteration,
+        where :math:`\|(x, y)\|` would reach the blow-up limit only after many steps) shows as
+        :math:`m_j > 100 \min_{1 \le i < j} m_i` with :math:`m_j > m_0`; the first window, a
+        transient, is no reference for the minimum.  Then go back to a saved state with the
+        x step divided by 10, like a blow-up, and return ``True``.  A window with
+        :math:`m_j > 10 \min_i m_i` is marked, so that its state is not saved
+        (:func:`_at_boundary`).  The stable runs measured stay below a tenfold growth: the
+        medians of a decaying or noisy direction do not grow a hundredfold.
+        """
+        ex = state.extras
+        window = ex.pop(_DX_WINDOW, None)
+        ex.pop(_DX_GROWING, None)
+        values = sorted(v for v in (window or []) if not math.isnan(v))
+        if not values:
+            return False
+        median = values[len(values) // 2]
+        first, low = ex.get(_DX_FIRST), ex.get(_DX_LOW)
+        if first is None:
+            ex[_DX_FIRST] = median
+            return False
+        if low is not None and median > _GROWTH * low and median > first:
+            step = state.iteration
+            self._diverged(state, step, math.nan, _scale(ex), None,
+                           what=f"the x direction grew {median / low:.3g}-fold by step {step} (median "
+                                f"|d_x| of the last {len(values)} steps {median:.3g}, {low:.3g} at its lowest)")
+            with torch.no_grad():
+                state.info = StepInfo(outer=report_value(outer(state.x, state.y)), rolled_back_at=step + 1)
+            return True
+        if low is not None and median > math.sqrt(_GROWTH) * low:
+            ex[_DX_GROWING] = True
+        ex[_DX_LOW] = median if low is None else min(low, median)
         return False
 
     _backoff_scope = "the y steps are unchanged"
     """How a back-off's warning describes the steps it leaves alone (or shrinks too)."""
 
-    def _diverged(self, state: State, failed: int, size: float, scale: float, cause) -> None:
-        """Go back to a saved state (warning), or raise after the last back-off."""
+    def _diverged(self, state: State, failed: int, size: float, scale: float, cause,
+                  what: Optional[str] = None) -> None:
+        """Go back to a saved state (warning), or raise after the last back-off.  ``what``
+        describes the divergence (default: the blow-up of ``size`` at step ``failed``)."""
         used = state.extras.get("x_step", float("nan")) * state.extras.get("x_step_scale", 1.0)
         norm = f"|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}"
+        start = state.extras.get("start_size", 0.0)
         if _roll_back(state, self.backoffs):
             now = state.extras.get("x_step", float("nan")) * state.extras["x_step_scale"]
             warnings.warn(
-                f"{type(self).__name__}: the iterates blew up at step {failed} ({norm}) with an x step of "
+                f"{type(self).__name__}: {what or f'the iterates blew up at step {failed} ({norm})'} with an x step of "
                 f"{used:.3g}; went back to step {state.iteration} and go on with an x step of {now:.3g} "
                 f"(back-off {state.extras['backoffs_taken']} of {self.backoffs}; {self._backoff_scope}).",
                 StepSizeWarning, stacklevel=5,
             )
             return
         taken = state.extras.get("backoffs_taken", 0)
-        start = state.extras.get("start_size", 0.0)
+        what = what or (f"the iterates diverged at step {failed} ({norm}, {math.sqrt(max(start, 0.0)):.3g} at "
+                        f"the start, blow-up limit {math.sqrt(_BLOW_UP * scale):.3g})")
         error = FloatingPointError(
-            f"{type(self).__name__}: the iterates diverged at step {failed} "
-            f"({norm}, {math.sqrt(max(start, 0.0)):.3g} at the start, blow-up limit "
-            f"{math.sqrt(_BLOW_UP * scale):.3g}) with an x step of {used:.3g}"
+            f"{type(self).__name__}: {what} with an x step of {used:.3g}"
             + (f", after {taken} back-off(s) that each divided it by 10" if taken else "")
             + "; lower the step sizes (`lr`, and the method's inner step settings)."
         )
@@ -566,6 +623,12 @@ _SCALE = "size_scale"               # s^2, fixed at the first re-estimate
 _SIZE_MAX = "size_max"              # the largest |(x, y)|^2 read before that
 _SIZE_LAST = "size_last"            # (step, |(x, y)|^2) of the last step read
 _SIZE_BOUNDARY = "size_boundary"    # |(x, y)|^2 at the last re-estimate
+_DX_WINDOW = "dx_window"            # |d_x| of the steps read since the last re-estimate
+_DX_FIRST = "dx_first"              # the median of the first window (from the start or a back-off)
+_DX_LOW = "dx_low"                  # the lowest median of the later windows
+_DX_GROWING = "dx_growing"          # the last window's median is 10 times that: do not save its state
+_GROWTH = 100.0
+"""A window median of |d_x| this many times the lowest before it is a slow divergence."""
 _KEPT = (_ROLLBACK, _ROLLBACK_START)  # not copied into the saved states
 
 
@@ -600,6 +663,8 @@ def _at_boundary(state: State, backoffs: int) -> None:
     ex[_SIZE_BOUNDARY] = size
     if size > _FAR_OUT * ex[_SCALE] or size > _FAR_OUT * max(before, 1.0, ex.get("start_size", 0.0)):
         return  # far out, or grown 10 times since the last re-estimate: maybe a blow-up; keep the older save
+    if ex.get(_DX_GROWING):
+        return  # the x direction grew tenfold: maybe a slow divergence; keep the older save
     ex[_ROLLBACK] = _snapshot(state)
     ex.pop(_ROLLBACK_USED, None)
 
@@ -625,6 +690,8 @@ def _roll_back(state: State, limit: int) -> bool:
         return False
     to_newest = newest is not None and (start is None or not ex.get(_ROLLBACK_USED, False))
     state.load_state_dict(newest if to_newest else start)
+    for key in (_DX_WINDOW, _DX_FIRST, _DX_LOW, _DX_GROWING):  # the growth test starts over
+        state.extras.pop(key, None)
     state.extras.update({"x_step_scale": 10.0 ** -(taken + 1), "backoffs_taken": taken + 1})
     if start is not None:
         state.extras[_ROLLBACK_START] = start
