@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._autograd_context import differentiates
+from ._interrupt import StopRequest
 from ._tree import tree_leaves
 from .algorithms import METHODS, Algorithm, State, StepInfo
 from .algorithms._base import host_floats
@@ -296,7 +297,10 @@ def solve(
             step, the first for ``outer`` and the second for ``inner`` (each
             cycled on its own; see :class:`~bilevel.problems.LevelBatches`).
         callback: ``callback(state, record)`` after each step (or ``callback(state)``);
-            returning ``True`` stops the run.
+            returning ``True`` stops the run.  So does Ctrl-C (SIGINT, in the main
+            thread): the run ends after the step in progress and returns, with
+            ``result.message`` saying so, and ``resume=result.state`` continues it
+            exactly; a second Ctrl-C interrupts at once.
         progress: show a tqdm progress bar (default ``True``).
         resume: a checkpoint (``result.state`` or ``state.state_dict()``) to
             continue from; the run then ends where the uninterrupted one ends.
@@ -358,43 +362,49 @@ def solve(
     drawn: deque = deque(maxlen=_REDRAW)  # (step, batch) of the recent steps, to serve again after a back-off
     start = time.perf_counter()
     bar = tqdm(total=max_steps, initial=min(state.iteration, max_steps), disable=not progress, desc="bilevel")
-    try:
-        while state.iteration < max_steps:
-            tick = time.perf_counter()
-            batch = batches.next()
-            drawn.append((state.iteration + 1, batch))
-            info = state.info
-            with warnings.catch_warnings(record=True) as records:
-                warnings.simplefilter("always", BilevelWarning)
-                try:
-                    state = algorithm.step(problem, state, batch)
-                except Exception:
-                    _flush(pending, history, bar)  # a non-finite earlier step raises its own error
-                    raise
-            _account_batches(batches, drawn, state, info)
-            _sort_warnings(records, caught, state.iteration)
-            _queue(pending, state, time.perf_counter() - tick)
-            if len(pending) >= every or state.iteration >= max_steps:
+    with StopRequest("bilevel.solve") as stop:
+        try:
+            while state.iteration < max_steps:
+                tick = time.perf_counter()
+                batch = batches.next()
+                drawn.append((state.iteration + 1, batch))
                 info = state.info
-                state = _settle(algorithm, problem, state, batch, pending, caught)
+                with warnings.catch_warnings(record=True) as records:
+                    warnings.simplefilter("always", BilevelWarning)
+                    try:
+                        state = algorithm.step(problem, state, batch)
+                    except Exception:
+                        _flush(pending, history, bar)  # a non-finite earlier step raises its own error
+                        raise
                 _account_batches(batches, drawn, state, info)
-                record = _flush(pending, history, bar)
-                if tol is not None and record["hypergradient_norm"] <= tol:
-                    converged, message = True, f"hypergradient norm {record['hypergradient_norm']:.3g} <= tol={tol}"
-                    break
-                if callback is not None and callback(state, record):
-                    message = "stopped by the callback"
-                    break
-            if max_time is not None and time.perf_counter() - start >= max_time:
+                _sort_warnings(records, caught, state.iteration)
+                _queue(pending, state, time.perf_counter() - tick)
+                if len(pending) >= every or state.iteration >= max_steps:
+                    info = state.info
+                    state = _settle(algorithm, problem, state, batch, pending, caught)
+                    _account_batches(batches, drawn, state, info)
+                    record = _flush(pending, history, bar)
+                    if tol is not None and record["hypergradient_norm"] <= tol:
+                        converged, message = True, f"hypergradient norm {record['hypergradient_norm']:.3g} <= tol={tol}"
+                        break
+                    if callback is not None and callback(state, record):
+                        message = "stopped by the callback"
+                        break
+                if max_time is not None and time.perf_counter() - start >= max_time:
+                    message = f"reached max_time={max_time} s"
+                elif stop.requested:
+                    message = (f"stopped by Ctrl-C after step {state.iteration}; `resume=result.state` "
+                               "continues the run")
+                else:
+                    continue
                 info = state.info
                 state = _settle(algorithm, problem, state, batch, pending, caught)
                 _account_batches(batches, drawn, state, info)
                 _flush(pending, history, bar)
-                message = f"reached max_time={max_time} s"
                 break
-    finally:
-        bar.close()
-        _warn_once(caught)  # also when a step raised: the warnings that led there
+        finally:
+            bar.close()
+            _warn_once(caught)  # also when a step raised: the warnings that led there
     return BilevelResult(x=state.x, y=state.y, history=history, converged=converged, state=state, message=message)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._interrupt import StopRequest
 from .._tree import tree_leaves, tree_map
 from ..solvers import known_optimizers
 from ..status import BilevelWarning
@@ -288,7 +289,9 @@ class Tuner:
         Args:
             max_steps: total number of hyper-steps.
             callback: ``callback(tuner, record)`` after each hyper-step;
-                returning ``True`` stops the run.
+                returning ``True`` stops the run.  So does Ctrl-C (SIGINT, in the
+                main thread): the run returns after the step in progress, and the
+                result's ``state`` resumes it; a second Ctrl-C interrupts at once.
             progress: show a tqdm bar (default: the tuner's ``progress``).
 
         Returns:
@@ -303,23 +306,27 @@ class Tuner:
         caught: dict = {}
         message = f"reached max_steps={max_steps}"
         bar = tqdm(total=max_steps, initial=min(self.iteration, max_steps), disable=not show, desc=self._desc)
-        try:
-            while self.warmup_done < self.warmup_steps:
-                self._guarded(self._train_step, caught)
-                self.warmup_done += 1
-                self.train_steps += 1
-            while self.iteration < max_steps:
-                tick = time.perf_counter()
-                record = self._guarded(self._hyper_step, caught)
-                self.iteration += 1
-                record = self._record(record, time.perf_counter() - tick)
-                bar.update(1)
-                bar.set_postfix(val=f"{record['val_loss']:.4g}", train=f"{record['train_loss']:.4g}")
-                if callback is not None and callback(self, record):
-                    message = "stopped by the callback"
-                    break
-        finally:
-            bar.close()
+        with StopRequest(self._desc) as stop:
+            try:
+                while self.warmup_done < self.warmup_steps and not stop.requested:
+                    self._guarded(self._train_step, caught)
+                    self.warmup_done += 1
+                    self.train_steps += 1
+                while self.iteration < max_steps and not stop.requested:
+                    tick = time.perf_counter()
+                    record = self._guarded(self._hyper_step, caught)
+                    self.iteration += 1
+                    record = self._record(record, time.perf_counter() - tick)
+                    bar.update(1)
+                    bar.set_postfix(val=f"{record['val_loss']:.4g}", train=f"{record['train_loss']:.4g}")
+                    if callback is not None and callback(self, record):
+                        message = "stopped by the callback"
+                        break
+            finally:
+                bar.close()
+        if stop.requested and message.startswith("reached"):
+            message = (f"stopped by Ctrl-C after hyper-step {self.iteration} ({self.train_steps} training steps); "
+                       "the result's `state` resumes the run")
         for category, (count, first_step, text) in caught.items():
             warnings.warn(f"{self._desc}: {category.__name__} at {count} hyper-step(s) (first at step "
                           f"{first_step}): {text}", category, stacklevel=2)

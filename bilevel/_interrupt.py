@@ -1,0 +1,67 @@
+"""Ctrl-C during a long run: stop cleanly after the current step instead of losing it.
+
+:func:`bilevel.solve` and the hyper-parameter tuners run many steps, each of
+which updates the state in place.  A ``KeyboardInterrupt`` raised in the middle
+of a step would leave a half-updated state (and the run's result would be lost
+with the exception).  While a run is in progress, :class:`StopRequest` turns the
+first SIGINT into a request that the loop reads between steps: the run ends
+after the step in progress, and returns its result, whose state resumes the run
+exactly.  A second SIGINT interrupts at once, as usual.
+
+The handler is installed only in the main thread and only where Python's own
+default handler is in place (a handler set by the user, a notebook kernel or a
+framework is left alone).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any, Optional
+
+
+class StopRequest:
+    """Context manager: ``requested`` becomes ``True`` at the first Ctrl-C (SIGINT).
+
+    Example:
+        >>> with StopRequest() as stop:
+        ...     for step in range(3):
+        ...         if stop.requested:
+        ...             break
+        >>> stop.requested
+        False
+    """
+
+    def __init__(self, name: str = "bilevel") -> None:
+        self.name = name
+        self.requested = False
+        self._previous: Optional[Any] = None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                    self._previous = signal.signal(signal.SIGINT, self._handle)
+            except (ValueError, OSError):  # no signals here (e.g. an embedded interpreter)
+                self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self._restore()  # a second Ctrl-C interrupts at once
+        print(f"\n{self.name}: stopping after the current step (Ctrl-C again to interrupt at once).",
+              file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            try:
+                signal.signal(signal.SIGINT, self._previous)
+            finally:
+                self._previous = None
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+
+__all__ = ["StopRequest"]
