@@ -282,9 +282,10 @@ backoffs: how many times a run whose iterates blow up goes back to a saved state
     save already (:math:`s` is then measured anew), so a step that is stable once
     divided by :math:`10^k`, :math:`k \le` ``backoffs``, goes on from near the scale
     :math:`s` instead of raising.  A slow divergence counts as a blow-up: at a
-    re-estimate, a median of :math:`\|d_x\|` over the steps since the previous one
-    that is a hundred times its lowest value before (from the second such window on)
-    and above the first window's; a state whose median grew tenfold is not saved.
+    re-estimate, a median of :math:`\|d_x\|` over the (at least 10) steps since the
+    last test a hundred times its lowest value before (from the second window on) and
+    above the first window's, with :math:`\|(x, y)\|` ten times larger than both
+    :math:`s` and its size in the window of the lowest median.
     Steps that ``lr`` also sets (LV-HBA's :math:`y` step,
     and its :math:`\beta` unless given) shrink alike; other :math:`y` steps are
     unchanged.  On accelerators the test reads the iterates' norms every 8 steps, at
@@ -445,7 +446,7 @@ class SingleLoop(Algorithm):
         if boundary and self._settle_divergence(state, outer):
             return state  # a deferred check found a blow-up before the state is saved anew: went back
         if boundary and self._growth_diverged(state, outer):
-            return state  # the x direction grew a hundredfold: went back
+            return state  # the direction and the iterates grew: a slow divergence; went back
         if boundary:
             _at_boundary(state, self.backoffs)
         if self.rescale_every and state.iteration and state.iteration % self.rescale_every == 0:
@@ -465,7 +466,7 @@ class SingleLoop(Algorithm):
         state.info = info
         checks = state.__dict__.setdefault(_DEFERRED, [])
         checks.append((state.iteration, tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)).detach(),
-                       info.values()[1]))
+                       state.__dict__.pop(_DX_NORM, math.nan), outer))
         if len(checks) >= _sync_every(checks[-1][1]):  # every step on the CPU, every few on accelerators
             self._settle_divergence(state, outer)
         return state
@@ -514,17 +515,17 @@ class SingleLoop(Algorithm):
         ex = state.extras
         scale = _scale(ex)
         measuring = _SCALE not in ex  # the largest size before the first re-estimate becomes part of s
-        numbers = host_floats([size for _, size, _ in checks] + [dx for _, _, dx in checks])
-        window = ex.setdefault(_DX_WINDOW, [])
-        for (step, _, _), size, dx in zip(checks, numbers[:len(checks)], numbers[len(checks):]):
+        numbers = host_floats([check[1] for check in checks] + [check[2] for check in checks])
+        window = ex.setdefault(_DX_WINDOW, []) if self.rescale_every else []
+        for (step, _, _, outer_then), size, dx in zip(checks, numbers[:len(checks)], numbers[len(checks):]):
             if not math.isfinite(size) or size > _BLOW_UP * scale:
                 self._diverged(state, step, size, scale, cause)
                 with torch.no_grad():  # went back to a saved state: report where it stands
-                    value = report_value(outer(state.x, state.y))
+                    value = report_value(outer_then(state.x, state.y))  # on the failed step's batch
                 if not math.isfinite(size) and not all(host_floats([torch.isfinite(value)])):
                     raise FloatingPointError(
                         f"{type(self).__name__}: the iterates became non-finite at step {step}, and `outer` "
-                        f"is not finite on the current mini-batch even at the saved state of step "
+                        f"is not finite on that step's mini-batch even at the saved state of step "
                         f"{state.iteration} that the run went back to: the batch or the objectives give "
                         "NaN/inf, which a smaller step does not cure."
                     ) from cause
@@ -532,45 +533,53 @@ class SingleLoop(Algorithm):
                 return True
             if measuring:
                 ex[_SIZE_MAX] = max(ex.get(_SIZE_MAX, 0.0), size)
-            window.append(dx)
+            window.append((dx, size))
         ex[_SIZE_LAST] = (step, size)
         return False
 
     def _growth_diverged(self, state: State, outer: Callable) -> bool:
-        r"""At a re-estimate: the median :math:`m_j` of :math:`\|d_x\|` over the steps since the
-        previous one (window :math:`j`, counted from the start or the last back-off).
+        r"""At a re-estimate with at least 10 steps read since the last test: the median
+        :math:`m_j` of :math:`\|d_x\|` over them (window :math:`j`, counted from the start
+        or the last back-off; unscaled, also where the history reports :math:`c_k\|d_x\|`).
 
         A run whose iterates diverge slowly (an x step too large for the coupled iteration,
-        where :math:`\|(x, y)\|` would reach the blow-up limit only after many steps) shows as
-        :math:`m_j > 100 \min_{1 \le i < j} m_i` with :math:`m_j > m_0`; the first window, a
-        transient, is no reference for the minimum.  Then go back to a saved state with the
-        x step divided by 10, like a blow-up, and return ``True``.  A window with
-        :math:`m_j > 10 \min_i m_i` is marked, so that its state is not saved
-        (:func:`_at_boundary`).  The stable runs measured stay below a tenfold growth: the
-        medians of a decaying or noisy direction do not grow a hundredfold.
+        where :math:`\|(x, y)\|` would reach the blow-up limit only after many steps) shows
+        both a growing direction and growing iterates: it is taken for a blow-up, going back
+        to a saved state with the x step divided by 10, where
+
+        * :math:`m_j > 100 \min_{1 \le i < j} m_i` and :math:`m_j > m_0` (the first window,
+          a transient, is no reference for the minimum), and
+        * :math:`\|(x, y)\|^2 > 100 \max(s^2, \|(x, y)\|^2_{\text{low}})` at the last step
+          read, with :math:`s` the scale of the blow-up test and the largest size of the
+          window of the lowest median: the iterates went ten times farther out.
+
+        The second condition keeps healthy runs whose direction grows from near zero
+        (the escape from a stationary point, where :math:`\|(x, y)\|` stays bounded) from
+        being taken for a divergence.
         """
         ex = state.extras
-        window = ex.pop(_DX_WINDOW, None)
-        ex.pop(_DX_GROWING, None)
-        values = sorted(v for v in (window or []) if not math.isnan(v))
-        if not values:
+        window = [(dx, size) for dx, size in ex.get(_DX_WINDOW, []) if not math.isnan(dx)]
+        if len(window) < _MIN_WINDOW:
             return False
-        median = values[len(values) // 2]
+        ex.pop(_DX_WINDOW)
+        values = sorted(dx for dx, _ in window)
+        median, largest, last = values[len(values) // 2], max(size for _, size in window), window[-1][1]
         first, low = ex.get(_DX_FIRST), ex.get(_DX_LOW)
         if first is None:
             ex[_DX_FIRST] = median
             return False
-        if low is not None and median > _GROWTH * low and median > first:
+        farther = last > _GROWTH * max(_scale(ex), ex.get(_DX_LOW_SIZE, 0.0))
+        if low is not None and median > _GROWTH * low and median > first and farther:
             step = state.iteration
-            self._diverged(state, step, math.nan, _scale(ex), None,
-                           what=f"the x direction grew {median / low:.3g}-fold by step {step} (median "
-                                f"|d_x| of the last {len(values)} steps {median:.3g}, {low:.3g} at its lowest)")
+            self._diverged(state, step, last, _scale(ex), None,
+                           what=f"the iterates diverged slowly: |d_x| grew {median / low:.3g}-fold by step {step} "
+                                f"(median of the last {len(values)} steps {median:.3g}, {low:.3g} at its lowest) "
+                                f"and |(x, y)| to {math.sqrt(last):.3g}")
             with torch.no_grad():
                 state.info = StepInfo(outer=report_value(outer(state.x, state.y)), rolled_back_at=step + 1)
             return True
-        if low is not None and median > math.sqrt(_GROWTH) * low:
-            ex[_DX_GROWING] = True
-        ex[_DX_LOW] = median if low is None else min(low, median)
+        if low is None or median < low:
+            ex[_DX_LOW], ex[_DX_LOW_SIZE] = median, largest
         return False
 
     _backoff_scope = "the y steps are unchanged"
@@ -623,12 +632,16 @@ _SCALE = "size_scale"               # s^2, fixed at the first re-estimate
 _SIZE_MAX = "size_max"              # the largest |(x, y)|^2 read before that
 _SIZE_LAST = "size_last"            # (step, |(x, y)|^2) of the last step read
 _SIZE_BOUNDARY = "size_boundary"    # |(x, y)|^2 at the last re-estimate
-_DX_WINDOW = "dx_window"            # |d_x| of the steps read since the last re-estimate
+_DX_WINDOW = "dx_window"            # (|d_x|, |(x, y)|^2) of the steps read since the last growth test
 _DX_FIRST = "dx_first"              # the median of the first window (from the start or a back-off)
 _DX_LOW = "dx_low"                  # the lowest median of the later windows
-_DX_GROWING = "dx_growing"          # the last window's median is 10 times that: do not save its state
+_DX_LOW_SIZE = "dx_low_size"        # the largest |(x, y)|^2 of that window
+_DX_NORM = "_dx_norm"
+"""Attribute of a :class:`State` (not part of its checkpoint): the step's unscaled |d_x|."""
 _GROWTH = 100.0
-"""A window median of |d_x| this many times the lowest before it is a slow divergence."""
+"""Growth factor of a slow divergence: of the median |d_x|, and of |(x, y)|^2."""
+_MIN_WINDOW = 10
+"""Fewest steps whose median is a window of the growth test."""
 _KEPT = (_ROLLBACK, _ROLLBACK_START)  # not copied into the saved states
 
 
@@ -663,8 +676,6 @@ def _at_boundary(state: State, backoffs: int) -> None:
     ex[_SIZE_BOUNDARY] = size
     if size > _FAR_OUT * ex[_SCALE] or size > _FAR_OUT * max(before, 1.0, ex.get("start_size", 0.0)):
         return  # far out, or grown 10 times since the last re-estimate: maybe a blow-up; keep the older save
-    if ex.get(_DX_GROWING):
-        return  # the x direction grew tenfold: maybe a slow divergence; keep the older save
     ex[_ROLLBACK] = _snapshot(state)
     ex.pop(_ROLLBACK_USED, None)
 
@@ -690,7 +701,7 @@ def _roll_back(state: State, limit: int) -> bool:
         return False
     to_newest = newest is not None and (start is None or not ex.get(_ROLLBACK_USED, False))
     state.load_state_dict(newest if to_newest else start)
-    for key in (_DX_WINDOW, _DX_FIRST, _DX_LOW, _DX_GROWING):  # the growth test starts over
+    for key in (_DX_WINDOW, _DX_FIRST, _DX_LOW, _DX_LOW_SIZE):  # the growth test starts over
         state.extras.pop(key, None)
     state.extras.update({"x_step_scale": 10.0 ** -(taken + 1), "backoffs_taken": taken + 1})
     if start is not None:
@@ -706,9 +717,11 @@ def step_report(outer, state: State, d_x: Leaves, inner_residual, scale: float =
     :math:`\|d_x\|` as the hypergradient estimate, and the residuals given."""
     with torch.no_grad():
         value = outer(tree_unflatten([t.detach() for t in tree_leaves(state.x)], tree_flatten(state.x)[1]), state.y)
+        norm = torch.sqrt(tree_sq_norm(d_x)).detach()
+        state.__dict__[_DX_NORM] = norm  # for the growth test of the divergence checks
         return StepInfo(  # tensors, read by the driver with other steps' (no host read here)
             outer=report_value(value),
-            hypergradient_norm=scale * torch.sqrt(tree_sq_norm(d_x)),
+            hypergradient_norm=scale * norm,
             inner_residual=_detached(inner_residual),
             linear_residual=_detached(linear_residual),
         )

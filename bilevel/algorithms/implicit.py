@@ -40,7 +40,7 @@ class Implicit(Algorithm):
 
     Args:
         inner_solver: a :mod:`bilevel.solvers` object, used as given; default:
-            warm-started ``LBFGS(maxiter=500)`` (line search: no step size to tune,
+            warm-started ``LBFGS(maxiter=100)`` (line search: no step size to tune,
             robust on unscaled data) to a gradient norm of ``sqrt(eps)`` times the
             gradient scale at the cold start (not at the warm start, whose small
             gradient would ask for more than the line search can resolve).
@@ -187,7 +187,7 @@ class Implicit(Algorithm):
         threshold = default_tol(dtype) * scale
         if gradient_norm <= threshold:  # the warm start is already solved
             return state.y, gradient_norm
-        solver = LBFGS(maxiter=500, tol=min(threshold / max(1.0, gradient_norm), 0.5))
+        solver = LBFGS(maxiter=100, tol=min(threshold / max(1.0, gradient_norm), 0.5))
         return _run(solver, objective, state)
 
 
