@@ -15,7 +15,7 @@ from .conditions import (
     stationarity,
 )
 from .hypergrad import hypergrad, one_step_hypergrad, unrolled_hypergrad
-from .linear_solve import CG, GMRES, MINRES, Auto, BiCGStab, Direct, LinearSolveInfo, Neumann, NormalCG
+from .linear_solve import CG, GMRES, MINRES, Auto, BiCGStab, Direct, LinearSolveInfo, Neumann, NormalCG, Nystrom
 from .projections import (
     Box,
     ConvexSet,
@@ -41,7 +41,7 @@ __all__ = [
     # differentiable roots and hypergradients
     "custom_root", "custom_fixed_point", "hypergrad", "unrolled_hypergrad", "one_step_hypergrad", "ImplicitInfo",
     # linear solvers
-    "Auto", "CG", "Neumann", "GMRES", "BiCGStab", "MINRES", "NormalCG", "Direct", "LinearSolveInfo",
+    "Auto", "CG", "Neumann", "GMRES", "BiCGStab", "MINRES", "NormalCG", "Nystrom", "Direct", "LinearSolveInfo",
     # optimality conditions
     "Condition", "stationarity", "fixed_point_residual", "projected_gradient", "proximal_gradient",
     "mirror_descent", "kkt",

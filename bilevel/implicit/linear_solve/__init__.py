@@ -54,6 +54,7 @@ from .gmres import GMRES
 from .minres import MINRES
 from .neumann import Neumann
 from .normal_cg import NormalCG
+from .nystrom import Nystrom
 
 __all__ = [
     "LinearSolveInfo",
@@ -68,5 +69,6 @@ __all__ = [
     "BiCGStab",
     "MINRES",
     "NormalCG",
+    "Nystrom",
     "Direct",
 ]
