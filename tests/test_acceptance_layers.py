@@ -291,15 +291,6 @@ def test_qp_duplicate_active_inequalities_degenerate_but_right_gradient():
     torch.testing.assert_close(gh.sum(), torch.tensor([1.0, -2.0]) @ a / 2, atol=1e-7, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: linearly dependent active constraints (three active inequalities in R^2, or one inequality "
-    "given twice) are not detected: info.degenerate stays False and no CurvatureWarning is issued, "
-    "although the multipliers are not unique and the gradient w.r.t. h is only one generalized "
-    "gradient. Suspected cause: bilevel/layers/qp.py::_adjoint tests singularity of K by LU pivots "
-    "<= (n+p+m) eps max|pivot|, but at the interior point's final iterate the diag(Gz - h) block is "
-    "~1e-12 (the solver tolerance eps**0.75), so a KKT matrix that is singular at the solution has "
-    "pivots ~1e-12 and passes; the threshold should be on the scale of the solve tolerance"
-))
 def test_qp_dependent_active_constraints_are_flagged_degenerate():
     G = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # z1 <= h1, z2 <= h2, z1 + z2 <= h3: all active
     h = torch.zeros(3, requires_grad=True)

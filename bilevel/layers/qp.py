@@ -594,6 +594,22 @@ class _QPFunction(torch.autograd.Function):
         return (None, *grads)
 
 
+def _dependent(A: torch.Tensor, G: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    r"""Per element: whether the gradients of the active constraints, the rows of :math:`A`
+    and of :math:`G` where ``active``, are linearly dependent (LICQ fails: the
+    multipliers are not unique).  The rank counts singular values above
+    :math:`\sqrt{\varepsilon}` times the largest; at the interior point's last iterate the
+    KKT matrix of such a solution is only nearly singular (its slack block is of the
+    order of the solver's tolerance), so its pivots alone do not show it."""
+    rows = torch.cat([A, G * active.unsqueeze(-1).to(G.dtype)], -2)
+    count = A.shape[-2] + active.sum(-1)
+    if rows.shape[-2] == 0 or rows.shape[-1] == 0:
+        return count > rows.shape[-1]
+    values = torch.linalg.svdvals(rows)
+    rank = (values > (torch.finfo(rows.dtype).eps ** 0.5) * values.amax(-1, keepdim=True)).sum(-1)
+    return rank < count
+
+
 def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
     r"""Solve :math:`K^\top (d_z, d_\nu, d_\lambda) = (\bar z, \bar\nu, \bar\lambda)` for the batch.
 
@@ -620,8 +636,9 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
     # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
     slack = h - _mv(G, z)
     small = eps ** 0.25
-    weak = (lam <= small * (1 + _inf_norm(lam)).unsqueeze(-1)) & (slack <= small * (1 + _inf_norm(h)).unsqueeze(-1))
-    degenerate = (singular | (weak.any(-1) if m else torch.zeros_like(singular))) & ~failed
+    active = slack <= small * (1 + _inf_norm(h)).unsqueeze(-1)
+    weak = (lam <= small * (1 + _inf_norm(lam)).unsqueeze(-1)) & active
+    degenerate = (singular | (weak.any(-1) if m else torch.zeros_like(singular)) | _dependent(A, G, active)) & ~failed
     # one host read for the three decisions (the singular elements' u is replaced, then checked, below)
     any_singular, any_degenerate, finite = torch.stack(
         [singular.any(), degenerate.any(), (torch.isfinite(u).all(-1) | singular | failed).all()]).tolist()
