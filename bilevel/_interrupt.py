@@ -8,17 +8,27 @@ first SIGINT into a request that the loop reads between steps: the run ends
 after the step in progress, and returns its result, whose state resumes the run
 exactly.  A second SIGINT interrupts at once, as usual.
 
-The handler is installed only in the main thread and only where Python's own
-default handler is in place (a handler set by the user, a notebook kernel or a
-framework is left alone).
+The handler is installed only in the main thread, only where Python's own
+default handler is in place (a handler set by the user or a framework is left
+alone; a Jupyter kernel restores the default one while a cell runs, so its
+Interrupt button acts like Ctrl-C here), and only by the outermost run: a
+``solve`` nested in another run's step (in a callback, an objective, or a
+tuner's training loss) installs nothing and runs to its end, so the step in
+progress is not cut short, and the second Ctrl-C still interrupts at once.  In
+a child process that inherited the handler (a forked data-loader worker) the
+signal is ignored: the main process decides.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from typing import Any, Optional
+
+_active = 0
+"""Runs in progress in the main thread (a nested run installs no handler of its own)."""
 
 
 class StopRequest:
@@ -37,17 +47,26 @@ class StopRequest:
         self.name = name
         self.requested = False
         self._previous: Optional[Any] = None
+        self._counted = False
+        self._pid = -1
 
     def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            try:
-                if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                    self._previous = signal.signal(signal.SIGINT, self._handle)
-            except (ValueError, OSError):  # no signals here (e.g. an embedded interpreter)
-                self._previous = None
+        global _active
+        self._counted = threading.current_thread() is threading.main_thread()
+        if self._counted:
+            _active += 1
+            if _active == 1:
+                try:
+                    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                        self._pid = os.getpid()
+                        self._previous = signal.signal(signal.SIGINT, self._handle)
+                except (ValueError, OSError):  # no signals here (e.g. an embedded interpreter)
+                    self._previous = None
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child (data-loader worker): the main process decides
+            return
         self.requested = True
         self._restore()  # a second Ctrl-C interrupts at once
         print(f"\n{self.name}: stopping after the current step (Ctrl-C again to interrupt at once).",
@@ -61,7 +80,10 @@ class StopRequest:
                 self._previous = None
 
     def __exit__(self, *exc_info) -> None:
+        global _active
         self._restore()
+        if self._counted:
+            _active -= 1
 
 
 __all__ = ["StopRequest"]

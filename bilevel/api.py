@@ -297,10 +297,7 @@ def solve(
             step, the first for ``outer`` and the second for ``inner`` (each
             cycled on its own; see :class:`~bilevel.problems.LevelBatches`).
         callback: ``callback(state, record)`` after each step (or ``callback(state)``);
-            returning ``True`` stops the run.  So does Ctrl-C (SIGINT, in the main
-            thread): the run ends after the step in progress and returns, with
-            ``result.message`` saying so, and ``resume=result.state`` continues it
-            exactly; a second Ctrl-C interrupts at once.
+            returning ``True`` stops the run.
         progress: show a tqdm progress bar (default ``True``).
         resume: a checkpoint (``result.state`` or ``state.state_dict()``) to
             continue from; the run then ends where the uninterrupted one ends.
@@ -308,7 +305,13 @@ def solve(
             ``"unrolled"``, ``solve=CG(maxiter=20)`` for ``"implicit"``).
 
     Returns:
-        A :class:`BilevelResult`.
+        A :class:`BilevelResult`.  Ctrl-C (SIGINT, in the main thread) also ends the
+        run, after the step in progress: ``solve`` then returns normally, with a
+        :class:`~bilevel.status.BilevelWarning` and ``result.message`` saying so, and
+        ``resume=result.state`` continues it exactly.  The code after ``solve`` then
+        runs (a script that loops over runs goes on to the next one); a second Ctrl-C
+        interrupts at once with ``KeyboardInterrupt``.  A ``solve`` nested in another
+        run's step runs to its end.
 
     Raises:
         ValueError: an unknown method (the message lists the known ones), an
@@ -390,21 +393,22 @@ def solve(
                     if callback is not None and callback(state, record):
                         message = "stopped by the callback"
                         break
-                if max_time is not None and time.perf_counter() - start >= max_time:
-                    message = f"reached max_time={max_time} s"
-                elif stop.requested:
-                    message = (f"stopped by Ctrl-C after step {state.iteration}; `resume=result.state` "
-                               "continues the run")
-                else:
+                timed_out = max_time is not None and time.perf_counter() - start >= max_time
+                if not (timed_out or (stop.requested and state.iteration < max_steps)):
                     continue
                 info = state.info
-                state = _settle(algorithm, problem, state, batch, pending, caught)
+                state = _settle(algorithm, problem, state, batch, pending, caught)  # may go back
                 _account_batches(batches, drawn, state, info)
                 _flush(pending, history, bar)
+                message = (f"reached max_time={max_time} s" if timed_out else
+                           f"stopped by Ctrl-C after step {state.iteration} of {max_steps}; "
+                           "`resume=result.state` continues the run")
                 break
         finally:
             bar.close()
             _warn_once(caught)  # also when a step raised: the warnings that led there
+    if message.startswith("stopped by Ctrl-C"):  # the caller's script goes on: say so
+        warnings.warn(f"solve: {message}.", BilevelWarning, stacklevel=2)
     return BilevelResult(x=state.x, y=state.y, history=history, converged=converged, state=state, message=message)
 
 

@@ -98,3 +98,30 @@ def test_the_tuner_stops_after_the_hyper_step_and_its_state_resumes_the_run():
     rest = run(resume=part.state)
     for a, b in zip(full.hparams["decay"].values(), rest.hparams["decay"].values()):
         assert torch.equal(a, b)
+
+
+def test_a_nested_solve_runs_to_its_end_and_the_outer_run_stops_after_its_step():
+    """Ctrl-C while a solve runs inside the outer run's callback: cutting the inner run short
+    would corrupt the outer step in progress, so the inner one installs nothing and ends
+    normally; the outer run stops after that step."""
+    inner_runs = []
+
+    def outer_callback(state, record):
+        if state.iteration == 3:
+            inner_runs.append(bilevel.solve(quadratic(), max_steps=10, progress=False, callback=_interrupt_at(2)))
+        return False
+
+    result = bilevel.solve(quadratic(), max_steps=40, progress=False, callback=outer_callback)
+    assert inner_runs[0].state.iteration == 10 and inner_runs[0].message.startswith("reached max_steps")
+    assert result.state.iteration == 3 and "Ctrl-C after step 3 of 40" in result.message
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_the_last_step_is_no_interruption():
+    result = bilevel.solve(quadratic(), max_steps=5, progress=False, callback=_interrupt_at(5))
+    assert result.state.iteration == 5 and result.message == "reached max_steps=5"
+
+
+def test_the_interruption_warns():
+    with pytest.warns(bilevel.BilevelWarning, match=r"stopped by Ctrl-C after step 4 of 30"):
+        bilevel.solve(quadratic(), max_steps=30, progress=False, callback=_interrupt_at(4))

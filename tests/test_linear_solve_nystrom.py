@@ -32,7 +32,7 @@ def test_full_rank_sketch_solves_exactly():
     b = torch.randn(40, generator=torch.Generator().manual_seed(1), dtype=F64)
     x, info = Nystrom(rank=40)(lambda v: A @ v, b)
     torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=0)
-    assert int(info.status) == Status.SUCCESS and int(info.iterations) == 41  # 40 sketch products + 1 residual
+    assert int(info.status) == Status.SUCCESS and int(info.iterations) == 40  # the sketch's products
 
 
 @pytest.mark.parametrize("rho", [None, 0.5])
@@ -53,7 +53,8 @@ def test_low_rank_formula_against_the_dense_nystrom_approximation(rho):
     tail = L.min() if rho is None else torch.tensor(rho, dtype=F64)
     expected = U @ ((U.T @ b) / torch.maximum(L, tail)) + (b - U @ (U.T @ b)) / tail
     torch.testing.assert_close(x, expected, rtol=1e-8, atol=1e-12)
-    assert int(info.status) == Status.MAX_ITERATIONS  # an approximation: not within tol
+    # no tolerance without CG (like Neumann's terms): a success, with the residual it reached
+    assert int(info.status) == Status.SUCCESS and float(info.relative_residual) > 1e-3
     assert float(info.residual_norm) == pytest.approx(float((b - A @ x).norm()), rel=1e-12)
 
 
@@ -100,7 +101,7 @@ def test_pytree_scalar_and_float32():
     torch.testing.assert_close(x["w"], torch.tensor(0.25))
     assert x["u"].dtype == torch.float32 and bool(info.converged)
     x, info = Nystrom()(lambda v: 3 * v, torch.tensor(2.0, dtype=F64))  # 0-d: rank 1 is all there is
-    assert float(x) == pytest.approx(2 / 3) and int(info.iterations) == 2
+    assert float(x) == pytest.approx(2 / 3) and int(info.iterations) == 1
 
 
 def test_reproducible_from_its_seed():
@@ -171,3 +172,35 @@ def test_hermitian_complex_systems(maxiter):
     x, info = Nystrom(rank=8 if maxiter == 0 else 3, maxiter=maxiter)(lambda v: A @ v, b)
     torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
     assert bool(info.converged) and info.residual_norm.dtype == F64
+
+
+@pytest.mark.parametrize("dtype, scale", [(F64, 1e-170), (F64, 1e160), (torch.float32, 1e-30), (torch.float32, 1e30)])
+@pytest.mark.parametrize("maxiter", [0, 100])
+def test_tiny_and_huge_right_hand_sides(dtype, scale, maxiter):
+    """Solved on b / s like the Krylov solvers: no underflow to a zero residual, no inf threshold."""
+    A = spectrum_matrix(torch.logspace(2, 0, 30, dtype=F64)).to(dtype)
+    b = torch.ones(30, dtype=dtype) * scale
+    x, info = Nystrom(rank=30 if maxiter == 0 else 5, maxiter=maxiter, tol=1e-5)(lambda v: A @ v, b)
+    reference = torch.linalg.solve(A.double(), torch.ones(30, dtype=F64)) * scale
+    assert bool(info.converged)
+    assert float(((x.double() - reference) / scale).norm() / (reference / scale).norm()) < 1e-3
+
+
+def test_a_huge_operator_in_float32():
+    A = spectrum_matrix(torch.logspace(2, 0, 20, dtype=F64)).float() * 1e30
+    b = torch.ones(20)
+    x, info = Nystrom(rank=20)(lambda v: A @ v, b)
+    assert bool(info.converged) and bool(torch.isfinite(x).all())
+
+
+def test_full_rank_is_exact_up_to_condition_1e9_in_float64():
+    A = spectrum_matrix(torch.logspace(9, 0, 40, dtype=F64))
+    b = torch.randn(40, generator=torch.Generator().manual_seed(13), dtype=F64)
+    x, _ = Nystrom(rank=40)(lambda v: A @ v, b)
+    exact = torch.linalg.solve(A, b)
+    assert float((x - exact).norm() / exact.norm()) < 1e-5
+
+
+def test_the_zero_operator_is_a_breakdown():
+    x, info = Nystrom(rank=3)(lambda v: 0 * v, torch.ones(3, dtype=F64))
+    assert int(info.status) == Status.BREAKDOWN and torch.equal(x, torch.zeros(3, dtype=F64))

@@ -285,7 +285,8 @@ backoffs: how many times a run whose iterates blow up goes back to a saved state
     re-estimate, a median of :math:`\|d_x\|` over the (at least 10) steps since the
     last test a hundred times its lowest value before (from the second window on) and
     above the first window's, with :math:`\|(x, y)\|` ten times larger than both
-    :math:`s` and its size in the window of the lowest median.
+    :math:`s` and its size in the window of the lowest median, and the median outer
+    value more than doubled (or, negative, risen above 0) since that window.
     Steps that ``lr`` also sets (LV-HBA's :math:`y` step,
     and its :math:`\beta` unless given) shrink alike; other :math:`y` steps are
     unchanged.  On accelerators the test reads the iterates' norms every 8 steps, at
@@ -466,7 +467,7 @@ class SingleLoop(Algorithm):
         state.info = info
         checks = state.__dict__.setdefault(_DEFERRED, [])
         checks.append((state.iteration, tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)).detach(),
-                       state.__dict__.pop(_DX_NORM, math.nan), outer))
+                       state.__dict__.pop(_DX_NORM, math.nan), info.values()[0], outer))
         if len(checks) >= _sync_every(checks[-1][1]):  # every step on the CPU, every few on accelerators
             self._settle_divergence(state, outer)
         return state
@@ -515,9 +516,11 @@ class SingleLoop(Algorithm):
         ex = state.extras
         scale = _scale(ex)
         measuring = _SCALE not in ex  # the largest size before the first re-estimate becomes part of s
-        numbers = host_floats([check[1] for check in checks] + [check[2] for check in checks])
+        count = len(checks)
+        numbers = host_floats([c[1] for c in checks] + [c[2] for c in checks] + [c[3] for c in checks])
         window = ex.setdefault(_DX_WINDOW, []) if self.rescale_every else []
-        for (step, _, _, outer_then), size, dx in zip(checks, numbers[:len(checks)], numbers[len(checks):]):
+        for (step, *_, outer_then), size, dx, value in zip(
+                checks, numbers[:count], numbers[count:2 * count], numbers[2 * count:]):
             if not math.isfinite(size) or size > _BLOW_UP * scale:
                 self._diverged(state, step, size, scale, cause)
                 with torch.no_grad():  # went back to a saved state: report where it stands
@@ -533,53 +536,62 @@ class SingleLoop(Algorithm):
                 return True
             if measuring:
                 ex[_SIZE_MAX] = max(ex.get(_SIZE_MAX, 0.0), size)
-            window.append((dx, size))
+            window.append((dx, size, value))
         ex[_SIZE_LAST] = (step, size)
         return False
 
     def _growth_diverged(self, state: State, outer: Callable) -> bool:
-        r"""At a re-estimate with at least 10 steps read since the last test: the median
-        :math:`m_j` of :math:`\|d_x\|` over them (window :math:`j`, counted from the start
-        or the last back-off; unscaled, also where the history reports :math:`c_k\|d_x\|`).
+        r"""At a re-estimate with at least 10 steps read since the last test: the medians
+        :math:`m_j` of :math:`\|d_x\|` (unscaled, also where the history reports
+        :math:`c_k\|d_x\|`) and :math:`F_j` of the outer value over them (window :math:`j`,
+        counted from the start or the last back-off).
 
         A run whose iterates diverge slowly (an x step too large for the coupled iteration,
         where :math:`\|(x, y)\|` would reach the blow-up limit only after many steps) shows
-        both a growing direction and growing iterates: it is taken for a blow-up, going back
-        to a saved state with the x step divided by 10, where
+        a growing direction, growing iterates and a rising outer objective; it is taken for
+        a blow-up (going back to a saved state with the x step divided by 10) where, with
+        window :math:`l` the one of the lowest :math:`m` before,
 
-        * :math:`m_j > 100 \min_{1 \le i < j} m_i` and :math:`m_j > m_0` (the first window,
-          a transient, is no reference for the minimum), and
-        * :math:`\|(x, y)\|^2 > 100 \max(s^2, \|(x, y)\|^2_{\text{low}})` at the last step
-          read, with :math:`s` the scale of the blow-up test and the largest size of the
-          window of the lowest median: the iterates went ten times farther out.
+        * :math:`m_j > 100\, m_l` and :math:`m_j > m_0` (the first window, a transient, is
+          no reference for the minimum),
+        * :math:`\|(x, y)\|^2 > 100 \max(s^2, \|(x, y)\|^2_l)` at the last step read, with
+          :math:`s` the scale of the blow-up test and the largest size of window :math:`l`,
+        * :math:`F_j > F_l + |F_l|`: the objective the method minimizes went up.
 
-        The second condition keeps healthy runs whose direction grows from near zero
-        (the escape from a stationary point, where :math:`\|(x, y)\|` stays bounded) from
-        being taken for a divergence.
+        Each condition alone also holds in healthy runs: a direction that grows from near
+        zero while :math:`x` leaves a stationary point (with :math:`\|(x, y)\|` bounded, or
+        travelling far to a distant solution while :math:`F` falls).
         """
         ex = state.extras
-        window = [(dx, size) for dx, size in ex.get(_DX_WINDOW, []) if not math.isnan(dx)]
+        window = [entry for entry in ex.get(_DX_WINDOW, []) if not math.isnan(entry[0])]
         if len(window) < _MIN_WINDOW:
             return False
         ex.pop(_DX_WINDOW)
-        values = sorted(dx for dx, _ in window)
-        median, largest, last = values[len(values) // 2], max(size for _, size in window), window[-1][1]
+        median = _median([dx for dx, _, _ in window])
+        value = _median([f for _, _, f in window])
+        largest, last = max(size for _, size, _ in window), window[-1][1]
         first, low = ex.get(_DX_FIRST), ex.get(_DX_LOW)
         if first is None:
             ex[_DX_FIRST] = median
             return False
-        farther = last > _GROWTH * max(_scale(ex), ex.get(_DX_LOW_SIZE, 0.0))
-        if low is not None and median > _GROWTH * low and median > first and farther:
-            step = state.iteration
-            self._diverged(state, step, last, _scale(ex), None,
-                           what=f"the iterates diverged slowly: |d_x| grew {median / low:.3g}-fold by step {step} "
-                                f"(median of the last {len(values)} steps {median:.3g}, {low:.3g} at its lowest) "
-                                f"and |(x, y)| to {math.sqrt(last):.3g}")
-            with torch.no_grad():
-                state.info = StepInfo(outer=report_value(outer(state.x, state.y)), rolled_back_at=step + 1)
-            return True
+        if low is not None:
+            low_value = ex[_DX_LOW_OUTER]
+            growing = median > _GROWTH * low and median > first
+            farther = last > _GROWTH * max(_scale(ex), ex[_DX_LOW_SIZE])
+            rising = value > low_value + abs(low_value)
+            if growing and farther and rising:
+                step = state.iteration
+                grew = f"{median / low:.3g}-fold" if low > 0 else "from 0"
+                self._diverged(state, step, last, _scale(ex), None,
+                               what=f"the iterates diverged slowly: |d_x| grew {grew} by step {step} (median "
+                                    f"of the last {len(window)} steps {median:.3g}, {low:.3g} at its lowest), "
+                                    f"|(x, y)| to {math.sqrt(last):.3g} and the outer value from {low_value:.3g} "
+                                    f"to {value:.3g}")
+                with torch.no_grad():
+                    state.info = StepInfo(outer=report_value(outer(state.x, state.y)), rolled_back_at=step + 1)
+                return True
         if low is None or median < low:
-            ex[_DX_LOW], ex[_DX_LOW_SIZE] = median, largest
+            ex[_DX_LOW], ex[_DX_LOW_SIZE], ex[_DX_LOW_OUTER] = median, largest, value
         return False
 
     _backoff_scope = "the y steps are unchanged"
@@ -636,6 +648,7 @@ _DX_WINDOW = "dx_window"            # (|d_x|, |(x, y)|^2) of the steps read sinc
 _DX_FIRST = "dx_first"              # the median of the first window (from the start or a back-off)
 _DX_LOW = "dx_low"                  # the lowest median of the later windows
 _DX_LOW_SIZE = "dx_low_size"        # the largest |(x, y)|^2 of that window
+_DX_LOW_OUTER = "dx_low_outer"      # the median outer value of that window
 _DX_NORM = "_dx_norm"
 """Attribute of a :class:`State` (not part of its checkpoint): the step's unscaled |d_x|."""
 _GROWTH = 100.0
@@ -701,7 +714,7 @@ def _roll_back(state: State, limit: int) -> bool:
         return False
     to_newest = newest is not None and (start is None or not ex.get(_ROLLBACK_USED, False))
     state.load_state_dict(newest if to_newest else start)
-    for key in (_DX_WINDOW, _DX_FIRST, _DX_LOW, _DX_LOW_SIZE):  # the growth test starts over
+    for key in (_DX_WINDOW, _DX_FIRST, _DX_LOW, _DX_LOW_SIZE, _DX_LOW_OUTER):  # the growth test starts over
         state.extras.pop(key, None)
     state.extras.update({"x_step_scale": 10.0 ** -(taken + 1), "backoffs_taken": taken + 1})
     if start is not None:
@@ -729,6 +742,12 @@ def step_report(outer, state: State, d_x: Leaves, inner_residual, scale: float =
 
 def _detached(value: Any) -> Any:
     return value.detach() if torch.is_tensor(value) else value
+
+
+def _median(values: list) -> float:
+    """The upper median of a non-empty list of floats."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def power_schedule(base: float, k: int, exponent: float) -> float:

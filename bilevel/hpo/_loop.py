@@ -324,9 +324,10 @@ class Tuner:
                         break
             finally:
                 bar.close()
-        if stop.requested and message.startswith("reached"):
-            message = (f"stopped by Ctrl-C after hyper-step {self.iteration} ({self.train_steps} training steps); "
-                       "the result's `state` resumes the run")
+        if stop.requested and message.startswith("reached") and self.iteration < max_steps:
+            message = (f"stopped by Ctrl-C after hyper-step {self.iteration} of {max_steps} ({self.train_steps} "
+                       "training steps); the result's `state` resumes the run")
+            warnings.warn(f"{self._desc}: {message}.", BilevelWarning, stacklevel=2)
         for category, (count, first_step, text) in caught.items():
             warnings.warn(f"{self._desc}: {category.__name__} at {count} hyper-step(s) (first at step "
                           f"{first_step}): {text}", category, stacklevel=2)

@@ -597,17 +597,25 @@ class _QPFunction(torch.autograd.Function):
 def _dependent(A: torch.Tensor, G: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     r"""Per element: whether the gradients of the active constraints, the rows of :math:`A`
     and of :math:`G` where ``active``, are linearly dependent (LICQ fails: the
-    multipliers are not unique).  The rank counts singular values above
-    :math:`\sqrt{\varepsilon}` times the largest; at the interior point's last iterate the
-    KKT matrix of such a solution is only nearly singular (its slack block is of the
-    order of the solver's tolerance), so its pivots alone do not show it."""
-    rows = torch.cat([A, G * active.unsqueeze(-1).to(G.dtype)], -2)
-    count = A.shape[-2] + active.sum(-1)
-    if rows.shape[-2] == 0 or rows.shape[-1] == 0:
-        return count > rows.shape[-1]
-    values = torch.linalg.svdvals(rows)
-    rank = (values > (torch.finfo(rows.dtype).eps ** 0.5) * values.amax(-1, keepdim=True)).sum(-1)
-    return rank < count
+    multipliers are not unique).  The rows are normalized and their Gram matrix
+    factorized (inactive rows as unit rows of their own); a squared pivot, the squared
+    distance of a row to the span of the rows before it, below :math:`\sqrt{\varepsilon}`
+    is a dependence.  At the interior point's last iterate the KKT matrix of such a
+    solution is only nearly singular (its slack block is of the order of the solver's
+    tolerance), so its own pivots do not show it.  No host read (a Cholesky, not an SVD)."""
+    rows = torch.cat([A, G], -2)
+    if rows.shape[-2] == 0:
+        return torch.zeros(rows.shape[:-2], dtype=torch.bool, device=rows.device)
+    used = torch.cat([torch.ones(A.shape[:-1], dtype=torch.bool, device=A.device), active], -1)
+    size = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+    unit = torch.where(used.unsqueeze(-1) & (size > 0), rows / torch.where(size > 0, size, 1), 0)
+    gram = unit @ unit.mT
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    gram = torch.where(used.unsqueeze(-1) & used.unsqueeze(-2), gram, eye)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    pivots = factor.diagonal(dim1=-2, dim2=-1) ** 2
+    zero_row = (used & (size.squeeze(-1) == 0)).any(-1)  # a 0 = 0 constraint row: no direction at all
+    return (info > 0) | (pivots.amin(-1) <= torch.finfo(rows.dtype).eps ** 0.5) | zero_row
 
 
 def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):

@@ -11,7 +11,7 @@ import torch
 from ..._checks import check_fields as _check_fields
 from ..._tree import seeded_normal_like
 from ...status import Status
-from ._base import LinearSolver, _mark, _norm, _on_host, _positive_int_or_none, _tol_ok
+from ._base import KrylovSolver, _mark, _scaled_norm, _tol_ok, resolve_maxiter
 from .cg import _cg
 
 
@@ -20,7 +20,7 @@ def _non_negative_int(value) -> bool:
 
 
 @dataclass(frozen=True)
-class Nystrom(LinearSolver):
+class Nystrom(KrylovSolver):
     r"""Randomized Nyström approximation of a symmetric positive semi-definite ``A``.
 
     From :math:`k` = ``rank`` products with an orthonormal Gaussian sketch
@@ -47,7 +47,10 @@ class Nystrom(LinearSolver):
     most ``rank`` and :math:`b` in its range (then :math:`x = A^+ b`).  With ``maxiter = 0`` (default) the solve returns
     :math:`x = P b`: the Nyström approximation of :math:`A^{-1} b` used for
     hypergradients by Hataya and Yamada, accurate where the spectrum decays
-    fast, for :math:`k + 1` products (the last one measures the residual).  With
+    fast, for :math:`k` products.  (Hataya and Yamada build the approximation from
+    sampled columns and invert :math:`\hat A + \rho I` by the Woodbury identity;
+    here a Gaussian sketch is used, and the captured eigenvalues are kept as they
+    are, floored at :math:`\rho`.)  With
     ``maxiter > 0``, CG preconditioned by :math:`P` goes on from there to ``tol``
     (Nyström PCG of Frangella et al.): the :math:`k` captured eigenvalues no
     longer slow CG down, which pays where a few large eigenvalues dominate a
@@ -56,25 +59,35 @@ class Nystrom(LinearSolver):
     The ``rank`` products run as one batched call, so on an accelerator the
     sketch costs about as much as a few single products.  Each batch element
     gets its own sketch and factorization (from one seeded draw: the same
-    ``seed`` gives the same answer on every device and run).  ``A`` must be
-    symmetric positive semi-definite: an element whose sketched matrix
-    :math:`\Omega^\top A \Omega` has no Cholesky factor (indefinite :math:`A`) is reported
-    as :attr:`~bilevel.status.Status.BREAKDOWN` with :math:`x = 0` (with
-    ``maxiter > 0``, plain CG runs for it instead), one whose products are not
-    finite as NONFINITE.  Without ``maxiter``, a residual above ``tol`` is
-    reported as MAX_ITERATIONS (an approximation, not a failure of the sketch):
-    raise ``rank`` or set ``maxiter``.
+    ``seed`` gives the same answer on every device and run), and, as in the
+    Krylov solvers, works on :math:`b / s` with :math:`s` a power of two near
+    :math:`\max |b|`, so tiny and huge right-hand sides are solved alike.
+    Captured eigenvalues below :math:`\varepsilon^{2/3} \lambda_1` count as
+    numerically zero (they get :math:`\rho` too): the approximation is exact up to
+    condition numbers of about :math:`\varepsilon^{-2/3}` (:math:`3 \cdot 10^{10}` in
+    float64, :math:`4 \cdot 10^{4}` in float32).
+
+    ``maxiter = 0`` has no tolerance, like :class:`Neumann`'s fixed number of
+    terms: the approximation is a success unless the sketch fails, and
+    ``info.residual_norm`` says how close it came (``x0`` is not used).  ``A``
+    must be symmetric positive semi-definite: an element whose sketched matrix
+    :math:`\Omega^\top A \Omega` has no Cholesky factor (an indefinite :math:`A` whose
+    negative curvature the sketch caught, or :math:`A = 0`) is reported as
+    :attr:`~bilevel.status.Status.BREAKDOWN` with :math:`x = 0` (with ``maxiter > 0``,
+    plain CG runs for it instead, and reports what it finds), one whose products
+    are not finite as NONFINITE.
 
     Args:
+        maxiter: preconditioned CG iterations after the sketch; default 0 (the
+            approximation alone); ``None``: ``10 n`` capped at 1000.
+        tol: relative residual tolerance of the CG iterations; ``None`` scales
+            with the dtype.
         rank: sketch size :math:`k` (products spent on the approximation), at most
             :math:`n` is used; default 20.
-        maxiter: preconditioned CG iterations after the approximation; default 0
-            (the approximation alone); ``None``: ``10 n`` capped at 1000.
-        tol: relative residual tolerance; ``None`` scales with the dtype.
-        atol: absolute residual tolerance, default 0.
         rho: eigenvalue given to the directions outside the sketch; ``None``: the
-            smallest captured eigenvalue above ``sqrt(eps)`` times the largest.
+            smallest captured eigenvalue that is not numerically zero.
         seed: seed of the Gaussian sketch (drawn in float64 on the CPU).
+        atol: absolute residual tolerance of the CG iterations (keyword), default 0.
 
     Raises:
         RuntimeError: ``matvec`` cannot be batched by :func:`torch.func.vmap`.
@@ -100,46 +113,46 @@ class Nystrom(LinearSolver):
         differentiation <https://arxiv.org/abs/2302.09726>`_. AISTATS 2023.
     """
 
-    rank: int = 20
     maxiter: Optional[int] = 0
-    tol: Optional[float] = None
-    atol: float = 0.0
+    rank: int = 20
     rho: Optional[float] = None
     seed: int = 0
 
     def __post_init__(self):
         _check_fields(
             self,
-            rank=(lambda v: _positive_int_or_none(v) and v is not None, "a positive int"),
             maxiter=(lambda v: v is None or _non_negative_int(v), "a non-negative int or None"),
             tol=(_tol_ok, "a float in (0, 1) or None"),
             atol=(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"),
                   "a non-negative float"),
+            rank=(lambda v: _non_negative_int(v) and v > 0, "a positive int"),
             rho=(lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                          and 0 < v < float("inf")), "a positive float or None"),
             seed=(_non_negative_int, "a non-negative int"),
         )
 
     def max_products(self, n: int) -> int:
-        refine = min(10 * n, 1000) if self.maxiter is None else self.maxiter
-        return min(self.rank, n) + refine
+        return min(self.rank, n) + resolve_maxiter(self.maxiter, n)
 
     def _gradient_rule(self):
         return "self", self  # the operator is symmetric
 
-    def _solve(self, matvec, b, x0, flatten):
+    def _residual_tolerances(self, dtype: torch.dtype):
+        return None if self.maxiter == 0 else super()._residual_tolerances(dtype)  # no tolerance alone
+
+    def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):
+        """On the unit-scaled ``b`` (:meth:`KrylovSolver._solve`)."""
         nbatch, n = b.shape
         k = min(self.rank, n)
         U, eigenvalues, ok, finite = self._approximation(matvec, b, k)
         real = eigenvalues.dtype
         if self.rho is not None:
             rho = torch.full((nbatch, 1), float(self.rho), dtype=real, device=b.device)
-        else:
-            # the smallest captured eigenvalue that is not numerically 0 (a singular A's null
+        else:  # the smallest captured eigenvalue that is not numerically 0 (a singular A's null
             # directions in the sketch would otherwise amplify rounding by 1 / rho)
-            regular = eigenvalues > (torch.finfo(real).eps ** 0.5) * eigenvalues[:, :1]
+            regular = eigenvalues > torch.finfo(real).eps ** (2 / 3) * eigenvalues[:, :1]
             rho = torch.where(regular, eigenvalues, torch.inf).amin(-1, keepdim=True)
-            rho = torch.where(torch.isfinite(rho), rho, torch.ones_like(rho))  # A = 0 on the sketch: no scale
+            rho = torch.where(torch.isfinite(rho), rho, torch.ones_like(rho))  # no such eigenvalue
         inverse = 1.0 / torch.maximum(eigenvalues, rho)
         usable = (ok & finite).unsqueeze(-1)
 
@@ -151,22 +164,15 @@ class Nystrom(LinearSolver):
             tail = (r - (U @ coefficients.unsqueeze(-1)).squeeze(-1)) / rho
             return torch.where(usable, head + tail, r)
 
-        threshold = self._threshold(b)
         products = torch.full((nbatch,), k, dtype=torch.int64, device=b.device)
-        if self.maxiter != 0:
+        if maxiter > 0:
             start = precondition(b) if x0 is None else x0
-            maxiter = min(10 * n, 1000) if self.maxiter is None else self.maxiter
             x, iterations, status, *estimate = _cg(matvec, b, start, threshold, maxiter, precondition)
             status = _mark(status, ~finite & (status == Status.SUCCESS), Status.NONFINITE)
             return (x, iterations + products, status, *estimate)
         x = torch.where(usable, precondition(b), torch.zeros_like(b))
-        residual = _norm(b - matvec(x))
-        status = torch.where(residual <= threshold, int(Status.SUCCESS), int(Status.MAX_ITERATIONS))
-        status = _mark(status, ~ok, Status.BREAKDOWN)
-        status = _mark(status, ~finite, Status.NONFINITE)
-        if _on_host(status) and not bool((status == Status.SUCCESS).any()):
-            return x, products + 1, status, residual  # no success claimed: the residual just measured
-        return x, products + 1, status
+        status = _mark(torch.zeros_like(products), ~ok, Status.BREAKDOWN)
+        return x, products, _mark(status, ~finite, Status.NONFINITE)
 
     def _approximation(self, matvec, b: torch.Tensor, k: int):
         """``(U, eigenvalues, ok, finite)``: the ``(B, n, k)`` eigenvectors and ``(B, k)``
@@ -188,7 +194,7 @@ class Nystrom(LinearSolver):
         finite = torch.isfinite(columns).flatten(1).all(-1)
         columns = torch.where(finite[:, None, None], columns, 0)
         eps = torch.finfo(b.dtype).eps
-        shift = (n ** 0.5) * eps * torch.linalg.matrix_norm(columns)  # (B,), ||A Omega||_F
+        shift = (n ** 0.5) * eps * _scaled_norm(columns.flatten(1))  # (B,), ||A Omega||_F without overflow
         shifted = columns + shift[:, None, None] * omega
         small = omega.mH @ shifted
         small = 0.5 * (small + small.mH)
