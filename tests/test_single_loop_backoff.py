@@ -128,19 +128,24 @@ def test_lvhba_back_off_shrinks_the_joint_step_and_says_so():
     assert messages and "the joint (x, y) step alpha, and beta where it follows alpha, shrink alike" in messages[0]
 
 
-def test_accelerator_path_backs_off_as_on_the_cpu(monkeypatch):
-    """The slow blow-up of SOBA on Q read every 8 steps (accelerators) goes back to the same
-    state with the same warnings as read every step, and ends at the same iterates."""
+@pytest.mark.parametrize("method, problem, lr, steps, what", [
+    ("soba", quadratic, 0.2, 1200, "went back to step"),        # lr 0.2: a divergence read late
+    ("penalty", lambda: quadratic(d=20, m=10), None, 300, "diverged slowly"),  # the derived step
+], ids=["soba-lr", "penalty-default"])
+def test_accelerator_path_backs_off_as_on_the_cpu(monkeypatch, method, problem, lr, steps, what):
+    """Read every 8 steps (accelerators), a divergence goes back to the same state with the
+    same warnings as read every step, and the run ends at the same iterates (the growth test's
+    medians are read at the re-estimates, where the deferred checks are read anyway)."""
     runs = []
     for simulated in (False, True):
         if simulated:
             simulate_accelerator(monkeypatch, 8)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = bilevel.solve(quadratic(), method="soba", lr=0.2, max_steps=1200, progress=False)
+            result = bilevel.solve(problem(), method=method, lr=lr, max_steps=steps, progress=False)
         runs.append((result, sorted(str(w.message) for w in caught if issubclass(w.category, StepSizeWarning))))
     (cpu, cpu_warnings), (device, device_warnings) = runs
-    assert cpu_warnings and cpu_warnings == device_warnings
+    assert cpu_warnings and cpu_warnings == device_warnings and what in cpu_warnings[0]
     assert torch.equal(cpu.x, device.x) and torch.equal(cpu.y, device.y)
 
 
@@ -241,22 +246,6 @@ def test_stable_runs_take_no_growth_back_off(method):
             result = bilevel.solve(problem, method=method, max_steps=600, progress=False)
         assert not [w for w in caught if issubclass(w.category, StepSizeWarning)]
         assert "backoffs_taken" not in result.state.extras
-
-
-def test_the_growth_test_acts_alike_on_accelerators(monkeypatch):
-    """The medians are read at the re-estimates, where the deferred checks are read
-    anyway: the same back-offs and the same iterates with reads every 8 steps."""
-    runs = []
-    for simulated in (False, True):
-        if simulated:
-            simulate_accelerator(monkeypatch, 8)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = bilevel.solve(quadratic(d=20, m=10), method="penalty", max_steps=300, progress=False)
-        runs.append((result, [str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)]))
-    (cpu, cpu_warnings), (device, device_warnings) = runs
-    assert cpu_warnings and cpu_warnings == device_warnings and "-fold" in cpu_warnings[0]
-    assert torch.equal(cpu.x, device.x) and torch.equal(cpu.y, device.y)
 
 
 def test_a_run_resumed_across_a_growth_back_off_equals_the_whole_run():
