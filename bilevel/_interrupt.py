@@ -52,16 +52,19 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         global _active
-        self._counted = threading.current_thread() is threading.main_thread()
-        if self._counted:
-            _active += 1
-            if _active == 1:
-                try:
-                    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                        self._pid = os.getpid()
-                        self._previous = signal.signal(signal.SIGINT, self._handle)
-                except (ValueError, OSError):  # no signals here (e.g. an embedded interpreter)
-                    self._previous = None
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        _active += 1
+        self._counted = True
+        try:
+            if _active == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._pid = os.getpid()
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+        except (ValueError, OSError):  # no signals here (e.g. an embedded interpreter)
+            self._previous = None
+        except BaseException:  # a Ctrl-C right here: leave the count as it was
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -81,9 +84,12 @@ class StopRequest:
 
     def __exit__(self, *exc_info) -> None:
         global _active
-        self._restore()
-        if self._counted:
-            _active -= 1
+        try:
+            self._restore()
+        finally:
+            if self._counted:
+                self._counted = False
+                _active -= 1
 
 
 __all__ = ["StopRequest"]

@@ -1,5 +1,7 @@
 """Batched QP solver and QPLayer: solutions, KKT gradients, batching, failures."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -244,3 +246,21 @@ def test_second_derivatives_at_a_singular_kkt_matrix_are_finite():
         (g,) = torch.autograd.grad((z**2).sum() + z.sum(), q, create_graph=True)
         (h,) = torch.autograd.grad(g.sum(), q)
     assert bool(torch.isfinite(h).all()) and float(h.abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("far", [1e3, 1e6, 1e9])
+def test_a_distant_bound_is_solved_and_not_degenerate(far):
+    """A box with one bound far away (the usual stand-in for "no bound"): the merit of the
+    first iterations grows before it falls, which stopped the solver after 3 iterations;
+    and a distant bound elsewhere made the near rows count as active (degenerate)."""
+    G = torch.cat([torch.eye(2, dtype=torch.float64), -torch.eye(2, dtype=torch.float64)])
+    q = torch.tensor([-0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    h = torch.tensor([far, 1.0, 1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    z, info = qp_solve(torch.eye(2, dtype=torch.float64), q, G=G, h=h, return_info=True)
+    torch.testing.assert_close(z, torch.tensor([0.5, -0.3], dtype=torch.float64), atol=1e-9, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no CurvatureWarning: nothing is degenerate here
+        gq, gh = torch.autograd.grad(z.sum(), (q, h))
+    torch.testing.assert_close(gq, -torch.ones(2, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(gh, torch.zeros(4, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert not bool(info.degenerate)

@@ -396,6 +396,9 @@ def _newton_step(Q, A, G, z, y, lam, s, residuals):
 _STALL = 3
 """Iterations without a better merit after which an element stops: near the solution the
 KKT matrices lose all precision, and further steps make the residuals grow."""
+_STALL_FAR = 30
+"""The same where the best merit is still above ``sqrt(tol)``: the merit of the first
+iterations can grow before it falls (a bound far from the start)."""
 
 
 def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
@@ -425,7 +428,9 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
         best_merit = torch.where(better, merit, best_merit)
         stall = torch.where(better, 0, stall + 1)
         done = active & (merit <= tol)
-        stalled = active & ~done & (stall >= _STALL)
+        # far from a solution the merit may rise for a while (a start far from a distant bound):
+        # only near one does a short stall mean that precision ran out
+        stalled = active & ~done & (stall >= torch.where(best_merit <= tol ** 0.5, _STALL, _STALL_FAR))
         status = torch.where(done | (stalled & (best_merit <= 100 * tol)), int(QPStatus.SOLVED), status)
         active = active & ~done & ~stalled
         if k == maxiter or ((k + 1) % sync == 0 and not bool(active.any())):
@@ -607,6 +612,8 @@ def _dependent(A: torch.Tensor, G: torch.Tensor, active: torch.Tensor) -> torch.
     if rows.shape[-2] == 0:
         return torch.zeros(rows.shape[:-2], dtype=torch.bool, device=rows.device)
     used = torch.cat([torch.ones(A.shape[:-1], dtype=torch.bool, device=A.device), active], -1)
+    largest = rows.abs().amax(-1, keepdim=True)  # rows scaled by their largest entry first: no under/overflow
+    rows = rows / torch.where(largest > 0, largest, 1)
     size = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
     unit = torch.where(used.unsqueeze(-1) & (size > 0), rows / torch.where(size > 0, size, 1), 0)
     gram = unit @ unit.mT
@@ -644,7 +651,7 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
     # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
     slack = h - _mv(G, z)
     small = eps ** 0.25
-    active = slack <= small * (1 + _inf_norm(h)).unsqueeze(-1)
+    active = slack <= small * (1 + h.abs())  # per row: a distant bound elsewhere does not make a row active
     weak = (lam <= small * (1 + _inf_norm(lam)).unsqueeze(-1)) & active
     degenerate = (singular | (weak.any(-1) if m else torch.zeros_like(singular)) | _dependent(A, G, active)) & ~failed
     # one host read for the three decisions (the singular elements' u is replaced, then checked, below)
@@ -664,7 +671,7 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
         # one fixed text, so that a training loop shows it once; the elements are in info.degenerate
         warnings.warn(
             f"{stage}: a degenerate solution in the batch (a weakly active constraint with zero "
-            "multiplier, linearly dependent active constraints, or Q singular on their null space): "
+            "multiplier, (nearly) linearly dependent active constraints, or Q singular on their null space): "
             "the KKT matrix is singular or nearly so, the solution map is not differentiable there, "
             "and the gradient returned is one of its generalized gradients. The elements are marked "
             "in `info.degenerate` (QPLayer.last_info, or qp_solve(..., return_info=True)).",
