@@ -77,10 +77,8 @@ class StopRequest:
 
     def _restore(self) -> None:
         if self._previous is not None:
-            try:
-                signal.signal(signal.SIGINT, self._previous)
-            finally:
-                self._previous = None
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None  # only once given back: else a stale handler would swallow Ctrl-C
 
     def __exit__(self, *exc_info) -> None:
         global _active

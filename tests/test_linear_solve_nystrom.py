@@ -32,14 +32,14 @@ def test_full_rank_sketch_solves_exactly():
     b = torch.randn(40, generator=torch.Generator().manual_seed(1), dtype=F64)
     x, info = Nystrom(rank=40)(lambda v: A @ v, b)
     torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=0)
-    assert int(info.status) == Status.SUCCESS and int(info.iterations) == 41  # the sketch's products + 1
+    assert int(info.status) == Status.SUCCESS and int(info.iterations) == 40  # the sketch's products
 
 
 @pytest.mark.parametrize("rho", [None, 0.5])
 def test_low_rank_formula_against_the_dense_nystrom_approximation(rho):
-    """x = a P b, P b = U max(L, rho)^-1 U^T b + (b - U U^T b) / rho, with U L U^T the Nyström approximation
+    """x = U max(L, rho)^-1 U^T b + (b - U U^T b) / rho, with U L U^T the Nyström approximation
     A Om (Om^T A Om)^-1 Om^T A for the same orthonormal sketch, computed densely here
-    (rho = None: the smallest captured eigenvalue), and a the minimal-residual multiple."""
+    (rho = None: the smallest captured eigenvalue)."""
     n, k = 60, 12
     A = spectrum_matrix(decaying(n, 20))
     b = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=F64)
@@ -52,7 +52,6 @@ def test_low_rank_formula_against_the_dense_nystrom_approximation(rho):
     L, U = eigenvalues[-k:], vectors[:, -k:]
     tail = L.min() if rho is None else torch.tensor(rho, dtype=F64)
     expected = U @ ((U.T @ b) / torch.maximum(L, tail)) + (b - U @ (U.T @ b)) / tail
-    expected = expected * ((A @ expected) @ b) / ((A @ expected) @ (A @ expected))  # minimal residual
     torch.testing.assert_close(x, expected, rtol=1e-8, atol=1e-12)
     # no tolerance without CG (like Neumann's terms): a success, with the residual it reached
     assert int(info.status) == Status.SUCCESS and float(info.relative_residual) > 1e-3
@@ -102,7 +101,7 @@ def test_pytree_scalar_and_float32():
     torch.testing.assert_close(x["w"], torch.tensor(0.25))
     assert x["u"].dtype == torch.float32 and bool(info.converged)
     x, info = Nystrom()(lambda v: 3 * v, torch.tensor(2.0, dtype=F64))  # 0-d: rank 1 is all there is
-    assert float(x) == pytest.approx(2 / 3) and int(info.iterations) == 2
+    assert float(x) == pytest.approx(2 / 3) and int(info.iterations) == 1
 
 
 def test_reproducible_from_its_seed():
@@ -207,14 +206,15 @@ def test_the_zero_operator_is_a_breakdown():
     assert int(info.status) == Status.BREAKDOWN and torch.equal(x, torch.zeros(3, dtype=F64))
 
 
-@pytest.mark.parametrize("rank", [10, 50, 100])
-def test_alone_the_residual_never_exceeds_the_right_hand_side(rank):
-    """A slowly decaying spectrum (column scales 1 to 1e-2 of a ridge design): the Nyström
-    eigenvalues underestimate A's, so P b alone overshot (relative residual 1.9 at rank 200
-    of 500); the minimal-residual multiple of P b cannot do worse than x = 0."""
-    g = torch.Generator().manual_seed(14)
-    X = torch.randn(400, 150, generator=g, dtype=F64) * torch.logspace(0, -2, 150, dtype=F64)
-    reg = torch.full((150,), 1e-2, dtype=F64)
-    b = torch.randn(150, generator=g, dtype=F64)
-    x, info = Nystrom(rank=rank)(lambda v: X.T @ (X @ v) + reg * v, b)
-    assert float(info.relative_residual) < 1.0
+def test_alone_the_solve_is_linear_and_its_jacobian_symmetric():
+    """x = P b with P fixed by the operator: linear in b, and jacrev = jacfwd = P, a symmetric
+    matrix (a b-dependent rescaling made the derivatives inconsistent)."""
+    A = spectrum_matrix(decaying(8, 3))
+    solve = lambda v: Nystrom(rank=3)(lambda u: A @ u, v)[0]  # noqa: E731
+    g = torch.Generator().manual_seed(15)
+    b1, b2 = torch.randn(8, generator=g, dtype=F64), torch.randn(8, generator=g, dtype=F64)
+    torch.testing.assert_close(solve(b1 + b2), solve(b1) + solve(b2), rtol=1e-12, atol=1e-14)
+    P = torch.stack([solve(e) for e in torch.eye(8, dtype=F64)], 1)
+    torch.testing.assert_close(P, P.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(solve)(b1), P, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacrev(solve)(b1), P, rtol=1e-10, atol=1e-12)

@@ -396,9 +396,6 @@ def _newton_step(Q, A, G, z, y, lam, s, residuals):
 _STALL = 3
 """Iterations without a better merit after which an element stops: near the solution the
 KKT matrices lose all precision, and further steps make the residuals grow."""
-_STALL_FAR = 30
-"""The same where the best merit is still above ``sqrt(tol)``: the merit of the first
-iterations can grow before it falls (a bound far from the start)."""
 
 
 def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
@@ -428,9 +425,7 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
         best_merit = torch.where(better, merit, best_merit)
         stall = torch.where(better, 0, stall + 1)
         done = active & (merit <= tol)
-        # far from a solution the merit may rise for a while (a start far from a distant bound):
-        # only near one does a short stall mean that precision ran out
-        stalled = active & ~done & (stall >= torch.where(best_merit <= tol ** 0.5, _STALL, _STALL_FAR))
+        stalled = active & ~done & (stall >= _STALL)
         status = torch.where(done | (stalled & (best_merit <= 100 * tol)), int(QPStatus.SOLVED), status)
         active = active & ~done & ~stalled
         if k == maxiter or ((k + 1) % sync == 0 and not bool(active.any())):
@@ -599,6 +594,12 @@ class _QPFunction(torch.autograd.Function):
         return (None, *grads)
 
 
+def _inf_norm_rows(G: torch.Tensor) -> torch.Tensor:
+    """``max_j |G_ij|`` per row, 1 for a zero row (``(B, m)``)."""
+    size = G.abs().amax(-1) if G.shape[-1] else torch.zeros(G.shape[:-1], dtype=G.dtype, device=G.device)
+    return torch.where(size > 0, size, torch.ones_like(size))
+
+
 def _dependent(A: torch.Tensor, G: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     r"""Per element: whether the gradients of the active constraints, the rows of :math:`A`
     and of :math:`G` where ``active``, are linearly dependent (LICQ fails: the
@@ -651,7 +652,9 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
     # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
     slack = h - _mv(G, z)
     small = eps ** 0.25
-    active = slack <= small * (1 + h.abs())  # per row: a distant bound elsewhere does not make a row active
+    # per row, in the row's own units (slack / ||G_i|| against 1 + |h_i| / ||G_i||): a distant
+    # bound elsewhere, or a row's scaling, does not change whether it is active
+    active = slack <= small * (_inf_norm_rows(G) + h.abs())
     weak = (lam <= small * (1 + _inf_norm(lam)).unsqueeze(-1)) & active
     degenerate = (singular | (weak.any(-1) if m else torch.zeros_like(singular)) | _dependent(A, G, active)) & ~failed
     # one host read for the three decisions (the singular elements' u is replaced, then checked, below)

@@ -11,7 +11,7 @@ import torch
 from ..._checks import check_fields as _check_fields
 from ..._tree import seeded_normal_like
 from ...status import Status
-from ._base import KrylovSolver, _inner, _mark, _real_inner, _scaled_norm, _tol_ok, resolve_maxiter
+from ._base import KrylovSolver, _mark, _scaled_norm, _tol_ok, resolve_maxiter
 from .cg import _cg
 
 
@@ -47,11 +47,10 @@ class Nystrom(KrylovSolver):
     most ``rank`` and :math:`b` in its range (then :math:`x = A^+ b`).  With ``maxiter = 0`` (default) the solve returns
     :math:`x = P b`: the Nyström approximation of :math:`A^{-1} b` used for
     hypergradients by Hataya and Yamada, accurate where the spectrum decays
-    fast, for :math:`k + 1` products: the last one scales :math:`x` to the
-    minimal-residual multiple :math:`a P b`, :math:`a = \langle APb, b\rangle / \|APb\|^2`, so
-    the residual never exceeds :math:`\|b\|` (the Nyström eigenvalues underestimate
-    :math:`A`'s, and on a slowly decaying spectrum :math:`Pb` alone overshoots;
-    :math:`a = 1` where :math:`P` is exact).  (Hataya and Yamada build the approximation from
+    fast, for :math:`k` products; ``x`` is linear in ``b`` (so the derivatives of
+    the solve are consistent), and where the spectrum decays slowly the Nyström
+    eigenvalues, which underestimate :math:`A`'s, make :math:`Pb` overshoot (a
+    residual larger than :math:`\|b\|`, reported in ``info``).  (Hataya and Yamada build the approximation from
     sampled columns and invert :math:`\hat A + \rho I` by the Woodbury identity;
     here a Gaussian sketch is used, and the captured eigenvalues are kept as they
     are, floored at :math:`\rho`.)  With
@@ -177,16 +176,8 @@ class Nystrom(KrylovSolver):
             status = _mark(status, ~finite & (status == Status.SUCCESS), Status.NONFINITE)
             return (x, iterations + products, status, *estimate)
         x = torch.where(usable, precondition(b), torch.zeros_like(b))
-        # One more product for the minimal-residual multiple of P b, min_a ||b - a A P b||: the
-        # Nyström eigenvalues underestimate A's, so on a slowly decaying spectrum P b overshoots
-        # (a residual larger than ||b||); a = 1 where P is exact (full rank).
-        product = matvec(x)
-        inner = _inner(b.dtype)
-        size = _real_inner(b.dtype)(product, product)
-        scale = torch.where(size > 0, inner(product, b) / torch.where(size > 0, size, 1), 1)
-        x = x * torch.where(torch.isfinite(scale), scale, 1).unsqueeze(-1)
         status = _mark(torch.zeros_like(products), ~ok, Status.BREAKDOWN)
-        return x, products + 1, _mark(status, ~finite, Status.NONFINITE)
+        return x, products, _mark(status, ~finite, Status.NONFINITE)
 
     def _approximation(self, matvec, b: torch.Tensor, k: int):
         """``(U, eigenvalues, ok, finite)``: the ``(B, n, k)`` eigenvectors and ``(B, k)``
