@@ -51,3 +51,17 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def load_report() -> str:
+    """The header lines on the machine's load: the load average, the share of the CPUs
+    other processes kept busy, and a warning above 20 % (absolute times are then inflated)."""
+    share = busy()
+    text = f"load average at start {load_average()}"
+    if share is None:
+        return text
+    text += f"; CPU busy with other work before the run: {100 * share:.0f}%"
+    if share > 0.2:
+        text += (f"\n\n**Warning: other processes kept {100 * share:.0f}% of the CPUs busy before the run; "
+                 "absolute times are inflated, compare the ratios.**")
+    return text

@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import busy as _busy, load_average as _load  # noqa: E402
+from _machine import load_report  # noqa: E402
 
 import bilevel  # noqa: E402
 from bilevel import ConvergenceWarning  # noqa: E402
@@ -238,12 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, float64; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; python {platform.python_version()}")
-    busy = _busy()
-    print(f"load average at start {_load()}"
-          + (f"; CPU busy with other work before the run: {100 * busy:.0f}%" if busy is not None else ""))
-    if busy is not None and busy > 0.2:
-        print(f"\n**Warning: other processes kept {100 * busy:.0f}% of the CPUs busy before the run; "
-              f"absolute times are inflated, compare the ratios.**")
+    print(load_report())
     print(f"H = X^T X + diag(exp(lam)), X {n} x {d}; tol = {args.tol:g}; median of {repeats} interleaved "
           f"rounds after one warm-up; rel. error = ||x - x*|| / ||x*|| with x* from torch.linalg.solve")
     print()

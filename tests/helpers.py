@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -89,3 +92,14 @@ def seeded_randn(*shape, seed=0, scale=1.0, dtype=torch.float64):
     """``scale * N(0, 1)`` of ``shape`` from its own seeded generator (float64)."""
     g = torch.Generator().manual_seed(seed)
     return scale * torch.randn(shape, generator=g, dtype=dtype)
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 180) -> str:
+    """Run ``benchmarks/<script>`` with ``args`` in a subprocess on one thread; its stdout
+    (the run must succeed: its stderr is shown otherwise)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", script)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="passive")
+    out = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, timeout=timeout,
+                         env=env, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout

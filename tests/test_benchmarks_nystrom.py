@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from helpers import run_benchmark
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "nystrom.py")
 HEADER = "| spectrum | solver | products | converged | rel. residual | rel. error | ms | time / CG |"
 SPECTRA = ("flat (iid Gaussian)", "outliers (5 columns x100)", "decaying (scales 1 to 1e-2)")
 SOLVERS = ("CG", "Nystrom PCG rank 10", "Nystrom PCG rank 50", "Nystrom alone rank 50", "Nystrom alone rank 200")
@@ -28,11 +25,7 @@ def _table_rows(text: str) -> list[dict[str, str]]:
 
 
 def test_quick_mode_prints_one_row_per_spectrum_and_solver():
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="passive")
-    out = subprocess.run([sys.executable, SCRIPT, "--quick"], capture_output=True, text=True, timeout=180,
-                         env=env, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    text = out.stdout
+    text = run_benchmark("nystrom.py", "--quick")
     assert HEADER in text
     rows = _table_rows(text)
     pairs = [(row["spectrum"], row["solver"]) for row in rows]

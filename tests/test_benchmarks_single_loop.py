@@ -1,22 +1,13 @@
 """``benchmarks/single_loop.py --quick`` runs and prints its table (so that the script cannot rot)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from helpers import run_benchmark
 
 pytest.importorskip("sklearn")
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "single_loop.py")
-
 
 def test_quick_mode_prints_the_table_and_the_wins():
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="passive")
-    out = subprocess.run([sys.executable, SCRIPT, "--quick"], capture_output=True, text=True, timeout=180,
-                         env=env, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    text = out.stdout
+    text = run_benchmark("single_loop.py", "--quick")
     assert "| problem | method | iterations to target |" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| problem")]
     methods = {line.split("|")[2].strip() for line in rows}
