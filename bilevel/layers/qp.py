@@ -396,6 +396,9 @@ def _newton_step(Q, A, G, z, y, lam, s, residuals):
 _STALL = 3
 """Iterations without a better merit after which an element stops: near the solution the
 KKT matrices lose all precision, and further steps make the residuals grow."""
+_STALL_FAR = 30
+"""The same while the best merit is above ``sqrt(tol)``: the merit of the first iterations
+can grow before it falls (a bound far from the start)."""
 
 
 def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
@@ -425,9 +428,17 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
         best_merit = torch.where(better, merit, best_merit)
         stall = torch.where(better, 0, stall + 1)
         done = active & (merit <= tol)
-        stalled = active & ~done & (stall >= _STALL)
+        # far from a solution the merit may rise for a while before it falls (a bound far from
+        # the start), so only near one does a short stall stop an element; an infeasible or
+        # unbounded element stops as soon as its iterate carries the certificate
+        far = best_merit > tol ** 0.5
+        farkas, ray = _certificates(Q, q, A, b, G, h, state[0], state[1], state[2])
+        proven = active & ~done & far & (farkas | ray)
+        status = torch.where(proven & farkas, int(QPStatus.INFEASIBLE), status)
+        status = torch.where(proven & ~farkas, int(QPStatus.UNBOUNDED), status)
+        stalled = active & ~done & ~proven & (stall >= torch.where(far, _STALL_FAR, _STALL))
         status = torch.where(done | (stalled & (best_merit <= 100 * tol)), int(QPStatus.SOLVED), status)
-        active = active & ~done & ~stalled
+        active = active & ~done & ~stalled & ~proven
         if k == maxiter or ((k + 1) % sync == 0 and not bool(active.any())):
             break
         new = _newton_step(Q, A, G, *state, residuals)
@@ -474,8 +485,17 @@ def _unscale(point, factors):
 
 
 def _classify(status, failed, Q, q, A, b, G, h, z, y, lam):
-    """Label unconverged elements INFEASIBLE (a Farkas certificate ``A^T y + G^T lam ~ 0``,
-    ``b^T y + h^T lam < 0``) or UNBOUNDED (a ray ``d``: ``Qd ~ 0, Ad ~ 0, Gd <= 0, q^T d < 0``)."""
+    """Label unconverged elements INFEASIBLE or UNBOUNDED where the iterate carries the
+    certificate (:func:`_certificates`)."""
+    farkas, ray = _certificates(Q, q, A, b, G, h, z, y, lam)
+    status = torch.where(failed & farkas, int(QPStatus.INFEASIBLE), status)
+    return torch.where(failed & ~farkas & ray, int(QPStatus.UNBOUNDED), status)
+
+
+def _certificates(Q, q, A, b, G, h, z, y, lam):
+    """Per element: whether ``(y, lam)`` is a Farkas certificate of infeasibility
+    (``A^T y + G^T lam ~ 0``, ``b^T y + h^T lam < 0``), and whether ``z`` points along a ray
+    of unboundedness (``Qd ~ 0, Ad ~ 0, Gd <= 0, q^T d < 0`` for ``d = z / ||z||``)."""
     loose = float(torch.finfo(q.dtype).eps) ** 0.25
     dual = torch.cat([y, lam], -1)
     dn = torch.linalg.vector_norm(dual, dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
@@ -492,8 +512,7 @@ def _classify(status, failed, Q, q, A, b, G, h, z, y, lam):
         & ((Gd.amax(-1) if Gd.shape[-1] else torch.zeros_like(d[..., 0])) <= loose * data)
         & ((q * d).sum(-1) < -loose * (1 + _inf_norm(q)))
     )
-    status = torch.where(failed & farkas, int(QPStatus.INFEASIBLE), status)
-    return torch.where(failed & ~farkas & ray, int(QPStatus.UNBOUNDED), status)
+    return farkas, ray
 
 
 def _raise_failures(info: QPInfo, batched: bool, stage: str = "qp_solve") -> None:
