@@ -432,8 +432,14 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
         # the start), so only near one does a short stall stop an element; an infeasible or
         # unbounded element stops as soon as its iterate carries the certificate
         far = best_merit > tol ** 0.5
-        farkas, ray = _certificates(Q, q, A, b, G, h, state[0], state[1], state[2])
-        proven = active & ~done & far & (farkas | ray)
+        # only elements whose merit stalled can be infeasible or unbounded: on the host, skip
+        # the certificates while none did (well-posed batches then cost what they did)
+        suspects = active & ~done & far & (stall >= 1)
+        if sync == 1 and not bool(suspects.any()):
+            proven = farkas = torch.zeros_like(active)
+        else:
+            farkas, ray = _certificates(Q, q, A, b, G, h, state[0], state[1], state[2])
+            proven = suspects & (farkas | ray)
         status = torch.where(proven & farkas, int(QPStatus.INFEASIBLE), status)
         status = torch.where(proven & ~farkas, int(QPStatus.UNBOUNDED), status)
         stalled = active & ~done & ~proven & (stall >= torch.where(far, _STALL_FAR, _STALL))
