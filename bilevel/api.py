@@ -357,7 +357,7 @@ def solve(
     batches.skip(state.extras.get(_SERVED, state.iteration))
     history: dict = {key: [] for key in HISTORY_KEYS}
     caught: dict = defaultdict(list)
-    converged, message = False, f"reached max_steps={max_steps}"
+    converged, interrupted, message = False, False, f"reached max_steps={max_steps}"
     # Records are read from the device every `every` steps (one host read for all of them), or
     # every step where the stopping rule or the callback needs each step's values.
     every = 1 if tol is not None or callback is not None else _sync_every(tree_leaves(state.x)[0])
@@ -400,6 +400,7 @@ def solve(
                 state = _settle(algorithm, problem, state, batch, pending, caught)  # may go back
                 _account_batches(batches, drawn, state, info)
                 _flush(pending, history, bar)
+                interrupted = not timed_out
                 message = (f"reached max_time={max_time} s" if timed_out else
                            f"stopped by Ctrl-C after step {state.iteration} of {max_steps}; "
                            "`resume=result.state` continues the run")
@@ -407,7 +408,7 @@ def solve(
         finally:
             bar.close()
             _warn_once(caught)  # also when a step raised: the warnings that led there
-    if message.startswith("stopped by Ctrl-C"):  # the caller's script goes on: say so
+    if interrupted:  # the caller's script goes on: say so
         warnings.warn(f"solve: {message}.", BilevelWarning, stacklevel=2)
     return BilevelResult(x=state.x, y=state.y, history=history, converged=converged, state=state, message=message)
 

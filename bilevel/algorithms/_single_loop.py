@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence
@@ -567,8 +568,8 @@ class SingleLoop(Algorithm):
         if len(window) < _MIN_WINDOW:
             return False
         ex.pop(_DX_WINDOW)
-        median = _median([dx for dx, _, _ in window])
-        value = _median([f for _, _, f in window])
+        median = statistics.median_high([dx for dx, _, _ in window])
+        value = statistics.median_high([f for _, _, f in window])
         largest, last = max(size for _, size, _ in window), window[-1][1]
         first, low = ex.get(_DX_FIRST), ex.get(_DX_LOW)
         if first is None:
@@ -742,12 +743,6 @@ def step_report(outer, state: State, d_x: Leaves, inner_residual, scale: float =
 
 def _detached(value: Any) -> Any:
     return value.detach() if torch.is_tensor(value) else value
-
-
-def _median(values: list) -> float:
-    """The upper median of a non-empty list of floats."""
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 def power_schedule(base: float, k: int, exponent: float) -> float:

@@ -9,9 +9,11 @@ from typing import Optional
 import torch
 
 from ..._checks import check_fields as _check_fields
+from ..._checks import nonneg_float as _nonneg_float
+from ..._checks import positive_int as _positive_int
 from ..._tree import seeded_normal_like
 from ...status import Status
-from ._base import KrylovSolver, _mark, _scaled_norm, _tol_ok, resolve_maxiter
+from ._base import _KRYLOV_RULES, KrylovSolver, _mark, _scaled_norm, resolve_maxiter
 from .cg import _cg
 
 
@@ -126,13 +128,9 @@ class Nystrom(KrylovSolver):
     def __post_init__(self):
         _check_fields(
             self,
-            maxiter=(lambda v: v is None or _non_negative_int(v), "a non-negative int or None"),
-            tol=(_tol_ok, "a float in (0, 1) or None"),
-            atol=(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"),
-                  "a non-negative float"),
-            rank=(lambda v: _non_negative_int(v) and v > 0, "a positive int"),
-            rho=(lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                         and 0 < v < float("inf")), "a positive float or None"),
+            **{**_KRYLOV_RULES, "maxiter": (lambda v: v is None or _non_negative_int(v), "a non-negative int or None")},
+            rank=(_positive_int, "a positive int"),
+            rho=(lambda v: v is None or (_nonneg_float(v) and v > 0), "a positive float or None"),
             seed=(_non_negative_int, "a non-negative int"),
         )
 
