@@ -206,7 +206,9 @@ def test_invalid_settings(cls, bad):
 # -- checkpoints, trees, mini-batches -------------------------------------------------------
 @pytest.mark.parametrize("method", ["penalty", "meha", "bamm", "bda", "lvhba", "soba"])
 def test_resume_equals_uninterrupted(method):
-    problem = coupled_constraint(n=4) if method == "lvhba" else nonunique_lower_level(n=4)
+    # SOBA assumes a unique lower-level solution: on M1 it warns that the Hessian is singular
+    problems = {"lvhba": lambda: coupled_constraint(n=4), "soba": quadratic}
+    problem = problems.get(method, lambda: nonunique_lower_level(n=4))()
     full = run(problem, method, 60)
     half = run(problem, method, 30)
     resumed = run(problem, method, 60, resume=half.state.state_dict())
@@ -315,3 +317,24 @@ def test_soba_default_steps_are_stable_on_an_ill_conditioned_lower_level():
         warnings.simplefilter("error", StepSizeWarning)
         result = run(problem, "soba", 3000)
     assert relative_error(problem, result.x) < 0.05
+
+
+@pytest.mark.parametrize("b_term, lowest", [
+    (lambda b: 0.0 * b.sum(), 0.0),           # f ignores the leaf b
+    (lambda b: 5.0 * b.sum(), 0.0),           # f is linear in b
+    (lambda b: 0.25 * (b * b).sum(), 0.5),    # curvature 0.5 in b: the smallest eigenvalue
+])
+def test_smallest_lower_curvature_counts_every_leaf(b_term, lowest):
+    """The estimate of the smallest eigenvalue of the lower Hessian (SOBA's singularity
+    check and step) sees a leaf the lower level is flat in; it used to drop it and read
+    the smallest eigenvalue off the other leaves (2 here instead of 0)."""
+    c = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)
+    problem = bilevel.BilevelProblem(
+        lambda x, y: 0.5 * ((y["a"] - x) ** 2).sum() + 0.5 * (y["b"] ** 2).sum(),
+        lambda x, y: 0.5 * (c * y["a"] ** 2).sum() - (x * y["a"]).sum() + b_term(y["b"]),
+        torch.zeros(3, dtype=torch.float64),
+        {"a": torch.ones(3, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)},
+    )
+    state = BAMM(warmup=0).init(problem)
+    assert state.extras["scales"]["inner_y"] == pytest.approx(4.0, rel=1e-3)
+    assert state.extras["scales"]["inner_y_min"] == pytest.approx(lowest, abs=1e-3)

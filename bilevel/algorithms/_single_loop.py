@@ -111,16 +111,25 @@ def curvature(
         inputs = (xs if "x" in block else []) + ys
         value = fun(tree_unflatten(xs, x_spec), tree_unflatten(ys, y_spec)).reshape(())
         grads = torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True)
-        pairs = [(t, g) for t, g in zip(inputs, grads) if g is not None and g.requires_grad]
-        if not pairs:
+        curved = [g is not None and g.requires_grad for g in grads]
+        if not any(curved):
             return 0.0
-        inputs, grads = [p[0] for p in pairs], [p[1] for p in pairs]
+        if shift == 0.0:  # a leaf the gradient does not depend on adds nothing to the norm
+            inputs, grads = [t for t, c in zip(inputs, curved) if c], [g for g, c in zip(grads, curved) if c]
+            curved = [True] * len(inputs)
+        # with a shift every leaf counts: one that f is linear in (or ignores) has Hessian
+        # eigenvalue 0 there, which may be the smallest one
+        active_inputs = [t for t, c in zip(inputs, curved) if c]
+        active_grads = [g for g, c in zip(grads, curved) if c]
         v = seeded_normal_like(inputs, gen)
         norm = torch.zeros((), dtype=inputs[0].dtype)
         for i in range(iterations):
             size = torch.sqrt(sum((a * a).sum() for a in v)).clamp_min(torch.finfo(inputs[0].dtype).tiny)
             v = [a / size for a in v]
-            hv = torch.autograd.grad(grads, inputs, v, retain_graph=i < iterations - 1, allow_unused=True)
+            products = iter(torch.autograd.grad(
+                active_grads, active_inputs, [a for a, c in zip(v, curved) if c],
+                retain_graph=i < iterations - 1, allow_unused=True))
+            hv = [next(products) if c else None for c in curved]
             v = [(torch.zeros_like(t) if h is None else h.detach()) - shift * a for t, h, a in zip(inputs, hv, v)]
             norm = torch.sqrt(sum((a * a).sum() for a in v))
     estimate = float(norm)
