@@ -301,3 +301,125 @@ def test_infeasible_and_unbounded_elements_stop_at_their_certificate():
     assert [QPStatus(int(s)).name for s in info.status] == ["INFEASIBLE", "UNBOUNDED", "SOLVED"]
     assert int(info.iterations[:2].max()) <= 10
     torch.testing.assert_close(z[2], torch.tensor([0.5, -0.3], dtype=D), atol=1e-9, rtol=0)
+
+
+# -- torch.func: vmap and jacrev ----------------------------------------------------------------
+_ARGS = ("Q", "q", "A", "b", "G", "h")
+
+
+def _jacobian_rows(fun, inputs: dict, wrt: str) -> torch.Tensor:
+    """The Jacobian of ``fun(**inputs)`` w.r.t. ``inputs[wrt]``, one autograd row at a time."""
+    leaf = inputs[wrt].clone().requires_grad_()
+    z = fun(**{**inputs, wrt: leaf})
+    rows = [torch.autograd.grad(z.reshape(-1)[i], leaf, retain_graph=True)[0] for i in range(z.numel())]
+    return torch.stack(rows).reshape(z.shape + leaf.shape)
+
+
+@pytest.mark.parametrize("wrt", _ARGS)
+def test_jacrev_equals_the_jacobian_row_by_row(wrt):
+    data, _ = _problem()
+    data = {k: v.double() for k, v in data.items()}
+    solve = lambda **kw: qp_solve(kw["Q"], kw["q"], kw["A"], kw["b"], kw["G"], kw["h"])
+    J = torch.func.jacrev(lambda t: solve(**{**data, wrt: t}))(data[wrt])
+    torch.testing.assert_close(J, _jacobian_rows(solve, data, wrt), rtol=1e-9, atol=1e-11)
+
+
+def test_jacrev_of_a_box_projection_is_the_mask():
+    q = torch.tensor([0.5, -1.0, 0.1, 0.35, 2.0], dtype=torch.float64)
+    eye = torch.eye(5, dtype=torch.float64)
+    G, h = torch.cat([eye, -eye]), torch.cat([torch.full((5,), 0.4), torch.full((5,), 0.3)]).double()
+    J = torch.func.jacrev(lambda q_: qp_solve(eye, -q_, G=G, h=h))(q)   # z = clip(q, -0.3, 0.4)
+    torch.testing.assert_close(J, torch.diag(((q > -0.3) & (q < 0.4)).double()), rtol=0, atol=1e-7)
+
+
+def test_vmap_equals_the_batched_call_for_mapped_and_shared_inputs():
+    data, _ = _problem(B=3)
+    data = {k: v.double() for k, v in data.items()}
+    batched = qp_solve(*(data[k] for k in _ARGS))
+    z = torch.func.vmap(lambda *t: qp_solve(*t))(*(data[k] for k in _ARGS))
+    torch.testing.assert_close(z, batched, rtol=1e-10, atol=1e-12)
+    # one mapped input over a batch of two problems (the vmap dimension in front)
+    Q = data["Q"][0]
+    scaled = torch.stack([Q, 2 * Q, 3 * Q, 4 * Q])
+    rest = [data[k][:2] for k in _ARGS[1:]]
+    z = torch.func.vmap(lambda Q_: qp_solve(Q_, *rest))(scaled)
+    assert z.shape == (4, 2, data["q"].shape[-1])
+    for i in range(4):
+        torch.testing.assert_close(z[i], qp_solve(scaled[i], *rest), rtol=1e-10, atol=1e-12)
+    # in_dims other than 0
+    z = torch.func.vmap(lambda q_: qp_solve(data["Q"][0], q_), in_dims=1)(data["q"].mT)
+    torch.testing.assert_close(z, qp_solve(data["Q"][0], data["q"]), rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_through_vmap_and_vmap_of_jacrev_match_the_batched_call():
+    data, _ = _problem()
+    shared = {k: v.double() for k, v in data.items()}
+    solve = lambda q_, h_: qp_solve(shared["Q"], q_, shared["A"], shared["b"], shared["G"], h_)
+    g = torch.Generator().manual_seed(1)
+    q = shared["q"] + 0.1 * torch.randn((4,) + shared["q"].shape, generator=g, dtype=torch.float64)
+    h = shared["h"] + 0.1 * torch.rand((4,) + shared["h"].shape, generator=g, dtype=torch.float64)  # still feasible
+    g = torch.func.grad(lambda q_, h_: (torch.func.vmap(solve)(q_, h_) ** 2).sum(), argnums=(0, 1))(q, h)
+    q_, h_ = q.clone().requires_grad_(), h.clone().requires_grad_()
+    reference = torch.autograd.grad((solve(q_, h_) ** 2).sum(), (q_, h_))
+    for a, b in zip(g, reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # vmap over jacrev, and a gradient inside vmap
+    J = torch.func.vmap(torch.func.jacrev(solve, argnums=1))(q, h)
+    for i in range(4):
+        torch.testing.assert_close(J[i], torch.func.jacrev(solve, argnums=1)(q[i], h[i]), rtol=1e-10, atol=1e-12)
+    g_inside = torch.func.vmap(torch.func.grad(lambda q_, h_: solve(q_, h_).sum()))(q, h)
+    torch.testing.assert_close(g_inside, torch.autograd.grad(solve(q_, h_).sum(), q_)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_under_vmap_failures_and_bad_values_are_named():
+    eye = torch.eye(2, dtype=torch.float64)
+    G = torch.cat([eye, -eye])
+    h = torch.ones(4, dtype=torch.float64)
+    hs = torch.stack([h, h, torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)])  # z1 <= -1 and z1 >= 1
+    q = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(SolveError, match="batch element 2: INFEASIBLE") as error:
+        torch.func.vmap(lambda h_: qp_solve(eye, q, G=G, h=h_))(hs)
+    assert error.value.elements == [2]
+    bad = torch.stack([q, torch.tensor([0.0, float("nan")], dtype=torch.float64)])
+    with pytest.raises(FloatingPointError, match="`q` contains NaN"):
+        torch.func.vmap(lambda q_: qp_solve(eye, q_, G=G, h=h))(bad)
+
+
+def test_the_refused_transforms_say_what_to_use_instead():
+    eye = torch.eye(3, dtype=torch.float64)
+    G, h = eye, torch.full((3,), 0.5, dtype=torch.float64)
+    q = torch.tensor([1.0, -1.0, 0.2], dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="no forward-mode rule.*jacrev"):
+        torch.func.jacfwd(lambda q_: qp_solve(eye, q_, G=G, h=h))(q)
+    with pytest.raises(NotImplementedError, match="second derivatives.*row by row"):
+        torch.func.jacrev(torch.func.jacrev(lambda q_: (qp_solve(eye, q_, G=G, h=h) ** 2).sum()))(q)
+
+
+def test_layer_under_vmap_and_degenerate_flags_of_a_vmapped_backward():
+    layer = QPLayer()
+    Q = torch.eye(2, dtype=torch.float64)
+    G, h = torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    # element 1 weakly active (q1 = 0 puts the unconstrained optimum on z1 <= 0)
+    qs = torch.tensor([[2.0, 1.0], [0.0, 1.0], [-3.0, 1.0]], dtype=torch.float64)
+    z = torch.func.vmap(lambda q_: layer(Q, q_, G=G, h=h))(qs)
+    torch.testing.assert_close(z, qp_solve(Q, qs, G=G, h=h), rtol=1e-10, atol=1e-12)
+    assert layer.last_info.status.shape == (3,) and layer.last_failed == []
+    with pytest.warns(CurvatureWarning, match="degenerate"):
+        torch.func.grad(lambda q_: torch.func.vmap(lambda r: layer(Q, r, G=G, h=h))(q_).sum())(qs)
+    assert layer.last_info.degenerate.tolist() == [False, True, False]
+    with pytest.warns(CurvatureWarning, match="degenerate"):
+        torch.func.jacrev(lambda q_: torch.func.vmap(lambda r: layer(Q, r, G=G, h=h))(q_))(qs)
+    assert layer.last_info.degenerate.tolist() == [False, True, False]
+
+
+def test_layer_under_vmap_with_check_false_warns_and_returns_the_iterates():
+    eye = torch.eye(2, dtype=torch.float64)
+    G = torch.cat([eye, -eye])
+    hs = torch.stack([torch.ones(4), torch.tensor([-1.0, 1.0, -1.0, 1.0])]).double()
+    q = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(SolveError, match="batch element 1"):
+        torch.func.vmap(lambda h_: QPLayer()(eye, q, G=G, h=h_))(hs)
+    layer = QPLayer(check=False)
+    with pytest.warns(SolveWarning, match="(?s)batch element 1.*last iterates"):
+        z = torch.func.vmap(lambda h_: layer(eye, q, G=G, h=h_))(hs)
+    assert layer.last_failed == [1] and torch.isfinite(z[0]).all()

@@ -40,6 +40,13 @@ independent, strict complementarity holds and :math:`Q` is positive definite on
 their null space; at a degenerate solution the minimum-norm least-squares
 adjoint is used and a :class:`~bilevel.status.CurvatureWarning` says so.
 
+Under :func:`torch.func.vmap` the mapped problems join the batch (one solve of
+``V * B`` problems), and under :func:`torch.func.jacrev` the ``V`` adjoint systems
+of the Jacobian's rows are solved as one batch too; forward mode
+(:func:`torch.func.jacfwd`) and second derivatives through a mapped backward pass
+are refused with the alternative named (``torch.autograd.grad`` with
+``create_graph=True`` gives second derivatives).
+
 References:
     Amos, B. and Kolter, J. Z. `OptNet: Differentiable Optimization as a Layer in
     Neural Networks <https://arxiv.org/abs/1703.00443>`_. ICML 2017.
@@ -226,6 +233,15 @@ class QPInfo:
 _SHAPES = {"Q": ("n", "n"), "q": ("n",), "A": ("p", "n"), "b": ("p",), "G": ("m", "n"), "h": ("m",)}
 
 
+def _finite(tensors: dict) -> dict:
+    """Per named tensor, whether it is all finite (one host read).  Under
+    :func:`torch.func.vmap` the answer waits for the vmap rule, which reads the
+    physical tensors (:meth:`_QPFunction.vmap`): every name passes here."""
+    if any(_vmapped(t) for t in tensors.values()):
+        return dict.fromkeys(tensors, True)
+    return dict(zip(tensors, torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()))
+
+
 def _check_inputs(Q, q, A, b, G, h) -> tuple:
     """Check shapes, dtypes and devices; return the batch shape and the six tensors
     expanded to ``(B, ...)`` (``B = 1`` unbatched), absent constraints as empty tensors."""
@@ -241,7 +257,7 @@ def _check_inputs(Q, q, A, b, G, h) -> tuple:
     if q.shape[-1] == 0:
         raise ValueError(f"qp_solve: the problem is empty (n=0 variables: `q` has shape {tuple(q.shape)}).")
     sizes = {"n": q.shape[-1], "p": None if A is None else A.shape[-2], "m": None if G is None else G.shape[-2]}
-    finite = dict(zip(given, torch.stack([torch.isfinite(t).all() for t in given.values()]).tolist()))  # one read
+    finite = _finite(given)
     batch = set()
     for name, t in given.items():
         core = _SHAPES[name]
@@ -284,9 +300,19 @@ def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _vmapped(x: object) -> bool:
-    """Whether ``x`` is a tensor batched by ``torch.func.vmap``."""
-    check = getattr(torch._C._functorch, "is_batchedtensor", None)
-    return torch.is_tensor(x) and check is not None and bool(check(x))
+    """Whether ``x`` is a tensor batched by ``torch.func.vmap``, also below the wrappers
+    of other transforms (``vmap(jacrev(f))``: a gradient-tracking tensor around a
+    batched one), where its values cannot be read on the host."""
+    functorch = torch._C._functorch
+    if not hasattr(functorch, "is_batchedtensor"):
+        return False
+    while torch.is_tensor(x):
+        if functorch.is_batchedtensor(x):
+            return True
+        if not functorch.is_functorch_wrapped_tensor(x):
+            return False
+        x = functorch.get_unwrapped(x)
+    return False
 
 
 def _on_host(x: torch.Tensor) -> bool:
@@ -563,12 +589,45 @@ class _Options:
     reports: list = field(default_factory=list)  # the QPInfo objects handed out, updated by backward
 
 
+def _merged(t: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
+    """A physical tensor of a vmap rule, ``(..., V at dim, ...)`` with the problems'
+    batch ``(B, ...)`` behind it, as ``(V * B, ...)`` (broadcast along V where ``dim``
+    is None)."""
+    t = t.expand((size,) + t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape((t.shape[0] * t.shape[1],) + t.shape[2:])  # explicit: A, G may have no rows
+
+
+def _split(t: torch.Tensor, size: int) -> torch.Tensor:
+    """The inverse of :func:`_merged`: ``(V * B, ...)`` as ``(V, B, ...)``."""
+    return t.reshape((size, t.shape[0] // size) + t.shape[1:])
+
+
+_NAMES = ("Q", "q", "A", "b", "G", "h")
+
+
 class _QPFunction(torch.autograd.Function):
     """Forward: the interior point method; backward: the OptNet adjoint.  Written
     with ``setup_context`` so that it also runs under ``torch.func.grad`` /
     ``functional_call``.  The backward is built from differentiable operations on the
     saved solution and duals (all three are outputs), so second derivatives follow
-    the same implicit rule where the active set is locally constant."""
+    the same implicit rule where the active set is locally constant.
+
+    Under :func:`torch.func.vmap` (the :meth:`vmap` rule) the mapped problems join
+    the batch: one interior-point run over ``V * B`` problems.  A backward pass
+    under vmap (:func:`torch.func.jacrev`, or vmap over a gradient) solves its
+    adjoint systems the same way (:class:`_QPAdjoint`)."""
+
+    @staticmethod
+    def vmap(info, in_dims, options: _Options, *tensors):
+        size = info.batch_size
+        flat = [_merged(t, d, size) for t, d in zip(tensors, in_dims[1:])]
+        finite = torch.stack([torch.isfinite(t).all() for t in flat]).tolist()  # the check qp_solve left
+        for name, ok in zip(_NAMES, finite):
+            if not ok:
+                raise FloatingPointError(f"{options.stage}: `{name}` contains NaN or inf.")
+        options.batched = True  # failures are named by their index among the V * B problems
+        outputs = _QPFunction.apply(options, *flat)
+        return tuple(_split(t, size) for t in outputs), (0, 0, 0, 0)
 
     @staticmethod
     def forward(options: _Options, Q, q, A, b, G, h):
@@ -578,45 +637,94 @@ class _QPFunction(torch.autograd.Function):
         options.reports.append(info)
         if options.check:
             _raise_failures(info, options.batched, options.stage)
-        return z, y.clone(), lam.clone()  # the info keeps its own duals, out of the graph
+        # the info keeps its own duals, out of the graph; `element` numbers the problems
+        # of this info, and is mapped along with the outputs by every vmap level above
+        element = torch.arange(z.shape[0], device=z.device)
+        return z, y.clone(), lam.clone(), element
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "qp_solve has no forward-mode rule (torch.func.jvp, jacfwd, hessian): use torch.func.jacrev, "
+            "or torch.autograd.grad row by row."
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         options, Q, _, A, _, G, h = inputs
-        z, y, lam = output
-        ctx.save_for_backward(Q, A, G, h, z, y, lam)
+        z, y, lam, element = output
+        ctx.mark_non_differentiable(element)
+        ctx.save_for_backward(Q, A, G, h, z, y, lam, element)
         ctx.options = options
-        ctx.failed = ~options.info.converged.reshape(-1)  # their outputs are NaN or an error
 
     @staticmethod
-    def backward(ctx, z_bar, y_bar, lam_bar):
+    def backward(ctx, z_bar, y_bar, lam_bar, _):
         refuse_grads_batched_by_autograd((z_bar, y_bar, lam_bar), "the backward pass of qp_solve")
-        if any(bar is not None and _vmapped(bar) for bar in (z_bar, y_bar, lam_bar)):
-            raise NotImplementedError(
-                "the backward pass of qp_solve does not run under torch.func.vmap (jacrev, jacfwd, or "
-                "vmap over a gradient): take Jacobian rows with torch.autograd.grad one at a time, or "
-                "batch the problems along a leading dimension."
-            )
-        Q, A, G, h, z, y, lam = ctx.saved_tensors
-        # no solution at the failed elements: their gradients come from the adjoint alone
-        z, y, lam = (torch.where(ctx.failed.unsqueeze(-1), 0, t) for t in (z, y, lam))
+        saved = ctx.saved_tensors
         # the duals are outputs too: their cotangents (a loss on them, or a second-order
         # pass through this backward) join the adjoint system's right-hand side
-        bars = [torch.zeros_like(t) if bar is None else bar for t, bar in zip((z, y, lam), (z_bar, y_bar, lam_bar))]
-        d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, bars, ctx.options.stage, ctx.failed)
-        for report in ctx.options.reports:  # frozen dataclasses: set, not mutated in place (torch.func)
-            object.__setattr__(report, "degenerate", degenerate.detach().reshape(report.status.shape))
-        need = ctx.needs_input_grad
-        outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
-        grads = (
-            -outer(d_z, z) if need[1] else None,
-            -d_z if need[2] else None,
-            -(outer(y, d_z) + outer(d_y, z)) if need[3] else None,
-            d_y if need[4] else None,
-            -(outer(lam, d_z) + outer(lam * d_l, z)) if need[5] else None,
-            lam * d_l if need[6] else None,
+        bars = [torch.zeros_like(t) if bar is None else bar for t, bar in zip(saved[4:7], (z_bar, y_bar, lam_bar))]
+        if any(_vmapped(t) for t in (*saved, *bars)):  # jacrev, or a gradient under vmap
+            grads = _QPAdjoint.apply(ctx.options, *saved, *bars)
+        else:
+            grads = _input_grads(ctx.options, *saved, *bars, need=ctx.needs_input_grad[1:])
+        return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
+
+
+def _input_grads(options: _Options, Q, A, G, h, z, y, lam, element, z_bar, y_bar, lam_bar,
+                 need: tuple = (True,) * 6) -> tuple:
+    """The gradients w.r.t. ``(Q, q, A, b, G, h)`` from the adjoint KKT solve
+    (the closed forms of the module docstring), for the cotangents of ``(z, y, lam)``
+    (``None`` where not ``need``-ed); row ``i`` belongs to problem ``element[i]`` of
+    ``options.info`` (rows repeat it where a vmapped backward pass solves several
+    adjoints of one problem)."""
+    # no solution at the failed elements (their outputs are NaN or an error): their
+    # gradients come from the adjoint alone
+    failed = ~options.info.converged.reshape(-1)[element]
+    z, y, lam = (torch.where(failed.unsqueeze(-1), 0, t) for t in (z, y, lam))
+    d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, (z_bar, y_bar, lam_bar), options.stage, failed)
+    for report in options.reports:  # frozen dataclasses: set, not mutated in place (torch.func)
+        flags = torch.zeros(report.status.numel(), dtype=torch.int8, device=degenerate.device)
+        flags = flags.scatter_reduce(0, element, degenerate.detach().to(torch.int8), "amax")
+        object.__setattr__(report, "degenerate", flags.bool().reshape(report.status.shape))
+    outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
+    return (
+        -outer(d_z, z) if need[0] else None,
+        -d_z if need[1] else None,
+        -(outer(y, d_z) + outer(d_y, z)) if need[2] else None,
+        d_y if need[3] else None,
+        -(outer(lam, d_z) + outer(lam * d_l, z)) if need[4] else None,
+        lam * d_l if need[5] else None,
+    )
+
+
+class _QPAdjoint(torch.autograd.Function):
+    """:func:`_input_grads` for cotangents batched by :func:`torch.func.vmap` (the
+    backward pass under :func:`torch.func.jacrev`): the vmap rule solves the adjoint
+    systems of the ``V`` cotangents as one batch of ``V * B``.  Its outputs are not
+    differentiated again (a second derivative through a vmapped backward pass is refused)."""
+
+    @staticmethod
+    def forward(options: _Options, *tensors):
+        return _input_grads(options, *tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "qp_solve: second derivatives through a backward pass under torch.func.vmap / jacrev are not "
+            "supported; differentiate torch.autograd.grad(..., create_graph=True) row by row instead."
         )
-        return (None, *grads)
+
+    @staticmethod
+    def vmap(info, in_dims, options: _Options, *tensors):
+        size = info.batch_size
+        flat = [_merged(t, d, size) for t, d in zip(tensors, in_dims[1:])]
+        grads = _QPAdjoint.apply(options, *flat)
+        return tuple(_split(g, size) for g in grads), (0,) * len(grads)
 
 
 def _inf_norm_rows(G: torch.Tensor) -> torch.Tensor:
@@ -777,6 +885,10 @@ def qp_solve(
 
     Returns:
         ``z`` of shape ``(n,)`` or ``(B, n)`` (and the :class:`QPInfo` if asked).
+        Under :func:`torch.func.vmap` (and :func:`torch.func.jacrev`, which maps the
+        backward pass) the mapped problems are solved as one batch of ``V * B``; the
+        :class:`QPInfo` and the element indices of a :class:`SolveError` then count
+        the problems of that flattened batch, vmap dimension first.
 
     Raises:
         ValueError / TypeError: shapes, dtypes or devices that do not match (the
@@ -808,12 +920,6 @@ def qp_solve(
         raise ValueError(f"qp_solve: `tol` must be None or a float in (0, 1); got {tol!r}.")
     if not _positive_int(maxiter):
         raise ValueError(f"qp_solve: `maxiter` must be a positive int; got {maxiter!r}.")
-    if any(_vmapped(t) for t in (Q, q, A, b, G, h)):
-        raise NotImplementedError(
-            "qp_solve does not run under torch.func.vmap; it is batched already: stack the problems "
-            "along a leading dimension (e.g. q of shape (B, n), Q of shape (B, n, n) or shared) and call "
-            "it once."
-        )
     B, tensors = _check_inputs(Q, q, A, b, G, h)
     if B == 0:  # an empty batch (a data loader's last): nothing to solve
         return _empty_batch(tensors, return_info)
@@ -825,11 +931,12 @@ def qp_solve(
     options = _Options(_default_tol(work) if tol is None else float(tol), maxiter, check, B is not None,
                        "qp_solve")
     z = _QPFunction.apply(options, *tensors)[0].to(q.dtype)
-    info = options.info
+    info = options.info  # under vmap: of the V * B problems the vmap rule solved together
     if B is None:
         z = z[0]
-        info = QPInfo(*(getattr(info, f)[0] for f in info.__dataclass_fields__))
-        options.reports.append(info)
+        if not any(_vmapped(t) for t in tensors):
+            info = QPInfo(*(getattr(info, f)[0] for f in info.__dataclass_fields__))
+            options.reports.append(info)
     return (z, info) if return_info else z
 
 
@@ -894,6 +1001,8 @@ class QPLayer(torch.nn.Module):
         """The solution ``z`` of shape ``(n,)`` or ``(B, n)``; the :class:`QPInfo` is kept
         in ``self.last_info``.  A problem that is not solved is handled as ``check``
         says (class docstring)."""
+        if any(_vmapped(t) for t in (Q, q, A, b, G, h)):
+            return self._mapped(Q, q, A, b, G, h)
         z, info = qp_solve(Q, q, A, b, G, h, tol=self.tol, maxiter=self.maxiter, check=False, return_info=True)
         self.last_info = info
         batched = z.dim() == 2
@@ -901,6 +1010,21 @@ class QPLayer(torch.nn.Module):
         self.last_failed = failed
         (z,) = settle_failures((z if batched else z.unsqueeze(0),), failed, statuses, batched, self.check, message)
         return z if batched else z[0]
+
+    def _mapped(self, Q, q, A, b, G, h) -> torch.Tensor:
+        """Under :func:`torch.func.vmap`: rows of a mapped output cannot be set to NaN one
+        by one, so a problem that is not solved raises (``check=False``: its last
+        iterate is returned, with a :class:`SolveWarning`).  ``last_info`` and
+        ``last_failed`` count the flattened batch (:func:`qp_solve`, Returns)."""
+        z, info = qp_solve(Q, q, A, b, G, h, tol=self.tol, maxiter=self.maxiter, check=self.check is not False,
+                           return_info=True)
+        self.last_info = info
+        failed, statuses, message = _failures(info, True, "QPLayer")
+        self.last_failed = failed
+        if failed:
+            warnings.warn(SolveWarning(message + "\n(check=False: their last iterates are returned.)",
+                                       failed, statuses), stacklevel=3)
+        return z
 
     def extra_repr(self) -> str:
         return f"tol={self.tol}, maxiter={self.maxiter}, check={self.check}"
