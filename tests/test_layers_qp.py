@@ -385,14 +385,48 @@ def test_under_vmap_failures_and_bad_values_are_named():
         torch.func.vmap(lambda q_: qp_solve(eye, q_, G=G, h=h))(bad)
 
 
-def test_the_refused_transforms_say_what_to_use_instead():
+def test_hessians_by_nested_jacrev_and_what_is_refused():
     eye = torch.eye(3, dtype=torch.float64)
     G, h = eye, torch.full((3,), 0.5, dtype=torch.float64)
-    q = torch.tensor([1.0, -1.0, 0.2], dtype=torch.float64)
+    M = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 3.0]], dtype=torch.float64)
+    q = torch.tensor([1.0, -2.0, 0.2], dtype=torch.float64)   # one bound active
+    loss = lambda q_: (qp_solve(M, q_, G=G, h=h) ** 3).sum()
+    q_ = q.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(q_), q_, create_graph=True)
+    reference = torch.stack([torch.autograd.grad(g[i], q_, retain_graph=True)[0] for i in range(3)])
+    for hessian in (torch.func.jacrev(torch.func.jacrev(loss)), torch.func.jacrev(torch.func.grad(loss))):
+        torch.testing.assert_close(hessian(q), reference, rtol=1e-9, atol=1e-11)
     with pytest.raises(NotImplementedError, match="no forward-mode rule.*jacrev"):
         torch.func.jacfwd(lambda q_: qp_solve(eye, q_, G=G, h=h))(q)
-    with pytest.raises(NotImplementedError, match="second derivatives.*row by row"):
-        torch.func.jacrev(torch.func.jacrev(lambda q_: (qp_solve(eye, q_, G=G, h=h) ** 2).sum()))(q)
+    qs = torch.stack([q, 2 * q])
+    with pytest.raises(NotImplementedError, match=r"second derivatives.*jacrev\(torch.func.grad"):
+        torch.func.grad(lambda r: torch.func.vmap(torch.func.grad(loss))(r).sum())(qs)
+
+
+def test_nested_vmap_and_jacrev_over_a_batch():
+    eye = torch.eye(2, dtype=torch.float64)
+    G, h = torch.cat([eye, -eye]), torch.full((4,), 0.5, dtype=torch.float64)
+    qs = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(3, 4, 2)
+    z = torch.func.vmap(torch.func.vmap(lambda q_: qp_solve(eye, q_, G=G, h=h)))(qs)
+    torch.testing.assert_close(z, (-qs).clamp(-0.5, 0.5), rtol=0, atol=1e-7)
+    J = torch.func.vmap(torch.func.vmap(torch.func.jacrev(lambda q_: qp_solve(eye, q_, G=G, h=h))))(qs)
+    inside = ((-qs > -0.5) & (-qs < 0.5)).double()
+    torch.testing.assert_close(J, -torch.diag_embed(inside), rtol=0, atol=1e-7)
+    # jacrev over a batch: the (B, n, B, n) Jacobian is block diagonal
+    flat = qs.reshape(12, 2)
+    J = torch.func.jacrev(lambda q_: qp_solve(eye, q_, G=G, h=h))(flat)
+    expected = torch.zeros(12, 2, 12, 2, dtype=torch.float64)
+    expected[torch.arange(12), :, torch.arange(12), :] = -torch.diag_embed(inside.reshape(12, 2))
+    torch.testing.assert_close(J, expected, rtol=0, atol=1e-7)
+    bad = qs.clone()
+    bad[1, 2, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="`q` contains NaN or inf"):
+        torch.func.vmap(torch.func.vmap(lambda q_: qp_solve(eye, q_, G=G, h=h)))(bad)
+    infeasible = h.expand(3, 2, 4).clone()
+    infeasible[1, 0] = torch.tensor([-1.0, 0.5, -1.0, 0.5], dtype=torch.float64)  # z1 <= -1 and z1 >= 1
+    with pytest.raises(SolveError) as error:
+        torch.func.vmap(torch.func.vmap(lambda h_: qp_solve(eye, qs[0, 0], G=G, h=h_)))(infeasible)
+    assert error.value.elements == [2]                    # (1, 0) of the (3, 2) nest, flattened
 
 
 def test_layer_under_vmap_and_degenerate_flags_of_a_vmapped_backward():
@@ -412,14 +446,22 @@ def test_layer_under_vmap_and_degenerate_flags_of_a_vmapped_backward():
     assert layer.last_info.degenerate.tolist() == [False, True, False]
 
 
-def test_layer_under_vmap_with_check_false_warns_and_returns_the_iterates():
+@pytest.mark.parametrize("check", [None, False])
+def test_layer_under_vmap_gives_nan_rows_for_unsolved_problems_and_no_gradient_there(check):
     eye = torch.eye(2, dtype=torch.float64)
     G = torch.cat([eye, -eye])
-    hs = torch.stack([torch.ones(4), torch.tensor([-1.0, 1.0, -1.0, 1.0])]).double()
-    q = torch.zeros(2, dtype=torch.float64)
+    hs = torch.stack([torch.ones(4), torch.tensor([-1.0, 1.0, -1.0, 1.0])]).double()   # 1: infeasible
+    q = torch.tensor([0.5, -2.0], dtype=torch.float64)
     with pytest.raises(SolveError, match="batch element 1"):
-        torch.func.vmap(lambda h_: QPLayer()(eye, q, G=G, h=h_))(hs)
-    layer = QPLayer(check=False)
-    with pytest.warns(SolveWarning, match="(?s)batch element 1.*last iterates"):
+        torch.func.vmap(lambda h_: QPLayer(check=True)(eye, q, G=G, h=h_))(hs)
+    layer = QPLayer(check=check)
+    with pytest.warns(SolveWarning, match="QPLayer: 1 of 2 problems not solved"):
         z = torch.func.vmap(lambda h_: layer(eye, q, G=G, h=h_))(hs)
-    assert layer.last_failed == [1] and torch.isfinite(z[0]).all()
+    assert layer.last_failed == [1] and torch.isnan(z[1]).all()
+    torch.testing.assert_close(z[0], torch.tensor([-0.5, 1.0], dtype=torch.float64), rtol=0, atol=1e-7)
+    with pytest.warns(SolveWarning):
+        g = torch.func.grad(lambda G_: torch.func.vmap(lambda h_: layer(eye, q, G=G_, h=h_))(hs).nansum())(G)
+    G_ = G.clone().requires_grad_()
+    with pytest.warns(SolveWarning):
+        QPLayer(check=False)(eye.expand(2, 2, 2), q.expand(2, 2), G=G_.expand(2, 4, 2), h=hs).nansum().backward()
+    torch.testing.assert_close(g, G_.grad, rtol=1e-10, atol=1e-12)    # finite: the NaN row adds nothing

@@ -621,10 +621,11 @@ class _QPFunction(torch.autograd.Function):
     def vmap(info, in_dims, options: _Options, *tensors):
         size = info.batch_size
         flat = [_merged(t, d, size) for t, d in zip(tensors, in_dims[1:])]
-        finite = torch.stack([torch.isfinite(t).all() for t in flat]).tolist()  # the check qp_solve left
-        for name, ok in zip(_NAMES, finite):
-            if not ok:
-                raise FloatingPointError(f"{options.stage}: `{name}` contains NaN or inf.")
+        if not any(_vmapped(t) for t in flat):  # the check qp_solve left (the innermost vmap level)
+            finite = torch.stack([torch.isfinite(t).all() for t in flat]).tolist()
+            for name, ok in zip(_NAMES, finite):
+                if not ok:
+                    raise FloatingPointError(f"{options.stage}: `{name}` contains NaN or inf.")
         options.batched = True  # failures are named by their index among the V * B problems
         outputs = _QPFunction.apply(options, *flat)
         return tuple(_split(t, size) for t in outputs), (0, 0, 0, 0)
@@ -645,8 +646,8 @@ class _QPFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         raise NotImplementedError(
-            "qp_solve has no forward-mode rule (torch.func.jvp, jacfwd, hessian): use torch.func.jacrev, "
-            "or torch.autograd.grad row by row."
+            "qp_solve has no forward-mode rule (torch.func.jvp, jacfwd, hessian): use torch.func.jacrev "
+            "(Hessians: torch.func.jacrev(torch.func.grad(f))), or torch.autograd.grad row by row."
         )
 
     @staticmethod
@@ -665,30 +666,32 @@ class _QPFunction(torch.autograd.Function):
         # pass through this backward) join the adjoint system's right-hand side
         bars = [torch.zeros_like(t) if bar is None else bar for t, bar in zip(saved[4:7], (z_bar, y_bar, lam_bar))]
         if any(_vmapped(t) for t in (*saved, *bars)):  # jacrev, or a gradient under vmap
-            grads = _QPAdjoint.apply(ctx.options, *saved, *bars)
+            grads = _QPAdjoint.apply(ctx.options, ctx.needs_input_grad[1:], *saved, *bars)
         else:
             grads = _input_grads(ctx.options, *saved, *bars, need=ctx.needs_input_grad[1:])
         return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
 
 
 def _input_grads(options: _Options, Q, A, G, h, z, y, lam, element, z_bar, y_bar, lam_bar,
-                 need: tuple = (True,) * 6) -> tuple:
+                 need: tuple = (True,) * 6, columns: bool = False) -> tuple:
     """The gradients w.r.t. ``(Q, q, A, b, G, h)`` from the adjoint KKT solve
     (the closed forms of the module docstring), for the cotangents of ``(z, y, lam)``
     (``None`` where not ``need``-ed); row ``i`` belongs to problem ``element[i]`` of
     ``options.info`` (rows repeat it where a vmapped backward pass solves several
-    adjoints of one problem)."""
+    adjoints of one problem).  ``columns``: the cotangents are ``(C, B, .)``, ``C``
+    of them per problem (one factorization each), and so are the gradients."""
     # no solution at the failed elements (their outputs are NaN or an error): their
     # gradients come from the adjoint alone
     failed = ~options.info.converged.reshape(-1)[element]
     z, y, lam = (torch.where(failed.unsqueeze(-1), 0, t) for t in (z, y, lam))
-    d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, (z_bar, y_bar, lam_bar), options.stage, failed)
+    bars = (z_bar, y_bar, lam_bar) if columns else (z_bar[None], y_bar[None], lam_bar[None])
+    d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, bars, options.stage, failed)
     for report in options.reports:  # frozen dataclasses: set, not mutated in place (torch.func)
         flags = torch.zeros(report.status.numel(), dtype=torch.int8, device=degenerate.device)
         flags = flags.scatter_reduce(0, element, degenerate.detach().to(torch.int8), "amax")
         object.__setattr__(report, "degenerate", flags.bool().reshape(report.status.shape))
     outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
-    return (
+    grads = (
         -outer(d_z, z) if need[0] else None,
         -d_z if need[1] else None,
         -(outer(y, d_z) + outer(d_y, z)) if need[2] else None,
@@ -696,17 +699,20 @@ def _input_grads(options: _Options, Q, A, G, h, z, y, lam, element, z_bar, y_bar
         -(outer(lam, d_z) + outer(lam * d_l, z)) if need[4] else None,
         lam * d_l if need[5] else None,
     )
+    return grads if columns else tuple(None if g is None else g[0] for g in grads)
 
 
 class _QPAdjoint(torch.autograd.Function):
     """:func:`_input_grads` for cotangents batched by :func:`torch.func.vmap` (the
-    backward pass under :func:`torch.func.jacrev`): the vmap rule solves the adjoint
-    systems of the ``V`` cotangents as one batch of ``V * B``.  Its outputs are not
-    differentiated again (a second derivative through a vmapped backward pass is refused)."""
+    backward pass under :func:`torch.func.jacrev`).  The vmap rule solves the ``V``
+    adjoint systems of each problem with one factorization of its KKT matrix where only
+    the cotangents are mapped (jacrev over a problem or a batch), else as one batch of
+    ``V * B`` problems.  Its outputs are not differentiated again (a second derivative
+    through a vmapped backward pass is refused: ``jacrev(grad(f))`` gives Hessians)."""
 
     @staticmethod
-    def forward(options: _Options, *tensors):
-        return _input_grads(options, *tensors)
+    def forward(options: _Options, need: tuple, *tensors):
+        return _input_grads(options, *tensors, need=need)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -716,15 +722,24 @@ class _QPAdjoint(torch.autograd.Function):
     def backward(ctx, *grads):
         raise NotImplementedError(
             "qp_solve: second derivatives through a backward pass under torch.func.vmap / jacrev are not "
-            "supported; differentiate torch.autograd.grad(..., create_graph=True) row by row instead."
+            "supported; take them as torch.func.jacrev(torch.func.grad(f)), or with torch.autograd.grad("
+            "..., create_graph=True)."
         )
 
     @staticmethod
-    def vmap(info, in_dims, options: _Options, *tensors):
+    def vmap(info, in_dims, options: _Options, need: tuple, *tensors):
         size = info.batch_size
-        flat = [_merged(t, d, size) for t, d in zip(tensors, in_dims[1:])]
-        grads = _QPAdjoint.apply(options, *flat)
-        return tuple(_split(g, size) for g in grads), (0,) * len(grads)
+        saved, bars = tensors[:-3], tensors[-3:]
+        dims = in_dims[2:]
+        if all(d is None for d in dims[:len(saved)]) and not any(_vmapped(t) for t in tensors):
+            # only the cotangents are mapped, here and nowhere below: V right-hand sides per problem
+            bars = [b.expand((size,) + b.shape) if d is None else b.movedim(d, 0)
+                    for b, d in zip(bars, dims[len(saved):])]
+            grads = _input_grads(options, *saved, *bars, need=need, columns=True)
+        else:
+            flat = [_merged(t, d, size) for t, d in zip(tensors, dims)]
+            grads = tuple(None if g is None else _split(g, size) for g in _QPAdjoint.apply(options, need, *flat))
+        return grads, tuple(None if g is None else 0 for g in grads)
 
 
 def _inf_norm_rows(G: torch.Tensor) -> torch.Tensor:
@@ -762,9 +777,12 @@ def _dependent(A: torch.Tensor, G: torch.Tensor, active: torch.Tensor) -> torch.
 def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
     r"""Solve :math:`K^\top (d_z, d_\nu, d_\lambda) = (\bar z, \bar\nu, \bar\lambda)` for the batch.
 
-    The ``failed`` elements (no solution: their outputs were NaN) are left out of
-    the checks; their adjoint is 0 where their output was masked out of the loss
-    (:math:`\bar z = 0`), NaN otherwise.
+    ``bars`` are ``(C, B, .)``: ``C`` right-hand sides per element (the rows of a
+    Jacobian under :func:`torch.func.jacrev`) share one factorization of each
+    :math:`K`; the solutions come back as ``(C, B, .)``.  The ``failed`` elements
+    (no solution: their outputs were NaN) are left out of the checks; their adjoint
+    is 0 where their output was masked out of the loss (:math:`\bar z = 0`), NaN
+    otherwise.
     """
     B, n = z.shape
     p, m = A.shape[-2], G.shape[-2]
@@ -774,14 +792,15 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
         torch.cat([A, zeros(p, p), zeros(p, m)], -1),
         torch.cat([lam.unsqueeze(-1) * G, zeros(m, p), torch.diag_embed(_mv(G, z) - h)], -1),
     ], -2)
-    rhs = torch.cat(bars, -1).unsqueeze(-1)
+    rhs = torch.cat(bars, -1).movedim(0, -1)  # (B, N, C)
     LU, piv, info = torch.linalg.lu_factor_ex(K)
     diag = LU.diagonal(dim1=-2, dim2=-1).abs()
     eps = torch.finfo(K.dtype).eps
     singular = ((info > 0) | (diag.amin(-1) <= K.shape[-1] * eps * diag.amax(-1))) & ~failed
-    u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).squeeze(-1)
-    used = (rhs.squeeze(-1) != 0).any(-1, keepdim=True)
-    u = torch.where(failed.unsqueeze(-1), torch.where(used, math.nan, 0.0).to(u.dtype), u)
+    u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True)
+    used = (rhs != 0).any(-2, keepdim=True)  # per element and right-hand side
+    failed_ = failed[:, None, None]
+    u = torch.where(failed_, torch.where(used, math.nan, 0.0).to(u.dtype), u)
     # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
     slack = h - _mv(G, z)
     small = eps ** 0.25
@@ -792,17 +811,17 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
     degenerate = (singular | (weak.any(-1) if m else torch.zeros_like(singular)) | _dependent(A, G, active)) & ~failed
     # one host read for the three decisions (the singular elements' u is replaced, then checked, below)
     any_singular, any_degenerate, finite = torch.stack(
-        [singular.any(), degenerate.any(), (torch.isfinite(u).all(-1) | singular | failed).all()]).tolist()
+        [singular.any(), degenerate.any(), (torch.isfinite(u).flatten(1).all(-1) | singular | failed).all()]).tolist()
     if any_singular:
         # the LU solve of a singular K is NaN, and so is its derivative (a second-order pass
         # multiplies it by 0): solve those elements with the identity, then use the pinv
         eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
         LU, piv, _ = torch.linalg.lu_factor_ex(torch.where(singular[:, None, None], eye, K))
-        u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).squeeze(-1)
-        u = torch.where(failed.unsqueeze(-1), torch.where(used, math.nan, 0.0).to(u.dtype), u)
+        u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True)
+        u = torch.where(failed_, torch.where(used, math.nan, 0.0).to(u.dtype), u)
         idx = singular.nonzero().reshape(-1)
-        u[idx] = (torch.linalg.pinv(K[idx].mT) @ rhs[idx]).squeeze(-1)
-        finite = bool((torch.isfinite(u).all(-1) | failed).all())
+        u[idx] = torch.linalg.pinv(K[idx].mT) @ rhs[idx]
+        finite = bool((torch.isfinite(u).flatten(1).all(-1) | failed).all())
     if any_degenerate:
         # one fixed text, so that a training loop shows it once; the elements are in info.degenerate
         warnings.warn(
@@ -816,6 +835,7 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
         )
     if not finite:
         raise FloatingPointError(f"{stage}: the adjoint KKT solve returned NaN or inf.")
+    u = u.movedim(-1, 0)  # (C, B, N)
     return u[..., :n], u[..., n:n + p], u[..., n + p:], degenerate
 
 
@@ -885,10 +905,12 @@ def qp_solve(
 
     Returns:
         ``z`` of shape ``(n,)`` or ``(B, n)`` (and the :class:`QPInfo` if asked).
-        Under :func:`torch.func.vmap` (and :func:`torch.func.jacrev`, which maps the
-        backward pass) the mapped problems are solved as one batch of ``V * B``; the
-        :class:`QPInfo` and the element indices of a :class:`SolveError` then count
-        the problems of that flattened batch, vmap dimension first.
+        Under :func:`torch.func.vmap` the mapped problems are solved as one batch of
+        ``V * B``: the :class:`QPInfo` (return it with ``out_dims=(0, None)``: it is
+        no tensor) and the element indices of a :class:`SolveError` count the
+        problems of that flattened batch, vmap dimensions first (with
+        ``chunk_size``: of the chunk).  :func:`torch.func.jacrev` solves the adjoint
+        systems of all rows of a problem with one factorization.
 
     Raises:
         ValueError / TypeError: shapes, dtypes or devices that do not match (the
@@ -923,6 +945,15 @@ def qp_solve(
     B, tensors = _check_inputs(Q, q, A, b, G, h)
     if B == 0:  # an empty batch (a data loader's last): nothing to solve
         return _empty_batch(tensors, return_info)
+    z, info, _ = _solve(B, tensors, tol, maxiter, check)
+    return (z, info) if return_info else z
+
+
+def _solve(B: int | None, tensors: tuple, tol: float | None, maxiter: int, check: bool) -> tuple:
+    """:func:`qp_solve` on checked inputs: ``(z, info, element)``, where under
+    :func:`torch.func.vmap` ``element`` (mapped like ``z``) numbers the problems of
+    ``info``, which covers the ``V * B`` problems the vmap rule solved together."""
+    q = tensors[1]
     # Below float64 the KKT systems of the last iterations are too ill-conditioned: solve in float64.
     work = torch.float64 if q.dtype in _PROMOTED else q.dtype
     tensors = tuple(t.to(work) for t in tensors)
@@ -930,14 +961,15 @@ def qp_solve(
     tensors = (0.5 * (Qf + Qf.mT),) + tensors[1:]
     options = _Options(_default_tol(work) if tol is None else float(tol), maxiter, check, B is not None,
                        "qp_solve")
-    z = _QPFunction.apply(options, *tensors)[0].to(q.dtype)
-    info = options.info  # under vmap: of the V * B problems the vmap rule solved together
+    z, _, _, element = _QPFunction.apply(options, *tensors)
+    z = z.to(q.dtype)
+    info = options.info
     if B is None:
-        z = z[0]
+        z, element = z[0], element[0]
         if not any(_vmapped(t) for t in tensors):
             info = QPInfo(*(getattr(info, f)[0] for f in info.__dataclass_fields__))
             options.reports.append(info)
-    return (z, info) if return_info else z
+    return z, info, element
 
 
 class QPLayer(torch.nn.Module):
@@ -961,7 +993,10 @@ class QPLayer(torch.nn.Module):
             :class:`SolveWarning` names them and their statuses, and the other
             elements are unaffected.  ``True``: always raise.  ``False``:
             never raise (NaN and the warning).  The failed indices are kept in
-            ``last_failed``, the statuses in ``last_info``.
+            ``last_failed``, the statuses in ``last_info``.  Under
+            :func:`torch.func.vmap` the mapped problems are a batch: ``None``
+            behaves as ``False``, and the indices count the flattened batch
+            (:func:`qp_solve`, Returns).
 
     Example:
         >>> import torch
@@ -1002,7 +1037,7 @@ class QPLayer(torch.nn.Module):
         in ``self.last_info``.  A problem that is not solved is handled as ``check``
         says (class docstring)."""
         if any(_vmapped(t) for t in (Q, q, A, b, G, h)):
-            return self._mapped(Q, q, A, b, G, h)
+            return self._mapped(*_check_inputs(Q, q, A, b, G, h))
         z, info = qp_solve(Q, q, A, b, G, h, tol=self.tol, maxiter=self.maxiter, check=False, return_info=True)
         self.last_info = info
         batched = z.dim() == 2
@@ -1011,19 +1046,21 @@ class QPLayer(torch.nn.Module):
         (z,) = settle_failures((z if batched else z.unsqueeze(0),), failed, statuses, batched, self.check, message)
         return z if batched else z[0]
 
-    def _mapped(self, Q, q, A, b, G, h) -> torch.Tensor:
-        """Under :func:`torch.func.vmap`: rows of a mapped output cannot be set to NaN one
-        by one, so a problem that is not solved raises (``check=False``: its last
-        iterate is returned, with a :class:`SolveWarning`).  ``last_info`` and
+    def _mapped(self, B: int | None, tensors: tuple) -> torch.Tensor:
+        """Under :func:`torch.func.vmap`, where the mapped problems make a batch: a
+        problem that is not solved gives NaN (and no gradient) with a
+        :class:`SolveWarning`, or raises with ``check=True``.  ``last_info`` and
         ``last_failed`` count the flattened batch (:func:`qp_solve`, Returns)."""
-        z, info = qp_solve(Q, q, A, b, G, h, tol=self.tol, maxiter=self.maxiter, check=self.check is not False,
-                           return_info=True)
+        z, info, element = _solve(B, tensors, self.tol, self.maxiter, False)
         self.last_info = info
         failed, statuses, message = _failures(info, True, "QPLayer")
         self.last_failed = failed
         if failed:
-            warnings.warn(SolveWarning(message + "\n(check=False: their last iterates are returned.)",
-                                       failed, statuses), stacklevel=3)
+            if self.check:
+                raise SolveError(message, failed, statuses)
+            warnings.warn(SolveWarning(message, failed, statuses), stacklevel=3)
+            unsolved = ~info.converged.reshape(-1)[element]
+            z = torch.where(unsolved.unsqueeze(-1), math.nan, z)
         return z
 
     def extra_repr(self) -> str:
