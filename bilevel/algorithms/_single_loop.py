@@ -279,7 +279,7 @@ rescale_every: re-estimate the curvature (8 power iterations), and the steps der
     from it, every this many steps (default <rescale_every>; 0: never).
 backoffs: how many times a run whose iterates blow up goes back to a saved state and
     continues with the :math:`x` step divided by 10 (:math:`10^{-j}` times the original
-    after the :math:`j`-th back-off), warning :class:`~bilevel.status.StepSizeWarning`
+    after the :math:`j`-th back-off<backoff_note>), warning :class:`~bilevel.status.StepSizeWarning`
     with :math:`\|(x, y)\|`, before ``FloatingPointError`` naming the step,
     :math:`\|(x, y)\|` and the limit (default <backoffs>; 0: raise at once).  A blow-up
     is an iterate that is not finite or has :math:`\|(x, y)\| > 10^8 s`, with the scale
@@ -313,6 +313,7 @@ def shared_args(cls: type) -> type:
     text = _SHARED_ARGS
     for f in dataclasses.fields(cls):
         text = text.replace(f"<{f.name}>", str(f.default))
+    text = text.replace("<backoff_note>", cls._backoff_note)
     entries = "".join(f"        {line}\n" if line else "\n" for line in text.splitlines())
     marker = "        {single_loop_args}\n"
     if cls.__doc__ is None or marker not in cls.__doc__:
@@ -559,7 +560,7 @@ class SingleLoop(Algorithm):
         A run whose iterates diverge slowly (an x step too large for the coupled iteration,
         where :math:`\|(x, y)\|` would reach the blow-up limit only after many steps) shows
         a growing direction, growing iterates and a rising outer objective; it is taken for
-        a blow-up (going back to a saved state with the x step divided by 10) where, with
+        a blow-up (going back to a saved state with a smaller x step) where, with
         window :math:`l` the one of the lowest :math:`m` before,
 
         * :math:`m_j > 100\, m_l` and :math:`m_j > m_0` (the first window, a transient, is
@@ -592,7 +593,7 @@ class SingleLoop(Algorithm):
             if growing and farther and rising:
                 step = state.iteration
                 grew = f"{median / low:.3g}-fold" if low > 0 else "from 0"
-                self._diverged(state, step, last, _scale(ex), None,
+                self._diverged(state, step, last, _scale(ex), None, slow=True,
                                what=f"the iterates diverged slowly: |d_x| grew {grew} by step {step} (median "
                                     f"of the last {len(window)} steps {median:.3g}, {low:.3g} at its lowest), "
                                     f"|(x, y)| to {math.sqrt(last):.3g} and the outer value from {low_value:.3g} "
@@ -606,20 +607,29 @@ class SingleLoop(Algorithm):
 
     _backoff_scope = "the y steps are unchanged"
     """How a back-off's warning describes the steps it leaves alone (or shrinks too)."""
+    _backoff_note = ""
+    """What else a back-off changes, for the ``backoffs`` entry of the docstring."""
+
+    def _backoff_change(self, extras: dict, slow: bool) -> tuple[float, dict, str]:
+        """At a back-off: the factor the x step is divided by, the entries of ``extras`` to
+        set once the saved state is restored, and how the warning describes the other
+        steps.  ``slow``: a slow divergence (:meth:`_growth_diverged`), not a blow-up."""
+        return 10.0, {}, self._backoff_scope
 
     def _diverged(self, state: State, failed: int, size: float, scale: float, cause,
-                  what: Optional[str] = None) -> None:
+                  what: Optional[str] = None, slow: bool = False) -> None:
         """Go back to a saved state (warning), or raise after the last back-off.  ``what``
         describes the divergence (default: the blow-up of ``size`` at step ``failed``)."""
         used = state.extras.get("x_step", float("nan")) * state.extras.get("x_step_scale", 1.0)
         norm = f"|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}"
         start = state.extras.get("start_size", 0.0)
-        if _roll_back(state, self.backoffs):
+        factor, changes, scope = self._backoff_change(state.extras, slow)
+        if _roll_back(state, self.backoffs, factor, changes):
             now = state.extras.get("x_step", float("nan")) * state.extras["x_step_scale"]
             warnings.warn(
                 f"{type(self).__name__}: {what or f'the iterates blew up at step {failed} ({norm})'} with an x step of "
                 f"{used:.3g}; went back to step {state.iteration} and go on with an x step of {now:.3g} "
-                f"(back-off {state.extras['backoffs_taken']} of {self.backoffs}; {self._backoff_scope}).",
+                f"(back-off {state.extras['backoffs_taken']} of {self.backoffs}; {scope}).",
                 StepSizeWarning, stacklevel=5,
             )
             return
@@ -628,7 +638,8 @@ class SingleLoop(Algorithm):
                         f"the start, blow-up limit {math.sqrt(_BLOW_UP * scale):.3g})")
         error = FloatingPointError(
             f"{type(self).__name__}: {what} with an x step of {used:.3g}"
-            + (f", after {taken} back-off(s) that each divided it by 10" if taken else "")
+            + (f", after {taken} back-off(s) that divided it by {1 / state.extras['x_step_scale']:g} in all"
+               if taken else "")
             + "; lower the step sizes (`lr`, and the method's inner step settings)."
         )
         if cause is not None:  # the error a blown-up iterate caused in a later step
@@ -712,21 +723,23 @@ def _snapshot(state: State) -> dict:
         state.extras.update(kept)
 
 
-def _roll_back(state: State, limit: int) -> bool:
-    """Restore a saved state with a 10 times smaller x step, unless ``limit`` back-offs
-    were taken already or there is no saved state.  The target is the newest save,
-    or the start where a back-off went to that save already (it did not rescue the
-    run: the save may be part of the blow-up, or the step still too large)."""
+def _roll_back(state: State, limit: int, factor: float = 10.0, changes: Optional[dict] = None) -> bool:
+    """Restore a saved state with an x step ``factor`` times smaller than the one in use
+    (and the extras ``changes``), unless ``limit`` back-offs were taken already or there
+    is no saved state.  The target is the newest save, or the start where a back-off
+    went to that save already (it did not rescue the run: the save may be part of the
+    blow-up, or the step still too large)."""
     ex = state.extras
     taken = ex.get("backoffs_taken", 0)
     start, newest = ex.get(_ROLLBACK_START), ex.get(_ROLLBACK)
     if taken >= limit or (start is None and newest is None):
         return False
+    scale = ex.get("x_step_scale", 1.0) / factor
     to_newest = newest is not None and (start is None or not ex.get(_ROLLBACK_USED, False))
     state.load_state_dict(newest if to_newest else start)
     for key in (_DX_WINDOW, _DX_FIRST, _DX_LOW, _DX_LOW_SIZE, _DX_LOW_OUTER):  # the growth test starts over
         state.extras.pop(key, None)
-    state.extras.update({"x_step_scale": 10.0 ** -(taken + 1), "backoffs_taken": taken + 1})
+    state.extras.update({"x_step_scale": scale, "backoffs_taken": taken + 1, **(changes or {})})
     if start is not None:
         state.extras[_ROLLBACK_START] = start
     if to_newest:
