@@ -19,7 +19,13 @@ element); times are the median of ``--repeats`` rounds after a warm-up, all
 methods measured in the same run, so the ratios are side by side.  Solutions
 and gradients are compared with QPLayer's.
 
-A second section benchmarks the mixture-of-experts hard constraint
+A second section times the per-problem Jacobians :math:`dz/dq`, :math:`dz/dh` of
+the batch: ``torch.func.vmap`` of ``torch.func.jacrev`` over the problems (one
+batched solve, and every row of a problem's adjoint system with one
+factorization), against ``n`` autograd backward passes through the batch and
+``torch.autograd.functional.jacobian`` (one row of the flattened batch per pass).
+
+A third section benchmarks the mixture-of-experts hard constraint
 (``HardConstraintMoE``, Chalapathi, Du and Krishnapriyan, ICLR 2024) on the heat
 equation of ``bilevel.problems.heat_1d``:
 
@@ -67,6 +73,7 @@ from bilevel.layers import (
     QPLayer,
     SoftConstraint,
     evaluate_basis,
+    qp_solve,
 )
 from bilevel.problems import heat_1d
 from bilevel.solvers import GaussNewton
@@ -177,6 +184,45 @@ def qp_section(args) -> None:
         print(f"| {name} | {1e3 * t_b:.1f} | {loop} | {ratio} | {t_b / reference[0]:.1f} | {dz:.1e} | {dg:.1e} |")
     for note in notes:
         print(f"\n{note}")
+
+
+def jacobian_section(args) -> None:
+    """Per-problem Jacobians dz/dq and dz/dh of the QP batch, three ways."""
+    B, n, m = args.batch, args.n, args.m
+    L, q, G, h = make_batch(B, n, m, args.device)
+    Q = L @ L.mT
+    solve = lambda q_, h_: qp_solve(Q, q_, G=G, h=h_)  # noqa: E731
+    one = lambda Qi, Gi: (lambda q_, h_: qp_solve(Qi, q_, G=Gi, h=h_))  # noqa: E731
+
+    def by_vmap():  # vmap over the problems of jacrev of one problem
+        return torch.func.vmap(lambda Qi, Gi, qi, hi: torch.func.jacrev(one(Qi, Gi), argnums=(0, 1))(qi, hi))(
+            Q, G, q, h)
+
+    def by_rows():  # n backward passes, each through the whole batch (row i of every problem)
+        q_, h_ = q.clone().requires_grad_(), h.clone().requires_grad_()
+        z = solve(q_, h_)
+        rows = [torch.autograd.grad(z[:, i].sum(), (q_, h_), retain_graph=i < n - 1) for i in range(n)]
+        return torch.stack([r[0] for r in rows], 1), torch.stack([r[1] for r in rows], 1)
+
+    def by_jacobian():  # torch.autograd.functional.jacobian, one row of the flattened batch at a time
+        J = torch.autograd.functional.jacobian(solve, (q, h))
+        index = torch.arange(B)
+        return J[0][index, :, index], J[1][index, :, index]
+
+    print(f"\nJacobians dz/dq and dz/dh of the QP batch (B = {B}, n = {n}, m = {m}), one (n x n) and one "
+          f"(n x m) block per problem; median of {args.repeats} rounds after a warm-up.\n")
+    print("| method | ms | / vmap(jacrev) | max abs difference |")
+    print("|---|---|---|---|")
+    reference = by_vmap()
+    timings = [("vmap(jacrev) over the problems", by_vmap), ("autograd rows through the batch", by_rows)]
+    if not args.quick:
+        timings.append(("autograd.functional.jacobian", by_jacobian))
+    base = None
+    for name, fn in timings:
+        t = _median_time(fn, args.repeats)
+        base = base or t
+        diff = max(float((a - b).abs().max()) for a, b in zip(fn(), reference))
+        print(f"| {name} | {1e3 * t:.1f} | {t / base:.1f} | {diff:.1e} |")
 
 
 # ----------------------------------------------------------------------------- MoE hard constraints
@@ -379,6 +425,7 @@ def main(argv=None) -> int:
         print(f"\n**Warning: other processes kept {100 * busy:.0f}% of the CPUs busy; timings are inflated.**")
     if args.only in (None, "qp"):
         qp_section(args)
+        jacobian_section(args)
     if args.only in (None, "moe"):
         moe_section(args)
     return 0

@@ -16,6 +16,7 @@ OWN_TEST_FILES = frozenset({
     "test_acceptance_torch_peers.py",
     "test_api.py",
     "test_benchmarks_gpu.py",
+    "test_benchmarks_layers.py",
     "test_benchmarks_single_loop.py",
     "test_conditions.py",
     "test_distributed.py",
