@@ -1,6 +1,7 @@
 """Back-offs of the single-loop methods (SOBA, penalty, MEHA, sl-BAMM, LV-HBA): a too-large
-step is rescued by going back to a state from before the blow-up with a 10 times smaller
-step, a hopeless one ends in ``FloatingPointError`` with the norm it reached, and runs
+step is rescued by going back to a state from before the blow-up with a smaller step (10
+times; the penalty method's after a slow divergence 4 times, with 4 times the inner steps),
+a hopeless one ends in ``FloatingPointError`` with the norm it reached, and runs
 that do not blow up are untouched.  Float64, problems Q and L of ALGORITHMS.md section 8
 (closed-form answers), both started at x0 = y0 = 0."""
 
@@ -81,6 +82,28 @@ def test_a_too_large_step_is_rescued_and_reaches_the_solution(method, problem, l
         scales = {s / f for s in scales for f in factors}
     assert any(math.isclose(result.state.extras["x_step_scale"], s) for s in scales)
     assert relative_error(problem, result.x) < tol
+
+
+def test_penalty_keeps_its_inner_steps_through_a_later_blow_up():
+    """A slow divergence raised T to 4 (x step / 4); a blow-up later went back to the
+    start, whose saved extras predate that: T stays 4 and the x step is 40 times
+    smaller (it dropped back to T = 1 before)."""
+    problem = quadratic(d=20, m=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = bilevel.solve(problem, method="penalty", lr=3.0, max_steps=150, progress=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)]
+    ex = result.state.extras
+    assert ex["backoffs_taken"] == 2 and ex["inner_factor"] == 4, messages
+    assert ex["x_step_scale"] == 1 / 40
+
+
+def test_many_back_offs_divide_the_step_by_exact_powers_of_ten():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = bilevel.solve(quadratic(), method="meha", lr=7e4, backoffs=8, max_steps=800, progress=False)
+    taken = result.state.extras["backoffs_taken"]
+    assert taken >= 6 and result.state.extras["x_step_scale"] == 1 / 10 ** taken
 
 
 @pytest.mark.parametrize("d, m", [(20, 10), (100, 10)])

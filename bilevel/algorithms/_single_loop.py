@@ -288,8 +288,9 @@ backoffs: how many times a run whose iterates blow up goes back to a saved state
     saved at the start and at each re-estimate where :math:`\|(x, y)\| \le 10 s` and at
     most 10 times its value at the previous re-estimate (or :math:`\max(1, \|(x_0,
     y_0)\|)`): a state farther out may be part of a slow blow-up.  A back-off goes to
-    the newest save, or to the start where the previous back-off went to that same
-    save already (:math:`s` is then measured anew), so a step that is stable once
+    the newest save (after a slow divergence, first to the save that ended the window of
+    the lowest median :math:`\|d_x\|`, before the growth), or to the start where the
+    previous back-off went to that same save already (:math:`s` is then measured anew), so a step that is stable once
     divided by :math:`10^k`, :math:`k \le` ``backoffs``, goes on from near the scale
     :math:`s` instead of raising.  A slow divergence counts as a blow-up: at a
     re-estimate, a median of :math:`\|d_x\|` over the (at least 10) steps since the
@@ -603,6 +604,7 @@ class SingleLoop(Algorithm):
                 return True
         if low is None or median < low:
             ex[_DX_LOW], ex[_DX_LOW_SIZE], ex[_DX_LOW_OUTER] = median, largest, value
+            ex[_LOW_PENDING] = True  # the state saved at this re-estimate ends the window
         return False
 
     _backoff_scope = "the y steps are unchanged"
@@ -624,7 +626,7 @@ class SingleLoop(Algorithm):
         norm = f"|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}"
         start = state.extras.get("start_size", 0.0)
         factor, changes, scope = self._backoff_change(state.extras, slow)
-        if _roll_back(state, self.backoffs, factor, changes):
+        if _roll_back(state, self.backoffs, factor, changes, slow):
             now = state.extras.get("x_step", float("nan")) * state.extras["x_step_scale"]
             warnings.warn(
                 f"{type(self).__name__}: {what or f'the iterates blew up at step {failed} ({norm})'} with an x step of "
@@ -661,6 +663,9 @@ belong to a slow blow-up, and going back there would not rescue the run."""
 _ROLLBACK = "rollback"              # the newest saved state after the start (a state_dict)
 _ROLLBACK_START = "rollback_start"  # the state at the start of the run
 _ROLLBACK_USED = "rollback_used"    # a back-off went to _ROLLBACK already
+_ROLLBACK_LOW = "rollback_low"      # the save at the end of the window of the lowest |d_x| median
+_LOW_PENDING = "low_pending"        # the next save is that one
+_DIVISOR = "x_step_divisor"         # the product of the back-offs' factors (x_step_scale = 1 / it)
 _SCALE = "size_scale"               # s^2, fixed at the first re-estimate
 _SIZE_MAX = "size_max"              # the largest |(x, y)|^2 read before that
 _SIZE_LAST = "size_last"            # (step, |(x, y)|^2) of the last step read
@@ -676,7 +681,7 @@ _GROWTH = 100.0
 """Growth factor of a slow divergence: of the median |d_x|, and of |(x, y)|^2."""
 _MIN_WINDOW = 10
 """Fewest steps whose median is a window of the growth test."""
-_KEPT = (_ROLLBACK, _ROLLBACK_START)  # not copied into the saved states
+_KEPT = (_ROLLBACK, _ROLLBACK_START, _ROLLBACK_LOW)  # not copied into the saved states
 
 
 def _scale(extras: dict) -> float:
@@ -712,6 +717,8 @@ def _at_boundary(state: State, backoffs: int) -> None:
         return  # far out, or grown 10 times since the last re-estimate: maybe a blow-up; keep the older save
     ex[_ROLLBACK] = _snapshot(state)
     ex.pop(_ROLLBACK_USED, None)
+    if ex.pop(_LOW_PENDING, False):
+        ex[_ROLLBACK_LOW] = ex[_ROLLBACK]
 
 
 def _snapshot(state: State) -> dict:
@@ -723,27 +730,32 @@ def _snapshot(state: State) -> dict:
         state.extras.update(kept)
 
 
-def _roll_back(state: State, limit: int, factor: float = 10.0, changes: Optional[dict] = None) -> bool:
+def _roll_back(state: State, limit: int, factor: float = 10.0, changes: Optional[dict] = None,
+               slow: bool = False) -> bool:
     """Restore a saved state with an x step ``factor`` times smaller than the one in use
     (and the extras ``changes``), unless ``limit`` back-offs were taken already or there
-    is no saved state.  The target is the newest save, or the start where a back-off
-    went to that save already (it did not rescue the run: the save may be part of the
-    blow-up, or the step still too large)."""
+    is no saved state.  The target is, after a ``slow`` divergence, the save that ended
+    the window of the lowest median :math:`\|d_x\|` (before the growth; once), else
+    the newest save, or the start where a back-off went to that save already (it did
+    not rescue the run: the save may be part of the blow-up, or the step still too
+    large)."""
     ex = state.extras
     taken = ex.get("backoffs_taken", 0)
-    start, newest = ex.get(_ROLLBACK_START), ex.get(_ROLLBACK)
+    start, newest, low = ex.get(_ROLLBACK_START), ex.get(_ROLLBACK), ex.get(_ROLLBACK_LOW)
     if taken >= limit or (start is None and newest is None):
         return False
-    scale = ex.get("x_step_scale", 1.0) / factor
-    to_newest = newest is not None and (start is None or not ex.get(_ROLLBACK_USED, False))
-    state.load_state_dict(newest if to_newest else start)
-    for key in (_DX_WINDOW, _DX_FIRST, _DX_LOW, _DX_LOW_SIZE, _DX_LOW_OUTER):  # the growth test starts over
+    divisor = ex.get(_DIVISOR, 1.0 / ex.get("x_step_scale", 1.0)) * factor  # exact for products of 10s
+    to_low = slow and low is not None
+    to_newest = not to_low and newest is not None and (start is None or not ex.get(_ROLLBACK_USED, False))
+    state.load_state_dict(low if to_low else newest if to_newest else start)
+    for key in (_DX_WINDOW, _DX_FIRST, _DX_LOW, _DX_LOW_SIZE, _DX_LOW_OUTER, _LOW_PENDING):  # the growth test starts over
         state.extras.pop(key, None)
-    state.extras.update({"x_step_scale": scale, "backoffs_taken": taken + 1, **(changes or {})})
+    state.extras.update({"x_step_scale": 1.0 / divisor, _DIVISOR: divisor, "backoffs_taken": taken + 1,
+                         **(changes or {})})
     if start is not None:
         state.extras[_ROLLBACK_START] = start
-    if to_newest:
-        state.extras.update({_ROLLBACK: newest, _ROLLBACK_USED: True})
+    if to_low or to_newest:  # the save went back to: the next back-off goes to the start
+        state.extras.update({_ROLLBACK: low if to_low else newest, _ROLLBACK_USED: True})
     return True
 
 

@@ -12,6 +12,10 @@ from ._base import State, StepInfo
 from ._single_loop import SingleLoop, coupled_step, shared_args, step_report, tree_sq_norm, value_and_grads
 
 
+_MAX_INNER_FACTOR = 16
+"""Slow divergences multiply the inner steps by 4 up to this factor, then divide the x step by 10."""
+
+
 @shared_args
 @dataclass(frozen=True)
 class Penalty(SingleLoop):
@@ -74,8 +78,9 @@ class Penalty(SingleLoop):
     iteration diverges slowly (on problem Q with :math:`d = 50`, below about
     :math:`3.6/(L_\Phi \kappa)`, a 25th of the derived step, is stable).  A slow
     divergence is answered by dividing the :math:`x` step by 4 and running 4 times as
-    many inner steps :math:`T` (``backoffs`` below): 1000 steps on Q with
-    :math:`d = 20` and :math:`100` end at relative errors 1e-3 and 2e-3.
+    many inner steps :math:`T` (``backoffs`` below): on 60 instances of Q with
+    :math:`d` = 10 to 100, 1000 steps end at a median relative error of 2e-3 at
+    :math:`d = 20` and :math:`100` (0.17 and 15 with the step divided by 10 alone).
 
     The arguments from ``outer_optimizer`` on are those of every single-loop
     method; :doc:`/guide` ("Single-loop and aggregation methods") explains the
@@ -116,14 +121,18 @@ class Penalty(SingleLoop):
     delta: Optional[float] = None
     stochastic: Optional[bool] = None
 
-    _backoff_note = (r"; after a slow divergence Penalty divides it by 4 instead, and runs 4 times as many "
-                     r"inner steps :math:`T` from then on")
+    _backoff_note = ("; a slow divergence, where :math:`y` and :math:`z` lag behind\n"
+                     "    :math:`x`, Penalty answers by dividing it by 4 and running 4 times as many\n"
+                     "    inner steps :math:`T` from then on, up to 16 times ``inner_steps``")
 
     def _backoff_change(self, extras: dict, slow: bool) -> tuple[float, dict, str]:
-        if not slow:  # a blow-up: the x step is too large on its own
-            return super()._backoff_change(extras, slow)
+        steps = extras.get("inner_factor", 1)
+        if not slow or steps >= _MAX_INNER_FACTOR:  # a blow-up: the x step is too large on its own
+            factor, _, scope = super()._backoff_change(extras, slow)
+            return factor, ({"inner_factor": steps} if steps > 1 else {}), (
+                f"the inner steps stay at {self.inner_steps * steps}" if steps > 1 else scope)
         # y and z lag behind x: fewer x steps, and more of theirs per x step
-        steps = extras.get("inner_factor", 1) * 4
+        steps *= 4
         return 4.0, {"inner_factor": steps}, f"the inner steps per iteration multiplied by 4, to {self.inner_steps * steps}"
 
     def __post_init__(self):
