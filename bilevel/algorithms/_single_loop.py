@@ -696,6 +696,7 @@ def _at_boundary(state: State, backoffs: int) -> None:
     """At the start and at each re-estimate (after the deferred checks were read): fix the
     scale at the first re-estimate, and save the state to go back to where it is not far out."""
     ex = state.extras
+    low = ex.pop(_LOW_PENDING, False)  # the save of this re-estimate ends the lowest window (if it is made)
     if state.iteration > 0 and _SCALE not in ex:
         ex[_SCALE] = max(_scale(ex), ex.get(_SIZE_MAX, 0.0))
     if not backoffs:
@@ -717,7 +718,7 @@ def _at_boundary(state: State, backoffs: int) -> None:
         return  # far out, or grown 10 times since the last re-estimate: maybe a blow-up; keep the older save
     ex[_ROLLBACK] = _snapshot(state)
     ex.pop(_ROLLBACK_USED, None)
-    if ex.pop(_LOW_PENDING, False):
+    if low:
         ex[_ROLLBACK_LOW] = ex[_ROLLBACK]
 
 
@@ -732,7 +733,7 @@ def _snapshot(state: State) -> dict:
 
 def _roll_back(state: State, limit: int, factor: float = 10.0, changes: Optional[dict] = None,
                slow: bool = False) -> bool:
-    """Restore a saved state with an x step ``factor`` times smaller than the one in use
+    r"""Restore a saved state with an x step ``factor`` times smaller than the one in use
     (and the extras ``changes``), unless ``limit`` back-offs were taken already or there
     is no saved state.  The target is, after a ``slow`` divergence, the save that ended
     the window of the lowest median :math:`\|d_x\|` (before the growth; once), else

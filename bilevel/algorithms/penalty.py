@@ -12,7 +12,7 @@ from ._base import State, StepInfo
 from ._single_loop import SingleLoop, coupled_step, shared_args, step_report, tree_sq_norm, value_and_grads
 
 
-_MAX_INNER_FACTOR = 16
+_MAX_INNER_FACTOR = 64
 """Slow divergences multiply the inner steps by 4 up to this factor, then divide the x step by 10."""
 
 
@@ -123,7 +123,7 @@ class Penalty(SingleLoop):
 
     _backoff_note = ("; a slow divergence, where :math:`y` and :math:`z` lag behind\n"
                      "    :math:`x`, Penalty answers by dividing it by 4 and running 4 times as many\n"
-                     "    inner steps :math:`T` from then on, up to 16 times ``inner_steps``")
+                     "    inner steps :math:`T` from then on, up to 64 times ``inner_steps``")
 
     def _backoff_change(self, extras: dict, slow: bool) -> tuple[float, dict, str]:
         steps = extras.get("inner_factor", 1)
