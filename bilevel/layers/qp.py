@@ -621,11 +621,9 @@ class _QPFunction(torch.autograd.Function):
     def vmap(info, in_dims, options: _Options, *tensors):
         size = info.batch_size
         flat = [_merged(t, d, size) for t, d in zip(tensors, in_dims[1:])]
-        if not any(_vmapped(t) for t in flat):  # the check qp_solve left (the innermost vmap level)
-            finite = torch.stack([torch.isfinite(t).all() for t in flat]).tolist()
-            for name, ok in zip(_NAMES, finite):
-                if not ok:
-                    raise FloatingPointError(f"{options.stage}: `{name}` contains NaN or inf.")
+        for name, ok in _finite(dict(zip(_NAMES, flat))).items():  # the check qp_solve left (innermost level)
+            if not ok:
+                raise FloatingPointError(f"{options.stage}: `{name}` contains NaN or inf.")
         options.batched = True  # failures are named by their index among the V * B problems
         outputs = _QPFunction.apply(options, *flat)
         return tuple(_split(t, size) for t in outputs), (0, 0, 0, 0)
@@ -669,7 +667,7 @@ class _QPFunction(torch.autograd.Function):
             grads = _QPAdjoint.apply(ctx.options, ctx.needs_input_grad[1:], *saved, *bars)
         else:
             grads = _input_grads(ctx.options, *saved, *bars, need=ctx.needs_input_grad[1:])
-        return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
+        return (None, *grads)  # None where not needed
 
 
 def _input_grads(options: _Options, Q, A, G, h, z, y, lam, element, z_bar, y_bar, lam_bar,
