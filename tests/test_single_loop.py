@@ -307,6 +307,24 @@ def test_soba_warns_on_a_singular_lower_level_and_names_the_alternatives():
         run(quadratic(), "soba", 600)  # a strongly convex lower level: no warning
 
 
+def test_soba_lagging_v_on_a_definite_lower_level_backs_off_instead_of_calling_it_singular():
+    """Q with d = 100, m = 50, seed 2 (lower Hessian eigenvalues 1 to 81): the smallest one
+    is overestimated (3.4), so the derived x step is too large and v stops tracking its
+    system.  That used to be reported as a singular lower-level Hessian (with the advice to
+    switch methods) while the run diverged; now the x step backs off, with a warning that
+    says why."""
+    problem = quadratic(d=100, m=50, seed=2)
+    assert float(torch.linalg.eigvalsh(problem.data["A"])[0]) > 1.0  # positive definite
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(problem, "soba", 750)
+    assert not [w for w in caught if issubclass(w.category, CurvatureWarning)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)]
+    assert len(messages) == 1 and "SOBA: v lags behind Hess_yy f v = -grad_y F" in messages[0], messages
+    assert "x moves too fast" in messages[0] and "back-off 1 of 3" in messages[0]
+    assert result.state.extras["backoffs_taken"] == 1
+
+
 def test_soba_default_steps_are_stable_on_an_ill_conditioned_lower_level():
     """Problem Q with d = 20 (lower Hessian eigenvalues 1 to 15, hyper-objective curvature
     21): the derived x step keeps y and v ahead of x (a coupled-block step of 0.08 diverged);

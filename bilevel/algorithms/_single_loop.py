@@ -598,18 +598,27 @@ class SingleLoop(Algorithm):
             if growing and farther and rising:
                 step = state.iteration
                 grew = f"{median / low:.3g}-fold" if low > 0 else "from 0"
-                self._diverged(state, step, last, _scale(ex), None, slow=True,
-                               what=f"the iterates diverged slowly: |d_x| grew {grew} by step {step} (median "
+                self._slow_back_off(state, outer,
+                                    f"the iterates diverged slowly: |d_x| grew {grew} by step {step} (median "
                                     f"of the last {len(window)} steps {median:.3g}, {low:.3g} at its lowest), "
                                     f"|(x, y)| to {math.sqrt(last):.3g} and the outer value from {low_value:.3g} "
-                                    f"to {value:.3g}")
-                with torch.no_grad():
-                    state.info = StepInfo(outer=report_value(outer(state.x, state.y)), rolled_back_at=step + 1)
+                                    f"to {value:.3g}", size=last)
                 return True
         if low is None or median < low:
             ex[_DX_LOW], ex[_DX_LOW_SIZE], ex[_DX_LOW_OUTER] = median, largest, value
             ex[_LOW_PENDING] = True  # the state saved at this re-estimate ends the window
         return False
+
+    def _slow_back_off(self, state: State, outer: Callable, what: str, size: Optional[float] = None) -> None:
+        """Take the back-off of a slow divergence (``what``), at a re-estimate: go back to
+        the save before the growth with a smaller x step, or raise after the last one.
+        ``size``: :math:`\|(x, y)\|^2` for the error (default: that of the last step read)."""
+        step = state.iteration
+        if size is None:
+            size = state.extras.get(_SIZE_LAST, (step, math.nan))[1]
+        self._diverged(state, step, size, _scale(state.extras), None, slow=True, what=what)
+        with torch.no_grad():
+            state.info = StepInfo(outer=report_value(outer(state.x, state.y)), rolled_back_at=step + 1)
 
     _backoff_scope = "the y steps are unchanged"
     """How a back-off's warning describes the steps it leaves alone (or shrinks too)."""

@@ -164,13 +164,26 @@ class SOBA(SingleLoop):
         return step_report(outer, state, d_x, residual, linear_residual=linear_residual)
 
     def _check_linear_system(self, state: State, relative: float) -> None:
-        r"""Warn once when :math:`v` has not solved its system long after it should have: a relative
+        r"""Act once :math:`v` has not solved its system long after it should have: a relative
         residual :math:`\|\nabla^2_{yy} f\, v + \nabla_y F\| / \|\nabla_y F\|` above 1/2 at
-        two looks in a row means a singular (or indefinite) lower-level Hessian, along
-        whose null space :math:`v` only drifts (problem M1)."""
+        two looks in a row.
+
+        Where the latest estimate of the smallest eigenvalue of :math:`\nabla^2_{yy} f` is
+        positive, :math:`v` lags because :math:`x` moves too fast for :math:`y` and
+        :math:`v` to follow (an x step derived from an overestimated strong convexity,
+        e.g. on problem Q with :math:`d = 100`): the next re-estimate takes a back-off
+        (:meth:`_growth_diverged`).  Otherwise, or once the back-offs are spent, the
+        lower-level Hessian is taken for singular (or indefinite), along whose null space
+        :math:`v` only drifts (problem M1): a warning, once."""
         ex = state.extras
         stuck = relative > 0.5
         if stuck and ex.get("v_stuck") and not ex.get("v_warned"):
+            scales = ex["scales"]
+            definite = scales.get("inner_y_min", 0.0) > 1e-6 * scales["inner_y"]  # as in setup
+            if definite and ex.get("backoffs_taken", 0) < self.backoffs:
+                ex["v_lag"] = (state.iteration, relative)
+                ex["v_stuck"] = False  # judged anew after the back-off
+                return
             ex["v_warned"] = True
             warnings.warn(
                 f"SOBA: after {state.iteration} steps v still leaves a relative residual of {relative:.2g} in "
@@ -180,6 +193,20 @@ class SOBA(SingleLoop):
                 CurvatureWarning, stacklevel=5,
             )
         ex["v_stuck"] = stuck
+
+    def _growth_diverged(self, state: State, outer) -> bool:
+        lag = state.extras.pop("v_lag", None)
+        if lag is None:
+            return super()._growth_diverged(state, outer)
+        step, relative = lag
+        scales = state.extras["scales"]
+        self._slow_back_off(
+            state, outer,
+            f"v lags behind Hess_yy f v = -grad_y F (relative residual {relative:.2g} at step {step}, with the "
+            f"smallest eigenvalue of Hess_yy f estimated at {scales.get('inner_y_min', 0.0):.3g} and the largest "
+            f"at {scales['inner_y']:.3g}): x moves too fast for y and v to follow",
+        )
+        return True
 
 
 __all__ = ["SOBA"]
