@@ -16,7 +16,7 @@ from _host_syncs import simulate_accelerator
 import bilevel
 from bilevel.algorithms import METHODS
 from bilevel.problems import coupled_constraint, quadratic
-from bilevel.status import StepSizeWarning
+from bilevel.status import CurvatureWarning, StepSizeWarning
 
 
 def relative_error(problem, x) -> float:
@@ -347,7 +347,9 @@ def test_a_nan_batch_is_named_not_skipped_by_a_back_off(monkeypatch, method, acc
 def test_escaping_a_stationary_point_is_no_slow_divergence(method):
     """F = (|y|^2 - 1)^2 / 4 with y* = x from x0 ~ 1e-8: |d_x| grows about a millionfold while
     x leaves the maximum at 0, but |(x, y)| stays below 1, so no back-off slows the escape
-    (a growth test on |d_x| alone went back three times and left SOBA at |x| = 0.03)."""
+    (a growth test on |d_x| alone went back three times and left SOBA at |x| = 0.03).  Nor
+    does SOBA call the lower level singular once grad_y F has vanished at the solution (its
+    relative linear residual is rounding there: it used to warn at step 226)."""
     inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()  # noqa: E731
     outer = lambda x, y: 0.25 * ((y ** 2).sum() - 1.0) ** 2  # noqa: E731
     x0 = 1e-8 * torch.randn(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -355,5 +357,5 @@ def test_escaping_a_stationary_point_is_no_slow_divergence(method):
         warnings.simplefilter("always")
         result = bilevel.solve(outer, inner, x0, torch.zeros(3, dtype=torch.float64), method=method,
                                max_steps=3000, progress=False)
-    assert not [w for w in caught if issubclass(w.category, StepSizeWarning)]
+    assert not [w for w in caught if issubclass(w.category, (StepSizeWarning, CurvatureWarning))]
     assert abs(float(result.x.norm()) - 1.0) < 0.05  # MEHA, the slowest to leave: 0.989

@@ -610,7 +610,7 @@ class SingleLoop(Algorithm):
         return False
 
     def _slow_back_off(self, state: State, outer: Callable, what: str, size: Optional[float] = None) -> None:
-        """Take the back-off of a slow divergence (``what``), at a re-estimate: go back to
+        r"""Take the back-off of a slow divergence (``what``), at a re-estimate: go back to
         the save before the growth with a smaller x step, or raise after the last one.
         ``size``: :math:`\|(x, y)\|^2` for the error (default: that of the last step read)."""
         step = state.iteration

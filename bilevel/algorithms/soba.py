@@ -11,7 +11,7 @@ import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ..status import CurvatureWarning
-from ._base import State, StepInfo
+from ._base import State, StepInfo, host_floats
 from ._single_loop import SingleLoop, autograd_grads, coupled_step, shared_args, step_report, tracked, tree_sq_norm
 
 
@@ -156,11 +156,17 @@ class SOBA(SingleLoop):
         # deterministic runs only (one mini-batch's residual is too noisy to judge), and a
         # host read only now and then
         patience = min(max(200, 10 * scales["inner_y"] / max(scales.get("inner_y_min", 0.0), 1e-12)), 1000)
-        if (batch is None and self.rescale_every and state.iteration % self.rescale_every == 0
-                and state.iteration >= patience and not ex.get("v_warned")):
-            scale = float(torch.sqrt(tree_sq_norm(gF[n_x:])))
-            if scale > 0:  # with grad_y F = 0 the system is v = 0, nothing to judge by
-                self._check_linear_system(state, float(linear_residual) / scale)
+        if batch is None and self.rescale_every and state.iteration % self.rescale_every == 0 and not ex.get("v_warned"):
+            scale = torch.sqrt(tree_sq_norm(gF[n_x:]))
+            peak = ex["grad_y_peak"] = torch.maximum(ex.get("grad_y_peak", scale), scale)  # on the device
+            if state.iteration >= patience:
+                scale, peak, lagging = host_floats([scale, peak, linear_residual])
+                # with grad_y F = 0 the system is v = 0, and where grad_y F has all but vanished
+                # (a converged run) the ratio is rounding: nothing to judge by
+                if scale > torch.finfo(linear_residual.dtype).eps ** 0.25 * peak:
+                    self._check_linear_system(state, lagging / scale)
+                else:
+                    ex["v_stuck"] = False
         return step_report(outer, state, d_x, residual, linear_residual=linear_residual)
 
     def _check_linear_system(self, state: State, relative: float) -> None:
