@@ -177,9 +177,10 @@ def deterministic():
 
 _TORCH_FUNC_ONLY = (
     "bilevel/implicit/conditions.py:stationarity builds the residual with torch.func.grad, and "
-    "bilevel/implicit/root.py:_cross_pullback (custom_root backward) / "
+    "bilevel/implicit/root.py:_cross_pullback (a custom_root backward that records a graph) / "
     "bilevel/implicit/hypergrad.py:_checked_grads (create_graph=True) evaluate it under torch.func, whereas "
-    "the plain hypergrad path (operators.linearize with objective=) uses torch.autograd and works")
+    "the plain hypergrad path and a plain custom_root backward (operators.linearize with objective=) use "
+    "torch.autograd and work")
 
 
 def close_in_norm(actual, expected, rel):
@@ -740,22 +741,27 @@ def test_reentrant_checkpoint_is_refused_by_torch_with_the_remedy():
         bilevel.hypergrad(outer, inner_ck, LAM0, closed(LAM0))
 
 
-@pytest.mark.parametrize("where", ["custom_root", "hypergrad_create_graph"])
-@pytest.mark.xfail(strict=True, reason=(
-    "with torch.utils.checkpoint(use_reentrant=False) in the objective, custom_root's backward and "
-    "hypergrad(create_graph=True) crash with 'torch.func.{grad, vjp, jacrev, hessian} don't yet support saved "
-    "tensor hooks' although hypergrad accepts the same objective: " + _TORCH_FUNC_ONLY))
-def test_non_reentrant_checkpoint_where_the_library_differentiates_twice(where):
+def test_non_reentrant_checkpoint_in_a_custom_root_objective():
+    """A plain backward through custom_root evaluates the condition with autograd alone
+    (one linearization for the adjoint and the cross products), so a checkpointed objective
+    works there as in hypergrad (it crashed under torch.func before)."""
     inner_ck = lambda lam, w: checkpoint(ridge_objective, w, lam, use_reentrant=False)
     lam = LAM0.clone().requires_grad_()
-    if where == "custom_root":
-        solver = bilevel.custom_root(stationarity(lambda w, l: inner_ck(l, w)))(closed)
-        outer(lam, solver(lam)).backward()
-        close(lam.grad, hyper_ref(LAM0))
-    else:
-        g = bilevel.hypergrad(outer, inner_ck, lam, closed(lam), create_graph=True)
-        (h,) = torch.autograd.grad(g.sum(), lam)
-        close(h, hess_ref(LAM0).sum(0), rtol=1e-8, atol=1e-10)
+    solver = bilevel.custom_root(stationarity(lambda w, l: inner_ck(l, w)))(closed)
+    outer(lam, solver(lam)).backward()
+    close(lam.grad, hyper_ref(LAM0))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "with torch.utils.checkpoint(use_reentrant=False) in the objective, hypergrad(create_graph=True) (and a "
+    "custom_root backward with create_graph=True) crash with 'torch.func.{grad, vjp, jacrev, hessian} don't yet "
+    "support saved tensor hooks' although hypergrad accepts the same objective: " + _TORCH_FUNC_ONLY))
+def test_non_reentrant_checkpoint_where_the_library_differentiates_twice():
+    inner_ck = lambda lam, w: checkpoint(ridge_objective, w, lam, use_reentrant=False)
+    lam = LAM0.clone().requires_grad_()
+    g = bilevel.hypergrad(outer, inner_ck, lam, closed(lam), create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), lam)
+    close(h, hess_ref(LAM0).sum(0), rtol=1e-8, atol=1e-10)
 
 
 def test_detect_anomaly_around_backward_passes_neither_raises_nor_warns():

@@ -635,18 +635,28 @@ def test_root_backward_and_hypergrad_lift_saved_tensor_hooks_and_restore_them():
 
 
 def test_a_full_backward_hook_in_a_root_objective_is_named():
-    """torch.func refuses nn.Module full backward hooks with a message naming neither; the
-    library's error names the hook and what to do."""
-    layer = torch.nn.Linear(2, 2, bias=False).requires_grad_(False)  # a fixed map, no captured leaf
-    layer.register_full_backward_hook(lambda *a: None)
+    """torch.func refuses nn.Module full backward hooks with a message naming neither; where
+    the library differentiates through torch.func (a backward that records a graph), its
+    error names the hook and what to do.  A plain backward runs on autograd alone and gives
+    the gradient, the hook called."""
+    layer = torch.nn.Linear(2, 2, bias=False, dtype=torch.float64).requires_grad_(False)  # a fixed map
+    calls = []
+    layer.register_full_backward_hook(lambda *a: calls.append(1))
 
     @bilevel.custom_root(stationarity(lambda w, lam: 0.5 * (layer(w) ** 2).sum() + 0.5 * lam * (w @ w) - w.sum()))
     def argmin(lam):
-        M = layer.weight.detach().T @ layer.weight.detach() + lam.detach() * torch.eye(2)
-        return torch.linalg.solve(M, torch.ones(2))
+        M = layer.weight.detach().T @ layer.weight.detach() + lam.detach() * torch.eye(2, dtype=torch.float64)
+        return torch.linalg.solve(M, torch.ones(2, dtype=torch.float64))
 
+    lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="full backward hooks"):
-        argmin(torch.tensor(0.5, requires_grad=True)).sum().backward()
+        torch.autograd.grad(argmin(lam).sum(), lam, create_graph=True)
+    (g,) = torch.autograd.grad(argmin(lam).sum(), lam)
+    W = layer.weight.detach()
+    M = W.T @ W + 0.5 * torch.eye(2, dtype=torch.float64)
+    w = torch.linalg.solve(M, torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(g, -torch.linalg.solve(M, w).sum(), rtol=1e-10, atol=1e-12)  # dw/dlam = -M^-1 w
+    assert calls
 
 
 def test_gradients_batched_by_autograd_are_refused_by_name():
@@ -691,3 +701,90 @@ def test_a_solver_option_passed_positionally_is_explained():
     lam = torch.tensor([1.0, 2.0], requires_grad=True)
     by_keyword(lam, iterations=60).sum().backward()
     torch.testing.assert_close(lam.grad, torch.full((2,), 2.0))
+
+
+def _grads_both_routes(fn, *inputs):
+    """Gradients of ``fn(*inputs).sum()`` by a plain backward (the final route: one
+    linearization) and by one that records a graph (the differentiable route)."""
+    plain = torch.autograd.grad(fn(*inputs), inputs)
+    recorded = torch.autograd.grad(fn(*inputs), inputs, create_graph=True)
+    return plain, [g.detach() for g in recorded]
+
+
+def test_plain_and_recording_backward_routes_agree():
+    """A plain backward reuses the adjoint solve's linearization for the cross products (and
+    computes them only for the arguments that need them); a backward that records a graph
+    goes through torch.func.  Both give the same gradients: a pytree solution with several
+    arguments (one of them data that needs no gradient, one an integer tensor), a batch of
+    roots (batch_dims=1), and a non-symmetric fixed point."""
+    gen = torch.Generator().manual_seed(3)
+    D = torch.float64
+    X = torch.randn(30, 4, generator=gen, dtype=D)
+    t = torch.randn(30, generator=gen, dtype=D)
+
+    def objective(sol, lam, scale, data, k):  # k: an integer tensor, held fixed
+        w, b = sol["w"], sol["b"]
+        r = data @ w + b - t
+        return 0.5 * (r @ r) / k + 0.5 * lam.exp() @ (w * w) + 0.5 * scale * b ** 2
+
+    def dense_argmin(lam, scale, data, k):
+        A = torch.cat([data, torch.ones(30, 1, dtype=D)], 1)
+        H = A.T @ A / k + torch.diag(torch.cat([lam.exp(), scale.reshape(1)]))
+        z = torch.linalg.solve(H, A.T @ t / k)
+        return {"w": z[:4], "b": z[4]}
+
+    root = bilevel.custom_root(stationarity(objective), solve=CG(tol=1e-13, maxiter=50))(
+        lambda *a: {k_: v.detach() for k_, v in dense_argmin(*a).items()})
+    lam = torch.randn(4, generator=gen, dtype=D).requires_grad_()
+    scale = torch.tensor(2.0, dtype=D, requires_grad=True)
+    k = torch.tensor(3)
+    plain, recorded = _grads_both_routes(
+        lambda lam_, scale_: (root(lam_, scale_, X, k)["w"] ** 2).sum() + root(lam_, scale_, X, k)["b"],
+        lam, scale)
+    exact = torch.autograd.grad((dense_argmin(lam, scale, X, k)["w"] ** 2).sum() + dense_argmin(lam, scale, X, k)["b"],
+                                (lam, scale))
+    for p, r, e in zip(plain, recorded, exact):
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(p, e, rtol=1e-9, atol=1e-11)
+
+    # a batch of 5 roots of a_i y^3 + y - c_i = 0
+    cubic = bilevel.custom_root(lambda y, a, c: a * y ** 3 + y - c, batch_dims=1)(
+        lambda a, c: torch.stack([_newton_cubic(ai, ci) for ai, ci in zip(a, c)]))
+    a = torch.rand(5, 1, generator=gen, dtype=D).add(0.5).requires_grad_()
+    c = torch.randn(5, 1, generator=gen, dtype=D).requires_grad_()
+    plain, recorded = _grads_both_routes(lambda a_, c_: (cubic(a_, c_) * torch.arange(1.0, 6.0, dtype=D)[:, None]).sum(), a, c)
+    y = cubic(a, c).detach()
+    dy_dc = 1 / (3 * a.detach() * y ** 2 + 1)
+    weights = torch.arange(1.0, 6.0, dtype=D)[:, None]
+    torch.testing.assert_close(plain[1], weights * dy_dc, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(plain[0], -weights * dy_dc * y ** 3, rtol=1e-10, atol=1e-12)
+    for p, r in zip(plain, recorded):
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+
+    # a non-symmetric fixed point y = tanh(W y + u)
+    W = 0.3 * torch.randn(3, 3, generator=gen, dtype=D)
+    fixed = bilevel.custom_fixed_point(lambda y, W_, u: torch.tanh(W_ @ y + u))(_iterate_tanh)
+    W_ = W.clone().requires_grad_()
+    u = torch.randn(3, generator=gen, dtype=D).requires_grad_()
+    plain, recorded = _grads_both_routes(lambda W__, u_: fixed(W__, u_)[0] - fixed(W__, u_)[2], W_, u)
+    for p, r in zip(plain, recorded):
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+    y = fixed(W, u.detach())
+    J = torch.diag(1 - torch.tanh(W @ y + u.detach()) ** 2)       # dT/d(Wy+u)
+    e = torch.tensor([1.0, 0.0, -1.0], dtype=D)
+    torch.testing.assert_close(plain[1], torch.linalg.solve((torch.eye(3, dtype=D) - J @ W).T, e) @ J,
+                               rtol=1e-9, atol=1e-11)
+
+
+def _newton_cubic(a, c):
+    y = c.clone()
+    for _ in range(60):
+        y = y - (a * y ** 3 + y - c) / (3 * a * y ** 2 + 1)
+    return y.detach()
+
+
+def _iterate_tanh(W, u):
+    y = torch.zeros_like(u)
+    for _ in range(200):
+        y = torch.tanh(W @ y + u)
+    return y.detach()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -279,7 +279,7 @@ def linearize(
     args: Sequence[Any],
     *,
     objective: Optional[Callable[..., torch.Tensor]] = None,
-    wrt_args: bool = False,
+    wrt_args: Union[bool, Sequence[int]] = False,
 ) -> Linearization:
     r"""Linearize ``residual(sol, *args)`` at ``(sol, args)``, once.
 
@@ -289,7 +289,10 @@ def linearize(
         objective: optional scalar function whose gradient in ``sol`` *is*
             ``residual`` (stationarity); then the gradient is taken by autograd
             directly, which is faster than going through :func:`torch.func.grad`.
-        wrt_args: also prepare :meth:`Linearization.cross`.
+        wrt_args: also prepare :meth:`Linearization.cross`: ``True`` for every
+            floating tensor leaf of ``args``, or the positions of some of them (in
+            :func:`split_differentiable` order), for which alone ``cross`` then
+            returns the products (the others need no gradient, e.g. data).
 
     Returns:
         A :class:`Linearization`.
@@ -317,12 +320,22 @@ def linearize(
     return _linearize_autograd(residual, sol, args, objective, wrt_args)
 
 
+def _chosen(wrt_args: Union[bool, Sequence[int]], count: int) -> list[int]:
+    """The positions of the argument leaves ``wrt_args`` asks the cross products for."""
+    if isinstance(wrt_args, bool):
+        return list(range(count)) if wrt_args else []
+    return sorted(set(wrt_args))
+
+
 def _linearize_autograd(residual, sol, args, objective, wrt_args) -> Linearization:
     with torch.enable_grad():
         sol_leaves, sol_spec = tree_flatten(sol)
         sol_r = [t.detach().requires_grad_() for t in sol_leaves]
         arg_leaves, rebuild = split_differentiable(args)
-        arg_r = [t.detach().requires_grad_(wrt_args) for t in arg_leaves]
+        chosen = _chosen(wrt_args, len(arg_leaves))
+        arg_r = [t.detach() for t in arg_leaves]
+        for i in chosen:
+            arg_r[i].requires_grad_()
         s = tree_unflatten(sol_r, sol_spec)
         if objective is not None:
             out = torch.autograd.grad(objective(s, *rebuild(arg_r)), sol_r, create_graph=True, allow_unused=True)
@@ -352,8 +365,10 @@ def _linearize_autograd(residual, sol, args, objective, wrt_args) -> Linearizati
         def transpose_matvec(u):
             return tree_unflatten(pull(u, sol_r), sol_spec)
 
+    wrt = [arg_r[i] for i in chosen]
+
     def cross(u):
-        return pull(u, arg_r) if arg_r else []
+        return pull(u, wrt) if wrt else []
 
     if objective is not None:  # a Hessian: its own transpose
         transpose_matvec.self_adjoint = True
@@ -381,7 +396,12 @@ def _pullback(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
 
 def _linearize_functional(residual, sol, args, wrt_args) -> Linearization:
     value, matvec = linearize_transpose(residual, sol, *args)
-    return Linearization(value, matvec, lambda u: cross_transpose(residual, sol, args, u))
+
+    def cross(u):
+        products = cross_transpose(residual, sol, args, u)
+        return [products[i] for i in _chosen(wrt_args, len(products))]
+
+    return Linearization(value, matvec, cross)
 
 
 DENSE_MAX_SIZE = 128

@@ -51,6 +51,8 @@ from torch.func import vjp, vmap
 from .._autograd_context import differentiates, refuse_grads_batched_by_autograd
 from .._tree import (
     all_finite,
+    inside_transform,
+    is_transformed,
     split_leaves,
     tensor_leaves,
     tree_flatten,
@@ -139,25 +141,33 @@ def solve_adjoint(system: AdjointSystem, b_leaves, sol_leaves, arg_tensors) -> t
     return _Adjoint.apply(system, *b_leaves, *sol_leaves, *arg_tensors)
 
 
+def _solve_system(system: AdjointSystem, b, sol, args, wrt_args=False) -> tuple:
+    """Solve the system of ``system`` for the right-hand side ``b`` at ``(sol, args)``
+    and certify the answer (no graph recorded): ``(x, lin)``, with ``lin`` the
+    :class:`~bilevel.implicit.operators.Linearization` whose products the solve used
+    (its ``cross`` prepared for the argument leaves ``wrt_args``), or ``None`` for a
+    forward-mode system."""
+    f = system.batched_residual()
+    lin = value = None
+    if system.transpose or system.symmetric:
+        lin = linearize(f, sol, (tuple(args),), objective=system.batched_objective(), wrt_args=wrt_args)
+        value, matvec = lin.value, lin.transpose_matvec
+        _check_residual_structure(system, value, sol)
+    else:
+        matvec = lambda w: forward_product(lambda s: f(s, args), (sol,), (w,))[1]  # noqa: E731
+    operator = densify(damped(matvec, system.damping), b, system.batch_dims, system.solve)
+    x, info = system.solve(operator, b, batch_dims=system.batch_dims)
+    report(system, value, sol, info, x)
+    return x, lin
+
+
 class _Adjoint(torch.autograd.Function):
     @staticmethod
     def forward(system: AdjointSystem, *tensors):
         n = system.n_sol
         b = tree_unflatten(list(tensors[:n]), system.sol_spec)
         sol = tree_unflatten(list(tensors[n : 2 * n]), system.sol_spec)
-        args = tensors[2 * n :]
-        f = system.batched_residual()
-        if system.transpose or system.symmetric:
-            lin = linearize(f, sol, (tuple(args),), objective=system.batched_objective())
-            value, matvec = lin.value, lin.transpose_matvec
-        else:
-            value = None
-            matvec = lambda w: forward_product(lambda s: f(s, args), (sol,), (w,))[1]  # noqa: E731
-        if value is not None:
-            _check_residual_structure(system, value, sol)
-        operator = densify(damped(matvec, system.damping), b, system.batch_dims, system.solve)
-        x, info = system.solve(operator, b, batch_dims=system.batch_dims)
-        report(system, value, sol, info, x)
+        x, _ = _solve_system(system, b, sol, tensors[2 * n :])
         return tuple(tree_leaves(x))
 
     @staticmethod
@@ -380,8 +390,11 @@ class _Root(torch.autograd.Function):
         sol_bar = [torch.zeros_like(s) if g is None else g for s, g in zip(sol_leaves, sol_bar)]
         system = call.system(call.sol_spec, len(sol_leaves))
         try:
-            u = solve_adjoint(system, sol_bar, sol_leaves, tensors)
-            grads = _cross_pullback(system, sol_leaves, tensors, float_pos, u)
+            if _final(sol_bar, saved):
+                grads = _final_grads(system, sol_bar, sol_leaves, tensors, float_pos)
+            else:
+                u = solve_adjoint(system, sol_bar, sol_leaves, tensors)
+                grads = _cross_pullback(system, sol_leaves, tensors, float_pos, u)
         except TypeError as err:
             _note_positional_arguments(err, len(call.rebuild_args(tensors)))
             raise
@@ -423,6 +436,25 @@ class _Root(torch.autograd.Function):
             outs.append(_Root.apply(call, *element))
         stacked = tuple(torch.stack(parts) for parts in zip(*outs))
         return stacked, (0,) * len(stacked)
+
+
+def _final(cotangents, saved) -> bool:
+    """Whether a backward pass computes final gradients: no graph to record
+    (``create_graph=False``) and no torch.func level over it."""
+    return not (torch.is_grad_enabled() or inside_transform()
+                or any(is_transformed(t) for t in (*cotangents, *saved)))
+
+
+def _final_grads(system: AdjointSystem, sol_bar, sol_leaves, tensors, float_pos) -> list:
+    r""":math:`(\partial_\theta F)^\top u` with :math:`(\partial_s F)^\top u = \bar s`, for the
+    floating tensors at ``float_pos``, from one linearization of the residual that serves
+    the adjoint solve's products and the cross products (the differentiable route
+    evaluates the residual again for the latter: at small sizes a third of the time)."""
+    floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]  # split_differentiable order
+    spec = system.sol_spec
+    u, lin = _solve_system(system, tree_unflatten(list(sol_bar), spec), tree_unflatten(list(sol_leaves), spec),
+                           tensors, wrt_args=[floating.index(i) for i in float_pos])
+    return lin.cross(u)
 
 
 def _cross_pullback(system: AdjointSystem, sol_leaves, tensors, float_pos, u) -> tuple:
