@@ -356,3 +356,31 @@ def test_smallest_lower_curvature_counts_every_leaf(b_term, lowest):
     state = BAMM(warmup=0).init(problem)
     assert state.extras["scales"]["inner_y"] == pytest.approx(4.0, rel=1e-3)
     assert state.extras["scales"]["inner_y_min"] == pytest.approx(lowest, abs=1e-3)
+
+
+def test_soba_lagging_v_in_an_improving_run_warns_without_backing_off():
+    """A given ``lr`` too large for v to follow (relative residual ~1 after 200 steps) on a
+    definite lower level, while the run still improves (the outer value falls): no back-off
+    slows it (the x direction is still a descent direction here), but a warning says the
+    direction is no accurate hypergradient and names both causes; the run ends at the optimum."""
+    gen = torch.Generator().manual_seed(704)
+    D = torch.float64
+    Q_, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=D))
+    A = Q_ @ torch.diag(torch.logspace(0, 1, 3, dtype=D)) @ Q_.T
+    B = torch.randn(3, 8, generator=gen, dtype=D) / 8 ** 0.5
+    c = 10 * torch.randn(3, generator=gen, dtype=D) / 3 ** 0.5
+    yt = 100 * torch.randn(3, generator=gen, dtype=D)
+    xt = torch.randn(8, generator=gen, dtype=D)
+    inner = lambda x, y: 0.5 * (y - B @ x - c) @ (A @ (y - B @ x - c))  # noqa: E731  y*(x) = B x + c
+    outer = lambda x, y: 0.5 * ((y - yt) ** 2).sum() + 0.005 * ((x - xt) ** 2).sum()  # noqa: E731
+    x_star = torch.linalg.solve(B.T @ B + 0.01 * torch.eye(8, dtype=D), B.T @ (yt - c) + 0.01 * xt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = bilevel.solve(outer, inner, torch.zeros(8, dtype=D), torch.zeros(3, dtype=D), method="soba",
+                               lr=0.3, max_steps=1000, progress=False)
+    assert not [w for w in caught if issubclass(w.category, StepSizeWarning)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, CurvatureWarning)]
+    assert len(messages) == 1 and "v lags behind" in messages[0], messages
+    assert "lower `lr`" in messages[0] and "singular or nearly so" in messages[0]
+    F_star = float(outer(x_star, B @ x_star + c))
+    assert abs(float(outer(result.x, result.y)) - F_star) < 1e-3 * F_star

@@ -294,8 +294,25 @@ def test_bamm_oscillating_slow_divergence_is_caught_before_it_ruins_the_run():
     assert messages and "BAMM: the iterates diverged slowly" in messages[0]
     step = int(re.search(r"diverged slowly: \|d_x\| grew [\d.e+]+-fold by step (\d+)", messages[0]).group(1))
     assert step < 1000
-    assert result.state.extras["backoffs_taken"] == 1
+    assert result.state.extras["backoffs_taken"] >= 1
     assert relative_error(problem, result.x) < 0.9
+
+
+def test_mini_batch_runs_keep_the_hundredfold_growth_test():
+    """With mini-batches the window medians of the outer value are per-batch values that
+    swing by chance: SOBA on batches of 32 of the breast-cancer logistic problem has a real
+    but harmless excursion near step 200 (|d_x| up 229-fold, |(x, y)|^2 13-fold, the batch
+    outer value tripled) and settles by itself.  A tenfold test took it for a divergence
+    and cut the x step tenfold, so the hyper-parameters never moved (|x| 0.07 instead of 5)."""
+    problem = bilevel.problems.logistic_breast_cancer()
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randperm(142, generator=gen)[:32] for _ in range(97)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = bilevel.solve(problem, method="soba", max_steps=300, data=data, progress=False)
+    assert not [w for w in caught if issubclass(w.category, StepSizeWarning)]
+    assert "backoffs_taken" not in result.state.extras
+    assert result.state.extras["mini_batches"]
 
 
 @pytest.mark.parametrize("method", ["penalty", "meha", "bamm", "soba"])

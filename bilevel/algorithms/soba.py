@@ -12,7 +12,16 @@ import torch
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ..status import CurvatureWarning
 from ._base import State, StepInfo, host_floats
-from ._single_loop import SingleLoop, autograd_grads, coupled_step, shared_args, step_report, tracked, tree_sq_norm
+from ._single_loop import (
+    SingleLoop,
+    autograd_grads,
+    coupled_step,
+    outer_rose,
+    shared_args,
+    step_report,
+    tracked,
+    tree_sq_norm,
+)
 
 
 @shared_args
@@ -175,9 +184,9 @@ class SOBA(SingleLoop):
         two looks in a row.
 
         Where the latest estimate of the smallest eigenvalue of :math:`\nabla^2_{yy} f` is
-        positive, :math:`v` lags because :math:`x` moves too fast for :math:`y` and
+        positive, :math:`v` may lag because :math:`x` moves too fast for :math:`y` and
         :math:`v` to follow (an x step derived from an overestimated strong convexity,
-        e.g. on problem Q with :math:`d = 100`): the next re-estimate takes a back-off
+        e.g. on problem Q with :math:`d = 100`); the next re-estimate decides
         (:meth:`_growth_diverged`).  Otherwise, or once the back-offs are spent, the
         lower-level Hessian is taken for singular (or indefinite), along whose null space
         :math:`v` only drifts (problem M1): a warning, once."""
@@ -201,18 +210,32 @@ class SOBA(SingleLoop):
         ex["v_stuck"] = stuck
 
     def _growth_diverged(self, state: State, outer) -> bool:
-        lag = state.extras.pop("v_lag", None)
-        if lag is None:
-            return super()._growth_diverged(state, outer)
-        step, relative = lag
-        scales = state.extras["scales"]
-        self._slow_back_off(
-            state, outer,
-            f"v lags behind Hess_yy f v = -grad_y F (relative residual {relative:.2g} at step {step}, with the "
-            f"smallest eigenvalue of Hess_yy f estimated at {scales.get('inner_y_min', 0.0):.3g} and the largest "
-            f"at {scales['inner_y']:.3g}): x moves too fast for y and v to follow",
-        )
-        return True
+        r"""A lagging :math:`v` (:meth:`_check_linear_system`) on a lower level estimated
+        positive definite: where the outer value went up since the window of the lowest
+        :math:`\|d_x\|` (the median over the steps since the last re-estimate above
+        that window's), the x step is too large and backs off; where the run still
+        improves, a warning says that the direction is no accurate hypergradient.
+        Then the growth test of every single-loop method."""
+        ex = state.extras
+        lag = ex.pop("v_lag", None)
+        if lag is not None:
+            step, relative = lag
+            scales = ex["scales"]
+            what = (f"v lags behind Hess_yy f v = -grad_y F (relative residual {relative:.2g} at step {step}, with "
+                    f"the smallest eigenvalue of Hess_yy f estimated at {scales.get('inner_y_min', 0.0):.3g} and the "
+                    f"largest at {scales['inner_y']:.3g})")
+            if outer_rose(ex):
+                self._slow_back_off(state, outer, what + " and the outer value rose: x moves too fast for y and v "
+                                                         "to follow")
+                return True
+            ex["v_warned"] = True
+            warnings.warn(
+                f"SOBA: {what}: the x direction is no accurate hypergradient. Either x moves too fast for v to "
+                "follow (lower `lr`) or the lower-level Hessian is singular or nearly so (then use a method for "
+                "non-unique lower levels: penalty, meha, bamm, bda).",
+                CurvatureWarning, stacklevel=5,
+            )
+        return super()._growth_diverged(state, outer)
 
 
 __all__ = ["SOBA"]
