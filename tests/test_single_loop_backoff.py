@@ -376,3 +376,18 @@ def test_escaping_a_stationary_point_is_no_slow_divergence(method):
                                max_steps=3000, progress=False)
     assert not [w for w in caught if issubclass(w.category, (StepSizeWarning, CurvatureWarning))]
     assert abs(float(result.x.norm()) - 1.0) < 0.05  # MEHA, the slowest to leave: 0.989
+
+
+def test_lvhba_without_re_estimates_still_catches_a_slow_divergence():
+    """LV-HBA keeps its derived steps for the whole run (no curvature re-estimates), and so
+    had no growth test: with lr = 3 on problem L, ten times the derived step, |x| crept
+    outwards (to 880 after 2000 steps) without a warning.  The saves and the growth test
+    now run every 25 steps there too: one back-off, and the run reaches x*."""
+    problem = coupled_constraint()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = bilevel.solve(problem, method="lvhba", lr=3.0, max_steps=600, progress=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)]
+    assert messages and "LVHBA: the iterates diverged slowly" in messages[0], messages
+    assert result.state.extras["backoffs_taken"] == 1
+    assert relative_error(problem, result.x) < 1e-4  # 2e-5 after 600 steps, 4e-15 after 2000

@@ -276,7 +276,8 @@ warmup: at most this many gradient steps on :math:`y` at ``x0`` before the first
     curvature estimates (default <warmup>; they stop once :math:`\|\nabla_y f\|` fell by
     1e-3): curvature at a far-off :math:`y_0` misjudges the scale of the coupling.
 rescale_every: re-estimate the curvature (8 power iterations), and the steps derived
-    from it, every this many steps (default <rescale_every>; 0: never).
+    from it, every this many steps (default <rescale_every>; 0: never, and the state is
+    saved and the growth test below runs every 25 steps).
 backoffs: how many times a run whose iterates blow up goes back to a saved state and
     continues with the :math:`x` step divided by 10 (:math:`10^{-j}` times the original
     after the :math:`j`-th back-off<backoff_note>), warning :class:`~bilevel.status.StepSizeWarning`
@@ -458,7 +459,7 @@ class SingleLoop(Algorithm):
         if batch is not None:
             state.extras[_MINI_BATCHES] = True
         project_x, project_y = self._projections(problem, state.x, state.y)
-        boundary = state.iteration == 0 or (self.rescale_every and state.iteration % self.rescale_every == 0)
+        boundary = state.iteration % self._check_every == 0
         if boundary and self._settle_divergence(state, outer):
             return state  # a deferred check found a blow-up before the state is saved anew: went back
         if boundary and self._growth_diverged(state, outer):
@@ -486,6 +487,13 @@ class SingleLoop(Algorithm):
         if len(checks) >= _sync_every(checks[-1][1]):  # every step on the CPU, every few on accelerators
             self._settle_divergence(state, outer)
         return state
+
+    @property
+    def _check_every(self) -> int:
+        """Steps between the points where the state is saved and the growth test runs: the
+        re-estimates, or every 25 steps where there are none (a slow divergence is no less
+        silent without them)."""
+        return self.rescale_every or _CHECK_EVERY
 
     def settle(self, problem: BilevelProblem, state: State, batch: Any = None) -> State:
         self._settle_divergence(state, bind_batch(problem, batch)[0])
@@ -533,7 +541,7 @@ class SingleLoop(Algorithm):
         measuring = _SCALE not in ex  # the largest size before the first re-estimate becomes part of s
         count = len(checks)
         numbers = host_floats([c[1] for c in checks] + [c[2] for c in checks] + [c[3] for c in checks])
-        window = ex.setdefault(_DX_WINDOW, []) if self.rescale_every else []
+        window = ex.setdefault(_DX_WINDOW, [])
         for (step, *_, outer_then), size, dx, value in zip(
                 checks, numbers[:count], numbers[count:2 * count], numbers[2 * count:]):
             if not math.isfinite(size) or size > _BLOW_UP * scale:
@@ -706,6 +714,8 @@ _NOISY_GROWTH = 100.0
 _MINI_BATCHES = "mini_batches"      # the run draws mini-batches (state.extras)
 _MIN_WINDOW = 10
 """Fewest steps whose median is a window of the growth test."""
+_CHECK_EVERY = 25
+"""Steps between saves and growth tests of a method without curvature re-estimates."""
 _KEPT = (_ROLLBACK, _ROLLBACK_START, _ROLLBACK_LOW)  # not copied into the saved states
 
 
