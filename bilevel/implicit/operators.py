@@ -252,8 +252,9 @@ class Linearization:
         transpose_matvec: the map :math:`u \mapsto (\partial_s F)^\top u`, from
             trees like ``value`` to trees like ``sol``.
         cross: the map :math:`u \mapsto (\partial_\theta F)^\top u`, returning a
-            list with one entry per floating tensor leaf of the arguments (in
-            :func:`split_differentiable` order).
+            list with one entry per floating tensor leaf of the arguments that
+            :func:`linearize` was asked for (``wrt_args``; in
+            :func:`split_differentiable` order, empty without ``wrt_args``).
 
     Example:
         >>> import torch

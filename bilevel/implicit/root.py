@@ -440,8 +440,11 @@ class _Root(torch.autograd.Function):
 
 def _final(cotangents, saved) -> bool:
     """Whether a backward pass computes final gradients: no graph to record
-    (``create_graph=False``) and no torch.func level over it."""
-    return not (torch.is_grad_enabled() or inside_transform()
+    (``create_graph=False``), no torch.func level over it, and no forward-mode dual
+    level (forward-over-reverse: the tangents of the solution and the arguments must
+    reach the gradient, and the final route works on detached copies)."""
+    dual = getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+    return not (dual or torch.is_grad_enabled() or inside_transform()
                 or any(is_transformed(t) for t in (*cotangents, *saved)))
 
 
