@@ -188,6 +188,12 @@ def inside_transform() -> bool:
     return level is not None and level() is not None
 
 
+def in_dual_level() -> bool:
+    """Whether code runs inside a :mod:`torch.autograd.forward_ad` dual level (forward
+    mode by dual tensors), where tangents ride on the tensors themselves."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def seeded_normal_like(tensors: Sequence[torch.Tensor], gen: torch.Generator) -> list:
     """Standard normal draws shaped like ``tensors`` (in their dtypes and devices),
     from the CPU generator ``gen``, so that every device gets the same numbers.

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .._tree import Raveler, inside_transform, is_transformed, split_leaves, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from .._tree import Raveler, in_dual_level, inside_transform, is_transformed, split_leaves, tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..typing import Matvec, Objective, Residual, TensorTree
 from .linear_solve import materialize
 
@@ -119,7 +119,7 @@ def forward_product(fn: Callable, primals: tuple, tangents: tuple) -> tuple:
         ...     torch.allclose(forward_product(f, (a, b), (ta, tb))[1], expected)
         True
     """
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) < 0:
+    if not in_dual_level():
         return jvp(fn, primals, tangents)
     out, pullback = vjp(fn, *primals)
     _, transpose = vjp(pullback, tree_map(torch.zeros_like, out))

@@ -51,6 +51,7 @@ from torch.func import vjp, vmap
 from .._autograd_context import differentiates, refuse_grads_batched_by_autograd
 from .._tree import (
     all_finite,
+    in_dual_level,
     inside_transform,
     is_transformed,
     split_leaves,
@@ -443,8 +444,7 @@ def _final(cotangents, saved) -> bool:
     (``create_graph=False``), no torch.func level over it, and no forward-mode dual
     level (forward-over-reverse: the tangents of the solution and the arguments must
     reach the gradient, and the final route works on detached copies)."""
-    dual = getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-    return not (dual or torch.is_grad_enabled() or inside_transform()
+    return not (in_dual_level() or torch.is_grad_enabled() or inside_transform()
                 or any(is_transformed(t) for t in (*cotangents, *saved)))
 
 

@@ -14,7 +14,7 @@ from ..._checks import nonneg_float as _nonneg_float
 from ..._checks import positive_int_or_none as _positive_int_or_none
 from ..._checks import tol_ok as _tol_ok
 from ..._tolerance import default_tol
-from ..._tree import Raveler, all_finite, check_same_structure, inside_transform, is_transformed, tree_leaves
+from ..._tree import Raveler, all_finite, check_same_structure, in_dual_level, inside_transform, is_transformed, tree_leaves
 from ...status import Status
 from ...typing import Matvec, TensorTree
 
@@ -214,7 +214,7 @@ class LinearSolver:
             x0_flat = torch.where((b_norm == 0).unsqueeze(-1), 0, x0_flat)
         # Recording gradients (a direct call on tensors that may require grad): the
         # iterations are not recorded; x gets the implicit gradient (._gradient).
-        record = torch.is_grad_enabled() or _forward_ad_level() >= 0
+        record = torch.is_grad_enabled() or in_dual_level()
         with torch.no_grad() if record else contextlib.nullcontext():
             x, iterations, status, *estimate = self._solve(flat_matvec, b_flat, x0_flat, flatten)
         if record:
@@ -307,11 +307,6 @@ def _at_current_level(t: torch.Tensor) -> bool:
     if get_level is None or current is None:
         return is_transformed(t)
     return get_level(t) == current()
-
-
-def _forward_ad_level() -> int:
-    """The innermost :mod:`torch.autograd.forward_ad` dual level, -1 outside any."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1)
 
 
 def _ravel_output(fn: Callable, out: Any, rav: Raveler) -> torch.Tensor:
