@@ -1,5 +1,6 @@
 """Hessian-vector and cross-derivative products against dense references."""
 
+import pytest
 import torch
 from torch.func import functional_call, hessian, jacrev, vmap
 
@@ -168,3 +169,20 @@ def test_densify_pytree_and_when_it_declines():
         return v * float(v.sum())  # a host read: vmap refuses, densify keeps the operator
 
     assert densify(not_vmappable, torch.randn(4), 0, CG()) is not_vmappable
+
+
+def test_linearize_cross_for_chosen_argument_leaves_and_bad_positions():
+    """``wrt_args`` as positions: cross products for those floating leaves only (the integer
+    leaf does not count), equal to the full products there; positions out of range are refused."""
+    from bilevel.implicit.operators import linearize
+
+    F = lambda s, a, k, b: a * s ** 2 + k * b * s  # noqa: E731
+    s, a, b = (torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 0.5], dtype=torch.float64),
+               torch.tensor([-1.0, 4.0], dtype=torch.float64))
+    u = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    full = linearize(F, s, (a, 2, b), wrt_args=True).cross(u)
+    (only_b,) = linearize(F, s, (a, 2, b), wrt_args=[1]).cross(u)
+    torch.testing.assert_close(only_b, full[1])
+    torch.testing.assert_close(only_b, 2 * s * u)  # d/db (k b s) = k s
+    with pytest.raises(ValueError, match="wrt_args"):
+        linearize(F, s, (a, 2, b), wrt_args=[2])

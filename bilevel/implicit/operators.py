@@ -325,7 +325,11 @@ def _chosen(wrt_args: Union[bool, Sequence[int]], count: int) -> list[int]:
     """The positions of the argument leaves ``wrt_args`` asks the cross products for."""
     if isinstance(wrt_args, bool):
         return list(range(count)) if wrt_args else []
-    return sorted(set(wrt_args))
+    positions = sorted(set(wrt_args))
+    if not all(isinstance(i, int) and 0 <= i < count for i in positions):
+        raise ValueError(f"linearize: `wrt_args` must be a bool or positions among the {count} floating tensor "
+                         f"leaves of `args` (0 to {count - 1}); got {list(wrt_args)!r}.")
+    return positions
 
 
 def _linearize_autograd(residual, sol, args, objective, wrt_args) -> Linearization:
