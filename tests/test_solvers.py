@@ -390,6 +390,28 @@ def test_nan_later_raises_naming_iteration():
         GradientDescent(step=0.4).run(fun, torch.zeros(3), torch.ones(3))
 
 
+@pytest.mark.parametrize("acceleration", [True, False])
+def test_nonfinite_prox_raises_instead_of_converging(acceleration):
+    """A NaN from the prox (an l1 strength gone NaN in an outer loop) made the gradient-mapping
+    norm NaN, and ``while r > tol`` ended the run as a success at ``init``."""
+    X = torch.randn(20, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = X @ torch.ones(5, dtype=torch.float64)
+    fun = lambda w: 0.5 * ((X @ w - y) ** 2).sum()  # noqa: E731
+    solver = ProximalGradient(prox_lasso, acceleration=acceleration)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"ProximalGradient: the proximal step .* iteration 0"):
+        solver.run(fun, torch.zeros(5, dtype=torch.float64), prox_args=nan)
+
+    def prox_undefined_far_out(z, strength, step):  # NaN once the iterate leaves |z| <= 1.5
+        out = prox_lasso(z, strength, step)
+        return torch.where(out.abs() > 1.5, float("nan"), out)
+
+    with pytest.raises(FloatingPointError, match=r"ProximalGradient: the proximal step .* iteration [1-9]"):
+        ProximalGradient(prox_undefined_far_out, step=0.1, acceleration=acceleration).run(
+            lambda w: 0.5 * ((w - 2.0) ** 2).sum(), torch.zeros(3, dtype=torch.float64),
+            prox_args=torch.tensor(0.1, dtype=torch.float64))
+
+
 def test_bad_inputs_are_named():
     fun = PROBLEMS["ridge"].fun
     lam = PROBLEMS["ridge"].lam

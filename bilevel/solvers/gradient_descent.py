@@ -109,9 +109,11 @@ class GradientDescent(Solver):
 
 
 def polish_by_descent(fun: Objective, init: TensorTree, args: tuple, tol: float, budget: int):
-    """Finish a solve whose value-based line search stalled: at most ``min(budget,
-    200)`` gradient-descent steps, whose secant test keeps making progress where
-    objective decreases fall below the rounding of the objective's value.
+    """Finish a solve whose value-based line search stalled: gradient-descent steps,
+    whose secant test keeps making progress where objective decreases fall below the
+    rounding of the objective's value, for the rest of the caller's iteration budget
+    (a stall far from the tolerance can need thousands; a cut-off below ``budget``
+    would end in MAX_ITERATIONS with iterations still unspent).
 
     Args:
         fun, init, args: the objective, the point reached, its extra arguments.
@@ -126,4 +128,4 @@ def polish_by_descent(fun: Objective, init: TensorTree, args: tuple, tol: float,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return GradientDescent(maxiter=max(min(budget, 200), 1), tol=min(max(tol, 1e-300), 0.5)).run(fun, init, *args)
+        return GradientDescent(maxiter=max(budget, 1), tol=min(max(tol, 1e-300), 0.5)).run(fun, init, *args)

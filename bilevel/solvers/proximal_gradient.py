@@ -215,12 +215,16 @@ def descent_loop(
         if prox_map is not None:
             z = prox_map(z, t)
         d = z - y
-        return z, d, float(torch.linalg.vector_norm(d)) / t
+        r = float(torch.linalg.vector_norm(d)) / t
+        if not math.isfinite(r):  # a NaN would end `while r > threshold` as a success
+            what = "the proximal step (`prox` at `prox_args`)" if prox_map is not None else "the gradient step"
+            raise nonfinite(name, k, what)
+        return z, d, r
 
-    y = x
+    y, k = x, 0
     z, d, r = mapping(y, gy, t)
     threshold = tol * max(1.0, r)
-    momentum, k, status = 1.0, 0, Status.SUCCESS
+    momentum, status = 1.0, Status.SUCCESS
     while r > threshold:
         if k >= maxiter:
             status = Status.MAX_ITERATIONS
