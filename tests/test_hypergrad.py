@@ -8,6 +8,7 @@ from torch.func import jacrev, vmap
 
 import bilevel
 from bilevel.implicit import CG, one_step_hypergrad, unrolled_hypergrad
+from bilevel.implicit.hypergrad import estimate_lipschitz
 from bilevel.status import BilevelError, CurvatureWarning, OptimalityWarning
 from helpers import Quadratic, Ridge
 
@@ -62,6 +63,41 @@ def test_unrolled_matches_matrix_power_and_truncation():
     expected_K = JK.T @ (PK @ y_start + JK @ x - q.y_target) + q.rho * x
     gK = unrolled_hypergrad(q.outer, q.inner, x, torch.zeros(5), T, alpha, truncate=K)
     torch.testing.assert_close(gK, expected_K, rtol=1e-12, atol=1e-12)
+
+
+def test_unrolled_and_one_step_second_derivatives():
+    """d/dx of the unrolled hypergradient g = J^T (J x - y_t) + rho x is J^T J + rho I; jacrev and
+    grad over it returned zeros (the inner grad ran under no_grad, a constant to the outer level)."""
+    q = Quadratic.make()
+    x, alpha, T = torch.randn(3), 0.1, 7
+    eye = torch.eye(5)
+    J = (eye - torch.linalg.matrix_power(eye - alpha * q.A, T)) @ torch.linalg.solve(q.A, q.B)
+    expected = J.T @ J + q.rho * torch.eye(3)
+    unrolled = lambda x_: unrolled_hypergrad(q.outer, q.inner, x_, torch.zeros(5), T, alpha)  # noqa: E731
+    torch.testing.assert_close(jacrev(unrolled)(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(unrolled)(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.grad(lambda x_: unrolled(x_) @ x_)(x), unrolled(x) + expected.T @ x,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vmap(jacrev(unrolled))(torch.stack([x, 2 * x])), torch.stack([expected] * 2),
+                               rtol=1e-12, atol=1e-12)
+    # plain autograd: detached by default, a graph with create_graph=True
+    xr = x.clone().requires_grad_()
+    assert not unrolled_hypergrad(q.outer, q.inner, xr, torch.zeros(5), T, alpha).requires_grad
+    g = unrolled_hypergrad(q.outer, q.inner, xr, torch.zeros(5), T, alpha, create_graph=True)
+    rows = [torch.autograd.grad(g[i], xr, retain_graph=True)[0] for i in range(3)]
+    torch.testing.assert_close(torch.stack(rows), expected, rtol=1e-12, atol=1e-12)
+    # one step of size xi from y: d y'/dx = xi B, so dg/dx = xi^2 B^T B + rho I
+    y, xi = torch.randn(5), 0.3
+    one = lambda x_: one_step_hypergrad(q.outer, q.inner, x_, y, xi)  # noqa: E731
+    torch.testing.assert_close(jacrev(one)(x), xi ** 2 * q.B.T @ q.B + q.rho * torch.eye(3), rtol=1e-12, atol=1e-12)
+    g1 = one_step_hypergrad(q.outer, q.inner, xr, y, xi, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(g1.sum(), xr)[0], (xi ** 2 * q.B.T @ q.B + q.rho * torch.eye(3)).sum(0),
+                               rtol=1e-12, atol=1e-12)
+    # a derived step (1 / L) is a setting: its estimate is not differentiated
+    unrolled_auto = lambda x_: unrolled_hypergrad(q.outer, q.inner, x_, torch.zeros(5), T)  # noqa: E731
+    step = 1.0 / float(estimate_lipschitz(q.inner, x, torch.zeros(5)))
+    J_auto = (eye - torch.linalg.matrix_power(eye - step * q.A, T)) @ torch.linalg.solve(q.A, q.B)
+    torch.testing.assert_close(jacrev(unrolled_auto)(x), J_auto.T @ J_auto + q.rho * torch.eye(3), rtol=1e-9, atol=1e-9)
 
 
 def test_unrolled_approaches_implicit_as_steps_grow():

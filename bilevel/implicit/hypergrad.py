@@ -290,6 +290,7 @@ def unrolled_hypergrad(
     truncate: Optional[int] = None,
     return_solution: bool = False,
     project: Optional[Callable[[TensorTree], TensorTree]] = None,
+    create_graph: bool = False,
 ):
     r"""Reverse-mode hypergradient through ``steps`` gradient steps on the inner problem.
 
@@ -315,6 +316,11 @@ def unrolled_hypergrad(
         project: ``P``, a map of trees shaped like ``y`` onto the lower level's
             feasible set (e.g. a projection of :mod:`bilevel.implicit.projections`);
             ``None``: no constraint.
+        create_graph: record the computation so the hypergradient can itself be
+            differentiated with :func:`torch.autograd.grad` (second order through
+            the unrolled steps); default ``False`` (detached).  Under
+            :func:`torch.func.grad`, :func:`~torch.func.jacrev` or
+            :func:`~torch.func.vmap` the result is differentiable either way.
 
     Returns:
         ``dF/dx`` shaped like ``x`` (and :math:`y_T` if ``return_solution``).
@@ -344,7 +350,8 @@ def unrolled_hypergrad(
     if truncate is not None and not (isinstance(truncate, int) and 1 <= truncate <= steps):
         raise ValueError(f"unrolled_hypergrad: `truncate` must be an int in [1, steps={steps}]; got {truncate!r}.")
     if step_size is None:
-        step_size = 1.0 / estimate_lipschitz(inner, x, y0).clamp_min(1e-12)
+        # a setting, not part of the function: second derivatives treat it as a constant
+        step_size = 1.0 / estimate_lipschitz(inner, x, y0).detach().clamp_min(1e-12)
         if not is_transformed(step_size):  # a number; per element under torch.func.vmap
             step_size = float(step_size)
     # checked wherever it is free: a number or a CPU tensor (an accelerator's estimate is
@@ -370,7 +377,11 @@ def unrolled_hypergrad(
         _scalar_check("outer", out)
         return out.reshape(()), y_
 
-    with torch.no_grad():
+    leaves = tree_leaves(x) + tree_leaves(y0)
+    eager = not (create_graph or inside_transform() or any(is_transformed(t) for t in leaves))
+    # as in hypergrad: under an outer torch.func level (jacrev of this function) a no_grad
+    # here would hand it a constant, and it would return zeros
+    with torch.no_grad() if eager else contextlib.nullcontext():
         g, y_final = grad(unrolled, has_aux=True)(x)
     if not all_finite(tree_leaves(g)):
         raise FloatingPointError(
@@ -389,6 +400,7 @@ def one_step_hypergrad(
     step_size: Optional[float] = None,
     *,
     project: Optional[Callable[[TensorTree], TensorTree]] = None,
+    create_graph: bool = False,
 ) -> TensorTree:
     r"""One-step (DARTS-style) approximation of the hypergradient.
 
@@ -410,6 +422,8 @@ def one_step_hypergrad(
             as in :func:`unrolled_hypergrad`.
         project: a projection onto the lower level's feasible set, applied after
             the step (see :func:`unrolled_hypergrad`); ``None``: no constraint.
+        create_graph: keep the result differentiable by :func:`torch.autograd.grad`
+            (see :func:`unrolled_hypergrad`); default ``False``.
 
     Returns:
         The approximate ``dF/dx``, with the structure of ``x``.
@@ -429,7 +443,7 @@ def one_step_hypergrad(
         >>> torch.allclose(g, bilevel.hypergrad(outer, inner, x, x))
         True
     """
-    return unrolled_hypergrad(outer, inner, x, y, 1, step_size, project=project)
+    return unrolled_hypergrad(outer, inner, x, y, 1, step_size, project=project, create_graph=create_graph)
 
 
 __all__ = [
