@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.func import vjp, vmap
@@ -294,12 +294,14 @@ class _RootCall:
     """Everything about one call of a decorated solver that is not a tensor."""
 
     solver: Callable
-    kwargs: dict
+    rebuild_kwargs: Callable[[Sequence], dict]  # from the keyword tensors, inputs after the arguments'
     has_aux: bool
     system: Callable[[Any, int], AdjointSystem]
     rebuild_args: Callable[[tuple], tuple]
+    n_args: int  # tensors of the positional arguments; the keyword tensors follow them
     sol_spec: Any = None
-    aux: Any = None
+    n_sol: int = 0  # outputs that are the solution; the tensors of ``aux`` follow them
+    rebuild_aux: Optional[Callable[[Sequence], Any]] = None
 
 
 def check_adjoint_options(solve, damping, residual_tol, strict) -> None:
@@ -343,12 +345,19 @@ def _note_positional_arguments(err: TypeError, n_args: int) -> None:
 
 
 class _Root(torch.autograd.Function):
+    """Inputs: the tensors of the positional arguments (differentiated), then those of
+    the keyword arguments (the solver's only: warm starts, options).  Outputs: the
+    solution's leaves, then the tensors of ``aux`` (not differentiable).  Keyword and
+    ``aux`` tensors go through the Function so that its vmap rule splits and stacks
+    them with the rest."""
+
     @staticmethod
     def forward(call: _RootCall, *tensors):
-        args = call.rebuild_args(tensors)
+        args = call.rebuild_args(tensors[:call.n_args])
+        kwargs = call.rebuild_kwargs(tensors[call.n_args:])
         with torch.no_grad():
             try:
-                out = call.solver(*args, **call.kwargs)
+                out = call.solver(*args, **kwargs)
             except RuntimeError as err:
                 if "does not require grad" not in str(err):
                     raise
@@ -358,36 +367,43 @@ class _Root(torch.autograd.Function):
                     "inside (a torch.optim loop) opens `with torch.enable_grad():` itself, on detached copies "
                     "of its inputs; its result's gradients still come from the implicit function theorem."
                 ) from err
+        aux_leaves = []
         if call.has_aux:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise TypeError("custom_root(has_aux=True): the solver must return a pair (sol, aux).")
-            out, call.aux = out
+            out, aux = out
+            aux_leaves, call.rebuild_aux = split_leaves(aux, torch.is_tensor)
         leaves, call.sol_spec = tensor_leaves(out, "the solver's output")
+        call.n_sol = len(leaves)
         if not all_finite(leaves):
             raise FloatingPointError(
                 f"custom_root: the solver `{getattr(call.solver, '__name__', call.solver)}` returned "
                 "non-finite values (NaN or inf) in its solution."
             )
-        return tuple(x.detach().clone() if any(x is t for t in tensors) else x.detach() for x in leaves)
+        return tuple(x.detach().clone() if any(x is t for t in tensors) else x.detach()
+                     for x in (*leaves, *aux_leaves))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.call = inputs[0]
-        ctx.n_in = len(inputs) - 1
-        ctx.save_for_backward(*inputs[1:], *output)
-        ctx.save_for_forward(*inputs[1:], *output)
+        call = ctx.call = inputs[0]
+        ctx.n_in, ctx.n_out = call.n_args, len(output)
+        ctx.mark_non_differentiable(*output[call.n_sol:])
+        ctx.save_for_backward(*inputs[1:1 + call.n_args], *output[:call.n_sol])
+        ctx.save_for_forward(*inputs[1:1 + call.n_args], *output[:call.n_sol])
 
     @staticmethod
     @differentiates
     def backward(ctx, *sol_bar):
-        refuse_grads_batched_by_autograd(sol_bar, "the backward pass of a custom_root root")
         call, n_in = ctx.call, ctx.n_in
+        n_kw = len(ctx.needs_input_grad) - 1 - n_in  # keyword tensors get no gradient
+        sol_bar = sol_bar[:call.n_sol]
+        refuse_grads_batched_by_autograd(sol_bar, "the backward pass of a custom_root root")
         saved = ctx.saved_tensors
         tensors, sol_leaves = saved[:n_in], saved[n_in:]
         needs = ctx.needs_input_grad[1:]
         float_pos = [i for i, t in enumerate(tensors) if needs[i] and t.is_floating_point()]
         if not float_pos:
-            return (None,) * (1 + n_in)
+            return (None,) * (1 + n_in + n_kw)
         sol_bar = [torch.zeros_like(s) if g is None else g for s, g in zip(sol_leaves, sol_bar)]
         system = call.system(call.sol_spec, len(sol_leaves))
         try:
@@ -399,7 +415,7 @@ class _Root(torch.autograd.Function):
         except TypeError as err:
             _note_positional_arguments(err, len(call.rebuild_args(tensors)))
             raise
-        out = [None] * n_in
+        out = [None] * (n_in + n_kw)
         for i, g in zip(float_pos, grads):
             out[i] = -g
         return (None, *out)
@@ -410,9 +426,11 @@ class _Root(torch.autograd.Function):
         call, n_in = ctx.call, ctx.n_in
         saved = ctx.saved_tensors
         tensors, sol_leaves = saved[:n_in], saved[n_in:]
+        tangents = tangents[:n_in]  # the keyword tensors' tangents do not reach the solution
+        n_aux = ctx.n_out - call.n_sol
         float_pos = [i for i, t in enumerate(tangents) if t is not None and tensors[i].is_floating_point()]
         if not float_pos:
-            return tuple(torch.zeros_like(s) for s in sol_leaves)
+            return tuple(torch.zeros_like(s) for s in sol_leaves) + (None,) * n_aux
         system = call.system(call.sol_spec, len(sol_leaves))
         sol = tree_unflatten(list(sol_leaves), system.sol_spec)
 
@@ -426,7 +444,7 @@ class _Root(torch.autograd.Function):
             of_args, tuple(tensors[i].contiguous() for i in float_pos), tuple(tangents[i] for i in float_pos))
         forward_system = dataclasses.replace(system, transpose=False)
         b = [-x for x in tree_leaves(dres)]
-        return tuple(solve_adjoint(forward_system, b, sol_leaves, tensors))
+        return tuple(solve_adjoint(forward_system, b, sol_leaves, tensors)) + (None,) * n_aux
 
     @staticmethod
     def vmap(info, in_dims, call, *tensors):
@@ -435,7 +453,12 @@ class _Root(torch.autograd.Function):
         for i in range(info.batch_size):
             element = [t.select(d, i) if d is not None else t for t, d in zip(tensors, in_dims[1:])]
             outs.append(_Root.apply(call, *element))
-        stacked = tuple(torch.stack(parts) for parts in zip(*outs))
+        try:
+            stacked = tuple(torch.stack(parts) for parts in zip(*outs))
+        except RuntimeError as err:
+            raise ValueError(
+                "custom_root under vmap: the batch elements' solutions (or the tensors of their `aux`) "
+                f"differ in shape and cannot be stacked: {err}") from err
         return stacked, (0,) * len(stacked)
 
 
@@ -505,8 +528,9 @@ def custom_root(
             :mod:`~bilevel.implicit.linear_solve` object).  ``None`` picks CG when
             ``residual`` is declared symmetric (stationarity of an objective) and
             GMRES otherwise, with dtype-scaled tolerances.
-        has_aux: the solver returns ``(sol, aux)``; ``aux`` is passed through
-            without gradient.
+        has_aux: the solver returns ``(sol, aux)``; ``aux`` (a tree whose
+            tensors are detached; other leaves pass as they are) is passed
+            through without gradient.
         damping: :math:`\epsilon \ge 0` added to the system,
             :math:`(\partial_s F + \epsilon I)^\top u = \bar s` — a remedy for
             singular or indefinite systems (biases the gradient by
@@ -566,6 +590,7 @@ def custom_root(
             check_captured(residual, args, strict=strict, stage="custom_root")
             check_keywords(kwargs, strict=strict, stage="custom_root")
             tensors, rebuild = split_leaves(args, torch.is_tensor)
+            kw_tensors, rebuild_kwargs = split_leaves(kwargs, torch.is_tensor)
             options = _Options(strict, residual_tol, lambda info: setattr(wrapped, "last_info", info))
 
             def system(sol_spec, n_sol):
@@ -575,11 +600,12 @@ def custom_root(
                     batch_dims=batch_dims,
                 )
 
-            call = _RootCall(solver, kwargs, has_aux, system, rebuild)
-            leaves = _Root.apply(call, *tensors)
+            call = _RootCall(solver, rebuild_kwargs, has_aux, system, rebuild, len(tensors))
+            outputs = _Root.apply(call, *tensors, *kw_tensors)
+            leaves = outputs[:call.n_sol]
             _check_differentiable_output(leaves, tensors, getattr(solver, "__name__", "the solver"))
             sol = tree_unflatten(list(leaves), call.sol_spec)
-            return (sol, call.aux) if has_aux else sol
+            return (sol, call.rebuild_aux(outputs[call.n_sol:])) if has_aux else sol
 
         wrapped.last_info = None
         return wrapped
@@ -611,8 +637,9 @@ def custom_fixed_point(
         solve: linear solver for the adjoint system (any
             :mod:`~bilevel.implicit.linear_solve` object); ``None`` picks GMRES
             with dtype-scaled tolerances.
-        has_aux: the solver returns ``(sol, aux)``; ``aux`` is passed through
-            without gradient.
+        has_aux: the solver returns ``(sol, aux)``; ``aux`` (a tree whose
+            tensors are detached; other leaves pass as they are) is passed
+            through without gradient.
         damping: :math:`\epsilon \ge 0` added to the system, as in
             :func:`custom_root` (a remedy when :math:`I - \partial_s T` is
             singular; biases the gradient by :math:`O(\epsilon)`).
