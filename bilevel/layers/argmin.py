@@ -11,6 +11,10 @@ found by a :mod:`bilevel.solvers` solver without autograd, and differentiated by
 (implicit function theorem; Blondel et al. 2022).  Inputs with a leading batch
 dimension give a batch of independent problems, solved together and
 differentiated by one batched linear solve with per-element convergence.
+Convergence is per element in the forward pass too: least-squares solvers stop
+per element, and a batch solved as one problem by another solver is checked
+element by element, each element that missed its own tolerance solved again on
+its own.
 
 References:
     Amos, B. and Kolter, J. Z. `OptNet: Differentiable Optimization as a Layer in
@@ -22,6 +26,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,11 +34,12 @@ import torch
 from torch.func import functional_call, vmap
 
 from .._tolerance import default_residual_tol, default_tol
-from .._tree import tree_flatten, tree_map
+from .._tree import tree_flatten, tree_map, tree_unflatten
 from ..implicit import custom_root, stationarity
 from ..implicit.linear_solve import LinearSolver
 from ..solvers import LBFGS, GaussNewton, LevenbergMarquardt, ProximalGradient, Solver
-from ..solvers._base import warm_start
+from ..solvers._base import SolverInfo, warm_start, warn_if_failed
+from ..status import ConvergenceWarning, Status
 from ..typing import Objective, Residual, TensorTree
 
 __all__ = ["ArgminLayer"]
@@ -60,7 +66,13 @@ class ArgminLayer(torch.nn.Module):
     (``objective`` vmapped; least-squares solvers get ``batch_dims=1`` and
     stop per element) and differentiated by one call of the linear solver over
     ``B`` independent systems (:func:`~bilevel.custom_root` with
-    ``batch_dims=1``), not a loop.
+    ``batch_dims=1``), not a loop.  Other solvers minimize the batch's summed
+    objective in one run; then each element's optimality residual is held to the
+    solver's rule on its own, :math:`\|F_b(z_b)\| \le \mathrm{tol}\,\max(1,
+    \|F_b(z_{0,b})\|)`, and an element that misses it (a badly conditioned
+    neighbour slowed the joint run) is solved again alone from its warm start.
+    :attr:`last_info` then holds one entry per element; a non-finite objective
+    in one element is reported with its index.
 
     If ``objective`` is an :class:`torch.nn.Module`, it is registered as a
     sub-module and its parameters are passed to it through
@@ -264,7 +276,10 @@ class ArgminLayer(torch.nn.Module):
         layer = self
 
         def run(*args, init):
-            sol, info = solver.run(fun, init, *args)
+            if not B or isinstance(solver, _LEAST_SQUARES):  # one problem, or none (an empty batch)
+                sol, info = solver.run(fun, init, *args)
+            else:
+                sol, info = _solve_each(solver, f, condition, init, args)
             layer.last_info = info
             return sol
 
@@ -310,6 +325,59 @@ class ArgminLayer(torch.nn.Module):
         state = self.__dict__.copy()
         state["_root"] = None
         return state
+
+
+def _solve_each(solver: Solver, f: Callable, condition: Callable, init: TensorTree,
+                args: tuple) -> tuple[TensorTree, SolverInfo]:
+    """A batch for a solver of one problem: one run on the summed objective, then
+    each element held to the solver's tolerance rule on its own residual, and the
+    elements that miss it solved again alone.  ``args`` and ``init`` have every
+    tensor leaf batched (leading ``B``)."""
+    name = getattr(solver, "name", type(solver).__name__)
+    per_problem = vmap(f)
+    norms = vmap(lambda z, *a: _tree_norm(condition(z, *a)))
+    leaves, spec = tree_flatten(init)
+    B = leaves[0].shape[0]
+    tol = getattr(solver, "tol", None)
+    tol = default_tol(leaves[0].dtype) if tol is None else float(tol)
+    tolerance = tol * norms(init, *args).clamp_min(1.0)
+    iterations = torch.zeros(B, dtype=torch.int64, device=leaves[0].device)
+    with warnings.catch_warnings():  # the joint run's failure is judged per element below
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        try:
+            sol, joint = solver.run(lambda z, *a: per_problem(z, *a).sum(), init, *args)
+        except FloatingPointError:  # one element's objective blew up: solve them one by one
+            sol = None
+    if sol is None:
+        sol, residual = init, torch.full_like(tolerance, float("nan"))
+    else:
+        residual = norms(sol, *args)
+        iterations += joint.iterations
+    status = torch.where(residual <= tolerance, int(Status.SUCCESS), int(Status.MAX_ITERATIONS))
+    again = (status != int(Status.SUCCESS)).nonzero().reshape(-1).tolist()
+    if again:
+        sol_leaves = [t.clone() for t in tree_flatten(sol)[0]]
+        for b in again:
+            pick = lambda t: t[b] if torch.is_tensor(t) else t  # noqa: E731
+            try:
+                with warnings.catch_warnings():  # reported once for the batch
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    one, info = solver.run(f, tree_map(pick, init), *tree_map(pick, args))
+            except FloatingPointError as error:
+                raise FloatingPointError(f"ArgminLayer: batch element {b} of {B}: {error}") from error
+            for full, part in zip(sol_leaves, tree_flatten(one)[0]):
+                full[b] = part
+            iterations[b] += info.iterations
+            residual[b], status[b], tolerance[b] = info.residual_norm, info.status, info.tolerance
+        sol = tree_unflatten(sol_leaves, spec)
+    info = SolverInfo(iterations=iterations, residual_norm=residual, value=per_problem(sol, *args).detach(),
+                      status=status, tolerance=tolerance)
+    warn_if_failed(info, name, stacklevel=4)
+    return sol, info
+
+
+def _tree_norm(tree) -> torch.Tensor:
+    return torch.sqrt(sum((t.abs() ** 2).sum() for t in tree_flatten(tree)[0]))
 
 
 def _check_devices(inputs: tuple) -> None:
