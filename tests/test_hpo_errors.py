@@ -140,3 +140,22 @@ def test_divergence_is_a_floating_point_error_naming_the_step():
     with pytest.raises(FloatingPointError, match=r"hypernetwork HPO: hyper-step 1 \(training step \d+\)"):
         HypernetworkHPO(nn.Linear(3, 1), _train_loss, _mse, DATA, DATA, DECAY, weight_lr=1e200, weight_optimizer="sgd",
                         progress=False).run(2)
+
+
+def test_values_outside_the_bounds_or_rounded_onto_one_are_named():
+    """An out-of-bounds value gave NaN or inf weights from best_response_at / model_at, and an init
+    that rounds onto a bound in the model's float32 failed only at the first hyper-step."""
+    tuner = HypernetworkHPO(nn.Linear(3, 1), _train_loss, _mse, DATA, DATA, DECAY, progress=False)
+    for bad in (-1.0, 0.0):
+        with pytest.raises(ValueError, match=r"`hparams\['decay'\]`: .* strictly inside \(low, high\) = \(0.0, None\)"):
+            tuner.best_response_at({"decay": bad})
+        with pytest.raises(ValueError, match=r"`hparams\['decay'\]`"):
+            tuner.model_at({"decay": bad})
+    with pytest.raises(ValueError, match=r"`hparams\['decay'\]` must have shape \(\) .* got \(3,\)"):
+        tuner.best_response_at({"decay": torch.ones(3)})
+    assert all(torch.isfinite(w).all() for w in tuner.best_response_at({"decay": 0.5}).values())
+    for hyper in (Hyper(1 - 1e-8, low=0.0, high=1.0), Hyper(1e-50, low=0.0)):  # inside in float64, not in float32
+        with pytest.raises(ValueError, match=r"HyperSpec: the `init` of hyper-parameter 'r': .* in torch.float32"):
+            data32 = [(X.float(), X.sum(-1).float())]
+            ImplicitHPO(nn.Linear(3, 1, dtype=torch.float32), _train_loss, _mse, data32, data32,
+                        {"r": hyper, **DECAY}, progress=False)

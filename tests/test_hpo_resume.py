@@ -60,9 +60,23 @@ def _roundtrip(state):
     return torch.load(buffer, weights_only=False)
 
 
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA device")])
+
+
+def _on(device, model, train, val):
+    if device == "cpu":
+        return model, train, val
+    move = lambda data: TensorDataset(*(t.to(device) for t in data.tensors))  # noqa: E731
+    return model.to(device), move(train), move(val)
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("build", [_implicit, _hypernetwork], ids=["implicit", "hypernetwork"])
-def test_resumed_run_ends_where_the_uninterrupted_one_ends(build):
-    model, train, val = _setup()
+def test_resumed_run_ends_where_the_uninterrupted_one_ends(build, device):
+    """On CUDA the losses' noise comes from the CUDA generator (saved with the checkpoint), and
+    the gated best response draws its gates with a generator on the model's device."""
+    model, train, val = _on(device, *_setup())
     torch.manual_seed(1)
     full = build(model, train, val).run(6)
 

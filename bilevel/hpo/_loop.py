@@ -348,12 +348,15 @@ class Tuner:
             "hyper_optimizer": self.hyper_optimizer.state_dict(),
             "streams": {"train": self.train_stream.state_dict(), "val": self.val_stream.state_dict()},
             "history": self.history, "rng": torch.get_rng_state(), "extra": self._extra_state(),
+            # noise drawn on a GPU (dropout of a CUDA model) comes from the CUDA generators
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         })
 
     def load_state_dict(self, state: dict) -> "Tuner":
         """Restore a checkpoint of a tuner built with the same arguments; also
-        restores the global torch random state (the data order and any noise
-        drawn in the losses depend on it)."""
+        restores the global torch random states, the CPU's and (where the run
+        used CUDA) the GPUs' (the data order and any noise drawn in the losses
+        depend on them)."""
         missing = {"iteration", "raw", "hyper_optimizer", "streams", "rng", "extra"} - set(state)
         if missing:
             raise KeyError(f"{type(self).__name__}.load_state_dict: the checkpoint lacks {sorted(missing)}.")
@@ -372,6 +375,8 @@ class Tuner:
         self.train_stream.load_state_dict(state["streams"]["train"])
         self.val_stream.load_state_dict(state["streams"]["val"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         return self
 
     # -- helpers ------------------------------------------------------------------------

@@ -110,7 +110,8 @@ class GatedBestResponse(_BestResponse):
         gates = []
         for w in self.base:
             rows = w.shape[0] if w.dim() > 0 else 1
-            a = torch.randn(d, rows, generator=generator, dtype=w.dtype) / math.sqrt(d)
+            device = "cpu" if generator is None else generator.device  # a generator draws on its own device
+            a = torch.randn(d, rows, generator=generator, dtype=w.dtype, device=device) / math.sqrt(d)
             gates.append(nn.Parameter(a.to(w.device)))
         self.gates = nn.ParameterList(gates)
 

@@ -233,9 +233,20 @@ class HypernetworkHPO(Tuner):
             if unknown or set(hparams) != set(self.spec.names):
                 raise ValueError(f"`hparams` must give exactly the spec's names {self.spec.names}; got "
                                  f"{sorted(hparams)}.")
-            values = {e.name: torch.as_tensor(hparams[e.name], dtype=self.spec.dtype, device=self.spec.device)
-                      .expand(self.raw[e.name].shape) for e in self.spec.entries}
-            raw = torch.cat([e.hyper.to_raw(values[e.name]).reshape(-1) for e in self.spec.entries])
+            parts = []
+            for e in self.spec.entries:
+                value = torch.as_tensor(hparams[e.name], dtype=self.spec.dtype, device=self.spec.device)
+                shape = self.raw[e.name].shape
+                try:
+                    value = value.expand(shape)
+                except RuntimeError:
+                    raise ValueError(f"`hparams[{e.name!r}]` must have shape {tuple(shape)} (or broadcast to it); "
+                                     f"got {tuple(value.shape)}.") from None
+                try:
+                    parts.append(e.hyper.to_raw(value).reshape(-1))
+                except ValueError as err:
+                    raise ValueError(f"`hparams[{e.name!r}]`: {err}") from None
+            raw = torch.cat(parts)
         with torch.no_grad():
             return {k: v.detach() for k, v in self.best_response(raw).items()}
 

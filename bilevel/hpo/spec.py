@@ -146,7 +146,22 @@ class Hyper:
         return low + grow if low is not None else high - grow
 
     def to_raw(self, value: torch.Tensor) -> torch.Tensor:
-        r"""The raw value :math:`\rho = T^{-1}(\lambda)` of a constrained ``value``."""
+        r"""The raw value :math:`\rho = T^{-1}(\lambda)` of a constrained ``value``.
+
+        Raises:
+            ValueError: a value outside ``(low, high)``, or one that lies on a bound in
+                ``value``'s dtype (e.g. ``1 - 1e-8`` in float32 for ``high=1``): its
+                raw value would be infinite or NaN.
+        """
+        raw = self._raw(value)
+        if not bool(torch.isfinite(raw).all()):
+            raise ValueError(
+                f"Hyper: a value must lie strictly inside (low, high) = ({self.low}, {self.high}) in "
+                f"{value.dtype}; got {_describe_values(value)}, whose raw value is not finite."
+            )
+        return raw
+
+    def _raw(self, value: torch.Tensor) -> torch.Tensor:
         kind, low, high = self.kind, self.low, self.high
         if kind == "identity":
             return value.clone()
@@ -157,6 +172,12 @@ class Hyper:
             return torch.logit((value - low) / (high - low))
         gap = value - low if low is not None else high - value
         return gap.log() if kind == "exp" else gap + torch.log(-torch.expm1(-gap))
+
+
+def _describe_values(value: torch.Tensor) -> str:
+    if value.numel() == 1:
+        return repr(float(value.reshape(())))
+    return f"entries from {float(value.min()):.6g} to {float(value.max()):.6g}"
 
 
 @dataclass(frozen=True)
@@ -201,7 +222,10 @@ class ResolvedSpec:
                         f"HyperSpec: hyper-parameter {e.name!r} has an `init` of shape {tuple(init.shape)}, "
                         f"but {where} is {tuple(shape)}."
                     )
-                leaves[key] = e.hyper.to_raw(init.expand(shape).clone())
+                try:
+                    leaves[key] = e.hyper.to_raw(init.expand(shape).clone())
+                except ValueError as err:
+                    raise ValueError(f"HyperSpec: the `init` of hyper-parameter {e.name!r}: {err}") from None
             raw[e.name] = leaves if e.tree else leaves[""]
         return raw
 
