@@ -412,6 +412,14 @@ def test_nonfinite_prox_raises_instead_of_converging(acceleration):
             prox_args=torch.tensor(0.1, dtype=torch.float64))
 
 
+def test_prox_of_the_wrong_shape_is_named():
+    fun = lambda w: 0.5 * ((w - 1) ** 2).sum()  # noqa: E731
+    for prox in (lambda z, p, s: z[:2], lambda z, p, s: (z, "not a tensor")):
+        with pytest.raises(ValueError, match=r"ProximalGradient: `prox\(sol, prox_args, step\)` must return .* "
+                                             r"shaped like `init` \(leaf shapes \[\(3,\)\]\)"):
+            ProximalGradient(prox).run(fun, torch.zeros(3, dtype=torch.float64))
+
+
 def test_lbfgs_stall_is_finished_with_the_rest_of_the_budget():
     """L-BFGS's value-based line search stalls on this small network near 4e-9; the descent
     polish used to stop after 200 steps and report MAX_ITERATIONS with 4000 iterations unspent."""

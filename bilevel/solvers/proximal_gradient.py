@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .._tolerance import default_tol
-from .._tree import tree_map
+from .._tree import tree_leaves, tree_map
 from ..implicit.conditions import Condition, proximal_gradient
 from ..implicit.linear_solve import LinearSolver
 from .._checks import check_fields as _check_fields
@@ -147,7 +147,13 @@ class ProximalGradient(Solver):
 
         def prox_map(z: torch.Tensor, eta: float) -> torch.Tensor:
             out = self.prox(obj.tree(z), prox_args, eta)
-            return obj.rav.ravel(out).to(z.dtype)
+            flat = obj.rav.ravel(out) if all(torch.is_tensor(t) for t in tree_leaves(out)) else None
+            if flat is None or flat.shape != z.shape:
+                shapes = [tuple(t.shape) if torch.is_tensor(t) else type(t).__name__ for t in tree_leaves(out)]
+                raise ValueError(
+                    f"{self.name}: `prox(sol, prox_args, step)` must return a tensor or tree shaped like "
+                    f"`init` (leaf shapes {[tuple(x) for x in obj.rav.shapes]}); got {shapes}.")
+            return flat.to(z.dtype)
 
         with torch.no_grad():
             x, info, step = descent_loop(
