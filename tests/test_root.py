@@ -287,6 +287,25 @@ def test_captured_tensor_is_named():
         bilevel.custom_root(stationarity(objective), strict=True)(solve)(t)
 
 
+def test_a_set_bound_that_requires_grad_is_reported():
+    """A projection's set holds its bounds as constants; one that requires grad got no gradient
+    and no warning (the captured-tensor check did not look into dataclass fields)."""
+    upper = torch.tensor(0.5, requires_grad=True)
+    condition = bilevel.implicit.projected_gradient(lambda x, c: 0.5 * ((x - c) ** 2).sum(),
+                                                    bilevel.implicit.Box(-1.0, upper))
+
+    def solve(objective_args, projection_args=()):
+        return condition.projection(objective_args[0].detach())
+
+    with pytest.warns(CapturedTensorWarning, match=r"'Box.upper' of shape \(\)"):
+        bilevel.custom_root(condition)(solve)((torch.ones(3),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapturedTensorWarning)  # a constant bound is not reported
+        constant = bilevel.implicit.projected_gradient(lambda x, c: 0.5 * ((x - c) ** 2).sum(),
+                                                       bilevel.implicit.Box(-1.0, upper.detach()))
+        bilevel.custom_root(constant)(solve)((torch.ones(3),))
+
+
 def test_captured_module_is_named():
     net = torch.nn.Linear(3, 3)
 

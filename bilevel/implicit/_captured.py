@@ -4,12 +4,14 @@ closure or a global instead of an argument.
 Such tensors get no implicit gradient (the implicit function theorem only
 differentiates with respect to the arguments), which several libraries let pass
 silently.  The check is static and cheap: it inspects the closure cells, the
-globals the code names, ``functools.partial`` arguments and bound ``nn.Module``
-instances, a few levels deep, without calling anything.
+globals the code names, ``functools.partial`` arguments, bound ``nn.Module``
+instances and the fields of dataclass instances (a projection's set, such as
+``Box(lower, upper)``), a few levels deep, without calling anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -47,6 +49,10 @@ def _children(fn: Callable) -> Iterator[tuple[str, Any]]:
         fn = fn.__func__
     if isinstance(fn, torch.nn.Module):
         yield "module", fn
+        return
+    if dataclasses.is_dataclass(fn) and not isinstance(fn, type):  # e.g. a projection's set, Box(lo, hi)
+        for field in dataclasses.fields(fn):
+            yield f"{type(fn).__name__}.{field.name}", getattr(fn, field.name, None)
         return
     if not inspect.isfunction(fn):
         return
@@ -100,7 +106,8 @@ def find_captured(fn: Callable, depth: int = 0, seen: set | None = None) -> list
         if _requires_grad(obj):
             shape = f" of shape {tuple(obj.shape)}" if torch.is_tensor(obj) else " (nn.Module)"
             found.append(f"'{name}'{shape}")
-        elif callable(obj) and not isinstance(obj, type) and not inspect.isbuiltin(obj):
+        elif (callable(obj) or dataclasses.is_dataclass(obj)) and not isinstance(obj, type) \
+                and not inspect.isbuiltin(obj):
             if getattr(obj, "__module__", "") and str(obj.__module__).startswith("torch"):
                 continue
             found.extend(find_captured(obj, depth + 1, seen))
