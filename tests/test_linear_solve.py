@@ -386,8 +386,14 @@ def test_bad_call_arguments(name):
     A, b = make_matrix("spd"), make_rhs(N)
     with pytest.raises(TypeError, match="`matvec` must be callable"):
         solver(A, b)
-    with pytest.raises(ValueError, match="`x0` and `b` must have the same structure"):
-        solver(matvec_of(A), b, x0=torch.zeros(N + 1))
+    if name in ("NormalCG", "Direct-lstsq"):  # x0 gives the unknowns of a rectangular A: matvec fails on it
+        with pytest.raises(RuntimeError, match=r"`matvec` raised RuntimeError on a tree shaped like `x0`.*"
+                                               r"`x0` and `b` of different structures or shapes"):
+            solver(matvec_of(A), b, x0=torch.zeros(N + 1))
+    else:
+        with pytest.raises(ValueError, match=r"`x0` and `b` must have the same structure.*solves square "
+                                             r'systems.*NormalCG or Direct\("lstsq"\)'):
+            solver(matvec_of(A), b, x0=torch.zeros(N + 1))
     with pytest.raises(FloatingPointError, match="contains NaN"):
         solver(matvec_of(A), torch.full((N,), float("nan")))
 
@@ -1064,3 +1070,230 @@ def test_gmres_never_returns_an_iterate_worse_than_its_start():
     xb, infob = GMRES()(lambda v: v @ A.T, torch.stack([b, consistent]), batch_dims=1)
     assert infob.status.tolist() == [Status.BREAKDOWN, Status.SUCCESS]
     assert float((A @ xb[1] - consistent).norm()) <= 1e-6 * float(consistent.norm())
+
+
+# --------------------------------------------------------------------------- rectangular systems
+# NormalCG and Direct("lstsq") solve A x = b with A of shape m x n (x0 gives the unknown's
+# structure, shape and dtype): the minimum-norm least-squares solution pinv(A) b, as JAXopt's
+# solve_normal_cg(matvec, b, init=zeros(n)) and Lineax's least-squares solvers do.
+
+LEAST_SQUARES = {"NormalCG": NormalCG(CG(tol=1e-12)), "Direct-lstsq": Direct("lstsq")}
+RECTANGULAR = [(2, 3), (5, 3)]  # under-determined (min-norm), over-determined (least squares)
+
+
+def rect_problem(m, n, seed=0, dtype=torch.float64, batch=()):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(*batch, m, n, generator=g, dtype=dtype)
+    b = torch.randn(*batch, m, generator=g, dtype=dtype)
+    return A, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m, n", RECTANGULAR)
+@pytest.mark.parametrize("name", list(LEAST_SQUARES))
+def test_solve_normal_cg_nonsquare(name, m, n, dtype):
+    """JAXopt's linear_solve_test.test_solve_normal_cg_nonsquare: x = pinv(A) b; the info
+    reports the residual of the original system (not small when m > n) and success by
+    the normal residual A^T (b - A x)."""
+    A, b = rect_problem(m, n, dtype=dtype)
+    solver = LEAST_SQUARES[name] if dtype == torch.float64 else with_default_tol(LEAST_SQUARES[name])
+    x, info = solver(lambda v: A @ v, b, x0=torch.zeros(n, dtype=dtype))
+    assert x.shape == (n,) and x.dtype == dtype
+    tight = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(x, torch.linalg.pinv(A.double()).to(dtype) @ b, **tight)
+    assert int(info.status) == Status.SUCCESS and bool(info.converged)
+    torch.testing.assert_close(info.residual_norm, torch.linalg.vector_norm(b - A @ x), **tight)
+    torch.testing.assert_close(info.b_norm, torch.linalg.vector_norm(b))
+    if m > n:  # inconsistent: the residual stays, orthogonal to the range of A
+        assert float(info.residual_norm) > 0.1 * float(info.b_norm)
+        torch.testing.assert_close(A.T @ (b - A @ x), torch.zeros(n, dtype=dtype), **tight)
+        torch.testing.assert_close(x, torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1), **tight)
+
+
+def test_normal_cg_rectangular_warm_start_keeps_its_null_space_part():
+    """From x0 != 0, CG on the normal equations returns pinv(A) b plus x0's null-space part
+    (the least-squares solution nearest x0); Direct ignores x0."""
+    A, b = rect_problem(2, 3)
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    P = torch.eye(3, dtype=torch.float64) - torch.linalg.pinv(A) @ A
+    x, _ = NormalCG(CG(tol=1e-12))(lambda v: A @ v, b, x0)
+    torch.testing.assert_close(x, torch.linalg.pinv(A) @ b + P @ x0)
+    x, _ = Direct("lstsq")(lambda v: A @ v, b, x0)
+    torch.testing.assert_close(x, torch.linalg.pinv(A) @ b)
+
+
+@pytest.mark.parametrize("name", list(LEAST_SQUARES))
+def test_rectangular_pytree_unknown_and_pytree_b(name):
+    """x0 a dict (its structure, shapes and dtypes are x's), b a tuple: A maps one to the other."""
+    A, b = rect_problem(4, 6, seed=3)
+    x0 = {"u": torch.zeros(2, dtype=torch.float64), "w": torch.zeros(2, 2, dtype=torch.float64)}
+
+    def matvec(t):
+        Av = A[:, :2] @ t["u"].double() + A[:, 2:] @ t["w"].reshape(4)  # leaves in x0's dtypes
+        return Av[:1], Av[1:]
+
+    x, info = LEAST_SQUARES[name](matvec, (b[:1], b[1:]), x0)
+    assert set(x) == {"u", "w"} and x["u"].shape == (2,) and x["w"].shape == (2, 2)
+    flat = torch.cat([x["u"], x["w"].reshape(4)])
+    torch.testing.assert_close(flat, torch.linalg.pinv(A) @ b)
+    assert bool(info.converged)
+    # the unknowns keep x0's dtypes (computed in the promoted one)
+    x0_mixed = {"u": torch.zeros(2, dtype=torch.float32), "w": torch.zeros(2, 2, dtype=torch.float64)}
+    x, _ = LEAST_SQUARES[name](matvec, (b[:1], b[1:]), x0_mixed)
+    assert x["u"].dtype == torch.float32 and x["w"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("m, n", RECTANGULAR)
+@pytest.mark.parametrize("name", list(LEAST_SQUARES))
+def test_rectangular_batched_and_vmapped(name, m, n):
+    """batch_dims=1 (one system per element, one with b = 0) and torch.func.vmap, over
+    (A, b) and over A alone, all equal the batched pinv(A) b."""
+    solver = LEAST_SQUARES[name]
+    A, b = rect_problem(m, n, seed=4, batch=(3,))
+    b[1] = 0
+    want = (torch.linalg.pinv(A) @ b.unsqueeze(-1)).squeeze(-1)
+    x0 = torch.ones(3, n, dtype=torch.float64)  # ignored where b = 0
+    x0[0] = 0
+    x0[2] = 0
+    x, info = solver(matvec_of(A), b, x0, batch_dims=1)
+    torch.testing.assert_close(x, want)
+    assert info.status.tolist() == [Status.SUCCESS] * 3 and info.residual_norm.shape == (3,)
+    residual = b - (A @ x.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(info.residual_norm, torch.linalg.vector_norm(residual, dim=-1))
+    zeros = torch.zeros(n, dtype=torch.float64)
+    x, info = torch.func.vmap(lambda A_, b_: solver(lambda v: A_ @ v, b_, zeros))(A, b)
+    torch.testing.assert_close(x, want)
+    assert info.status.shape == (3,) and bool(info.converged.all())
+    x = torch.func.vmap(lambda A_: solver(lambda v: A_ @ v, b[0], zeros)[0])(A)
+    torch.testing.assert_close(x, (torch.linalg.pinv(A) @ b[0].unsqueeze(-1)).squeeze(-1))
+
+
+@pytest.mark.parametrize("name", list(LEAST_SQUARES))
+def test_rectangular_complex(name):
+    g = torch.Generator().manual_seed(5)
+    for m, n in RECTANGULAR:
+        A = torch.randn(m, n, generator=g, dtype=torch.complex128)
+        b = torch.randn(m, generator=g, dtype=torch.complex128)
+        x, info = LEAST_SQUARES[name](matvec_of(A), b, torch.zeros(n, dtype=torch.complex128))
+        torch.testing.assert_close(x, torch.linalg.pinv(A) @ b)
+        assert bool(info.converged)
+    with pytest.raises(TypeError, match="`x0`.*and `b`.*both real or both complex"):
+        LEAST_SQUARES[name](lambda v: A @ v, b, torch.zeros(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("m, n", RECTANGULAR)
+@pytest.mark.parametrize("name", list(LEAST_SQUARES))
+def test_rectangular_gradients_match_pinv(name, m, n):
+    """Derivatives with respect to A (captured by matvec) and b: gradcheck, and reverse and
+    forward mode against those of pinv(A) b (with the null space's motion for m < n)."""
+    solver = LEAST_SQUARES[name]
+    A, b = rect_problem(m, n, seed=6)
+    A.requires_grad_()
+    b.requires_grad_()
+    zeros = torch.zeros(n, dtype=torch.float64)
+
+    def solve(A_, b_):
+        return solver(lambda v: A_ @ v, b_, zeros)[0]
+
+    def reference(A_, b_):
+        return torch.linalg.pinv(A_) @ b_
+
+    assert torch.autograd.gradcheck(solve, (A, b), atol=1e-7, rtol=1e-6)
+    want = torch.func.jacrev(reference, argnums=(0, 1))(A, b)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        got = jac(solve, argnums=(0, 1))(A, b)
+        for g_, w_ in zip(got, want):
+            torch.testing.assert_close(g_, w_, rtol=1e-8, atol=1e-10)
+    c = torch.randn(n, dtype=torch.float64)
+    gA, gb = torch.autograd.grad((solve(A, b) * c).sum(), (A, b))
+    wA, wb = torch.autograd.grad((reference(A, b) * c).sum(), (A, b))
+    torch.testing.assert_close(gA, wA)
+    torch.testing.assert_close(gb, wb)
+    import torch.autograd.forward_ad as fwAD
+
+    dA, db = torch.randn_like(A), torch.randn_like(b)
+    with fwAD.dual_level():
+        x = solve(fwAD.make_dual(A.detach(), dA), fwAD.make_dual(b.detach(), db))
+        tangent = fwAD.unpack_dual(x).tangent
+    torch.testing.assert_close(tangent, torch.func.jvp(reference, (A.detach(), b.detach()), (dA, db))[1])
+
+
+def test_rectangular_gradients_batched_with_preconditioner_and_transpose():
+    """A batch of 2 x 4 systems (batch_dims=1), CG with a preconditioner of the unknowns'
+    normal equations (the b-space stage of the adjoint runs without it), and a matvec
+    with its own .transpose: the gradients of pinv(A) b."""
+    A, b = rect_problem(2, 4, seed=7, batch=(3,))
+    A.requires_grad_()
+    b.requires_grad_()
+    zeros = torch.zeros(3, 4, dtype=torch.float64)
+    solver = NormalCG(CG(tol=1e-12, M=lambda r: 0.5 * r))
+
+    def matvec_with_transpose(A_):
+        mv = matvec_of(A_)
+        mv.transpose = lambda w: (A_.mT @ w.unsqueeze(-1)).squeeze(-1)
+        return mv
+
+    want = torch.autograd.grad(((torch.linalg.pinv(A) @ b.unsqueeze(-1)).squeeze(-1) ** 2).sum(), (A, b))
+    for make in (matvec_of, matvec_with_transpose):
+        x, info = solver(make(A), b, zeros, batch_dims=1)
+        assert bool(info.converged.all())
+        got = torch.autograd.grad((x ** 2).sum(), (A, b))
+        for g_, w_ in zip(got, want):
+            torch.testing.assert_close(g_, w_)
+
+
+@pytest.mark.parametrize("name", list(LEAST_SQUARES))
+def test_rank_deficient_square_gradient_with_respect_to_the_operator(name):
+    """The null space's motion is part of the derivative for a square rank-deficient A too."""
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(5, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)  # inconsistent
+    got = torch.func.jacrev(lambda M: LEAST_SQUARES[name](matvec_of(M), b)[0])(A)
+    want = torch.func.jacrev(lambda M: torch.linalg.pinv(M) @ b)(A)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def test_rectangular_without_unknowns_or_equations():
+    b = make_rhs(3)
+    for solver in LEAST_SQUARES.values():
+        no_unknowns = torch.zeros(0, dtype=torch.float64)
+        x, info = solver(lambda v: torch.zeros(3, dtype=torch.float64) + v.sum(), b, no_unknowns)
+        assert x.shape == (0,) and bool(info.converged)
+        torch.testing.assert_close(info.residual_norm, b.norm())
+        x, info = solver(lambda v: v[:0], torch.zeros(0, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+        assert torch.equal(x, torch.zeros(4, dtype=torch.float64)) and float(info.residual_norm) == 0.0
+
+
+@pytest.mark.parametrize("name", [n for n in SOLVERS if n not in ("NormalCG", "Direct-lstsq")])
+def test_square_solvers_refuse_a_rectangular_system_naming_the_remedy(name):
+    A, b = rect_problem(2, 3)
+    with pytest.raises(ValueError, match=r"`x0` and `b` must have the same structure and shapes; got tensor of "
+                                         r"shape \(3,\) and tensor of shape \(2,\)\. .* solves square systems.*"
+                                         r'NormalCG or Direct\("lstsq"\)'):
+        SOLVERS[name][0](lambda v: A @ v, b, x0=torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("m, n", RECTANGULAR)
+def test_rectangular_matvec_without_x0_says_to_pass_x0(name, m, n):
+    """Without x0 the unknown is taken shaped like b: the operator's shape error says so
+    (not a bare size mismatch from inside torch.func.vjp or vmap)."""
+    A, b = rect_problem(m, n)
+    with pytest.raises(RuntimeError, match=r"`matvec` raised RuntimeError on a tree shaped like `b`.*pass "
+                                           r'`x0` shaped like the unknown.*NormalCG or\s+Direct\("lstsq"\)'):
+        SOLVERS[name][0](lambda v: A @ v, b)
+    with pytest.raises(ValueError, match=r"returned 3 values where 2 were expected.*If A is rectangular.*pass `x0`"):
+        SOLVERS[name][0](lambda v: torch.cat([v, v[:1]]), b[:2])
+
+
+@pytest.mark.parametrize("name", list(LEAST_SQUARES))
+def test_rectangular_argument_errors(name):
+    solver = LEAST_SQUARES[name]
+    A, b = rect_problem(2, 3, batch=(4,))
+    with pytest.raises(ValueError, match=r"`x0` and `b` must share the batch shape \(4,\)"):
+        solver(matvec_of(A), b, torch.zeros(5, 3, dtype=torch.float64), batch_dims=1)
+    with pytest.raises(ValueError, match=r"returned tree .*'v'.* where a tree shaped like `b` was expected.*"
+                                         r"`matvec` maps a tree shaped like `x0`"):
+        solver(lambda t: {"v": A[0] @ t["u"]}, {"w": b[0]}, {"u": torch.zeros(3, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"returned 3 values where 2 were expected.*shaped like `x0`"):
+        solver(lambda v: 2 * v, b[0], torch.zeros(3, dtype=torch.float64))

@@ -4,6 +4,10 @@ Each solver is a small frozen dataclass of settings, checked at construction,
 and callable as ``solver(matvec, b, x0=None, *, batch_dims=0) -> (x, info)``:
 
 * ``matvec`` maps a tensor tree shaped like ``b`` to another one (``v -> A v``);
+  for the least-squares solvers (:class:`NormalCG`, ``Direct("lstsq")``) ``A``
+  may be rectangular: ``x0`` then gives the unknown's structure and shapes, and
+  ``matvec`` maps a tree shaped like ``x0`` to one shaped like ``b`` (the other
+  solvers refuse an ``x0`` not shaped like ``b``);
 * ``b`` is a tensor or a tree of tensors; its first ``batch_dims`` dimensions
   (shared by every leaf) index *independent* systems ``A_i x_i = b_i``, solved
   together: dot products, step sizes and stopping are per batch element, and

@@ -14,7 +14,16 @@ from ..._checks import nonneg_float as _nonneg_float
 from ..._checks import positive_int_or_none as _positive_int_or_none
 from ..._checks import tol_ok as _tol_ok
 from ..._tolerance import default_tol
-from ..._tree import Raveler, all_finite, check_same_structure, in_dual_level, inside_transform, is_transformed, tree_leaves
+from ..._tree import (
+    Raveler,
+    all_finite,
+    check_same_structure,
+    describe,
+    in_dual_level,
+    inside_transform,
+    is_transformed,
+    tree_leaves,
+)
 from ...status import Status
 from ...typing import Matvec, TensorTree
 
@@ -155,49 +164,74 @@ class LinearSolver:
                 f"{sorted({str(d) for d in rav.dtypes})}); a complex system needs complex unknowns "
                 "throughout: cast the real leaves to the complex dtype."
             )
-        if x0 is not None:
-            check_same_structure(x0, b, "x0", "b")
-        batch, n = rav.batch_shape, rav.size
+        xrav = rav if x0 is None else self._unknowns(x0, b, rav, batch_dims)
+        rectangular = xrav is not rav  # A maps x0's space to b's: least squares only
+        batch, m, n = rav.batch_shape, rav.size, xrav.size
         nbatch = math.prod(batch)
+        dtype = torch.promote_types(rav.dtype, xrav.dtype) if rectangular else rav.dtype
 
-        b_flat = rav.ravel(b).reshape(nbatch, n)
+        b_flat = rav.ravel(b).reshape(nbatch, m)
+        if b_flat.dtype != dtype:
+            b_flat = b_flat.to(dtype)
 
-        def flatten(tree_fn: Matvec) -> FlatMatvec:
-            if rav.bare and not batch:  # one plain tensor: two reshapes per product
-                shape = rav.shapes[0]
+        def flat_map(tree_fn: Matvec, src: Raveler, dst: Raveler, operator: Optional[str] = None) -> FlatMatvec:
+            """``tree_fn`` (``src``'s trees to ``dst``'s) on flat ``(B, size)`` tensors; an
+            ``operator`` (named: the matvec, its transpose) has its shape errors explained."""
+            size_in, size_out = src.size, dst.size
+            if src.bare and dst.bare and not batch:  # plain tensors: two reshapes per product
+                shape = src.shapes[0]
 
                 def flat_fn(v: torch.Tensor) -> torch.Tensor:
-                    out = tree_fn(v.reshape(shape))
-                    out = out if torch.is_tensor(out) else _ravel_output(tree_fn, out, rav)
-                    if out.numel() != n:
-                        _wrong_output(tree_fn, out, rav)
-                    out = out.reshape(1, n)
-                    return out if out.dtype == b_flat.dtype else out.to(b_flat.dtype)
+                    try:
+                        out = tree_fn(v.reshape(shape))
+                    except (RuntimeError, ValueError, IndexError) as err:
+                        if operator:
+                            _raise_shape_hint(err, operator, src, rectangular)
+                        raise
+                    if not torch.is_tensor(out):
+                        out = _ravel_output(tree_fn, out, dst)
+                    if out.numel() != size_out:
+                        _wrong_output(tree_fn, out, src, dst, rectangular, operator is not None)
+                    out = out.reshape(1, size_out)
+                    return out if out.dtype == dtype else out.to(dtype)
 
-                if len(shape) == 1:  # a vector: single-system solvers may skip the reshapes
-                    flat_fn.on_vectors = tree_fn
+                if len(shape) == 1 and src is dst:  # a vector: single-system solvers may skip the reshapes
+                    flat_fn.on_vectors = tree_fn if not operator else _explained(tree_fn, operator, src, rectangular)
                 return flat_fn
 
             def flat_fn(v: torch.Tensor) -> torch.Tensor:
-                out = _ravel_output(tree_fn, tree_fn(rav.unravel(v.reshape(tuple(batch) + (n,)))), rav)
-                if out.numel() != nbatch * n:
-                    _wrong_output(tree_fn, out, rav)
-                out = out.reshape(nbatch, n)
-                return out if out.dtype == b_flat.dtype else out.to(b_flat.dtype)
+                try:
+                    out = tree_fn(src.unravel(v.reshape(tuple(batch) + (size_in,))))
+                except (RuntimeError, ValueError, IndexError) as err:
+                    if operator:
+                        _raise_shape_hint(err, operator, src, rectangular)
+                    raise
+                if rectangular:
+                    _check_output_structure(tree_fn, out, src, dst, operator)
+                out = _ravel_output(tree_fn, out, dst)
+                if out.numel() != nbatch * size_out:
+                    _wrong_output(tree_fn, out, src, dst, rectangular, operator is not None)
+                out = out.reshape(nbatch, size_out)
+                return out if out.dtype == dtype else out.to(dtype)
 
             return flat_fn
 
-        flat_matvec = flatten(matvec)
-        if getattr(matvec, "self_adjoint", False):  # attributes, never self-references:
+        def flatten(tree_fn: Matvec) -> FlatMatvec:  # maps of the unknowns' space (preconditioners)
+            return flat_map(tree_fn, xrav, xrav)
+
+        flat_matvec = flat_map(matvec, xrav, rav, operator="`matvec`")
+        if getattr(matvec, "self_adjoint", False) and not rectangular:  # attributes, never self-references:
             flat_matvec.self_adjoint = True  # a cycle would keep autograd graphs alive
         elif getattr(matvec, "transpose", None) is not None:
-            flat_matvec.transpose = flatten(matvec.transpose)
+            flat_matvec.transpose = flat_map(matvec.transpose, rav, xrav, operator="`matvec.transpose`")
+        if rectangular and (n == 0 or m == 0):  # x = 0 (or empty) is the minimum-norm least-squares solution
+            return self._empty_rectangular(b, b_flat, xrav, batch)
         if n == 0:  # no unknowns: solved by the empty x
             none = torch.zeros(batch, dtype=torch.int64, device=b_flat.device)
             norm = torch.zeros(batch, dtype=_real_dtype(b_flat.dtype), device=b_flat.device)
             return rav.unravel(b_flat.reshape(tuple(batch) + (0,))), LinearSolveInfo(none, norm, norm, none)
         if inside_transform() and not all(_at_current_level(leaf) for leaf in tree_leaves(b)):
-            b_flat = _batched_like_operator(flat_matvec, b_flat)
+            b_flat = _batched_like_operator(flat_matvec, b_flat, n)
         b_norm = torch.linalg.vector_norm(b_flat.detach(), dim=-1)
         huge = _check_rhs(b, b_flat, b_norm)  # then ||b||^2 overflows: norms are taken as m ||v / m||
         norm = _scaled_norm if huge else _norm
@@ -205,7 +239,7 @@ class LinearSolver:
             b_norm = norm(b_flat.detach())
         x0_flat = None
         if x0 is not None:  # b = 0 is solved by x = 0, whatever the warm start
-            x0_flat = rav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
+            x0_flat = xrav.ravel(x0).reshape(nbatch, n).to(b_flat.dtype)
             # one system on the CPU: free to check (in a batch, or elsewhere, a NaN start is that
             # element's NONFINITE, and does not abort the others)
             if not batch and x0_flat.device.type == "cpu" and not is_transformed(x0_flat) and not bool(
@@ -233,7 +267,54 @@ class LinearSolver:
             b_norm=b_norm.reshape(batch),
             status=status.reshape(batch),
         )
-        return rav.unravel(x.reshape(tuple(batch) + (n,))), info
+        return _unravel_unknowns(xrav, x.reshape(tuple(batch) + (n,)), rectangular), info
+
+    def _accepts_rectangular(self) -> bool:
+        """Whether the solver solves least-squares problems whose operator maps the
+        unknowns (shaped like ``x0``) to a space of another shape (``b``'s): its
+        :meth:`_solve` then receives ``x0`` of shape ``(B, n)`` with ``b`` of shape
+        ``(B, m)``, and ``matvec`` maps ``(B, n)`` to ``(B, m)``."""
+        return False
+
+    def _unknowns(self, x0: TensorTree, b: TensorTree, rav: Raveler, batch_dims: int) -> Raveler:
+        """The raveler of the unknowns: ``rav`` (``b``'s) where ``x0`` is shaped like
+        ``b``; ``x0``'s own for a rectangular system (least-squares solvers only)."""
+        try:
+            check_same_structure(x0, b, "x0", "b")
+            return rav
+        except ValueError as err:
+            if not self._accepts_rectangular():
+                raise ValueError(
+                    f"{err} {type(self).__name__} solves square systems, x shaped like `b`: for a "
+                    "rectangular A (an unknown of another shape than `b`, given by `x0`), use "
+                    "NormalCG or Direct(\"lstsq\"), which accept an `x0` of any shape."
+                ) from None
+        xrav = Raveler(x0, batch_dims, name="x0")
+        if xrav.batch_shape != rav.batch_shape:
+            raise ValueError(
+                f"`x0` and `b` must share the batch shape {tuple(rav.batch_shape)} (their first "
+                f"batch_dims={batch_dims} dimensions); got {describe(x0)} and {describe(b)}."
+            )
+        if xrav.dtype.is_complex != rav.dtype.is_complex or (
+                xrav.dtype.is_complex and not all(d.is_complex for d in xrav.dtypes)):
+            raise TypeError(
+                f"{type(self).__name__}: `x0` (dtypes {sorted({str(d) for d in xrav.dtypes})}) and `b` "
+                f"(dtypes {sorted({str(d) for d in rav.dtypes})}) must be both real or both complex."
+            )
+        if not xrav.dtype.is_floating_point and not xrav.dtype.is_complex:
+            raise TypeError(f"`x0` must be floating point; got dtype {xrav.dtype}.")
+        return xrav
+
+    def _empty_rectangular(self, b: TensorTree, b_flat: torch.Tensor, xrav: Raveler, batch) -> tuple:
+        """A system with no unknowns or no equations: ``x = 0`` (its minimum-norm
+        least-squares solution, exact), residual ``||b||``."""
+        b_norm = torch.linalg.vector_norm(b_flat.detach(), dim=-1)
+        if b_flat.shape[-1]:
+            _check_rhs(b, b_flat, b_norm)
+        none = torch.zeros(b_flat.shape[0], dtype=torch.int64, device=b_flat.device)
+        x = torch.zeros(b_flat.shape[0], xrav.size, dtype=b_flat.dtype, device=b_flat.device)
+        info = LinearSolveInfo(none.reshape(batch), b_norm.reshape(batch), b_norm.reshape(batch), none.reshape(batch))
+        return _unravel_unknowns(xrav, x.reshape(tuple(batch) + (xrav.size,)), True), info
 
     def _gradient_rule(self) -> tuple[str, "LinearSolver"]:
         """How a solution is differentiated (:mod:`._gradient`): ``("self", solver)``
@@ -292,11 +373,14 @@ def _unit_scale(b: torch.Tensor) -> Union[float, torch.Tensor]:
     return torch.where(torch.isfinite(scale) & (size > 0), scale, torch.ones_like(scale))
 
 
-def _batched_like_operator(matvec: FlatMatvec, b: torch.Tensor) -> torch.Tensor:
+def _batched_like_operator(matvec: FlatMatvec, b: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:
     """``b`` plus the zeros of a product: under ``torch.func.vmap`` over the operator
     alone (``b`` shared), the products are batched and ``b`` is not; batched like
-    them, it leads the solvers onto their transform-safe paths (one product)."""
-    return b + torch.zeros_like(matvec(torch.zeros_like(b)))
+    them, it leads the solvers onto their transform-safe paths (one product).
+    ``n``: the number of unknowns where it differs from ``b``'s size (a rectangular
+    operator)."""
+    v = torch.zeros_like(b) if n is None or n == b.shape[-1] else b.new_zeros(b.shape[0], n)
+    return b + torch.zeros_like(matvec(v))
 
 
 def _at_current_level(t: torch.Tensor) -> bool:
@@ -309,28 +393,135 @@ def _at_current_level(t: torch.Tensor) -> bool:
     return get_level(t) == current()
 
 
+def _operator_error(err: Exception) -> Exception:
+    """``err``, marked as this module's diagnosis of the operator (shapes, structure):
+    the wrappers that explain other failures (the VJP, vmap) let it through as it is."""
+    err._bilevel_operator_error = True
+    return err
+
+
+def _operator_name(fn: Callable) -> str:
+    name = getattr(fn, "__name__", "<lambda>")
+    return "`matvec` (or the preconditioner)" if name == "<lambda>" else f"`{name}`"
+
+
 def _ravel_output(fn: Callable, out: Any, rav: Raveler) -> torch.Tensor:
     """The flat tensor of what ``fn`` (the matvec) returned, or an error naming it."""
     try:
         return rav.ravel(out)
     except (TypeError, AttributeError, ValueError) as err:
-        name = getattr(fn, "__name__", "<lambda>")
-        what = "`matvec` (or the preconditioner)" if name == "<lambda>" else f"`{name}`"
-        raise TypeError(
-            f"linear solve: {what} returned {type(out).__name__}; it must return a tensor, or a tree of "
-            "tensors, shaped like `b`."
-        ) from err
+        raise _operator_error(TypeError(
+            f"linear solve: {_operator_name(fn)} returned {type(out).__name__}; it must return a tensor, "
+            f"or a tree of tensors, shaped like `{rav.name}`."
+        )) from err
 
 
-def _wrong_output(fn: Callable, out: torch.Tensor, rav: Raveler) -> None:
-    name = getattr(fn, "__name__", "<lambda>")
-    what = "`matvec` (or the preconditioner)" if name == "<lambda>" else f"`{name}`"
-    raise ValueError(
-        f"linear solve: {what} returned {out.numel()} values where "
-        f"{rav.size * max(math.prod(rav.batch_shape), 1)} were expected: it must map a tree shaped "
-        f"like `b` (leaf shapes {[tuple(rav.batch_shape) + tuple(s) for s in rav.shapes]}) to one "
-        "of the same shapes."
+def _shapes(rav: Raveler) -> list:
+    return [tuple(rav.batch_shape) + tuple(s) for s in rav.shapes]
+
+
+def _rectangular_hint(src: Raveler, dst: Raveler) -> str:
+    return (
+        f"with `x0` and `b` of different structures or shapes (a rectangular system), `matvec` maps a tree "
+        f"shaped like `x0` (the unknown; leaf shapes {_shapes(src)}) to one shaped like `b` (leaf shapes "
+        f"{_shapes(dst)})"
     )
+
+
+_SQUARE_HINT = (
+    "the unknown x is taken to be shaped like `b` (a square system) unless `x0` says otherwise: for a "
+    "rectangular A, pass `x0` shaped like the unknown (e.g. x0=torch.zeros(n)) to NormalCG or "
+    "Direct(\"lstsq\"), the solvers that accept rectangular systems."
+)
+
+
+def _wrong_output(fn: Callable, out: torch.Tensor, src: Raveler, dst: Raveler,
+                  rectangular: bool = False, operator: bool = False) -> None:
+    expected = dst.size * max(math.prod(dst.batch_shape), 1)
+    if rectangular:
+        advice = _rectangular_hint(src, dst) + "."
+    else:
+        advice = (f"it must map a tree shaped like `{dst.name}` (leaf shapes {_shapes(dst)}) to one of the "
+                  "same shapes.")
+        if operator:
+            advice += " If A is rectangular, " + _SQUARE_HINT
+    raise _operator_error(ValueError(
+        f"linear solve: {_operator_name(fn)} returned {out.numel()} values where {expected} were "
+        f"expected: {advice}"
+    ))
+
+
+def _check_output_structure(fn: Callable, out: Any, src: Raveler, dst: Raveler, what: Optional[str] = None) -> None:
+    """Raise unless ``out`` has the structure of ``dst``'s trees (a dict's keys in any
+    order): for a rectangular system, where the output of ``matvec`` is not its input's
+    structure, a tree of the wrong kind could otherwise pass a reshape."""
+    if dst.bare:
+        ok = torch.is_tensor(out)
+    else:
+        spec = torch.utils._pytree.tree_structure(out)
+        ok = spec == dst.spec
+        if not ok and spec.num_leaves == dst.spec.num_leaves:
+            try:
+                dst._in_order(out, spec)
+                ok = True
+            except ValueError:
+                pass
+    if not ok:
+        unknowns, equations = (src, dst) if src.name == "x0" else (dst, src)  # matvec, or its transpose
+        raise _operator_error(ValueError(
+            f"linear solve: {what or _operator_name(fn)} returned {describe(out)} where a tree shaped like "
+            f"`{dst.name}` was expected: {_rectangular_hint(unknowns, equations)}."
+        ))
+
+
+# Words of torch's shape errors (matmul, broadcasting, view, cat, index): only these get the hint
+_SHAPE_WORDS = ("size", "shape", "dimension", "mismatch", "must match", "multipl", "out of bounds", "invalid for input")
+
+
+def _explained(fn: Callable, what: str, src: Raveler, rectangular: bool) -> Callable:
+    """The operator ``fn`` (on trees shaped like ``src``) with its shape errors explained."""
+
+    def explained(v):
+        try:
+            return fn(v)
+        except (RuntimeError, ValueError, IndexError) as err:
+            _raise_shape_hint(err, what, src, rectangular)
+            raise
+
+    return explained
+
+
+def _raise_shape_hint(err: Exception, what: str, src: Raveler, rectangular: bool) -> None:
+    """Re-raise ``err``, a shape error of the operator ``what`` (``matvec`` or its
+    transpose) on a tree shaped like ``src``, with a hint on the unknown's shape (same
+    exception type); other errors are left to the caller's bare ``raise``."""
+    if type(err) not in (RuntimeError, ValueError, IndexError) or getattr(err, "_bilevel_operator_error", False):
+        return
+    message = str(err)
+    if not any(word in message.lower() for word in _SHAPE_WORDS):
+        return
+    where = f"on a tree shaped like `{src.name}` (leaf shapes {_shapes(src)})"
+    if rectangular:
+        advice = ("with `x0` and `b` of different structures or shapes (a rectangular system), `matvec` "
+                  "maps a tree shaped like `x0` (the unknown) to one shaped like `b`, and its `.transpose` "
+                  "back.")
+    else:
+        advice = _SQUARE_HINT
+    raise _operator_error(type(err)(
+        f"linear solve: {what} raised {type(err).__name__} {where}: {message} -- {advice}")) from err
+
+
+def _unravel_unknowns(xrav: Raveler, x: torch.Tensor, rectangular: bool) -> TensorTree:
+    """The tree of the flat solution ``(*batch, n)``: shaped like ``b`` for a square
+    system; like ``x0``, with its leaves' dtypes, for a rectangular one."""
+    if not rectangular:
+        return xrav.unravel(x)
+    tree = xrav.unravel(x)
+    if xrav.bare:
+        return tree if tree.dtype == xrav.dtypes[0] else tree.to(xrav.dtypes[0])
+    leaves, spec = torch.utils._pytree.tree_flatten(tree)
+    return torch.utils._pytree.tree_unflatten(
+        [leaf if leaf.dtype == d else leaf.to(d) for leaf, d in zip(leaves, xrav.dtypes)], spec)
 
 
 def _on_host(t: torch.Tensor) -> bool:
@@ -391,8 +582,14 @@ def _final_status(
     return torch.where((status == Status.SUCCESS) & ~small, int(Status.INACCURATE), status)
 
 
-def transpose_operator(matvec: FlatMatvec, b: torch.Tensor) -> tuple[FlatMatvec, torch.Tensor]:
+def transpose_operator(
+    matvec: FlatMatvec, b: torch.Tensor, domain: Optional[torch.Tensor] = None
+) -> tuple[FlatMatvec, torch.Tensor]:
     """``v -> A^T v`` for the linear ``matvec``, checked by an adjoint test.
+
+    ``b`` is a ``(B, m)`` tensor of the operator's output space; ``domain``, a
+    ``(B, n)`` one of its input space where ``A`` is rectangular (default: ``b``;
+    only shapes, dtype and device are used).
 
     For a complex ``b`` this is the adjoint ``v -> A^H v`` (conjugate transpose):
     the VJP of :func:`torch.func.vjp` already is (PyTorch's conjugate Wirtinger
@@ -404,20 +601,23 @@ def transpose_operator(matvec: FlatMatvec, b: torch.Tensor) -> tuple[FlatMatvec,
     """
     if getattr(matvec, "self_adjoint", False):
         return matvec, torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
+    domain = b if domain is None else domain
     rmatvec = getattr(matvec, "transpose", None)
     if rmatvec is None:
         try:
-            _, vjp_fn = torch.func.vjp(matvec, b)
+            _, vjp_fn = torch.func.vjp(matvec, domain)
         except Exception as err:
+            if getattr(err, "_bilevel_operator_error", False):  # the operator's shape error, explained
+                raise
             raise RuntimeError(
                 "linear solve: could not form A^T v as the VJP of `matvec` with "
                 f"torch.func.vjp ({type(err).__name__}: {err}); write `matvec` with "
                 "differentiable torch operations, or give it a `.transpose` attribute (v -> A^T v)."
             ) from err
         rmatvec = lambda v: vjp_fn(v)[0]  # noqa: E731
-    u, w = _probe(b, 1), _probe(b, 2)
+    u, w = _probe(domain, 1), _probe(b, 2)
     if b.is_complex():  # real probes cannot tell A^T from A^H (nor a conjugating map)
-        u, w = u + 1j * _probe(b, 3), w + 1j * _probe(b, 4)
+        u, w = u + 1j * _probe(domain, 3), w + 1j * _probe(b, 4)
     Au, Atw = matvec(u), rmatvec(w)
     lhs, rhs = (Au * w.conj()).sum(-1), (u * Atw.conj()).sum(-1)  # <A u, w> = <u, A^H w>
     scale = (_norm(Au) * _norm(w) + _norm(u) * _norm(Atw)).clamp_min(torch.finfo(b.dtype).tiny)

@@ -15,12 +15,20 @@ the gradient is the one above, and ``r``'s graph carries the dependence on
 ``b`` and on every tensor ``matvec`` captures (one product, taken only when
 gradients are recorded).
 
-Least-squares solvers (:class:`NormalCG`, ``Direct("lstsq")``) are differentiated
-through their normal equations :math:`A^\top (b - A x) = 0`, with the
-minimum-norm adjoint :math:`u = (A^\top A)^+ \bar x`: exact for a matrix of full
-column rank, and with respect to ``b`` for any rank (for a rank-deficient
-:math:`A`, the derivative with respect to the operator leaves out the term of
-the null space's motion).
+Least-squares solvers (:class:`NormalCG`, ``Direct("lstsq")``) return the
+minimum-norm least-squares solution :math:`x = A^+ b`, also for a rectangular
+:math:`A` (``m x n``), and are differentiated as the pseudo-inverse is
+(Golub and Pereyra, 1973; exact where the rank of :math:`A` does not change):
+
+.. math:: dx = (A^\top A)^+\, d\big(A^\top (b - A x)\big)\big|_{x\ \mathrm{fixed}}
+          + (I - A^+ A)\, dA^\top y, \qquad y = (A A^\top)^+ A x,
+
+the derivative of the normal equations (with the minimum-norm adjoint
+:math:`u = (A^\top A)^+ \bar x`) plus the motion of :math:`A`'s null space,
+which the minimum-norm solution :math:`x = A^\top y` is kept orthogonal to (a
+term that vanishes for a matrix of full column rank, and is taken only where
+the operator carries derivatives: one more solve, for :math:`y`, in the forward
+pass).
 
 Complex dtypes: every transpose above is the adjoint :math:`A^H`, which
 :func:`torch.func.vjp` of a complex ``matvec`` already returns (PyTorch's
@@ -130,16 +138,58 @@ def attach_gradient(solver, matvec: FlatMatvec, b: torch.Tensor, x: torch.Tensor
     ``(A^T, adjoint-test mask)`` for a non-symmetric operator.
     """
     x = _primal(x)  # the iterations' own tangents (step sizes held fixed) are not the solution's
-    plain = b - matvec(x)
+    product = matvec(x)
+    plain = b - product
     if not (plain.requires_grad or _has_tangent(plain)):
         return x, plain
     kind, inner_solver = solver._gradient_rule()
-    residual = plain
+    # a rectangular operator (least squares): x gives A^T's output space
+    domain = None if x.shape[-1] == b.shape[-1] else x.detach()
+    solves = _Solves(solver, inner_solver, kind, matvec, _primal(b.detach()), flatten, transpose, domain)
+    residual, motion = plain, None
     if kind == "normal":
         _, rmatvec = torch.func.vjp(matvec, x)  # recorded: A^T's dependence on theta
         residual = rmatvec(plain)[0]
-    solves = _Solves(solver, inner_solver, kind, matvec, _primal(b.detach()), flatten, transpose)
-    return x + _ImplicitSolution.apply(residual, solves), plain.detach()
+        if product.requires_grad or _has_tangent(product):  # the operator moves, and its null space
+            motion = rmatvec(_primal(solves.coefficients(x.detach())))[0]  # A(theta)^T y, y fixed
+    if motion is None:
+        return x + _ImplicitSolution.apply(residual, solves), plain.detach()
+    return x + _LeastSquaresSolution.apply(residual, motion, solves), plain.detach()
+
+
+class _LeastSquaresSolution(torch.autograd.Function):
+    """:class:`_ImplicitSolution` of a least-squares solve whose operator carries
+    derivatives: a second input, ``A(theta)^T y`` (``y`` fixed), whose derivative
+    reaches ``x`` projected on the null space of ``A``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(residual: torch.Tensor, motion: torch.Tensor, solves: "_Solves") -> torch.Tensor:
+        return torch.zeros_like(residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        residual, _, solves = inputs
+        ctx.solves = solves
+        ctx.save_for_backward(residual)
+        ctx.save_for_forward(residual)
+
+    @staticmethod
+    def backward(ctx, x_bar: torch.Tensor):
+        u, w = ctx.solves.adjoint(x_bar, null_space=True)
+        if torch.is_grad_enabled():  # create_graph=True: a later derivative must not pass silently
+            (residual,) = ctx.saved_tensors
+            u, w = _FirstOrderOnly.apply(u, residual, x_bar), _FirstOrderOnly.apply(w, residual, x_bar)
+        return u, w, None
+
+    @staticmethod
+    def jvp(ctx, residual_dot, motion_dot, _):
+        x_dot = ctx.solves.tangent(residual_dot)
+        if motion_dot is not None:
+            x_dot = x_dot + ctx.solves.null_projection(motion_dot)
+        (residual,) = ctx.saved_tensors
+        return _FirstOrderOnly.apply(x_dot, residual, residual_dot)
 
 
 class _Solves:
@@ -151,22 +201,36 @@ class _Solves:
     :math:`(A A^\top) z = A \bar x`, then :math:`(A^\top A) u = A^\top z`
     (:math:`z = (A^\top)^+ \bar x`, :math:`u = A^+ z`): a rank-deficient
     :math:`A` leaves :math:`A^\top A u = \bar x` without a solution.
-    ``tangent``: :math:`A^{-1} \dot r` (:math:`(A^\top A)^+ \dot r` for least squares).
+    With ``null_space=True``, also :math:`(I - A^+ A) \bar x = \bar x - A^\top z`, free
+    from the first stage.  ``tangent``: :math:`A^{-1} \dot r` (:math:`(A^\top A)^+ \dot r`
+    for least squares).  ``coefficients``: :math:`y = (A A^\top)^+ A x`, for which the
+    minimum-norm :math:`x = A^\top y`.
     """
 
-    def __init__(self, solver, inner_solver, kind, matvec, b, flatten, transpose):
+    def __init__(self, solver, inner_solver, kind, matvec, b, flatten, transpose, domain=None):
         self.solver, self.inner_solver, self.kind = solver, inner_solver, kind
         self.matvec, self.b, self.flatten, self.transpose = matvec, b, flatten, transpose
+        self.domain = domain  # (B, n) like the unknowns where A is rectangular, else None
 
     def _transposed(self) -> FlatMatvec:
-        return self.transpose(self.matvec, self.b)[0]
+        if self.domain is None:
+            return self.transpose(self.matvec, self.b)[0]
+        return self.transpose(self.matvec, self.b, self.domain)[0]
 
     def _solve(self, solver, operator, rhs, what: str) -> torch.Tensor:
         u, _, status, *_ = solver._solve(operator, rhs, None, self.flatten)
         _warn_if_failed(self.solver, solver, status, rhs - operator(u), rhs, what)
         return u
 
-    def adjoint(self, x_bar: torch.Tensor) -> torch.Tensor:
+    def _range_solve(self, At: FlatMatvec, v: torch.Tensor, what: str) -> torch.Tensor:
+        """The minimum-norm solution ``z`` of the consistent ``(A A^T) z = A v``."""
+        A = self.matvec
+        # (A A^T) lives in b's space: a preconditioner of the unknowns' (A^T A) does not
+        # apply there when A is rectangular
+        solver = self.inner_solver if self.domain is None else _unpreconditioned(self.inner_solver)
+        return self._solve(solver, lambda t: A(At(t)), A(v), what)
+
+    def adjoint(self, x_bar: torch.Tensor, null_space: bool = False):
         with torch.no_grad():
             if self.kind == "self":
                 return self._solve(self.inner_solver, self.matvec, x_bar, "A^T u = grad x")
@@ -174,8 +238,22 @@ class _Solves:
             if self.kind == "transpose":
                 return self._solve(self.inner_solver, transposed, x_bar, "A^T u = grad x")
             A, At = self.matvec, transposed
-            z = self._solve(self.inner_solver, lambda v: A(At(v)), A(x_bar), "(A A^T) z = A g")
-            return self._solve(self.inner_solver, lambda v: At(A(v)), At(z), "(A^T A) u = A^T z")
+            z = self._range_solve(At, x_bar, "(A A^T) z = A g")
+            Atz = At(z)  # A^+ A g: g's part in the row space of A
+            u = self._solve(self.inner_solver, lambda v: At(A(v)), Atz, "(A^T A) u = A^T z")
+            return (u, x_bar - Atz) if null_space else u
+
+    def null_projection(self, v: torch.Tensor) -> torch.Tensor:
+        """``(I - A^+ A) v``: ``v``'s part in the null space of ``A``."""
+        with torch.no_grad():
+            v = _primal(v)
+            At = self._transposed()
+            return v - At(self._range_solve(At, v, "(A A^T) z = A v"))
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = (A A^T)^+ A x`` (``x = A^T y`` for the minimum-norm solution ``x``)."""
+        with torch.no_grad():
+            return self._range_solve(self._transposed(), _primal(x), "(A A^T) y = A x")
 
     def tangent(self, residual_dot: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -183,6 +261,15 @@ class _Solves:
             if self.kind != "normal":
                 return self._solve(self.solver, self.matvec, residual_dot, "A x_dot = r_dot")
         return self.adjoint(residual_dot)  # (A^T A)^+ r_dot: A^T A is its own transpose
+
+
+def _unpreconditioned(solver):
+    """``solver`` without its preconditioner ``M`` (if it has one)."""
+    if getattr(solver, "M", None) is None:
+        return solver
+    import dataclasses
+
+    return dataclasses.replace(solver, M=None)
 
 
 def _warn_if_failed(solver, used, status, gap, rhs, what: str) -> None:

@@ -28,7 +28,7 @@ class Direct(LinearSolver):
 
     Builds the ``(B, n, n)`` matrix with one :func:`torch.func.vmap` of
     ``matvec`` over the identity basis (``n`` products, ``O(B n^2)`` memory),
-    then factorises it:
+    then factorises it (``(B, m, n)`` for a rectangular ``"lstsq"`` system, below):
 
     * ``"cholesky"``: :math:`A = L L^\top` for symmetric positive-definite
       :math:`A` (Hessians of strictly convex inner problems; :math:`L L^H` for
@@ -47,7 +47,13 @@ class Direct(LinearSolver):
       BREAKDOWN;
     * ``"lstsq"``: the minimum-norm least-squares solution :math:`A^+ b`
       (SVD-based: LAPACK ``gelsd`` on CPU, the pseudo-inverse elsewhere), for
-      singular or inconsistent systems.
+      singular or inconsistent systems, and for rectangular ones: pass ``x0``
+      shaped like the unknown (e.g. ``x0=torch.zeros(n)``, its values unused),
+      and ``matvec`` maps a tree shaped like ``x0`` to one shaped like ``b``
+      (``m`` equations, ``n`` unknowns, ``m < n`` or ``m > n``); the solution has
+      ``x0``'s structure, shapes and dtypes.  Its derivatives are those of
+      :math:`A^+ b`.  ``"cholesky"`` and ``"lu"`` need a square system: an
+      ``x0`` not shaped like ``b`` is refused.
 
     An element whose matrix holds NaN or inf is reported as
     :attr:`~bilevel.status.Status.NONFINITE` (``x = 0``) without disturbing the
@@ -56,8 +62,9 @@ class Direct(LinearSolver):
     ``D_r`` above), exceeds :math:`10 \sqrt{\mathrm{eps}}` times the
     right-hand side's (a pivot just above the singularity test, or a condition
     number near :math:`1/\sqrt{\mathrm{eps}}`) is reported as
-    :attr:`~bilevel.status.Status.INACCURATE`.  ``x0`` is ignored and
-    ``info.iterations`` is ``n`` (the products spent building :math:`A`).  All three methods accept complex
+    :attr:`~bilevel.status.Status.INACCURATE`.  ``x0`` is ignored (but for the
+    shape of a rectangular system's unknown) and ``info.iterations`` is ``n``
+    (the products spent building :math:`A`).  All three methods accept complex
     dtypes (``"cholesky"`` checks Hermitian-ness, :math:`A = A^H`).
 
     Args:
@@ -89,20 +96,26 @@ class Direct(LinearSolver):
             method=(lambda v: v in _DIRECT_METHODS, f"one of {', '.join(map(repr, _DIRECT_METHODS))}"),
         )
 
+    def _accepts_rectangular(self) -> bool:
+        return self.method == "lstsq"
+
     def _solve(self, matvec, b, x0, flatten):
-        return self._solve_matrix(_materialize(matvec, b), b)
+        # a rectangular A ("lstsq"): x0 (B, n) gives the unknowns' size, A is (B, m, n)
+        domain = x0 if x0 is not None and x0.shape[-1] != b.shape[-1] else b
+        return self._solve_matrix(_materialize(matvec, domain), b)
 
     def _gradient_rule(self):
         return {"cholesky": "self", "lu": "transpose", "lstsq": "normal"}[self.method], self
 
     def _solve_matrix(self, A: torch.Tensor, b: torch.Tensor):
-        """``(x, iterations, status)`` for the materialized ``(B, n, n)`` matrices ``A``."""
+        """``(x, iterations, status)`` for the materialized ``(B, m, n)`` matrices ``A``
+        (square, ``m = n``, but for ``"lstsq"``) and right-hand sides ``b`` ``(B, m)``."""
         eps = torch.finfo(b.dtype).eps
         # A non-finite matrix or right-hand side (reaching here under vmap) is that
         # element's failure, not the batch's (LAPACK aborts the whole call on NaN):
         # solve with the identity and 0 in its place.
         finite = torch.isfinite(A).flatten(-2).all(-1) & torch.isfinite(b).all(-1)
-        A = torch.where(finite[:, None, None], A, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device))
+        A = torch.where(finite[:, None, None], A, torch.eye(*A.shape[-2:], dtype=A.dtype, device=A.device))
         rhs = torch.where(finite.unsqueeze(-1), b, 0).unsqueeze(-1)
         if self.method == "cholesky":
             L, info = torch.linalg.cholesky_ex(A)
@@ -135,7 +148,7 @@ class Direct(LinearSolver):
         status = _mark(torch.zeros_like(ok, dtype=torch.int64), ~accurate, Status.INACCURATE)
         status = _mark(status, ~ok, Status.BREAKDOWN)
         status = _mark(status, ~finite, Status.NONFINITE)
-        return x, torch.full_like(status, b.shape[-1]), status
+        return x, torch.full_like(status, A.shape[-1]), status
 
 
 def _power_of_two(size: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,20 @@ class NormalCG(LinearSolver):
     non-singular systems.  Complex dtypes are supported: :math:`A^H A x = A^H b`,
     with the VJP giving the adjoint :math:`A^H v` (and the inner solver conjugating).
 
+    Rectangular systems: :math:`A` may map ``n`` unknowns to ``m`` equations,
+    ``m != n`` (or trees of other structures).  Pass ``x0`` shaped like the
+    unknown, e.g. ``solver(matvec, b, x0=torch.zeros(n))``: its structure, shapes
+    and dtypes are the solution's, and ``matvec`` maps a tree shaped like ``x0`` to
+    one shaped like ``b`` (with ``batch_dims``, both share the leading batch shape;
+    a ``.transpose`` attribute maps back).  From ``x0 = 0`` the result is
+    :math:`A^+ b`: the minimum-norm solution of an under-determined system
+    (``m < n``), the least-squares solution of an over-determined one (``m > n``);
+    from another ``x0``, :math:`A^+ b` plus ``x0``'s part in the null space of
+    :math:`A`.  Without ``x0`` the unknown is taken to be shaped like ``b``.
+    Derivatives with respect to ``b`` and to the tensors ``matvec`` captures are
+    those of :math:`A^+ b`, the motion of :math:`A`'s null space included (one
+    more solve where the operator carries derivatives).
+
     Tolerance rule: the *normal* residual is tested, element ``i`` succeeds when
     :math:`\|A_i^\top (b_i - A_i x_i)\| \le \max(\mathrm{tol}\,\|A_i^\top b_i\|,
     \mathrm{atol})` with the ``inner`` solver's ``tol`` and ``atol``.  The status
@@ -60,6 +74,15 @@ class NormalCG(LinearSolver):
         >>> A = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)  # singular
         >>> x, info = NormalCG()(lambda v: A @ v, torch.tensor([1.0, 3.0], dtype=torch.float64))
         >>> torch.allclose(x, torch.ones(2, dtype=torch.float64)), bool(info.converged)  # A^+ b
+        (True, True)
+
+        A rectangular (2 x 3) system: ``x0`` gives the unknown's shape, and the
+        minimum-norm solution is returned:
+
+        >>> A = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+        >>> b = torch.tensor([2.0, 2.0], dtype=torch.float64)
+        >>> x, info = NormalCG()(lambda v: A @ v, b, x0=torch.zeros(3, dtype=torch.float64))
+        >>> torch.allclose(x, torch.linalg.pinv(A) @ b), bool(info.converged)
         (True, True)
 
     References:
@@ -85,8 +108,13 @@ class NormalCG(LinearSolver):
     def _gradient_rule(self):
         return "normal", self.inner
 
+    def _accepts_rectangular(self) -> bool:
+        return True
+
     def _solve(self, matvec, b, x0, flatten):
-        rmatvec, adjoint = transpose_operator(matvec, b)
+        # a rectangular A (x0 of n unknowns, b of m): x0 gives A^T's output space
+        domain = x0 if x0 is not None and x0.shape[-1] != b.shape[-1] else None
+        rmatvec, adjoint = transpose_operator(matvec, b, domain)
 
         def normal(v: torch.Tensor) -> torch.Tensor:
             return rmatvec(matvec(v))
