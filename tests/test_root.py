@@ -287,6 +287,30 @@ def test_captured_tensor_is_named():
         bilevel.custom_root(stationarity(objective), strict=True)(solve)(t)
 
 
+def test_batch_dims_with_an_unbatched_argument_is_named_when_differentiated():
+    X = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.ones(10)
+    objective = lambda w, lam, X: 0.5 * ((X @ w - t) ** 2).sum() + 0.5 * lam * (w ** 2).sum()  # noqa: E731
+
+    @bilevel.custom_root(stationarity(objective), batch_dims=1)
+    def solve(lam, X):
+        X = X if X.dim() == 2 else X[0]
+        return torch.stack([torch.linalg.solve(X.T @ X + s * torch.eye(4), X.T @ t) for s in lam])
+
+    lam = torch.tensor([0.1, 1.0, 10.0], requires_grad=True)
+    with torch.no_grad():
+        solve(lam, X)  # a forward pass alone never vmaps the residual
+    match = r"custom_root\(batch_dims=1\): .* batch shape \(3,\); got argument tensor 1 of shape \(10, 4\)"
+    with pytest.raises(ValueError, match=match):
+        torch.autograd.grad(solve(lam, X).sum(), lam)
+    with pytest.raises(ValueError, match=match):
+        jacfwd(lambda lam_: solve(lam_, X))(lam.detach())
+    (g,) = torch.autograd.grad(solve(lam, X.expand(3, 10, 4)).sum(), lam)  # expanded: fine
+    expected = [torch.func.grad(lambda s: torch.linalg.solve(X.T @ X + s * torch.eye(4), X.T @ t).sum())(s)
+                for s in lam.detach()]
+    torch.testing.assert_close(g, torch.stack(expected))
+
+
 def test_a_set_bound_that_requires_grad_is_reported():
     """A projection's set holds its bounds as constants; one that requires grad got no gradient
     and no warning (the captured-tensor check did not look into dataclass fields)."""

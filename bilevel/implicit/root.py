@@ -334,6 +334,24 @@ def _check_differentiable_output(leaves, tensors, name: str) -> None:
             )
 
 
+def _check_batch_shapes(leaves, tensors, batch_dims: int) -> None:
+    """With ``batch_dims``, every tensor argument carries the solution's leading batch
+    shape (the residual is vmapped over all of them): refuse one that does not, naming
+    it, where a derivative would fail with vmap's size message (a forward pass alone
+    never evaluates the residual, and needs no such shape)."""
+    if not batch_dims or not leaves:
+        return
+    batch = tuple(leaves[0].shape[:batch_dims])
+    bad = [f"argument tensor {i} of shape {tuple(t.shape)}" for i, t in enumerate(tensors)
+           if tuple(t.shape[:batch_dims]) != batch]
+    if bad:
+        raise ValueError(
+            f"custom_root(batch_dims={batch_dims}): every tensor argument must lead with the solution's batch "
+            f"shape {batch}; got {', '.join(bad)}. Expand data shared by the problems to the batch "
+            "(e.g. X.expand(B, *X.shape), a view) or close over it in the residual if it needs no gradient."
+        )
+
+
 def _note_positional_arguments(err: TypeError, n_args: int) -> None:
     """A note for the usual cause of a TypeError when the condition is evaluated."""
     if "positional argument" in str(err) and hasattr(err, "add_note"):
@@ -406,6 +424,7 @@ class _Root(torch.autograd.Function):
             return (None,) * (1 + n_in + n_kw)
         sol_bar = [torch.zeros_like(s) if g is None else g for s, g in zip(sol_leaves, sol_bar)]
         system = call.system(call.sol_spec, len(sol_leaves))
+        _check_batch_shapes(sol_leaves, tensors, system.batch_dims)
         try:
             if _final(sol_bar, saved):
                 grads = _final_grads(system, sol_bar, sol_leaves, tensors, float_pos)
@@ -432,6 +451,7 @@ class _Root(torch.autograd.Function):
         if not float_pos:
             return tuple(torch.zeros_like(s) for s in sol_leaves) + (None,) * n_aux
         system = call.system(call.sol_spec, len(sol_leaves))
+        _check_batch_shapes(sol_leaves, tensors, system.batch_dims)
         sol = tree_unflatten(list(sol_leaves), system.sol_spec)
 
         def of_args(*float_args):
