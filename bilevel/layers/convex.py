@@ -101,7 +101,7 @@ def _fortran_unflat(x: torch.Tensor, shape: tuple) -> torch.Tensor:
 
 
 class ConvexLayer(torch.nn.Module):
-    r"""A DPP CVXPY problem as a layer: parameter tensors in, optimal variable tensors out.
+    r"""A DPP (or DGP, ``gp=True``) CVXPY problem as a layer: parameter tensors in, optimal variable tensors out.
 
     .. math::
 
@@ -118,8 +118,36 @@ class ConvexLayer(torch.nn.Module):
     projected onto by Friberg's and Hien's scalar equations, with exact
     derivatives.
 
+    *Geometric programs* (``gp=True``).  A log-log convex problem (DGP, e.g. a
+    geometric program) in positive variables :math:`x > 0` with positive
+    parameters :math:`\theta > 0`,
+
+    .. math::
+
+        \min_{x > 0} f_0(x; \theta) \quad\text{s.t.}\quad f_i(x; \theta) \le 1,\ \ g_j(x; \theta) = 1
+
+    (:math:`f_i` log-log convex, such as posynomials; :math:`g_j` monomials), is
+    convex in :math:`u = \log x`: with :math:`\varphi = \log \theta` it is
+
+    .. math::
+
+        \min_u \log f_0(e^u; e^\varphi) \quad\text{s.t.}\quad \log f_i(e^u; e^\varphi) \le 0,\ \
+        \log g_j(e^u; e^\varphi) = 0,
+
+    whose canonical cone program (exponential cones for posynomials) has data
+    affine in :math:`\varphi` when the problem is DGP-DPP.  The layer takes
+    :math:`\theta`, computes :math:`\varphi = \log \theta` in torch, solves for
+    :math:`u^\star(\varphi)` as above and returns :math:`x^\star = e^{u^\star}`;
+    autograd composes the chain rule
+    :math:`\partial x^\star / \partial \theta = \operatorname{diag}(x^\star)\,
+    (\partial u^\star / \partial \varphi)\, \operatorname{diag}(1 / \theta)`.
+    A parameter that enters only as an exponent (``x ** p`` becomes
+    :math:`p \log x`) is used as it is, and may have any sign.  This is CVXPY's
+    ``solve(gp=True)`` and cvxpylayers' ``gp=True``.
+
     Args:
-        problem: a ``cvxpy.Problem`` that is DPP (``problem.is_dpp()``).
+        problem: a ``cvxpy.Problem`` that is DPP (``problem.is_dpp()``), or, with
+            ``gp=True``, DGP-DPP (``problem.is_dgp(dpp=True)``).
         parameters: its ``cp.Parameter`` objects, all of them, in the order the
             layer takes their values.
         variables: the ``cp.Variable`` objects whose optimal values the layer
@@ -139,11 +167,18 @@ class ConvexLayer(torch.nn.Module):
             names them and their statuses, and the other elements are
             unaffected.  ``True``: always raise.  ``False``: never raise (NaN
             and the warning).  The failed indices are kept in ``last_failed``.
+        gp: solve a log-log convex (DGP) problem in the logarithms of its
+            variables and parameters (see *Geometric programs* above).  The
+            values of the parameters that the problem takes logarithms of must
+            then be positive (a ``ValueError`` otherwise, naming the batch
+            elements).
 
     Raises:
         ImportError: CVXPY is not installed.
-        ValueError: the problem is not DPP, the parameter list is not the
-            problem's parameters, or a variable is not in the problem.
+        ValueError: the problem is not DCP (or, when it is DGP, without
+            ``gp=True``), not DPP, or with ``gp=True`` not DGP-DPP; the
+            parameter list is not the problem's parameters, or a variable is not
+            in the problem.
         NotImplementedError: a cone outside the list above in the canonical
             form (none that CVXPY emits for Clarabel today); ``method="qp"`` for
             a problem that is not an LP/QP.
@@ -163,6 +198,16 @@ class ConvexLayer(torch.nn.Module):
         >>> bool(torch.allclose(p, torch.softmax(t, -1), atol=1e-9))
         True
         >>> p[:, 0].sum().backward()                                # d softmax_0 / d theta
+
+        A geometric program, ``min x + y`` s.t. ``x y >= a``, solved by
+        :math:`x = y = \sqrt a`:
+
+        >>> x, y, a = cp.Variable(pos=True), cp.Variable(pos=True), cp.Parameter(pos=True)
+        >>> gp_layer = ConvexLayer(cp.Problem(cp.Minimize(x + y), [x * y >= a]), [a], [x, y], gp=True)
+        >>> a_t = torch.tensor([4.0, 9.0], dtype=torch.float64, requires_grad=True)
+        >>> x_t, y_t = gp_layer(a_t)
+        >>> bool(torch.allclose(x_t, a_t.sqrt(), atol=1e-9))
+        True
 
     References:
         Agrawal, A., Amos, B., Barratt, S., Boyd, S., Diamond, S. and Kolter, J. Z.
@@ -185,16 +230,20 @@ class ConvexLayer(torch.nn.Module):
         method: str = "auto",
         solve: LinearSolver | None = None,
         check: bool | None = None,
+        gp: bool = False,
     ):
         super().__init__()
         cp = _import_cvxpy()
-        _check_problem(cp, problem, parameters, variables)
+        if not isinstance(gp, bool):
+            raise TypeError(f"ConvexLayer: `gp` must be True or False; got {gp!r}.")
+        _check_problem(cp, problem, parameters, variables, gp)
         if method not in _METHODS:
             raise ValueError(f"ConvexLayer: `method` must be one of {', '.join(map(repr, _METHODS))}; got {method!r}.")
         if solve is not None and not isinstance(solve, LinearSolver):
             raise TypeError(f"ConvexLayer: `solve` must be a linear solver such as bilevel.implicit.GMRES(); got {solve!r}.")
         self.problem, self.parameters, self.variables = problem, list(parameters), list(variables)
-        data, chain, inverse = _problem_data(cp, problem, self.parameters)
+        self.gp = gp
+        data, chain, inverse = _problem_data(cp, problem, self.parameters, gp)
         prog = data[cp.settings.PARAM_PROB]
         self._chain, self._data = chain, data
         self.cones = _Cones(data["dims"], rows=prog.A.shape[0] // (prog.x.size + 1))
@@ -209,13 +258,34 @@ class ConvexLayer(torch.nn.Module):
         if check is not None and not isinstance(check, bool):
             raise TypeError(f"ConvexLayer: `check` must be None, True or False; got {check!r}.")
         self.solve, self.check = solve, check
-        theta = _parameter_map(chain, prog, self.parameters)  # (P_total + 1, U + 1)
+        sources, start = [], 0  # (cvxpy parameter fed, first column of theta, size)
+        for p in self.parameters:
+            sources.append((p, start, p.size))
+            start += p.size
+        self._logged: list[tuple[int, int, int]] = []  # gp: (index, first column, size) of the parameters taken logs of
+        first = 0  # offset of the start of the variable chain: after Dgp2Dcp for gp
+        if gp:
+            at, dgp = _dgp_reduction(chain)
+            first = at + 1
+            column = start
+            logs = {orig.id: new for orig, new in dgp.canon_methods._parameters.items()}
+            for k, (p, offset, size) in enumerate(list(sources)):
+                if p.id in logs:  # a leaf of a log-log expression: its log is a parameter of the DCP problem
+                    sources.append((logs[p.id], column, size))
+                    self._logged.append((k, offset, size))
+                    column += size
+                # (a parameter may also enter as itself, e.g. as an exponent: x ** p -> p log x)
+            log_vars = {orig.id: new for orig, new in dgp.canon_methods._variables.items()}
+            variables_in = [log_vars.get(v.id) for v in self.variables]
+        else:
+            variables_in = self.variables
+        theta = _parameter_map(chain, prog, sources)  # (P_total + 1, U (+ logged sizes for gp) + 1)
         self.register_buffer("_c_map", _to_torch(_sparse_matmul(prog.q, theta)[: self.n]), persistent=False)
         ab = _sparse_matmul(prog.A, theta)  # rows: [A | b] flattened column-major, cvxpy's sign
         self.register_buffer("_ab_map", _to_torch(ab), persistent=False)
         if self.quadratic:
             self.register_buffer("_p_map", _to_torch(_sparse_matmul(prog.P, theta)), persistent=False)
-        self._outputs = _variable_maps(cp, chain, inverse, prog, self.variables)
+        self._outputs = _variable_maps(cp, chain, inverse, prog, variables_in, self.variables, first)
         self.last_info = None
         self.last_failed: list[int] = []
 
@@ -254,6 +324,8 @@ class ConvexLayer(torch.nn.Module):
                 "parameter values along a leading dimension (shape (B, *parameter.shape)) and call it once."
             )
         theta, B = self._stack(params)
+        if self.gp and B != 0:
+            theta = torch.cat([theta] + [torch.log(theta[:, i: i + n]) for _, i, n in self._logged], -1)
         if B == 0:  # an empty batch (a data loader's last): outputs with 0 rows, in theta's graph
             zero = theta.sum(-1) * 0
             return tuple(zero.reshape((0,) + (1,) * len(var.shape)).expand((0, *var.shape)) for var in self.variables)
@@ -274,6 +346,8 @@ class ConvexLayer(torch.nn.Module):
         self.last_failed = self._failures[0]
         (x,) = settle_failures((x,), *self._failures[:2], B is not None, self.check, self._failures[2])
         outs = tuple(_output(x, how, var.shape) for how, var in zip(self._outputs, self.variables))
+        if self.gp:  # the DCP problem's variables are the logs of the DGP problem's
+            outs = tuple(torch.exp(o) for o in outs)
         return outs if B is not None else tuple(o[0] for o in outs)
 
     def _stack(self, params: tuple) -> tuple[torch.Tensor, int | None]:
@@ -304,6 +378,17 @@ class ConvexLayer(torch.nn.Module):
         for p, t in zip(self.parameters, params):
             if not bool(torch.isfinite(t).all()):
                 raise FloatingPointError(f"ConvexLayer: the value of parameter `{p.name()}` contains NaN or inf.")
+        for k, _, _ in self._logged:
+            p, t = self.parameters[k], params[k]
+            if not bool((t > 0).all()):
+                where = ""
+                if t.dim() > len(p.shape):
+                    bad = (t <= 0).reshape(t.shape[0], -1).any(-1).nonzero().reshape(-1).tolist()
+                    where = f" (batch element(s) {bad[:8]}{' and more' if len(bad) > 8 else ''})"
+                raise ValueError(
+                    f"ConvexLayer(gp=True): the value of parameter `{p.name()}` must be positive{where}: the layer "
+                    f"solves the problem in the logarithms of the parameters; got min {float(t.min()):.3g}."
+                )
         flat = []
         for p, t in zip(self.parameters, params):
             nd = len(p.shape)
@@ -371,7 +456,7 @@ class ConvexLayer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"parameters={[p.name() for p in self.parameters]}, variables={[v.name() for v in self.variables]}, "
-                f"method={self.method!r}, n={self.n}, m={self.m}")
+                f"method={self.method!r}, n={self.n}, m={self.m}" + (", gp=True" if self.gp else ""))
 
 
 _POLISH_MAX = 400
@@ -477,10 +562,28 @@ def _failures(failed: list, statuses: list, B: int | None, detail) -> tuple[list
 # ----------------------------------------------------------------------------- canonicalization helpers
 
 
-def _check_problem(cp, problem, parameters, variables) -> None:
+def _check_problem(cp, problem, parameters, variables, gp=False) -> None:
     if not isinstance(problem, cp.Problem):
         raise TypeError(f"ConvexLayer: `problem` must be a cvxpy.Problem; got {type(problem).__name__}.")
-    if not problem.is_dpp():
+    if gp:
+        _check_dgp(problem)
+    elif not problem.is_dcp():
+        if problem.is_dgp():
+            raise ValueError(
+                "ConvexLayer: the problem is not DCP (disciplined convex programming) but it is DGP "
+                "(log-log convex, e.g. a geometric program): pass gp=True to solve it in the logarithms "
+                "of its variables and parameters (as CVXPY's solve(gp=True) does)."
+                + ("" if problem.is_dgp(dpp=True) else " It is not DGP-DPP either, which gp=True also needs: "
+                   "see https://www.cvxpy.org/tutorial/dpp/.")
+            )
+        raise ValueError(
+            "ConvexLayer: the problem is not DCP (disciplined convex programming): CVXPY cannot prove it "
+            "convex, parameters taken as constants (a layer needs a problem that is DCP, and DPP too). "
+            "Check the curvature of the objective and constraints (`expr.curvature`, e.g. Maximize of a "
+            "convex function, or a product of a parameter of unknown sign with a nonlinear expression: "
+            "declare its sign with cp.Parameter(nonneg=True)); see https://www.cvxpy.org/tutorial/dcp/."
+        )
+    elif not problem.is_dpp():
         raise ValueError(
             "ConvexLayer: the problem is not DPP (disciplined parametrized programming), so its "
             "canonical form is not affine in the parameters. Rewrite it so that parameters enter "
@@ -507,6 +610,36 @@ def _check_problem(cp, problem, parameters, variables) -> None:
             raise ValueError(f"ConvexLayer: variable `{v.name()}` is not a variable of the problem.")
 
 
+def _check_dgp(problem) -> None:
+    if problem.is_dgp(dpp=True):
+        return
+    if problem.is_dgp():
+        raise ValueError(
+            "ConvexLayer(gp=True): the problem is DGP (log-log convex) but not DPP in the DGP sense "
+            "(`problem.is_dgp(dpp=True)` is False), so its log-log canonical form is not affine in the "
+            "logarithms of the parameters. Rewrite it so that parameters enter as coefficients and "
+            "exponents of monomials; see https://www.cvxpy.org/tutorial/dpp/."
+        )
+    hint = " It is DCP: leave gp=False." if problem.is_dcp() else (
+        " Check the log-log curvature of the objective and constraints (`expr.log_log_curvature`) and that "
+        "every variable and parameter that is a leaf of a log-log expression is declared positive "
+        "(cp.Variable(pos=True), cp.Parameter(pos=True)).")
+    raise ValueError(
+        "ConvexLayer(gp=True): the problem is not DGP (disciplined geometric programming: log-log convex, "
+        "`problem.is_dgp()` is False)." + hint + " See https://www.cvxpy.org/tutorial/dgp/."
+    )
+
+
+def _dgp_reduction(chain) -> tuple[int, Any]:
+    """The position and the ``Dgp2Dcp`` reduction of a ``gp=True`` solving chain."""
+    from cvxpy.reductions.dgp2dcp.dgp2dcp import Dgp2Dcp
+
+    for at, red in enumerate(chain.reductions):
+        if isinstance(red, Dgp2Dcp):
+            return at, red
+    raise RuntimeError("ConvexLayer(gp=True): CVXPY's solving chain has no Dgp2Dcp reduction.")  # pragma: no cover
+
+
 def _placeholder(p) -> np.ndarray:
     """A value satisfying the parameter's attributes (canonicalization needs one)."""
     for guess in (np.ones(p.shape), np.zeros(p.shape), -np.ones(p.shape), np.eye(*p.shape) if p.ndim == 2 else None):
@@ -520,32 +653,42 @@ def _placeholder(p) -> np.ndarray:
     return p.project(np.ones(p.shape))
 
 
-def _problem_data(cp, problem, parameters):
+def _problem_data(cp, problem, parameters, gp=False):
     saved = [p.value for p in parameters]
     try:
         for p in parameters:
             if p.value is None:
                 _placeholder(p)
-        return problem.get_problem_data(cp.CLARABEL)
+        return problem.get_problem_data(cp.CLARABEL, gp=gp)
     finally:
         for p, v in zip(parameters, saved):
             if v is None:
                 p.value = None
 
 
-def _parameter_map(chain, prog, parameters) -> np.ndarray:
+def _parameter_map(chain, prog, sources) -> np.ndarray:
     """Dense ``(P_total + 1, U + 1)`` matrix: the canonical parameter vector (with its
-    constant 1 last) from the user's values flattened column-major (with a 1 last)."""
+    constant 1 last) from the values flattened column-major (with a 1 last).
+
+    ``sources`` lists ``(parameter, start, size)``: the values of ``parameter`` are the
+    columns ``start: start + size`` (the user's parameters; for ``gp=True`` also the
+    log-parameters of ``Dgp2Dcp``, fed the logarithms of the user's values)."""
     reduced = {}
     for red in chain.reductions:
         for orig, new in getattr(red, "_parameters", {}).items():
             reduced[orig.id] = (new, orig)
     total = sum(prog.param_id_to_size.values())
-    sizes = [int(np.prod(p.shape, dtype=int)) for p in parameters]
-    M = np.zeros((total + 1, sum(sizes) + 1))
+    U = max((start + size for _, start, size in sources), default=0)
+    M = np.zeros((total + 1, U + 1))
     M[prog.param_id_to_col[-1], -1] = 1.0
-    start = 0
-    for p, size in zip(parameters, sizes):
+    fed = {p.id for p, _, _ in sources} | {reduced[p.id][0].id for p, _, _ in sources if p.id in reduced}
+    unfed = [pid for pid in prog.param_id_to_col if pid != -1 and pid not in fed]
+    if unfed:  # a parameter CVXPY made that the layer cannot compute from the values it is given
+        raise NotImplementedError(
+            f"ConvexLayer: the canonical form has parameters (ids {unfed}) that are not the problem's "
+            "parameters nor known transforms of them; this CVXPY reduction is not supported."
+        )
+    for p, start, size in sources:
         if p.id in prog.param_id_to_col:
             col = prog.param_id_to_col[p.id]
             M[col: col + size, start: start + size] = np.eye(size)
@@ -560,7 +703,6 @@ def _parameter_map(chain, prog, parameters) -> np.ndarray:
                 low = np.asarray(lower_value(orig, np.reshape(e, p.shape, order="F"))).reshape(-1, order="F")
                 M[col: col + low.size, start + j] = low
         # else: the parameter does not reach the canonical data (its column stays zero)
-        start += size
     return M
 
 
@@ -572,31 +714,39 @@ def _to_torch(a: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(a, dtype=torch.float64)
 
 
-def _variable_maps(cp, chain, inverse, prog, variables) -> list:
+def _variable_maps(cp, chain, inverse, prog, variables, named=None, first: int = 0) -> list:
     """For each variable: ``("slice", start, size)`` into the canonical ``x``, or
     ``("matrix", M)`` with ``value = M x`` (variables rewritten by CVXPY, e.g. ``nonneg=True``
-    or ``symmetric=True``), found by inverting the reduction chain on basis vectors."""
+    or ``symmetric=True``), found by inverting the reduction chain on basis vectors.
+
+    The chain is inverted from its end down to ``chain.reductions[first]`` (every reduction
+    there linear); for ``gp=True`` that is the one after ``Dgp2Dcp``, and ``variables`` are
+    its log-variables (``None`` where one is missing; ``named``: the user's, for messages)."""
     out = []
-    for v in variables:
+    for v, user in zip(variables, named or variables):
+        if v is None:
+            raise NotImplementedError(
+                f"ConvexLayer: variable `{user.name()}` cannot be recovered from the canonical form.")
         size = int(np.prod(v.shape, dtype=int))
         if v.id in prog.var_id_to_col and prog.id_to_var[v.id].size == size:
             out.append(("slice", prog.var_id_to_col[v.id], size))
             continue
         n = prog.x.size
-        cols = [_invert_primal(cp, chain, inverse, np.eye(n)[j], v) for j in range(n)]
+        cols = [_invert_primal(cp, chain, inverse, np.eye(n)[j], v, first, user.name()) for j in range(n)]
         out.append(("matrix", torch.as_tensor(np.stack(cols, 1), dtype=torch.float64)))
     return out
 
 
-def _invert_primal(cp, chain, inverse, x: np.ndarray, v) -> np.ndarray:
+def _invert_primal(cp, chain, inverse, x: np.ndarray, v, first: int = 0, name: str | None = None) -> np.ndarray:
     from cvxpy.reductions.solution import Solution
 
     sol = Solution(cp.OPTIMAL, 0.0, {0: x}, {}, {})
-    for red, inv in zip(reversed(chain.reductions[:-1]), reversed(inverse[:-1])):
+    for red, inv in zip(reversed(chain.reductions[first:-1]), reversed(inverse[first:-1])):
         sol = red.invert(sol, inv)
     value = sol.primal_vars.get(v.id)
     if value is None:
-        raise NotImplementedError(f"ConvexLayer: variable `{v.name()}` cannot be recovered from the canonical form.")
+        raise NotImplementedError(
+            f"ConvexLayer: variable `{name or v.name()}` cannot be recovered from the canonical form.")
     return np.reshape(np.asarray(value), -1, order="F")
 
 
