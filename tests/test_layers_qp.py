@@ -465,3 +465,171 @@ def test_layer_under_vmap_gives_nan_rows_for_unsolved_problems_and_no_gradient_t
     with pytest.warns(SolveWarning):
         QPLayer(check=False)(eye.expand(2, 2, 2), q.expand(2, 2), G=G_.expand(2, 4, 2), h=hs).nansum().backward()
     torch.testing.assert_close(g, G_.grad, rtol=1e-10, atol=1e-12)    # finite: the NaN row adds nothing
+
+
+# -- degenerate LPs, LPs with ties, dependent equalities (they ended MAX_ITERATIONS) ---------------
+# The reduced KKT matrix of these problems is (nearly) singular: at a degenerate vertex or with
+# non-unique multipliers its pivots span mu .. 1/mu, with dependent rows of A it is singular, and
+# along an optimal face of an LP it has no curvature left.  Its regularization, scaled to max|M|
+# (~ 1/mu), grew to 1e6..4e9: the Newton steps stopped reducing the residuals.
+
+
+def _cvxpy_qp(Q, q, A, b, G, h):
+    """(optimal value, solution) of one QP by cvxpy (Clarabel), in float64."""
+    cp = pytest.importorskip("cvxpy")
+    Q, q, A, b, G, h = (t.double().numpy() for t in (Q, q, A, b, G, h))
+    x = cp.Variable(q.shape[0])
+    objective = 0.5 * cp.quad_form(x, cp.psd_wrap(Q)) + q @ x
+    problem = cp.Problem(cp.Minimize(objective), [A @ x == b, G @ x <= h])
+    problem.solve(solver=cp.CLARABEL)
+    assert problem.status == "optimal"
+    return problem.value, torch.tensor(x.value)
+
+
+def _check_against_cvxpy(Q, q, A, b, G, h, unique, dtype):
+    """Solve the batch (float64 inputs cast to ``dtype``) with the default tolerance and the
+    default check=True; compare every element with cvxpy: the solution where it is unique, the
+    optimal value and feasibility where it is not.  Then the same problems one at a time."""
+    data = [t.to(dtype) for t in (Q, q, A, b, G, h)]
+    z, info = qp_solve(*data, return_info=True)  # check=True: raises if an element is not solved
+    assert z.dtype == dtype and info.converged.all(), info.status
+    atol = 1e-7 if dtype == torch.float64 else 2e-5
+    for i in range(q.shape[0]):
+        value, x = _cvxpy_qp(*(t[i] for t in (Q, q, A, b, G, h)))
+        zi = z[i].double()
+        Qi, qi, Ai, bi, Gi, hi = (t[i] for t in (Q, q, A, b, G, h))
+        assert abs(float(0.5 * zi @ Qi @ zi + qi @ zi) - value) <= atol * (1 + abs(value))
+        assert all(float(r.max()) <= atol for r in ((Ai @ zi - bi).abs(), Gi @ zi - hi) if r.numel())
+        if unique[i]:
+            torch.testing.assert_close(zi, x, rtol=0, atol=10 * atol)
+        zi_alone = qp_solve(*(t[i] for t in data))  # unbatched: raised SolveError
+        torch.testing.assert_close(zi_alone, z[i], rtol=0, atol=atol)
+    return z
+
+
+def _topk_lps(costs, k):
+    """max c^T x  s.t.  sum(x) = k, 0 <= x <= 1: a batch of top-k LPs."""
+    B, n = costs.shape
+    eye = torch.eye(n, dtype=torch.float64)
+    return (torch.zeros(B, n, n, dtype=torch.float64), -costs, torch.ones(B, 1, n, dtype=torch.float64),
+            torch.full((B, 1), float(k), dtype=torch.float64), torch.cat([-eye, eye]).expand(B, 2 * n, n),
+            torch.cat([torch.zeros(n), torch.ones(n)]).to(torch.float64).expand(B, 2 * n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_degenerate_lp_vertices_are_solved(dtype):
+    """Case 1: a top-k LP's optimal vertex is primal degenerate (x_1 <= 1 active together with
+    sum(x) = 1 and x_j >= 0): MAX_ITERATIONS with a gap of 2e-8 after 9 iterations, although
+    the optimum is unique.  An assignment LP (doubly stochastic, unique optimum) too."""
+    costs = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 5.0, 1.0], [1.0, 4.0, 2.0, 3.0]], dtype=torch.float64)
+    z = _check_against_cvxpy(*_topk_lps(costs, 1), unique=[True] * 3, dtype=dtype)
+    torch.testing.assert_close(z.double(), torch.eye(4, dtype=torch.float64)[[0, 2, 1]], rtol=0, atol=1e-6)
+    _check_against_cvxpy(*_topk_lps(costs, 2), unique=[True] * 3, dtype=dtype)
+    # assignment: min <C, X> over doubly stochastic X, 0 <= X <= 1 (dependent rows, degenerate vertex)
+    k, g = 4, torch.Generator().manual_seed(2)
+    C = torch.randn(3, k * k, generator=g, dtype=torch.float64)
+    rows, cols = torch.kron(torch.eye(k), torch.ones(1, k)), torch.kron(torch.ones(1, k), torch.eye(k))
+    A = torch.cat([rows, cols]).to(torch.float64).expand(3, 2 * k, k * k)
+    eye = torch.eye(k * k, dtype=torch.float64)
+    G, h = torch.cat([-eye, eye]).expand(3, 2 * k * k, k * k), torch.cat([torch.zeros(k * k), torch.ones(k * k)])
+    _check_against_cvxpy(torch.zeros(3, k * k, k * k, dtype=torch.float64), C, A,
+                         torch.ones(3, 2 * k, dtype=torch.float64), G, h.to(torch.float64).expand(3, -1),
+                         unique=[True] * 3, dtype=dtype)
+
+
+def test_gradient_at_a_degenerate_vertex_is_finite_and_that_of_the_locally_constant_solution():
+    """x = e_1 for every cost near c = (3, 1, 0, 0): dz/dc = 0 (the KKT matrix is singular:
+    more active constraints than variables; the degeneracy is reported)."""
+    Q, q, A, b, G, h = (t[0] for t in _topk_lps(torch.tensor([[3.0, 1.0, 0.0, 0.0]], dtype=torch.float64), 1))
+    q = q.clone().requires_grad_()
+    z, info = qp_solve(Q, q, A, b, G, h, return_info=True)
+    with pytest.warns(CurvatureWarning, match="degenerate"):
+        (g,) = torch.autograd.grad((z * torch.arange(1.0, 5.0, dtype=torch.float64)).sum(), q)
+    assert bool(info.degenerate) and float(g.abs().max()) < 1e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lps_with_ties_are_solved_and_their_gradient_is_finite(dtype):
+    """Case 2: LPs whose optimum is not unique (a whole optimal face) ended MAX_ITERATIONS
+    (gap 9e-10); their forward is an optimal point, their backward finite, with the
+    degeneracy reported (the solution map is not differentiable there)."""
+    # min z1 + z2  s.t.  z >= 0, z1 + z2 >= 1 (the segment z1 + z2 = 1), and one with a unique optimum
+    q = torch.tensor([[1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    G = torch.tensor([[-1.0, 0.0], [0.0, -1.0], [-1.0, -1.0]], dtype=torch.float64).expand(2, 3, 2)
+    h = torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64).expand(2, 3)
+    none = torch.zeros(2, 0, 2, dtype=torch.float64), torch.zeros(2, 0, dtype=torch.float64)
+    _check_against_cvxpy(torch.zeros(2, 2, 2, dtype=torch.float64), q, *none, G, h, unique=[False, True], dtype=dtype)
+    # top-1 / top-2 with tied costs, and min c^T x over the simplex with c = (1, 1, 3)
+    costs = torch.tensor([[1.0, 1.0, 0.0, 0.0], [3.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
+    _check_against_cvxpy(*_topk_lps(costs, 1), unique=[False] * 3, dtype=dtype)
+    _check_against_cvxpy(*_topk_lps(costs, 2), unique=[False] * 3, dtype=dtype)
+    c = torch.tensor([[1.0, 1.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    z = qp_solve(torch.zeros(3, 3, dtype=dtype), c.to(dtype), torch.ones(1, 3, dtype=dtype), torch.ones(1, dtype=dtype),
+                 -torch.eye(3, dtype=dtype), torch.zeros(3, dtype=dtype))
+    assert abs(float(z[0, :2].sum()) - 1) < 1e-6 and float(z[0, 2].abs()) < 1e-6
+    # the backward: finite (its tiny multipliers of the inactive bounds gave dz/dc ~ 1e12)
+    with pytest.warns(CurvatureWarning, match="degenerate"):
+        (g,) = torch.autograd.grad((z * torch.tensor([1.0, 2.0, 3.0], dtype=dtype)).sum(), c)
+    assert bool(torch.isfinite(g).all()) and float(g.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dependent_equalities_with_inequalities_are_solved(dtype):
+    """Case 3: linearly dependent but consistent rows of A with inequalities ended MAX_ITERATIONS
+    ([sum x = 1, 2 sum x = 2, x >= 0], duplicate rows), and so did the projection onto the
+    doubly stochastic matrices (row sums and column sums: always dependent)."""
+    y = torch.tensor([[0.3, 0.5, -0.2], [2.0, -1.0, 0.5], [0.1, 0.2, 0.3]], dtype=torch.float64)
+    Q = 2 * torch.eye(3, dtype=torch.float64).expand(3, 3, 3)
+    G, h = -torch.eye(3, dtype=torch.float64).expand(3, 3, 3), torch.zeros(3, 3, dtype=torch.float64)
+    for A, b in [([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]], [1.0, 2.0]), ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], [1.0, 1.0]),
+                 ([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]], [0.6, 0.4, 1.0])]:
+        A, b = torch.tensor(A, dtype=torch.float64).expand(3, -1, -1), torch.tensor(b, dtype=torch.float64).expand(3, -1)
+        _check_against_cvxpy(Q, -2 * y, A, b, G, h, unique=[True] * 3, dtype=dtype)
+    # the Euclidean projection of Y onto the doubly stochastic matrices
+    k, B = 4, 3
+    Y = torch.randn(B, k * k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows, cols = torch.kron(torch.eye(k), torch.ones(1, k)), torch.kron(torch.ones(1, k), torch.eye(k))
+    A = torch.cat([rows, cols]).to(torch.float64).expand(B, 2 * k, k * k)
+    b = torch.ones(B, 2 * k, dtype=torch.float64)
+    Q = 2 * torch.eye(k * k, dtype=torch.float64).expand(B, -1, -1)
+    G, h = -torch.eye(k * k, dtype=torch.float64).expand(B, -1, -1), torch.zeros(B, k * k, dtype=torch.float64)
+    _check_against_cvxpy(Q, -2 * Y, A, b, G, h, unique=[True] * B, dtype=dtype)
+    # the solution is unique (only the multipliers are not): its gradient matches finite differences
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CurvatureWarning)  # dependent rows of A: reported as degenerate
+        q = (-2 * Y[0]).clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda q: qp_solve(Q[0], q, A[0], b[0], G[0], h[0]), (q,), eps=1e-6, atol=1e-6)
+
+
+def test_convex_layer_default_route_solves_ties_and_dependent_equalities():
+    """The same problems through ConvexLayer's default route (the torch QP solver), batched and
+    not: they raised SolveError / returned NaN rows where cvxpy said optimal."""
+    cp = pytest.importorskip("cvxpy")
+    from bilevel.layers import ConvexLayer
+
+    x, c = cp.Variable(3), cp.Parameter(3)
+    simplex = cp.Problem(cp.Minimize(c @ x), [cp.sum(x) == 1, x >= 0])
+    layer = ConvexLayer(simplex, [c], [x])
+    (xo,) = layer(torch.tensor([[1.0, 1.0, 3.0], [1.0, 2.0, 3.0]], dtype=torch.float64))
+    assert layer.method == "qp" and layer.last_failed == []
+    torch.testing.assert_close(xo[:, :2].sum(-1), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-8)
+    assert float(xo[:, 2].abs().max()) < 1e-8 and float(xo[1, 1].abs()) < 1e-8
+    (xo,) = layer(torch.tensor([1.0, 1.0, 3.0], dtype=torch.float32))  # unbatched
+    assert xo.dtype == torch.float32 and abs(float(xo[:2].sum()) - 1) < 1e-6
+    top1 = cp.Problem(cp.Maximize(c @ x), [cp.sum(x) == 1, x >= 0, x <= 1])
+    (xo,) = ConvexLayer(top1, [c], [x])(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(xo, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-8)
+
+    k = 3
+    Y, X = cp.Parameter((k, k)), cp.Variable((k, k))
+    projection = cp.Problem(cp.Minimize(cp.sum_squares(X - Y)), [cp.sum(X, axis=0) == 1, cp.sum(X, axis=1) == 1, X >= 0])
+    values = torch.randn(2, k, k, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    layer = ConvexLayer(projection, [Y], [X])
+    for dtype in (torch.float64, torch.float32):
+        (Xo,) = layer(values.to(dtype))
+        assert layer.method == "qp" and Xo.dtype == dtype
+        for i in range(2):
+            Y.value = values[i].numpy()
+            projection.solve(solver=cp.CLARABEL)
+            torch.testing.assert_close(Xo[i].double(), torch.tensor(X.value), rtol=0,
+                                       atol=1e-6 if dtype == torch.float64 else 1e-5)

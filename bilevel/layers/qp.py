@@ -322,8 +322,27 @@ def _on_host(x: torch.Tensor) -> bool:
 
 
 class _Saddle:
-    """Batched LU of ``[[H, A^T], [A, 0]]``; singular elements get a tiny
-    regularization ``delta (I, -I)`` (``delta = sqrt(eps) max|H|``)."""
+    r"""Batched LU of :math:`M = \begin{pmatrix} H & A^\top \\ A & 0\end{pmatrix}` (the
+    equilibrated QP's reduced KKT matrix, ``H = Q + G^T diag(lambda/s) G``).
+
+    Elements whose factorization is singular or nearly so (a pivot below
+    :math:`(n + p)\,\varepsilon` times the largest) are factorized again, regularized to
+    the quasi-definite :math:`\begin{pmatrix} H + \delta_p I & A^\top \\ A & -\delta_d I
+    \end{pmatrix}`, and their solves take one step of iterative refinement against
+    :math:`M`.  Each shift is sized for the block it protects, in that block's units
+    (the data are equilibrated to unit size): :math:`\delta_d = \sqrt{\varepsilon}` keeps
+    the multipliers of dependent (consistent) rows of ``A`` bounded, and
+    :math:`\delta_p = \sqrt{\varepsilon} + (n + p)\,\varepsilon \max|H|` stays above the
+    rounding error of forming ``H``, whose entries grow like ``1/mu``: along a
+    direction where ``H`` has no curvature left after rounding (the optimal face of an
+    LP with ties) ``H`` is exactly singular otherwise.  Where the true curvature is
+    larger the shifts change a step by a relative :math:`\delta / \text{curvature}`,
+    which the refinement squares; along the (nearly) singular directions the step is
+    the regularized (proximal) one, which stays on the optimal face.  Near the end of
+    every run the pivots of ``M`` span ``mu`` to ``1/mu`` (degenerate vertices,
+    non-unique multipliers): a shift of :math:`\sqrt{\varepsilon} \max|M|` on both
+    blocks, as this class had, grew to 1e6..4e9 there, the steps stopped reducing the
+    residuals, and such problems ended MAX_ITERATIONS."""
 
     def __init__(self, H: torch.Tensor, A: torch.Tensor):
         n, p = H.shape[-1], A.shape[-2]
@@ -334,18 +353,26 @@ class _Saddle:
         diag = self.LU.diagonal(dim1=-2, dim2=-1).abs()
         eps = torch.finfo(M.dtype).eps
         bad = (info > 0) | (diag.amin(-1) <= (n + p) * eps * diag.amax(-1)) | ~torch.isfinite(diag).all(-1)
-        # On an accelerator the second factorization always runs (delta = 0 leaves the regular
-        # elements' matrices, hence their factors, unchanged): cheaper than a host read.
+        self.M = None  # set where some element's solves are refined (those marked in self.bad)
+        # On an accelerator the second factorization always runs (a zero shift leaves the regular
+        # elements' matrices, hence their factors, unchanged, and they are not refined): cheaper
+        # than a host read, and the same numbers as on the CPU.
         if not _on_host(M) or bool(bad.any()):
-            scale = M.abs().amax((-2, -1)).clamp_min(1.0)
-            delta = math.sqrt(eps) * scale * bad.to(M.dtype)
-            sign = torch.cat([torch.ones(n, dtype=M.dtype, device=M.device), -torch.ones(p, dtype=M.dtype, device=M.device)])
-            M = M + torch.diag_embed(delta[:, None] * sign)
-            self.LU, self.piv, _ = torch.linalg.lu_factor_ex(M)
+            delta = math.sqrt(eps)
+            primal = torch.where(bad, delta + (n + p) * eps * H.abs().amax((-2, -1)), 0)
+            dual = torch.where(bad, -delta, 0).to(M.dtype)
+            shift = torch.cat([primal.unsqueeze(-1).expand(primal.shape + (n,)),
+                               dual.unsqueeze(-1).expand(dual.shape + (p,))], -1)
+            self.LU, self.piv, _ = torch.linalg.lu_factor_ex(M + torch.diag_embed(shift))
+            self.M, self.bad = M, bad[:, None, None]
         self.n = n
 
     def solve(self, rz: torch.Tensor, ry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.linalg.lu_solve(self.LU, self.piv, torch.cat([rz, ry], -1).unsqueeze(-1)).squeeze(-1)
+        r = torch.cat([rz, ry], -1).unsqueeze(-1)
+        x = torch.linalg.lu_solve(self.LU, self.piv, r)
+        if self.M is not None:  # one step of iterative refinement against the unshifted M
+            x = torch.where(self.bad, x + torch.linalg.lu_solve(self.LU, self.piv, r - self.M @ x), x)
+        x = x.squeeze(-1)
         return x[..., : self.n], x[..., self.n:]
 
 
@@ -420,20 +447,30 @@ def _newton_step(Q, A, G, z, y, lam, s, residuals):
 
 
 _STALL = 3
-"""Iterations without a better merit after which an element stops: near the solution the
-KKT matrices lose all precision, and further steps make the residuals grow."""
+"""Iterations without progress (a better merit; near a solution, see ``_PROGRESS``) after
+which an element stops: near the solution the KKT matrices lose all precision, and further
+steps make the residuals grow."""
+_PROGRESS = 0.5
+"""Near a solution (best merit below ``sqrt(tol)``) an iteration is progress, and resets the
+stall count, where it lowers the merit by this factor (within ``_STALL`` iterations: a linear
+rate of 0.79 or better); interior-point iterations there gain far more.  Where the KKT solves
+reached their precision floor (a few ``tol``), the merit drifts by small factors from one
+iteration to the next, and counting every slightly lower value as progress kept such elements,
+and with them the batch, running for several more iterations."""
 _STALL_FAR = 30
 """The same while the best merit is above ``sqrt(tol)``: the merit of the first iterations
 can grow before it falls (a bound far from the start)."""
 
 
-def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
+def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int, accept: float | None = None):
     """Mehrotra predictor-corrector on a batch; returns ``(z, y, lam, s, QPInfo)`` at each
     element's best iterate (smallest merit).  An element stops at ``merit <= tol``; one that
-    stalls is SOLVED if its best merit is within ``100 tol``, else classified.  The loop asks
+    stalls (no progress in ``_STALL`` iterations, ``_STALL_FAR`` far from a solution) is
+    SOLVED if its best merit is within ``accept`` (default ``100 tol``), else classified.  The loop asks
     the host whether any element is still running every iteration on the CPU and every 8 on
     accelerators (``_sync_every``), where it makes no other host read."""
     B, device = q.shape[0], q.device
+    accept = 100 * tol if accept is None else accept
     original = (Q, q, A, b, G, h)
     (Q, q, A, b, G, h), factors = _equilibrate(Q, q, A, b, G, h)
     state = _start(Q, q, A, b, G, h)
@@ -442,6 +479,7 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
     status = torch.full((B,), int(QPStatus.MAX_ITERATIONS), dtype=torch.int64, device=device)
     iterations = torch.zeros(B, dtype=torch.int64, device=device)
     stall = torch.zeros(B, dtype=torch.int64, device=device)
+    last = torch.full((B,), math.inf, dtype=q.dtype, device=device)  # merit at the last progress
     active = torch.ones(B, dtype=torch.bool, device=device)
     huge = (1 + torch.stack([_inf_norm(x.reshape(B, -1)) for x in (Q, q, A, b, G, h)]).amax(0)) / torch.finfo(q.dtype).eps
     # Finished elements are frozen (every update is masked by `active`), so looking for the end
@@ -452,12 +490,16 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
         better = active & (merit < best_merit)
         best = [torch.where(better.unsqueeze(-1), new, old) for new, old in zip(state, best)]
         best_merit = torch.where(better, merit, best_merit)
-        stall = torch.where(better, 0, stall + 1)
         done = active & (merit <= tol)
         # far from a solution the merit may rise for a while before it falls (a bound far from
         # the start), so only near one does a short stall stop an element; an infeasible or
         # unbounded element stops as soon as its iterate carries the certificate
         far = best_merit > tol ** 0.5
+        # near one, only a merit below _PROGRESS times that of the last progress counts as
+        # progress: at the precision floor of the KKT solves the merit drifts by small factors
+        progress = better & (far | (merit <= _PROGRESS * last))
+        last = torch.where(progress, merit, last)
+        stall = torch.where(progress, 0, stall + 1)
         # only elements whose merit stalled can be infeasible or unbounded: on the host, skip
         # the certificates while none did (well-posed batches then cost what they did)
         suspects = active & ~done & far & (stall >= 1)
@@ -469,7 +511,7 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int):
         status = torch.where(proven & farkas, int(QPStatus.INFEASIBLE), status)
         status = torch.where(proven & ~farkas, int(QPStatus.UNBOUNDED), status)
         stalled = active & ~done & ~proven & (stall >= torch.where(far, _STALL_FAR, _STALL))
-        status = torch.where(done | (stalled & (best_merit <= 100 * tol)), int(QPStatus.SOLVED), status)
+        status = torch.where(done | (stalled & (best_merit <= accept)), int(QPStatus.SOLVED), status)
         active = active & ~done & ~stalled & ~proven
         if k == maxiter or ((k + 1) % sync == 0 and not bool(active.any())):
             break
@@ -585,6 +627,7 @@ class _Options:
     check: bool
     batched: bool
     stage: str
+    accept: float | None = None  # the best merit at which a stalled element is SOLVED (None: 100 tol)
     info: QPInfo | None = None
     reports: list = field(default_factory=list)  # the QPInfo objects handed out, updated by backward
 
@@ -631,7 +674,7 @@ class _QPFunction(torch.autograd.Function):
     @staticmethod
     def forward(options: _Options, Q, q, A, b, G, h):
         with torch.no_grad():
-            z, y, lam, _, info = _interior_point(Q, q, A, b, G, h, options.tol, options.maxiter)
+            z, y, lam, _, info = _interior_point(Q, q, A, b, G, h, options.tol, options.maxiter, options.accept)
         options.info = info
         options.reports.append(info)
         if options.check:
@@ -785,26 +828,32 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
     B, n = z.shape
     p, m = A.shape[-2], G.shape[-2]
     zeros = lambda *s: torch.zeros((B,) + s, dtype=z.dtype, device=z.device)
+    eps = torch.finfo(z.dtype).eps
+    slack = h - _mv(G, z)
+    small = eps ** 0.25
+    # per row, in the row's own units (slack / ||G_i|| against 1 + |h_i| / ||G_i||): a distant
+    # bound elsewhere, or a row's scaling, does not change whether it is active
+    active = slack <= small * (_inf_norm_rows(G) + h.abs())
+    # K at the exact solution, where complementarity makes the multiplier of an inactive
+    # constraint 0 (the iterate's is of the order of gap / slack).  Kept, those tiny
+    # multipliers hid a singular K behind a pivot of their size: where the optimum is not
+    # unique (an LP with ties: Q = 0 along the optimal face) the adjoint came out ~1e12
+    # instead of being detected as degenerate below.
+    lam_k = torch.where(active, lam, 0)
     K = torch.cat([
         torch.cat([Q, A.mT, G.mT], -1),
         torch.cat([A, zeros(p, p), zeros(p, m)], -1),
-        torch.cat([lam.unsqueeze(-1) * G, zeros(m, p), torch.diag_embed(_mv(G, z) - h)], -1),
+        torch.cat([lam_k.unsqueeze(-1) * G, zeros(m, p), torch.diag_embed(-slack)], -1),
     ], -2)
     rhs = torch.cat(bars, -1).movedim(0, -1)  # (B, N, C)
     LU, piv, info = torch.linalg.lu_factor_ex(K)
     diag = LU.diagonal(dim1=-2, dim2=-1).abs()
-    eps = torch.finfo(K.dtype).eps
     singular = ((info > 0) | (diag.amin(-1) <= K.shape[-1] * eps * diag.amax(-1))) & ~failed
     u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True)
     used = (rhs != 0).any(-2, keepdim=True)  # per element and right-hand side
     failed_ = failed[:, None, None]
     u = torch.where(failed_, torch.where(used, math.nan, 0.0).to(u.dtype), u)
     # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
-    slack = h - _mv(G, z)
-    small = eps ** 0.25
-    # per row, in the row's own units (slack / ||G_i|| against 1 + |h_i| / ||G_i||): a distant
-    # bound elsewhere, or a row's scaling, does not change whether it is active
-    active = slack <= small * (_inf_norm_rows(G) + h.abs())
     weak = (lam <= small * (1 + _inf_norm(lam)).unsqueeze(-1)) & active
     degenerate = (singular | (weak.any(-1) if m else torch.zeros_like(singular)) | _dependent(A, G, active)) & ~failed
     # one host read for the three decisions (the singular elements' u is replaced, then checked, below)
@@ -895,7 +944,9 @@ def qp_solve(
             ``None``: ``eps ** 0.75`` of the working dtype (inputs in float32 or
             lower precision are solved in float64, whose ill-conditioned final
             KKT systems they cannot resolve; the solution is returned in the
-            input dtype).
+            input dtype, and an element whose iterates stall within the input
+            dtype's rounding error, e.g. dependent equality rows that are consistent
+            only up to it, counts as solved).
         maxiter: interior-point iterations (default 100; 10 to 30 are typical).
         check: raise :class:`SolveError` if an element is not solved (default);
             ``False`` returns its last iterate, with its status in the info.
@@ -959,6 +1010,12 @@ def _solve(B: int | None, tensors: tuple, tol: float | None, maxiter: int, check
     tensors = (0.5 * (Qf + Qf.mT),) + tensors[1:]
     options = _Options(_default_tol(work) if tol is None else float(tol), maxiter, check, B is not None,
                        "qp_solve")
+    if tol is None and work != q.dtype:
+        # data given in a lower precision are known to its rounding error only: dependent
+        # equality rows, consistent in exact arithmetic, are inconsistent by ~eps of that
+        # dtype (b = (0.6, 0.4, 1) for z1 + z2, z3, z1 + z2 + z3 in float32), where the
+        # float64 tolerance cannot be met; a stall within that error is a solution
+        options.accept = max(100 * options.tol, float(torch.finfo(q.dtype).eps))
     z, _, _, element = _QPFunction.apply(options, *tensors)
     z = z.to(q.dtype)
     info = options.info
