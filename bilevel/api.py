@@ -23,6 +23,7 @@ or a ``callback``, which need each step's values, it reads every step.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -165,7 +166,7 @@ def _algorithm(method: Union[str, Algorithm], options: dict) -> Algorithm:
 
 
 def _check_options(cls: type, options: dict, name: str) -> None:
-    fields = set(cls.__dataclass_fields__)
+    fields = {f.name for f in dataclasses.fields(cls)}  # ClassVars (field_rules, ...) are no options
     unknown = sorted(set(options) - fields)
     if unknown:
         raise TypeError(f"method {name} does not take option(s) {unknown}; its options are {sorted(fields)}.")
@@ -288,7 +289,9 @@ def solve(
         lr: outer learning rate (default ``1e-2``); an optimizer given as an
             instance or a factory keeps its own.
         max_steps: outer steps (default 1000).
-        tol: stop when the hypergradient norm is at most ``tol``.
+        tol: stop when the hypergradient norm is at most ``tol`` (for the
+            single-loop methods, whose estimate lags behind their auxiliary
+            variables, on 10 consecutive steps).
         max_time: stop after this many seconds.
         data: an iterable of mini-batches passed as the third argument of the
             objectives; re-iterable data (lists, DataLoaders) is cycled.  One
@@ -361,6 +364,8 @@ def solve(
     # Records are read from the device every `every` steps (one host read for all of them), or
     # every step where the stopping rule or the callback needs each step's values.
     every = 1 if tol is not None or callback is not None else _sync_every(tree_leaves(state.x)[0])
+    # single-loop estimates lag behind their auxiliary variables: tol holds over a few steps
+    patience, below = getattr(algorithm, "tol_patience", 1), 0
     pending: list = []
     drawn: deque = deque(maxlen=_REDRAW)  # (step, batch) of the recent steps, to serve again after a back-off
     start = time.perf_counter()
@@ -387,8 +392,11 @@ def solve(
                     state = _settle(algorithm, problem, state, batch, pending, caught)
                     _account_batches(batches, drawn, state, info)
                     record = _flush(pending, history, bar)
-                    if tol is not None and record["hypergradient_norm"] <= tol:
-                        converged, message = True, f"hypergradient norm {record['hypergradient_norm']:.3g} <= tol={tol}"
+                    below = below + 1 if tol is not None and record["hypergradient_norm"] <= tol else 0
+                    if below >= patience:
+                        converged = True
+                        message = f"hypergradient norm {record['hypergradient_norm']:.3g} <= tol={tol}" + (
+                            f" on {patience} consecutive steps" if patience > 1 else "")
                         break
                     if callback is not None and callback(state, record):
                         message = "stopped by the callback"

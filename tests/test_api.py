@@ -465,3 +465,27 @@ def test_resuming_twice_from_one_checkpoint_gives_the_same_run():
 def test_implicit_warm_start_must_be_a_bool():
     with pytest.raises(TypeError, match="warm_start"):
         Implicit(warm_start="no")
+
+
+@pytest.mark.parametrize("method", ["meha", "bamm", "soba", "penalty", "bda"])
+def test_tol_does_not_stop_a_single_loop_method_on_its_first_lagging_estimate(method):
+    """On an outer objective of y only, grad_x F(x0, y0) = 0: the single-loop estimates of the
+    first step (theta, v, z at their start) vanished, and tol stopped meha / bamm / soba after one
+    step with converged=True at x0.  tol now holds over consecutive steps, at the solution."""
+    outer = lambda x, y: 0.5 * ((y - 1) ** 2).sum()  # noqa: E731
+    inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()  # noqa: E731  (y*(x) = x, so x* = 1)
+    zeros = torch.zeros(3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = bilevel.solve(outer, inner, zeros, zeros, method=method, tol=1e-6, max_steps=5000, progress=False)
+    assert r.converged and r.state.iteration >= 10
+    torch.testing.assert_close(r.x, torch.ones(3, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert all(h <= 1e-6 for h in r.history["hypergradient_norm"][-10:])
+
+
+def test_class_settings_are_not_options():
+    for name in ("field_rules", "tol_patience"):
+        with pytest.raises(TypeError, match=rf"does not take option\(s\) \['{name}'\]"):
+            bilevel.solve(quadratic(), method="meha", max_steps=1, progress=False, **{name: 1})
+    with pytest.raises(TypeError, match=r"its options are \[(?!.*field_rules)"):
+        bilevel.solve(quadratic(), method="meha", max_steps=1, progress=False, stepz=1)

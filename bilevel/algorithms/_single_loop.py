@@ -348,6 +348,12 @@ class SingleLoop(Algorithm):
     rescale_every: int = 25
     backoffs: int = 3
 
+    tol_patience: ClassVar[int] = 10
+    """Consecutive steps on which :func:`bilevel.solve`'s ``tol`` must hold: the
+    estimate of a step uses auxiliary variables (:math:`\theta`, :math:`v`,
+    :math:`z`) that lag behind, and it vanishes at the first step wherever
+    :math:`\nabla_x F(x_0, y_0) = 0` (e.g. an outer objective of ``y`` only)."""
+
     field_rules: ClassVar[dict] = {
         "curvature_iterations": (lambda v: v >= 1, "a positive int"),
         "warmup": (lambda v: v >= 0, "a non-negative int"),
