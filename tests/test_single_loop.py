@@ -384,3 +384,24 @@ def test_soba_lagging_v_in_an_improving_run_warns_without_backing_off():
     assert "lower `lr`" in messages[0] and "singular or nearly so" in messages[0]
     F_star = float(outer(x_star, B @ x_star + c))
     assert abs(float(outer(result.x, result.y)) - F_star) < 1e-3 * F_star
+
+
+@pytest.mark.parametrize("method", ["meha", "bamm", "soba", "penalty", "bda"])
+def test_a_lower_level_that_ignores_x(method):
+    """f(x, y) = |y - 2|^2 / 2 has no x: its x-gradient is zero, and MEHA (and LV-HBA, below)
+    stopped with autograd's 'element 0 of tensors does not require grad'.  x* = y* = 2 e."""
+    D = torch.float64
+    outer = lambda x, y: 0.5 * ((x - y) ** 2).sum()  # noqa: E731
+    inner = lambda x, y: 0.5 * ((y - 2) ** 2).sum()  # noqa: E731
+    r = bilevel.solve(outer, inner, torch.zeros(3, dtype=D), torch.zeros(3, dtype=D), method=method,
+                      max_steps=2000, progress=False)
+    torch.testing.assert_close(r.x, torch.full((3,), 2.0, dtype=D), atol=1e-3, rtol=0)
+
+
+def test_lvhba_with_a_constraint_of_y_only():
+    """A cap y <= 1.5 on problem L's objectives: y* = 1.5 e, x* = 0 (the constraint has no x)."""
+    p = coupled_constraint()
+    r = bilevel.solve(p.outer, p.inner, p.x0, p.y0, method="lvhba", constraints=lambda x, y: y - 1.5,
+                      max_steps=2000, progress=False)
+    torch.testing.assert_close(r.y, torch.full_like(r.y, 1.5), atol=1e-4, rtol=0)
+    assert float(r.x.abs().max()) < 1e-4

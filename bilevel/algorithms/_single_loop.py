@@ -62,8 +62,7 @@ def value_and_grads(fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y
             raise ValueError(f"objectives must return a scalar tensor; got {type(value).__name__} "
                              f"of shape {tuple(getattr(value, 'shape', ()))}.")
         inputs = (xs if "x" in wrt else []) + (ys if "y" in wrt else [])
-        grads = torch.autograd.grad(value.reshape(()), inputs, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+        grads = autograd_grads(value.reshape(()), inputs)
     gx = grads[: len(xs)] if "x" in wrt else None
     gy = grads[len(xs) if "x" in wrt else 0:] if "y" in wrt else None
     return value.detach().reshape(()), gx, gy
