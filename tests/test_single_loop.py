@@ -405,3 +405,15 @@ def test_lvhba_with_a_constraint_of_y_only():
                       max_steps=2000, progress=False)
     torch.testing.assert_close(r.y, torch.full_like(r.y, 1.5), atol=1e-4, rtol=0)
     assert float(r.x.abs().max()) < 1e-4
+
+
+def test_lvhba_refuses_outer_optimizers_that_are_not_plain_steps():
+    """Adam on x with plain steps on y, then a joint projection onto C, has other fixed points:
+    on problem L it ended at x = 1.0 e (x* = 0.5 e) with F = 5.04 (F* = 2.5) and no warning."""
+    p = coupled_constraint()
+    for optimizer in ("adam", lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.5)):
+        with pytest.raises(ValueError, match=r"LVHBA: `outer_optimizer` must take plain gradient steps"):
+            bilevel.solve(p, method="lvhba", outer_optimizer=optimizer, max_steps=5, progress=False)
+    by_name = bilevel.solve(p, method="lvhba", outer_optimizer="sgd", max_steps=300, progress=False)
+    by_class = bilevel.solve(p, method="lvhba", outer_optimizer=torch.optim.SGD, max_steps=300, progress=False)
+    torch.testing.assert_close(by_class.x, by_name.x, rtol=1e-12, atol=1e-12)

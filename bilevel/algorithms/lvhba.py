@@ -65,7 +65,10 @@ class LVHBA(SingleLoop):
     :math:`\eta \approx 0.1`, :math:`\alpha = \beta \approx 0.05`.
 
     The arguments from ``outer_optimizer`` on are those of every single-loop
-    method; :doc:`/guide` ("Single-loop and aggregation methods") explains the
+    method, but ``outer_optimizer`` must take plain gradient steps (``"sgd"``):
+    the :math:`(x, y)` step is projected onto :math:`C` as a pair, and another
+    rule for :math:`x` (Adam's preconditioner, momentum) moves the fixed points
+    away from the KKT points, so it is refused; :doc:`/guide` ("Single-loop and aggregation methods") explains the
     warm-up, the curvature re-estimates and the back-offs.  Here the warm-up and
     the re-estimates are off by default: lower-level steps that ignore the
     constraints :math:`g` would leave :math:`C`, and the derived steps are kept
@@ -116,6 +119,21 @@ class LVHBA(SingleLoop):
                 raise ValueError(f"LVHBA: `{name}` must be positive or None; got {value!r}.")
         if not self.c > 0 or not 0 <= self.p < 1 or not self.r > 0:
             raise ValueError(f"LVHBA: need c > 0, 0 <= p < 1, r > 0; got c={self.c}, p={self.p}, r={self.r}.")
+
+    def init(self, problem, x0=None, y0=None) -> State:
+        state = super().init(problem, x0, y0)
+        optimizer = state.optimizer
+        plain = type(optimizer) is torch.optim.SGD and all(
+            not group.get("momentum") and not group.get("weight_decay") and not group.get("maximize")
+            for group in optimizer.param_groups)
+        if not plain:
+            raise ValueError(
+                f"LVHBA: `outer_optimizer` must take plain gradient steps ('sgd', or torch.optim.SGD without "
+                f"momentum or weight decay); got {self.outer_optimizer!r} ({type(optimizer).__name__}). The "
+                "(x, y) step is projected onto C = {g(x, y) <= 0} as a pair: with another rule for x than for y "
+                "(a preconditioner, momentum), the iteration's fixed points are no longer the problem's KKT "
+                "points (Adam ends at twice x* on problem L, without a warning).")
+        return state
 
     def setup(self, problem, state: State) -> dict:
         if problem.constraints is None:
