@@ -391,3 +391,19 @@ def test_lvhba_without_re_estimates_still_catches_a_slow_divergence():
     assert messages and "LVHBA: the iterates diverged slowly" in messages[0], messages
     assert result.state.extras["backoffs_taken"] == 1
     assert relative_error(problem, result.x) < 1e-4  # 2e-5 after 600 steps, 4e-15 after 2000
+
+
+def test_a_nan_gradient_at_finite_points_is_told_apart_from_an_overflow():
+    """The gradient of `outer` is NaN once x[0] >= 0.5 (torch.where's NaN branch) while its value is
+    finite: the back-offs cannot cure it, and the final error said only 'lower the step sizes'."""
+    inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()  # noqa: E731
+
+    def outer(x, y):
+        trap = torch.where(x[0] >= 0.5, torch.zeros((), dtype=x.dtype), 0.0 * torch.sqrt(0.5 - x[0]))
+        return 0.5 * ((y - 1) ** 2).sum() + trap
+
+    zeros = torch.zeros(2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(FloatingPointError, match=r"turned NaN from a modest size, without overflowing"):
+            bilevel.solve(outer, inner, zeros, zeros, method="penalty", max_steps=3000, progress=False)

@@ -547,10 +547,13 @@ class SingleLoop(Algorithm):
         count = len(checks)
         numbers = host_floats([c[1] for c in checks] + [c[2] for c in checks] + [c[3] for c in checks])
         window = ex.setdefault(_DX_WINDOW, [])
+        previous = ex.get(_SIZE_LAST, (None, None))[1]
         for (step, *_, outer_then), size, dx, value in zip(
                 checks, numbers[:count], numbers[count:2 * count], numbers[2 * count:]):
             if not math.isfinite(size) or size > _BLOW_UP * scale:
-                self._diverged(state, step, size, scale, cause)
+                # NaN straight from a modest size: no overflow, a NaN that the functions returned
+                sudden = math.isnan(size) and previous is not None and previous <= _FAR_OUT * scale
+                self._diverged(state, step, size, scale, cause, sudden_nan=sudden)
                 with torch.no_grad():  # went back to a saved state: report where it stands
                     value = report_value(outer_then(state.x, state.y))  # on the failed step's batch
                 if not math.isfinite(size) and not all(host_floats([torch.isfinite(value)])):
@@ -565,6 +568,7 @@ class SingleLoop(Algorithm):
             if measuring:
                 ex[_SIZE_MAX] = max(ex.get(_SIZE_MAX, 0.0), size)
             window.append((dx, size, value))
+            previous = size
         ex[_SIZE_LAST] = (step, size)
         return False
 
@@ -654,9 +658,10 @@ class SingleLoop(Algorithm):
         return 10.0, {}, self._backoff_scope
 
     def _diverged(self, state: State, failed: int, size: float, scale: float, cause,
-                  what: Optional[str] = None, slow: bool = False) -> None:
+                  what: Optional[str] = None, slow: bool = False, sudden_nan: bool = False) -> None:
         """Go back to a saved state (warning), or raise after the last back-off.  ``what``
-        describes the divergence (default: the blow-up of ``size`` at step ``failed``)."""
+        describes the divergence (default: the blow-up of ``size`` at step ``failed``);
+        ``sudden_nan``: the iterates turned NaN from a modest size (no overflow)."""
         used = state.extras.get("x_step", float("nan")) * state.extras.get("x_step_scale", 1.0)
         norm = f"|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g}"
         start = state.extras.get("start_size", 0.0)
@@ -678,6 +683,10 @@ class SingleLoop(Algorithm):
             + (f", after {taken} back-off(s) that divided it by {1 / state.extras['x_step_scale']:g} in all"
                if taken else "")
             + "; lower the step sizes (`lr`, and the method's inner step settings)."
+            + (" The iterates turned NaN from a modest size, without overflowing: if smaller steps do not "
+               "help, an objective (or constraint) or its gradient is NaN at finite points near there, e.g. "
+               "torch.where with a NaN branch, or sqrt / log at 0; check them at the last finite iterate."
+               if sudden_nan else "")
         )
         if cause is not None:  # the error a blown-up iterate caused in a later step
             raise error from cause
