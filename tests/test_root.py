@@ -287,6 +287,25 @@ def test_captured_tensor_is_named():
         bilevel.custom_root(stationarity(objective), strict=True)(solve)(t)
 
 
+def test_a_warm_start_from_an_earlier_output_does_not_link_the_graphs():
+    """Keyword tensors go through the autograd.Function (for vmap); one that still carried the
+    previous call's graph made the second backward fail ('backward through the graph a second time')."""
+    objective = lambda z, theta: 0.5 * ((z - 2 * theta) ** 2).sum()  # noqa: E731  (z* = 2 theta)
+
+    @bilevel.custom_root(stationarity(objective))
+    def solve(theta, init=None):
+        return 2 * theta
+
+    theta = torch.ones(3, requires_grad=True)
+    z1 = solve(theta, init=torch.zeros(3))
+    z1.sum().backward()
+    with pytest.warns(CapturedTensorWarning, match="`init`"):
+        z2 = solve(theta, init=z1)  # not detached
+    theta.grad = None
+    z2.sum().backward()
+    torch.testing.assert_close(theta.grad, torch.full((3,), 2.0))
+
+
 def test_batch_dims_with_an_unbatched_argument_is_named_when_differentiated():
     X = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
     t = torch.ones(10)

@@ -5,8 +5,9 @@ Such tensors get no implicit gradient (the implicit function theorem only
 differentiates with respect to the arguments), which several libraries let pass
 silently.  The check is static and cheap: it inspects the closure cells, the
 globals the code names, ``functools.partial`` arguments, bound ``nn.Module``
-instances and the fields of dataclass instances (a projection's set, such as
-``Box(lower, upper)``), a few levels deep, without calling anything.
+instances and the fields of a projection's set (such as ``Box(lower, upper)``),
+a few levels deep, without calling anything.  A tensor that is also passed as an
+argument is not reported.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _children(fn: Callable) -> Iterator[tuple[str, Any]]:
     if isinstance(fn, torch.nn.Module):
         yield "module", fn
         return
-    if dataclasses.is_dataclass(fn) and not isinstance(fn, type):  # e.g. a projection's set, Box(lo, hi)
+    if _is_set(fn):  # a projection's set, e.g. Box(lo, hi): its fields are constants of the condition
         for field in dataclasses.fields(fn):
             yield f"{type(fn).__name__}.{field.name}", getattr(fn, field.name, None)
         return
@@ -92,8 +93,15 @@ def _calls_functional_call(fn: Callable, depth: int = 0, seen: set | None = None
     )
 
 
-def find_captured(fn: Callable, depth: int = 0, seen: set | None = None) -> list[str]:
-    """Names of tensors / modules requiring grad that ``fn`` captures."""
+def _is_set(obj: Any) -> bool:
+    from .projections import ConvexSet  # a sibling module, imported late (it is large)
+
+    return isinstance(obj, ConvexSet) and dataclasses.is_dataclass(obj)
+
+
+def find_captured(fn: Callable, depth: int = 0, seen: set | None = None, passed: frozenset = frozenset()) -> list[str]:
+    """Names of tensors / modules requiring grad that ``fn`` captures (those whose ids
+    are in ``passed``, also given as arguments, excepted)."""
     seen = set() if seen is None else seen
     if id(fn) in seen or depth > _MAX_DEPTH:
         return []
@@ -101,16 +109,15 @@ def find_captured(fn: Callable, depth: int = 0, seen: set | None = None) -> list
     found = []
     architecture_only = _substitutes_parameters(fn)
     for name, obj in _children(fn):
-        if isinstance(obj, torch.nn.Module) and architecture_only:
+        if (isinstance(obj, torch.nn.Module) and architecture_only) or id(obj) in passed:
             continue
         if _requires_grad(obj):
             shape = f" of shape {tuple(obj.shape)}" if torch.is_tensor(obj) else " (nn.Module)"
             found.append(f"'{name}'{shape}")
-        elif (callable(obj) or dataclasses.is_dataclass(obj)) and not isinstance(obj, type) \
-                and not inspect.isbuiltin(obj):
+        elif (callable(obj) or _is_set(obj)) and not isinstance(obj, type) and not inspect.isbuiltin(obj):
             if getattr(obj, "__module__", "") and str(obj.__module__).startswith("torch"):
                 continue
-            found.extend(find_captured(obj, depth + 1, seen))
+            found.extend(find_captured(obj, depth + 1, seen, passed))
     return found
 
 
@@ -118,7 +125,7 @@ def check_captured(residual: Callable, args: tuple, *, strict: bool, stage: str)
     """Warn (or raise in strict mode) about captured tensors and modules requiring grad."""
     if not torch.is_grad_enabled():
         return
-    found = find_captured(residual)
+    found = find_captured(residual, passed=frozenset(id(t) for t in tree_leaves(args) if torch.is_tensor(t)))
     modules = [
         f"argument leaf {i} (nn.Module)"
         for i, leaf in enumerate(tree_leaves(args))

@@ -611,6 +611,9 @@ def custom_root(
             check_keywords(kwargs, strict=strict, stage="custom_root")
             tensors, rebuild = split_leaves(args, torch.is_tensor)
             kw_tensors, rebuild_kwargs = split_leaves(kwargs, torch.is_tensor)
+            # the solver's own inputs, never differentiated: detached, so that a warm start taken
+            # from an earlier output does not link this graph to one already freed
+            kw_tensors = [t.detach() for t in kw_tensors]
             options = _Options(strict, residual_tol, lambda info: setattr(wrapped, "last_info", info))
 
             def system(sol_spec, n_sol):
