@@ -332,20 +332,35 @@ def _solve_each(solver: Solver, f: Callable, condition: Callable, init: TensorTr
     """A batch for a solver of one problem: one run on the summed objective, then
     each element held to the solver's tolerance rule on its own residual, and the
     elements that miss it solved again alone.  ``args`` and ``init`` have every
-    tensor leaf batched (leading ``B``)."""
+    tensor leaf batched (leading ``B``).
+
+    The joint run's tolerance is tightened so that passing it implies every
+    element's own test where the elements' scales are alike: its threshold is
+    ``tol * max(1, ||G_0||)`` for the whole batch's residual :math:`G`, about
+    :math:`\sqrt B` times an element's ``tol * max(1, ||g_{0,b}||)``.  A residual
+    that cannot be vmapped (a data-dependent condition) keeps the joint run alone."""
     name = getattr(solver, "name", type(solver).__name__)
     per_problem = vmap(f)
+    joint_objective = lambda z, *a: per_problem(z, *a).sum()  # noqa: E731
     norms = vmap(lambda z, *a: _tree_norm(condition(z, *a)))
     leaves, spec = tree_flatten(init)
     B = leaves[0].shape[0]
     tol = getattr(solver, "tol", None)
     tol = default_tol(leaves[0].dtype) if tol is None else float(tol)
-    tolerance = tol * norms(init, *args).clamp_min(1.0)
+    try:
+        start = norms(init, *args)
+    except RuntimeError:  # e.g. a residual that reads values (.item()): judged as one problem
+        return solver.run(joint_objective, init, *args)
+    tolerance = tol * start.clamp_min(1.0)
+    joint_solver = solver
+    if "tol" in {field.name for field in dataclasses.fields(solver)}:
+        scale = float(start.clamp_min(1.0).min()) / max(1.0, float(torch.linalg.vector_norm(start)))
+        joint_solver = dataclasses.replace(solver, tol=tol * max(scale, B ** -0.5))
     iterations = torch.zeros(B, dtype=torch.int64, device=leaves[0].device)
     with warnings.catch_warnings():  # the joint run's failure is judged per element below
         warnings.simplefilter("ignore", ConvergenceWarning)
         try:
-            sol, joint = solver.run(lambda z, *a: per_problem(z, *a).sum(), init, *args)
+            sol, joint = joint_solver.run(joint_objective, init, *args)
         except FloatingPointError:  # one element's objective blew up: solve them one by one
             sol = None
     if sol is None:
