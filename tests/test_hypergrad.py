@@ -100,6 +100,21 @@ def test_unrolled_and_one_step_second_derivatives():
     torch.testing.assert_close(jacrev(unrolled_auto)(x), J_auto.T @ J_auto + q.rho * torch.eye(3), rtol=1e-9, atol=1e-9)
 
 
+def test_a_nan_curvature_at_the_start_is_a_floating_point_error():
+    """The inner gradient is NaN at y0 (torch.where's NaN branch) while the value is finite: the
+    derived step 1/L was NaN and the error said '`step_size` must be positive; got nan'."""
+    def inner(x, y):
+        trap = torch.where(y[0] <= 0, torch.zeros((), dtype=y.dtype), 0.0 * torch.sqrt(-y[0]))
+        return 0.5 * ((y - x) ** 2).sum() + trap
+
+    outer = lambda x, y: 0.5 * ((y - 1) ** 2).sum()  # noqa: E731
+    zeros = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"unrolled_hypergrad: the curvature estimate of `inner`"):
+        unrolled_hypergrad(outer, inner, zeros, zeros, 5)
+    with pytest.raises(FloatingPointError, match=r"Unrolled: the curvature estimate of `inner`"):
+        bilevel.solve(outer, inner, zeros, zeros, method="unrolled", max_steps=5, progress=False)
+
+
 def test_unrolled_approaches_implicit_as_steps_grow():
     q = Quadratic.make()
     x = torch.randn(3)

@@ -2,6 +2,8 @@ r"""Iterative differentiation (ITD): reverse mode through T inner gradient steps
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
@@ -101,4 +103,8 @@ def _step_size(step_size: Optional[float], inner, state: State) -> Union[float, 
     state.extras["power_vector"] = [t.detach() for t in tree_leaves(vector)]
     estimate = 1.0 / lipschitz.clamp_min(1e-12)
     state.extras["step_size"] = float(estimate) if _sync_every(estimate) == 1 else estimate
+    if isinstance(state.extras["step_size"], float) and not math.isfinite(state.extras["step_size"]):
+        raise FloatingPointError(
+            f"Unrolled: the curvature estimate of `inner` that sets the inner step is not finite at step "
+            f"{state.iteration + 1}: its Hessian-vector products at (x, y) give NaN or inf; check `inner` there.")
     return state.extras["step_size"]

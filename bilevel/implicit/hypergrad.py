@@ -28,6 +28,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Optional, Union
 
 import torch
@@ -349,7 +350,8 @@ def unrolled_hypergrad(
     _checked_variables("unrolled_hypergrad", x, y0, "y0")
     if truncate is not None and not (isinstance(truncate, int) and 1 <= truncate <= steps):
         raise ValueError(f"unrolled_hypergrad: `truncate` must be an int in [1, steps={steps}]; got {truncate!r}.")
-    if step_size is None:
+    derived = step_size is None
+    if derived:
         # a setting, not part of the function: second derivatives treat it as a constant
         step_size = 1.0 / estimate_lipschitz(inner, x, y0).detach().clamp_min(1e-12)
         if not is_transformed(step_size):  # a number; per element under torch.func.vmap
@@ -357,6 +359,10 @@ def unrolled_hypergrad(
     # checked wherever it is free: a number or a CPU tensor (an accelerator's estimate is
     # our own 1/L, positive by construction, and reading it would stall the device)
     on_host = not torch.is_tensor(step_size) or (step_size.device.type == "cpu" and not is_transformed(step_size))
+    if on_host and derived and not math.isfinite(float(step_size)):
+        raise FloatingPointError(
+            "unrolled_hypergrad: the curvature estimate of `inner` at (x, y0) that sets the step size is not "
+            "finite: its Hessian-vector products give NaN or inf there; check `inner` (and its gradient) at y0.")
     if on_host and not bool(step_size > 0):
         raise ValueError(f"unrolled_hypergrad: `step_size` must be positive; got {step_size!r}.")
     if project is not None and not callable(project):
