@@ -1242,14 +1242,32 @@ def test_rectangular_gradients_batched_with_preconditioner_and_transpose():
             torch.testing.assert_close(g_, w_)
 
 
+def normal_equations_derivative(A, b):
+    """The derivative of x = pinv(A) b left without the null space's motion (NormalCG's
+    rule for a square or over-determined A): dx = (A^T A)^+ (dA^T r - A^T dA x)."""
+    x = torch.linalg.pinv(A) @ b
+    r, gram = b - A @ x, torch.linalg.pinv(A.T @ A)
+    return torch.func.jacrev(lambda M: gram @ (M.T @ r - A.T @ (M @ x)))(A)
+
+
 @pytest.mark.parametrize("name", list(LEAST_SQUARES))
 def test_rank_deficient_square_gradient_with_respect_to_the_operator(name):
-    """The null space's motion is part of the derivative for a square rank-deficient A too."""
+    """Direct("lstsq") reads the rank off its SVD: the null space's motion is part of the
+    derivative for a square rank-deficient A too (also under vmap, where the rank cannot be
+    read and the term is always taken).  NormalCG cannot tell a rank-deficient square A
+    from a full-rank one without an extra solve: the term is left out (documented)."""
     g = torch.Generator().manual_seed(8)
     A = torch.randn(5, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 5, generator=g, dtype=torch.float64)
     b = torch.randn(5, generator=g, dtype=torch.float64)  # inconsistent
     got = torch.func.jacrev(lambda M: LEAST_SQUARES[name](matvec_of(M), b)[0])(A)
-    want = torch.func.jacrev(lambda M: torch.linalg.pinv(M) @ b)(A)
+    if name == "NormalCG":
+        want = normal_equations_derivative(A, b)
+        assert float((want - torch.func.jacrev(lambda M: torch.linalg.pinv(M) @ b)(A)).abs().max()) > 0.1
+    else:
+        want = torch.func.jacrev(lambda M: torch.linalg.pinv(M) @ b)(A)
+        batched = torch.func.vmap(torch.func.jacrev(lambda M: LEAST_SQUARES[name](matvec_of(M), b)[0]))(
+            torch.stack([A, A]))
+        torch.testing.assert_close(batched, torch.stack([want, want]), rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
 
 
@@ -1297,3 +1315,191 @@ def test_rectangular_argument_errors(name):
         solver(lambda t: {"v": A[0] @ t["u"]}, {"w": b[0]}, {"u": torch.zeros(3, dtype=torch.float64)})
     with pytest.raises(ValueError, match=r"returned 3 values where 2 were expected.*shaped like `x0`"):
         solver(lambda v: 2 * v, b[0], torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", list(LEAST_SQUARES))
+def test_rectangular_warm_start_is_not_differentiated(name):
+    """From x0 != 0 NormalCG returns pinv(A) b + P x0 (P: the null-space projector); its
+    derivatives are those of pinv(A) b, as documented (the derivative once took the x0 part
+    into -A^+ dA x, matching neither map).  Over-determined (full column rank: P = 0), the
+    map is pinv(A) b whatever x0, and gradcheck passes."""
+    solver = LEAST_SQUARES[name]
+    A, b = rect_problem(2, 4, seed=9)
+    x0 = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+
+    def solve(A_, b_):
+        return solver(lambda v: A_ @ v, b_, x0)[0]
+
+    def reference(A_, b_):
+        return torch.linalg.pinv(A_) @ b_
+
+    want = torch.func.jacrev(reference, argnums=(0, 1))(A, b)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        for g_, w_ in zip(jac(solve, argnums=(0, 1))(A, b), want):
+            torch.testing.assert_close(g_, w_, rtol=1e-8, atol=1e-10)
+    A_, b_ = A.clone().requires_grad_(), b.clone().requires_grad_()
+    c = torch.randn(4, dtype=torch.float64)
+    got = torch.autograd.grad((solve(A_, b_) * c).sum(), (A_, b_))
+    wanted = torch.autograd.grad((reference(A_, b_) * c).sum(), (A_, b_))
+    for g_, w_ in zip(got, wanted):
+        torch.testing.assert_close(g_, w_)
+    # batched, one warm start per element
+    Ab, bb = rect_problem(2, 4, seed=10, batch=(3,))
+    x0b = torch.randn(3, 4, dtype=torch.float64)
+    got = torch.func.jacrev(lambda M: solver(matvec_of(M), bb, x0b, batch_dims=1)[0])(Ab)
+    wanted = torch.func.jacrev(lambda M: (torch.linalg.pinv(M) @ bb.unsqueeze(-1)).squeeze(-1))(Ab)
+    torch.testing.assert_close(got, wanted, rtol=1e-8, atol=1e-10)
+    A, b = rect_problem(5, 3, seed=9)
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    assert torch.autograd.gradcheck(solve, (A.requires_grad_(), b.requires_grad_()), atol=1e-7, rtol=1e-6)
+
+
+def _counting(A):
+    calls = [0]
+
+    def matvec(v):
+        calls[0] += 1
+        return A @ v
+
+    return matvec, calls
+
+
+@pytest.mark.parametrize("m, n", [(6, 6), (8, 6)])
+def test_least_squares_full_rank_operator_requiring_grad_costs_no_extra_solve(m, n):
+    """For a square or over-determined A, NormalCG takes no null-space solve (the term is
+    left out), and Direct("lstsq") none where its SVD finds full rank: an operator that
+    requires grad costs the same products as before the null-space term existed, even with
+    a tight inner budget (no ConvergenceWarning from a solve of the derivative)."""
+    import warnings
+
+    A, b = rect_problem(m, n, seed=11)
+    A = A + 3 * torch.eye(m, n, dtype=torch.float64)
+    x0 = None if m == n else torch.zeros(n, dtype=torch.float64)
+    for solver in (NormalCG(CG(maxiter=3)), NormalCG(CG(tol=1e-12)), Direct("lstsq")):
+        counts = []
+        for requires_grad in (False, True):
+            matvec, calls = _counting(A.clone().requires_grad_(requires_grad))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a ConvergenceWarning of a derivative solve fails
+                solver(matvec, b, x0)
+            counts.append(calls[0])
+        # recording adds the residual's product and the VJP's linearization, nothing more
+        assert counts[1] <= counts[0] + 1, (solver, counts)
+
+
+def test_direct_lstsq_full_rank_gradient_unchanged_and_under_determined_takes_the_term():
+    """Direct("lstsq"): rank read off the SVD, so the derivative of a full-rank A needs no
+    null-space solve (and equals pinv's); an under-determined one gets the term."""
+    import bilevel.implicit.linear_solve._gradient as gradient
+
+    taken = []
+    original = gradient._Solves.coefficients
+
+    def spy(self, x):
+        taken.append(True)
+        return original(self, x)
+
+    for (m, n), expected in (((4, 4), False), ((6, 4), False), ((3, 5), True)):
+        A, b = rect_problem(m, n, seed=12)
+        A.requires_grad_()
+        taken.clear()
+        gradient._Solves.coefficients = spy
+        try:
+            for solver in (Direct("lstsq"), NormalCG(CG(tol=1e-12))):
+                x = solver(matvec_of(A), b, torch.zeros(n, dtype=torch.float64))[0]
+                (got,) = torch.autograd.grad(x.sum(), A)
+                (want,) = torch.autograd.grad((torch.linalg.pinv(A) @ b).sum(), A)
+                torch.testing.assert_close(got, want)
+        finally:
+            gradient._Solves.coefficients = original
+        assert bool(taken) == expected and len(taken) in (0, 2)
+
+
+def test_pinv_solve_off_cpu_path_matches_pinv():
+    """The SVD solve that stands for LAPACK's gelsd off the CPU: pinv(A) b and the rank, with
+    pinv's cut-off (here run on the CPU)."""
+    from bilevel.implicit.linear_solve.direct import _pinv_solve
+
+    g = torch.Generator().manual_seed(13)
+    for dtype in (torch.float64, torch.complex128):
+        full = torch.randn(3, 5, 4, generator=g, dtype=dtype)
+        deficient = torch.randn(3, 5, 2, generator=g, dtype=dtype) @ torch.randn(3, 2, 4, generator=g, dtype=dtype)
+        rhs = torch.randn(3, 5, 1, generator=g, dtype=dtype)
+        for A, rank in ((full, 4), (deficient, 2), (full.mT[..., :4], 4)):
+            r = rhs[..., : A.shape[-2], :]
+            x, got_rank = _pinv_solve(A, r)
+            torch.testing.assert_close(x, (torch.linalg.pinv(A) @ r).squeeze(-1))
+            assert got_rank.tolist() == [rank] * 3
+
+
+def test_rectangular_transpose_of_the_wrong_size_is_named():
+    A, b = rect_problem(3, 5)
+
+    def matvec(v):
+        return A @ v
+
+    matvec.transpose = lambda w: torch.cat([A.T @ w, w[:1]])
+    with pytest.raises(ValueError, match=r"`matvec\.transpose` returned 6 values where 5 were expected: .*"
+                                         r"`matvec` maps a tree shaped like `x0` \(the unknown; leaf shapes "
+                                         r"\[\(5,\)\]\) to one shaped like `b` \(leaf shapes \[\(3,\)\]\), and "
+                                         r"`matvec\.transpose` maps back\."):
+        NormalCG()(matvec, b, x0=torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"`matvec` \(or the preconditioner\) returned 4 values where 3 were "
+                                         r"expected: .*`matvec` maps a tree shaped like `x0` \(the unknown; leaf "
+                                         r"shapes \[\(5,\)\]\) to one shaped like `b` \(leaf shapes \[\(3,\)\]\)\.$"):
+        NormalCG()(lambda v: v[:4], b, x0=torch.zeros(5, dtype=torch.float64))
+
+
+def _raise(err):
+    raise err
+
+
+@pytest.mark.parametrize("name", ["CG", "GMRES", "NormalCG", "Direct-lstsq"])
+def test_unrelated_operator_errors_pass_through_without_the_shape_hint(name):
+    """Only torch's shape-mismatch messages get the hint on the unknown's shape: an index out
+    of bounds, a user's own ValueError mentioning a size and vmap's dynamic-shape refusal
+    reach the caller as they were raised."""
+    solver = SOLVERS[name][0]
+    A, b = make_matrix("spd", n=4), make_rhs(4)
+    cases = [
+        (IndexError, "index 7 is out of bounds", lambda v: A @ v[torch.tensor([0, 1, 2, 7])]),
+        (ValueError, "batch size must be positive", lambda v: _raise(ValueError("batch size must be positive"))),
+    ]
+    for kind, message, matvec in cases:
+        with pytest.raises((kind, RuntimeError)) as caught:
+            solver(matvec, b)
+        assert message in str(caught.value) and "x0" not in str(caught.value)
+        if name in ("CG", "GMRES"):  # untouched (NormalCG's VJP and Direct's vmap name themselves)
+            assert type(caught.value) is kind and str(caught.value).startswith(message)
+
+    def dynamic(v):
+        return A @ v[torch.nonzero(v > -1e9).squeeze(-1)]
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.func.vmap(lambda b_: solver(dynamic, b_)[0])(torch.stack([b, b]))
+    assert "dynamic shape" in str(caught.value) and "x0" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["CG", "GMRES", "NormalCG", "Direct-lstsq"])
+def test_genuine_rectangular_misuse_still_gets_the_hint(name):
+    """A rectangular matvec without x0 (plain, as a callable object, through a partial, and a
+    matmul of a batch), and a broadcast of mismatched sizes: the hint; a preconditioner's own
+    shape error is not blamed on `matvec`."""
+    import functools
+
+    solver = SOLVERS[name][0]
+    A, b = rect_problem(3, 5)
+
+    class Operator:
+        def __call__(self, v):
+            return A @ v
+
+    hint = r"`matvec` raised RuntimeError on a tree shaped like `b`.*pass `x0` shaped like the unknown"
+    for matvec in (lambda v: A @ v, Operator(), functools.partial(torch.mv, A), lambda v: v * torch.ones(5)):
+        with pytest.raises(RuntimeError, match=hint):
+            solver(matvec, b)
+    if name == "CG":
+        S = make_matrix("spd", n=3)
+        with pytest.raises(RuntimeError) as caught:
+            CG(M=lambda r: A @ r)(lambda v: S @ v, make_rhs(3))
+        assert "size mismatch" in str(caught.value) and "`matvec` raised" not in str(caught.value)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import re
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -117,7 +120,10 @@ class LinearSolver:
     may return ``(x, iterations, status, residual_norm)`` with its own residual
     estimate (e.g. CG's recursive residual, equal to the true one in exact
     arithmetic): a solve that ran out of budget is not confirmed, and the
-    product is saved.
+    product is saved.  A least-squares solver may add a fifth element (after a
+    residual estimate or ``None``): which elements' ``A`` is rank-deficient, so
+    that the derivative includes the motion of its null space (``Direct("lstsq")``
+    reads it off its SVD).
 
     Example:
         A solver for diagonal operators (one product recovers the diagonal); the
@@ -171,12 +177,14 @@ class LinearSolver:
         dtype = torch.promote_types(rav.dtype, xrav.dtype) if rectangular else rav.dtype
 
         b_flat = rav.ravel(b).reshape(nbatch, m)
-        if b_flat.dtype != dtype:
+        if rectangular and b_flat.dtype != dtype:
             b_flat = b_flat.to(dtype)
 
-        def flat_map(tree_fn: Matvec, src: Raveler, dst: Raveler, operator: Optional[str] = None) -> FlatMatvec:
-            """``tree_fn`` (``src``'s trees to ``dst``'s) on flat ``(B, size)`` tensors; an
-            ``operator`` (named: the matvec, its transpose) has its shape errors explained."""
+        def flatten(tree_fn: Matvec, src: Raveler = xrav, dst: Raveler = xrav, operator: Optional[str] = None
+                    ) -> FlatMatvec:
+            """``tree_fn`` (``src``'s trees to ``dst``'s; by default maps of the unknowns' space,
+            preconditioners) on flat ``(B, size)`` tensors; an ``operator`` (named: the matvec,
+            its transpose) has its shape errors explained."""
             size_in, size_out = src.size, dst.size
             if src.bare and dst.bare and not batch:  # plain tensors: two reshapes per product
                 shape = src.shapes[0]
@@ -191,12 +199,13 @@ class LinearSolver:
                     if not torch.is_tensor(out):
                         out = _ravel_output(tree_fn, out, dst)
                     if out.numel() != size_out:
-                        _wrong_output(tree_fn, out, src, dst, rectangular, operator is not None)
+                        _wrong_output(tree_fn, out, src, dst, rectangular, operator)
                     out = out.reshape(1, size_out)
                     return out if out.dtype == dtype else out.to(dtype)
 
                 if len(shape) == 1 and src is dst:  # a vector: single-system solvers may skip the reshapes
-                    flat_fn.on_vectors = tree_fn if not operator else _explained(tree_fn, operator, src, rectangular)
+                    # (the user's own map, no wrapper: its shape errors are explained around the solve)
+                    flat_fn.on_vectors = tree_fn
                 return flat_fn
 
             def flat_fn(v: torch.Tensor) -> torch.Tensor:
@@ -210,20 +219,17 @@ class LinearSolver:
                     _check_output_structure(tree_fn, out, src, dst, operator)
                 out = _ravel_output(tree_fn, out, dst)
                 if out.numel() != nbatch * size_out:
-                    _wrong_output(tree_fn, out, src, dst, rectangular, operator is not None)
+                    _wrong_output(tree_fn, out, src, dst, rectangular, operator)
                 out = out.reshape(nbatch, size_out)
                 return out if out.dtype == dtype else out.to(dtype)
 
             return flat_fn
 
-        def flatten(tree_fn: Matvec) -> FlatMatvec:  # maps of the unknowns' space (preconditioners)
-            return flat_map(tree_fn, xrav, xrav)
-
-        flat_matvec = flat_map(matvec, xrav, rav, operator="`matvec`")
+        flat_matvec = flatten(matvec, xrav, rav, "`matvec`")
         if getattr(matvec, "self_adjoint", False) and not rectangular:  # attributes, never self-references:
             flat_matvec.self_adjoint = True  # a cycle would keep autograd graphs alive
         elif getattr(matvec, "transpose", None) is not None:
-            flat_matvec.transpose = flat_map(matvec.transpose, rav, xrav, operator="`matvec.transpose`")
+            flat_matvec.transpose = flatten(matvec.transpose, rav, xrav, "`matvec.transpose`")
         if rectangular and (n == 0 or m == 0):  # x = 0 (or empty) is the minimum-norm least-squares solution
             return self._empty_rectangular(b, b_flat, xrav, batch)
         if n == 0:  # no unknowns: solved by the empty x
@@ -250,11 +256,19 @@ class LinearSolver:
         # iterations are not recorded; x gets the implicit gradient (._gradient).
         record = torch.is_grad_enabled() or in_dual_level()
         with torch.no_grad() if record else contextlib.nullcontext():
-            x, iterations, status, *estimate = self._solve(flat_matvec, b_flat, x0_flat, flatten)
+            try:
+                x, iterations, status, *estimate = self._solve(flat_matvec, b_flat, x0_flat, flatten)
+            except (RuntimeError, ValueError, IndexError) as err:
+                # the products a solver takes on the user's map itself (``on_vectors``) are not
+                # wrapped (no frame per product): a shape error of `matvec` is explained here
+                if _raised_inside(err, matvec):
+                    _raise_shape_hint(err, "`matvec`", xrav, rectangular)
+                raise
         if record:
             from ._gradient import attach_gradient  # it builds on this module
 
-            x, residual = attach_gradient(self, flat_matvec, b_flat, x, flatten, transpose_operator)
+            # (a least-squares solver's ``estimate[1]`` may tell whether A has a null space)
+            x, residual = attach_gradient(self, flat_matvec, b_flat, x, flatten, transpose_operator, estimate)
             residual_norm = norm(residual)
         elif estimate and estimate[0] is not None:  # no element claims success: its own residual will do
             residual_norm = estimate[0]
@@ -267,7 +281,8 @@ class LinearSolver:
             b_norm=b_norm.reshape(batch),
             status=status.reshape(batch),
         )
-        return _unravel_unknowns(xrav, x.reshape(tuple(batch) + (n,)), rectangular), info
+        x = x.reshape(tuple(batch) + (n,))
+        return (_unravel_unknowns(xrav, x) if rectangular else xrav.unravel(x)), info
 
     def _accepts_rectangular(self) -> bool:
         """Whether the solver solves least-squares problems whose operator maps the
@@ -314,7 +329,7 @@ class LinearSolver:
         none = torch.zeros(b_flat.shape[0], dtype=torch.int64, device=b_flat.device)
         x = torch.zeros(b_flat.shape[0], xrav.size, dtype=b_flat.dtype, device=b_flat.device)
         info = LinearSolveInfo(none.reshape(batch), b_norm.reshape(batch), b_norm.reshape(batch), none.reshape(batch))
-        return _unravel_unknowns(xrav, x.reshape(tuple(batch) + (xrav.size,)), True), info
+        return _unravel_unknowns(xrav, x.reshape(tuple(batch) + (xrav.size,))), info
 
     def _gradient_rule(self) -> tuple[str, "LinearSolver"]:
         """How a solution is differentiated (:mod:`._gradient`): ``("self", solver)``
@@ -436,18 +451,23 @@ _SQUARE_HINT = (
 
 
 def _wrong_output(fn: Callable, out: torch.Tensor, src: Raveler, dst: Raveler,
-                  rectangular: bool = False, operator: bool = False) -> None:
+                  rectangular: bool = False, operator: Optional[str] = None) -> None:
+    """Raise: ``fn`` (on trees shaped like ``src``) returned the wrong number of values
+    for ``dst``'s trees; ``operator`` names the matvec or its transpose (``None``: a
+    preconditioner)."""
     expected = dst.size * max(math.prod(dst.batch_shape), 1)
     if rectangular:
-        advice = _rectangular_hint(src, dst) + "."
+        unknowns, equations = (src, dst) if src.name == "x0" else (dst, src)  # matvec, or its transpose
+        advice = _rectangular_hint(unknowns, equations)
+        advice += ", and `matvec.transpose` maps back." if src is equations else "."
     else:
         advice = (f"it must map a tree shaped like `{dst.name}` (leaf shapes {_shapes(dst)}) to one of the "
                   "same shapes.")
         if operator:
             advice += " If A is rectangular, " + _SQUARE_HINT
+    name = operator if operator and operator != "`matvec`" else _operator_name(fn)
     raise _operator_error(ValueError(
-        f"linear solve: {_operator_name(fn)} returned {out.numel()} values where {expected} were "
-        f"expected: {advice}"
+        f"linear solve: {name} returned {out.numel()} values where {expected} were expected: {advice}"
     ))
 
 
@@ -474,21 +494,47 @@ def _check_output_structure(fn: Callable, out: Any, src: Raveler, dst: Raveler, 
         ))
 
 
-# Words of torch's shape errors (matmul, broadcasting, view, cat, index): only these get the hint
-_SHAPE_WORDS = ("size", "shape", "dimension", "mismatch", "must match", "multipl", "out of bounds", "invalid for input")
+# torch's own shape-mismatch messages (matmul, mv, dot, broadcasting, view / reshape,
+# cat / stack, expand, einsum, bmm): only these get the hint on the unknown's shape; an
+# error that merely mentions a size (an index out of bounds, a user's own ValueError,
+# vmap's "dynamic shape" refusal) passes through untouched
+_SHAPE_MISMATCH = re.compile(
+    r"shapes cannot be multiplied|size mismatch|must match the (?:existing )?size|"
+    r"invalid for input of size|expected size|sizes of tensors must match|inconsistent tensor size|"
+    r"to have the same number of elements|does not broadcast|expects each tensor to be equal size|"
+    r"expected self\.size",
+    re.IGNORECASE,
+)
 
 
-def _explained(fn: Callable, what: str, src: Raveler, rectangular: bool) -> Callable:
-    """The operator ``fn`` (on trees shaped like ``src``) with its shape errors explained."""
+def _code_of(fn: Callable):
+    """The Python code object that runs when ``fn`` is called (``None`` if there is none)."""
+    for _ in range(8):  # partials of partials, bound methods, callable instances
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            return code
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif not isinstance(fn, type) and hasattr(type(fn), "__call__") and not isinstance(
+                fn, (types.BuiltinFunctionType, types.MethodWrapperType)):
+            fn = type(fn).__call__
+        else:
+            return None
+    return None
 
-    def explained(v):
-        try:
-            return fn(v)
-        except (RuntimeError, ValueError, IndexError) as err:
-            _raise_shape_hint(err, what, src, rectangular)
-            raise
 
-    return explained
+def _raised_inside(err: Exception, fn: Callable) -> bool:
+    """Whether ``err`` was raised while ``fn`` ran (its code is on the traceback); True
+    when ``fn`` has no Python code to look for (a builtin)."""
+    code = _code_of(fn)
+    if code is None:
+        return True
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _raise_shape_hint(err: Exception, what: str, src: Raveler, rectangular: bool) -> None:
@@ -498,7 +544,7 @@ def _raise_shape_hint(err: Exception, what: str, src: Raveler, rectangular: bool
     if type(err) not in (RuntimeError, ValueError, IndexError) or getattr(err, "_bilevel_operator_error", False):
         return
     message = str(err)
-    if not any(word in message.lower() for word in _SHAPE_WORDS):
+    if not _SHAPE_MISMATCH.search(message):
         return
     where = f"on a tree shaped like `{src.name}` (leaf shapes {_shapes(src)})"
     if rectangular:
@@ -511,11 +557,9 @@ def _raise_shape_hint(err: Exception, what: str, src: Raveler, rectangular: bool
         f"linear solve: {what} raised {type(err).__name__} {where}: {message} -- {advice}")) from err
 
 
-def _unravel_unknowns(xrav: Raveler, x: torch.Tensor, rectangular: bool) -> TensorTree:
-    """The tree of the flat solution ``(*batch, n)``: shaped like ``b`` for a square
-    system; like ``x0``, with its leaves' dtypes, for a rectangular one."""
-    if not rectangular:
-        return xrav.unravel(x)
+def _unravel_unknowns(xrav: Raveler, x: torch.Tensor) -> TensorTree:
+    """The tree of the flat solution ``(*batch, n)`` of a rectangular system: shaped
+    like ``x0``, with its leaves' dtypes."""
     tree = xrav.unravel(x)
     if xrav.bare:
         return tree if tree.dtype == xrav.dtypes[0] else tree.to(xrav.dtypes[0])

@@ -17,18 +17,31 @@ gradients are recorded).
 
 Least-squares solvers (:class:`NormalCG`, ``Direct("lstsq")``) return the
 minimum-norm least-squares solution :math:`x = A^+ b`, also for a rectangular
-:math:`A` (``m x n``), and are differentiated as the pseudo-inverse is
-(Golub and Pereyra, 1973; exact where the rank of :math:`A` does not change):
+:math:`A` (``m x n``; NormalCG from a warm start adds ``x0``'s part in the null
+space of :math:`A`, which is not differentiated: the derivative is that of
+:math:`A^+ b`).  Where :math:`A` has a null space, the pseudo-inverse is
+differentiated as Golub and Pereyra (1973) do (exact where the rank of
+:math:`A` does not change):
 
 .. math:: dx = (A^\top A)^+\, d\big(A^\top (b - A x)\big)\big|_{x\ \mathrm{fixed}}
           + (I - A^+ A)\, dA^\top y, \qquad y = (A A^\top)^+ A x,
 
 the derivative of the normal equations (with the minimum-norm adjoint
 :math:`u = (A^\top A)^+ \bar x`) plus the motion of :math:`A`'s null space,
-which the minimum-norm solution :math:`x = A^\top y` is kept orthogonal to (a
-term that vanishes for a matrix of full column rank, and is taken only where
-the operator carries derivatives: one more solve, for :math:`y`, in the forward
-pass).
+which the minimum-norm solution :math:`x = A^\top y` is kept orthogonal to
+(inside the first term, :math:`x` is that row-space part :math:`A^\top y`).  The
+second term vanishes for a matrix of full column rank, and costs one more
+solve, for :math:`y`, in the forward pass: it is taken only where the operator
+carries derivatives and :math:`A` is known to have a null space:
+
+* more unknowns than equations (``n > m``, an under-determined system): always;
+* ``Direct("lstsq")``: also where its SVD finds the materialized matrix
+  rank-deficient (rank below ``n``), and inside :func:`torch.func.vmap`, where the
+  rank cannot be read;
+* :class:`NormalCG` with a square or over-determined :math:`A` (``n <= m``): never.
+  A rank-deficient such :math:`A` gets the first term alone, which leaves the
+  null space's motion out (exact for a full column rank; for a rank-deficient
+  :math:`A` use ``Direct("lstsq")``, or an under-determined formulation).
 
 Complex dtypes: every transpose above is the adjoint :math:`A^H`, which
 :func:`torch.func.vjp` of a complex ``matvec`` already returns (PyTorch's
@@ -129,13 +142,19 @@ def _has_tangent(t: torch.Tensor) -> bool:
     return fwAD.unpack_dual(t).tangent is not None
 
 
-def attach_gradient(solver, matvec: FlatMatvec, b: torch.Tensor, x: torch.Tensor, flatten: Callable, transpose):
+def attach_gradient(solver, matvec: FlatMatvec, b: torch.Tensor, x: torch.Tensor, flatten: Callable, transpose,
+                    extras=()):
     """``(x, residual)``: ``x`` carrying the implicit derivatives (reverse and
     forward mode) where ``b`` or the operator requires grad or carries a tangent
     (``x`` unchanged otherwise), and ``b - A x`` detached.
 
     Called with derivatives recorded.  ``transpose(matvec, b)`` returns
-    ``(A^T, adjoint-test mask)`` for a non-symmetric operator.
+    ``(A^T, adjoint-test mask)`` for a non-symmetric operator.  ``extras``: what the
+    solve returned after ``(x, iterations, status)``; a least-squares solver's second
+    (after a residual estimate) tells whether ``A`` is known to have a null space (a
+    bool, or a per-element bool tensor; absent or ``None``: unknown, i.e. only where
+    ``A`` has more unknowns than equations), which decides whether its motion is
+    differentiated.
     """
     x = _primal(x)  # the iterations' own tangents (step sizes held fixed) are not the solution's
     product = matvec(x)
@@ -146,15 +165,34 @@ def attach_gradient(solver, matvec: FlatMatvec, b: torch.Tensor, x: torch.Tensor
     # a rectangular operator (least squares): x gives A^T's output space
     domain = None if x.shape[-1] == b.shape[-1] else x.detach()
     solves = _Solves(solver, inner_solver, kind, matvec, _primal(b.detach()), flatten, transpose, domain)
-    residual, motion = plain, None
-    if kind == "normal":
-        _, rmatvec = torch.func.vjp(matvec, x)  # recorded: A^T's dependence on theta
-        residual = rmatvec(plain)[0]
-        if product.requires_grad or _has_tangent(product):  # the operator moves, and its null space
-            motion = rmatvec(_primal(solves.coefficients(x.detach())))[0]  # A(theta)^T y, y fixed
-    if motion is None:
-        return x + _ImplicitSolution.apply(residual, solves), plain.detach()
-    return x + _LeastSquaresSolution.apply(residual, motion, solves), plain.detach()
+    if kind != "normal":
+        return x + _ImplicitSolution.apply(plain, solves), plain.detach()
+    null_space = extras[1] if len(extras) > 1 else None
+    if (product.requires_grad or _has_tangent(product)) and _has_null_space(x, b, null_space):
+        # The operator moves, and so does its null space: differentiate A^+ b, through its
+        # row-space part x_min = A^T y (y = (A A^T)^+ A x; x_min = x but for a warm start's
+        # null-space part), which the minimum-norm solution is kept to.
+        y, x_min = solves.coefficients(x.detach())
+        product_min, rmatvec = torch.func.vjp(matvec, _primal(x_min))  # recorded: A(theta), A(theta)^T
+        residual = rmatvec(b - product_min)[0]
+        motion = rmatvec(_primal(y))[0]  # A(theta)^T y, y fixed
+        return x + _LeastSquaresSolution.apply(residual, motion, solves), plain.detach()
+    _, rmatvec = torch.func.vjp(matvec, x)  # recorded: A^T's dependence on theta
+    return x + _ImplicitSolution.apply(rmatvec(plain)[0], solves), plain.detach()
+
+
+def _has_null_space(x: torch.Tensor, b: torch.Tensor, known) -> bool:
+    """Whether the null-space term of a least-squares derivative is taken: always for
+    more unknowns than equations (a null space exists); else where the solver found
+    ``A`` rank-deficient (``known``), or could not tell (values unreadable under vmap)."""
+    if x.shape[-1] > b.shape[-1]:
+        return True
+    if known is None or isinstance(known, bool):
+        return bool(known)
+    try:
+        return bool(known.any())
+    except RuntimeError:  # under vmap the values cannot be read: the exact derivative
+        return True
 
 
 class _LeastSquaresSolution(torch.autograd.Function):
@@ -250,10 +288,13 @@ class _Solves:
             At = self._transposed()
             return v - At(self._range_solve(At, v, "(A A^T) z = A v"))
 
-    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = (A A^T)^+ A x`` (``x = A^T y`` for the minimum-norm solution ``x``)."""
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, A^T y)`` with ``y = (A A^T)^+ A x``: ``A^T y = A^+ A x`` is ``x``'s part in
+        the row space of ``A`` (``x`` itself for the minimum-norm solution)."""
         with torch.no_grad():
-            return self._range_solve(self._transposed(), _primal(x), "(A A^T) y = A x")
+            At = self._transposed()
+            y = self._range_solve(At, _primal(x), "(A A^T) y = A x")
+            return y, At(y)
 
     def tangent(self, residual_dot: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

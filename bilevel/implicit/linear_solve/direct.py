@@ -52,8 +52,14 @@ class Direct(LinearSolver):
       and ``matvec`` maps a tree shaped like ``x0`` to one shaped like ``b``
       (``m`` equations, ``n`` unknowns, ``m < n`` or ``m > n``); the solution has
       ``x0``'s structure, shapes and dtypes.  Its derivatives are those of
-      :math:`A^+ b`.  ``"cholesky"`` and ``"lu"`` need a square system: an
-      ``x0`` not shaped like ``b`` is refused.
+      :math:`A^+ b`, including, with respect to the operator, the motion of
+      :math:`A`'s null space where it has one: more unknowns than equations, or
+      a rank (read off the SVD, with the solve's cut-off) below ``n``; inside
+      :func:`torch.func.vmap`, where the rank cannot be read, always.  That term
+      costs one more solve in the forward pass where the operator carries
+      derivatives; a full-rank square or over-determined :math:`A` does without.
+      ``"cholesky"`` and ``"lu"`` need a square system: an ``x0`` not shaped like
+      ``b`` is refused.
 
     An element whose matrix holds NaN or inf is reported as
     :attr:`~bilevel.status.Status.NONFINITE` (``x = 0``) without disturbing the
@@ -102,7 +108,11 @@ class Direct(LinearSolver):
     def _solve(self, matvec, b, x0, flatten):
         # a rectangular A ("lstsq"): x0 (B, n) gives the unknowns' size, A is (B, m, n)
         domain = x0 if x0 is not None and x0.shape[-1] != b.shape[-1] else b
-        return self._solve_matrix(_materialize(matvec, domain), b)
+        x, iterations, status, deficient = self._factor_solve(_materialize(matvec, domain), b)
+        if deficient is None:
+            return x, iterations, status
+        # "lstsq" tells the derivative whether A has a null space (rank < n), read off its SVD
+        return x, iterations, status, None, deficient
 
     def _gradient_rule(self):
         return {"cholesky": "self", "lu": "transpose", "lstsq": "normal"}[self.method], self
@@ -110,7 +120,14 @@ class Direct(LinearSolver):
     def _solve_matrix(self, A: torch.Tensor, b: torch.Tensor):
         """``(x, iterations, status)`` for the materialized ``(B, m, n)`` matrices ``A``
         (square, ``m = n``, but for ``"lstsq"``) and right-hand sides ``b`` ``(B, m)``."""
+        return self._factor_solve(A, b)[:3]
+
+    def _factor_solve(self, A: torch.Tensor, b: torch.Tensor):
+        """:meth:`_solve_matrix`'s ``(x, iterations, status)``, and for ``"lstsq"`` which
+        matrices are rank-deficient (rank below ``n``, as the solve truncated them;
+        ``None`` for the other methods)."""
         eps = torch.finfo(b.dtype).eps
+        deficient = None
         # A non-finite matrix or right-hand side (reaching here under vmap) is that
         # element's failure, not the batch's (LAPACK aborts the whole call on NaN):
         # solve with the identity and 0 in its place.
@@ -140,15 +157,29 @@ class Direct(LinearSolver):
         else:
             ok = accurate = finite
             if b.device.type == "cpu":
-                x = torch.linalg.lstsq(A, rhs, driver="gelsd").solution.squeeze(-1)
+                solution = torch.linalg.lstsq(A, rhs, driver="gelsd")
+                x, rank = solution.solution.squeeze(-1), solution.rank
             else:  # only the full-rank driver "gels" exists off CPU
-                x = (torch.linalg.pinv(A) @ rhs).squeeze(-1)
+                x, rank = _pinv_solve(A, rhs)
+            deficient = (rank < A.shape[-1]) & finite
         ok = ok & finite
         x = torch.where(ok.unsqueeze(-1), x, 0)
         status = _mark(torch.zeros_like(ok, dtype=torch.int64), ~accurate, Status.INACCURATE)
         status = _mark(status, ~ok, Status.BREAKDOWN)
         status = _mark(status, ~finite, Status.NONFINITE)
-        return x, torch.full_like(status, A.shape[-1]), status
+        return x, torch.full_like(status, A.shape[-1]), status, deficient
+
+
+def _pinv_solve(A: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pinv(A) rhs, rank of A)`` for ``(B, m, n)`` ``A`` and ``(B, m, 1)`` ``rhs`` by one
+    SVD, with :func:`torch.linalg.pinv`'s cut-off: singular values up to
+    ``max(m, n) eps`` times the largest count as zero."""
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    cutoff = max(A.shape[-2:]) * torch.finfo(S.dtype).eps * S[..., :1]
+    kept = S > cutoff
+    inverse = torch.where(kept, 1 / torch.where(kept, S, 1), 0).to(A.dtype)
+    x = Vh.mH @ (inverse.unsqueeze(-1) * (U.mH @ rhs))
+    return x.squeeze(-1), kept.sum(-1)
 
 
 def _power_of_two(size: torch.Tensor) -> torch.Tensor:

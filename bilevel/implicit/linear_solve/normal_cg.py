@@ -50,9 +50,17 @@ class NormalCG(LinearSolver):
     (``m < n``), the least-squares solution of an over-determined one (``m > n``);
     from another ``x0``, :math:`A^+ b` plus ``x0``'s part in the null space of
     :math:`A`.  Without ``x0`` the unknown is taken to be shaped like ``b``.
+
     Derivatives with respect to ``b`` and to the tensors ``matvec`` captures are
-    those of :math:`A^+ b`, the motion of :math:`A`'s null space included (one
-    more solve where the operator carries derivatives).
+    those of :math:`A^+ b` (a warm start's null-space part is not differentiated).
+    With respect to the operator: for an under-determined :math:`A` (more
+    unknowns than equations) they include the motion of :math:`A`'s null space
+    (Golub and Pereyra's term; one more solve, in the forward pass, where the
+    operator carries derivatives); for a square or over-determined :math:`A` they
+    are those of the normal equations alone, exact for :math:`A` of full column
+    rank, but without the null space's motion for a rank-deficient one (use
+    ``Direct("lstsq")``, which detects the rank deficiency, where that derivative
+    matters).
 
     Tolerance rule: the *normal* residual is tested, element ``i`` succeeds when
     :math:`\|A_i^\top (b_i - A_i x_i)\| \le \max(\mathrm{tol}\,\|A_i^\top b_i\|,
