@@ -407,3 +407,29 @@ def test_a_nan_gradient_at_finite_points_is_told_apart_from_an_overflow():
         warnings.simplefilter("ignore")
         with pytest.raises(FloatingPointError, match=r"turned NaN from a modest size, without overflowing"):
             bilevel.solve(outer, inner, zeros, zeros, method="penalty", max_steps=3000, progress=False)
+
+
+def test_a_non_finite_curvature_re_estimate_is_a_blow_up_that_backs_off():
+    """Per-weight log weight decays in float32: x jumped to ~400 in one step and exp(x) overflowed
+    at the next curvature re-estimate, which raised 'not finite at the start point' outside the
+    back-off machinery.  It is now a blow-up: back to a saved state with a smaller step."""
+    from torch import nn
+    from torch.func import functional_call
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 3)).float()
+    X, t = torch.randn(256, 20, dtype=torch.float32), torch.randint(0, 3, (256,))
+    Xv, tv = torch.randn(128, 20, dtype=torch.float32), torch.randint(0, 3, (128,))
+
+    def inner(x, p):
+        return F.cross_entropy(functional_call(net, p, (X,)), t) + 0.5 * sum((x[k].exp() * p[k] ** 2).sum() for k in p)
+
+    def outer(x, p):
+        return F.cross_entropy(functional_call(net, p, (Xv,)), tv)
+
+    y0 = {k: v.detach().clone() for k, v in net.named_parameters()}
+    x0 = {k: torch.full_like(v, -3.0) for k, v in y0.items()}
+    with pytest.warns(StepSizeWarning, match=r"went back to step"):  # raised FloatingPointError before
+        r = bilevel.solve(outer, inner, x0, y0, method="penalty", max_steps=150, progress=False)
+    assert all(torch.isfinite(v).all() for v in r.x.values())

@@ -133,7 +133,7 @@ def curvature(
             norm = torch.sqrt(sum((a * a).sum() for a in v))
     estimate = float(norm)
     if not math.isfinite(estimate):
-        raise FloatingPointError("the Hessian-vector products at the start point are not finite.")
+        raise FloatingPointError("the Hessian-vector products of the curvature estimate are not finite.")
     return estimate
 
 
@@ -158,7 +158,7 @@ def block_curvature(
 
 def _checked_blocks(x_norm: float, y_norm: float, cross: float) -> dict:
     if not all(math.isfinite(t) for t in (x_norm, y_norm, cross)):
-        raise FloatingPointError("the Hessian-vector products at the start point are not finite.")
+        raise FloatingPointError("the Hessian-vector products of the curvature estimate are not finite.")
     return {"x": x_norm, "y": y_norm, "cross": cross}
 
 
@@ -473,7 +473,17 @@ class SingleLoop(Algorithm):
             _at_boundary(state, self.backoffs)
         if self.rescale_every and state.iteration and state.iteration % self.rescale_every == 0:
             # on the problem's example batch: one mini-batch's curvature is too noisy a scale
-            scales = self.scales(problem, state, None, iterations=8)
+            try:
+                scales = self.scales(problem, state, None, iterations=8)
+            except FloatingPointError as error:  # the iterates left the functions' finite range: a blow-up
+                size = float(tree_sq_norm(tree_leaves(state.x) + tree_leaves(state.y)))
+                self._diverged(state, state.iteration, size, _scale(state.extras), error, what=(
+                    f"the curvature re-estimate at step {state.iteration} met non-finite Hessian-vector products "
+                    f"(|(x, y)| = {math.sqrt(size) if math.isfinite(size) else size:.3g})"))
+                with torch.no_grad():
+                    state.info = StepInfo(outer=report_value(outer(state.x, state.y)),
+                                          rolled_back_at=state.iteration + 1)
+                return state
             state.extras["scales"] = scales
             state.extras.update(self.step_sizes(scales, state.extras))
             if self.lr is not None:
