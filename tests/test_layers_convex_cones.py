@@ -420,6 +420,19 @@ def test_log_sum_exp_kl_layer_matches_cvxpy_and_finite_differences():
     _assert_fd(_directional_fd(layer, values), rtol=1e-6, atol=1e-8)
 
 
+def assert_agrees_with_cvxpylayers(ours, values, theirs, weights, grad_atol, grad_rtol):
+    """Our solution ``ours`` (a function of ``values``) against ``theirs()``, cvxpylayers' solve of
+    the same problem: the solutions to 1e-7, and the gradients of ``<solution, weights>``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy-2 deprecations inside cvxpylayers / diffcp
+        solution = theirs()
+        g_theirs = torch.autograd.grad((solution * weights).sum(), values)
+    assert torch.allclose(ours, solution, atol=1e-7)
+    g_ours = torch.autograd.grad((ours * weights).sum(), values)
+    for a, b in zip(g_ours, g_theirs):
+        assert torch.allclose(a, b, atol=grad_atol, rtol=grad_rtol)
+
+
 def test_exp_layers_agree_with_cvxpylayers():
     cvxpylayers_torch = pytest.importorskip("cvxpylayers.torch", reason="cvxpylayers is not installed")
     g = torch.Generator().manual_seed(15)
@@ -427,16 +440,10 @@ def test_exp_layers_agree_with_cvxpylayers():
         values = [torch.randn(2, 4, generator=g)] + [torch.rand(4, generator=g) + 0.5 for _ in params[1:]]
         values = [v.requires_grad_() for v in values]
         ours = ConvexLayer(problem, params, variables)(*values)[0]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # numpy-2 deprecations inside cvxpylayers / diffcp
-            theirs = cvxpylayers_torch.CvxpyLayer(problem, params, variables)(
-                *values, solver_args={"eps": 1e-12, "max_iters": 100000})[0]
-            w = torch.randn(ours.shape, generator=g)
-            g_theirs = torch.autograd.grad((theirs * w).sum(), values)
-        assert torch.allclose(ours, theirs, atol=1e-7)
-        g_ours = torch.autograd.grad((ours * w).sum(), values)
-        for a, b in zip(g_ours, g_theirs):
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        assert_agrees_with_cvxpylayers(
+            ours, values, lambda: cvxpylayers_torch.CvxpyLayer(problem, params, variables)(
+                *values, solver_args={"eps": 1e-12, "max_iters": 100000})[0],
+            torch.randn(ours.shape, generator=g), grad_atol=1e-5, grad_rtol=1e-5)
 
 
 def test_power_layer_forward_agrees_with_cvxpylayers():

@@ -7,12 +7,12 @@ CVXPY's own ``solve(gp=True)``, ``gradcheck``, cvxpylayers' ``gp=True``, a loop 
 batch, float32; then the error messages that steer a problem to (or away from) ``gp=True``.
 """
 
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from test_layers_convex import _assert_fd, _directional_fd
+from test_layers_convex_cones import assert_agrees_with_cvxpylayers
 
 from bilevel.layers import ConvexLayer, SolveError, SolveWarning
 
@@ -136,16 +136,11 @@ def test_gp_agrees_with_cvxpylayers():
               torch.tensor(1.0, dtype=torch.float64, requires_grad=True),
               torch.tensor(0.5, dtype=torch.float64, requires_grad=True)]
     ours = torch.stack(ConvexLayer(problem, params, variables, gp=True)(*values))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # numpy-2 deprecations inside cvxpylayers / diffcp
-        theirs = torch.stack(cvxpylayers_torch.CvxpyLayer(problem, params, variables, gp=True)(
-            *values, solver_args={"eps": 1e-12, "max_iters": 100000}))
-        w = torch.randn(ours.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-        g_theirs = torch.autograd.grad((theirs * w).sum(), values)
-    assert torch.allclose(ours, theirs, atol=1e-7)
-    g_ours = torch.autograd.grad((ours * w).sum(), values)
-    for a, b in zip(g_ours, g_theirs):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert_agrees_with_cvxpylayers(
+        ours, values, lambda: torch.stack(cvxpylayers_torch.CvxpyLayer(problem, params, variables, gp=True)(
+            *values, solver_args={"eps": 1e-12, "max_iters": 100000})),
+        torch.randn(ours.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64),
+        grad_atol=1e-6, grad_rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- batching, float32, LP route
