@@ -44,6 +44,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._linalg import solve
 from .._tree import (
     Raveler,
     check_same_structure,
@@ -518,7 +519,7 @@ def project_affine_set(z: TensorTree, A: torch.Tensor, b: torch.Tensor) -> Tenso
         )
     residual = (A @ z.unsqueeze(-1)).squeeze(-1) - b
     gram = A @ A.transpose(-1, -2)
-    mult = torch.linalg.solve(gram, residual.unsqueeze(-1))
+    mult = solve(gram, residual.unsqueeze(-1))
     return z - (A.transpose(-1, -2) @ mult).squeeze(-1)
 
 

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from torch.func import jacfwd, vmap
 
+from .._linalg import solve_ex
 from ..implicit import custom_root
 from ..implicit.linear_solve import LinearSolver
 from ._checks import check_tensor
@@ -491,7 +492,7 @@ def _polish(residual, x: torch.Tensor, v: torch.Tensor, data: tuple, steps: int 
     J, F = with_jacobian(w, *data)
     norm = torch.linalg.vector_norm(F, dim=-1)
     for i in range(steps):
-        step, info = torch.linalg.solve_ex(J, -F)
+        step, info = solve_ex(J, -F)
         rounding = 4 * eps * (1 + torch.linalg.vector_norm(w, dim=-1))
         worth = (info == 0) & ((i == 0) | (torch.linalg.vector_norm(step, dim=-1) > rounding))
         if not bool(worth.any()):

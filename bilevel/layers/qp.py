@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._linalg import lu_factor_ex
 from .._autograd_context import refuse_grads_batched_by_autograd
 from .._checks import check_fields as _check_fields
 from .._checks import positive_int as _positive_int
@@ -349,7 +350,7 @@ class _Saddle:
         top = torch.cat([H, A.mT], -1)
         bottom = torch.cat([A, torch.zeros(A.shape[:-2] + (p, p), dtype=A.dtype, device=A.device)], -1)
         M = torch.cat([top, bottom], -2)
-        self.LU, self.piv, info = torch.linalg.lu_factor_ex(M)
+        self.LU, self.piv, info = lu_factor_ex(M)
         diag = self.LU.diagonal(dim1=-2, dim2=-1).abs()
         eps = torch.finfo(M.dtype).eps
         bad = (info > 0) | (diag.amin(-1) <= (n + p) * eps * diag.amax(-1)) | ~torch.isfinite(diag).all(-1)
@@ -363,7 +364,7 @@ class _Saddle:
             dual = torch.where(bad, -delta, 0).to(M.dtype)
             shift = torch.cat([primal.unsqueeze(-1).expand(primal.shape + (n,)),
                                dual.unsqueeze(-1).expand(dual.shape + (p,))], -1)
-            self.LU, self.piv, _ = torch.linalg.lu_factor_ex(M + torch.diag_embed(shift))
+            self.LU, self.piv, _ = lu_factor_ex(M + torch.diag_embed(shift))
             self.M, self.bad = M, bad[:, None, None]
         self.n = n
 
@@ -846,7 +847,7 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
         torch.cat([lam_k.unsqueeze(-1) * G, zeros(m, p), torch.diag_embed(-slack)], -1),
     ], -2)
     rhs = torch.cat(bars, -1).movedim(0, -1)  # (B, N, C)
-    LU, piv, info = torch.linalg.lu_factor_ex(K)
+    LU, piv, info = lu_factor_ex(K)
     diag = LU.diagonal(dim1=-2, dim2=-1).abs()
     singular = ((info > 0) | (diag.amin(-1) <= K.shape[-1] * eps * diag.amax(-1))) & ~failed
     u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True)
@@ -863,7 +864,7 @@ def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
         # the LU solve of a singular K is NaN, and so is its derivative (a second-order pass
         # multiplies it by 0): solve those elements with the identity, then use the pinv
         eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-        LU, piv, _ = torch.linalg.lu_factor_ex(torch.where(singular[:, None, None], eye, K))
+        LU, piv, _ = lu_factor_ex(torch.where(singular[:, None, None], eye, K))
         u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True)
         u = torch.where(failed_, torch.where(used, math.nan, 0.0).to(u.dtype), u)
         idx = singular.nonzero().reshape(-1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..._linalg import lu_factor_ex
 from ..._checks import check_fields as _check_fields
 from ..._tolerance import default_tol
 from ...status import Status
@@ -150,7 +151,7 @@ class Direct(LinearSolver):
             # different units are no "singularity" for the pivot test; x = D_c y
             rows = _power_of_two(A.abs().amax(-1, keepdim=True))
             cols = _power_of_two((A / rows).abs().amax(-2, keepdim=True))
-            LU, pivots, info = torch.linalg.lu_factor_ex(A / rows / cols)
+            LU, pivots, info = lu_factor_ex(A / rows / cols)
             ok = (info == 0) & _regular_pivots(LU.diagonal(dim1=-2, dim2=-1), eps)
             x = torch.linalg.lu_solve(LU, pivots, rhs / rows).squeeze(-1) / cols.squeeze(-2)
             accurate = _small_residual(A, x, rhs, rows)
