@@ -22,6 +22,7 @@ import torch
 
 from .._tree import tree_leaves
 from ..status import BilevelError, CapturedTensorWarning
+from .projections import ConvexSet
 
 _MAX_DEPTH = 3
 
@@ -94,8 +95,6 @@ def _calls_functional_call(fn: Callable, depth: int = 0, seen: set | None = None
 
 
 def _is_set(obj: Any) -> bool:
-    from .projections import ConvexSet  # a sibling module, imported late (it is large)
-
     return isinstance(obj, ConvexSet) and dataclasses.is_dataclass(obj)
 
 
