@@ -34,7 +34,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from .._tolerance import default_residual_tol, default_tol
-from .._tree import tree_flatten, tree_map, tree_unflatten
+from .._tree import tree_flatten, tree_map, tree_norm, tree_unflatten
 from ..implicit import custom_root, stationarity
 from ..implicit.linear_solve import LinearSolver
 from ..solvers import LBFGS, GaussNewton, LevenbergMarquardt, ProximalGradient, Solver
@@ -342,7 +342,7 @@ def _solve_each(solver: Solver, f: Callable, condition: Callable, init: TensorTr
     name = getattr(solver, "name", type(solver).__name__)
     per_problem = vmap(f)
     joint_objective = lambda z, *a: per_problem(z, *a).sum()  # noqa: E731
-    norms = vmap(lambda z, *a: _tree_norm(condition(z, *a)))
+    norms = vmap(lambda z, *a: tree_norm(condition(z, *a)))
     leaves, spec = tree_flatten(init)
     B = leaves[0].shape[0]
     tol = getattr(solver, "tol", None)
@@ -389,10 +389,6 @@ def _solve_each(solver: Solver, f: Callable, condition: Callable, init: TensorTr
                       status=status, tolerance=tolerance)
     warn_if_failed(info, name, stacklevel=4)
     return sol, info
-
-
-def _tree_norm(tree) -> torch.Tensor:
-    return torch.sqrt(sum((t.abs() ** 2).sum() for t in tree_flatten(tree)[0]))
 
 
 def _check_devices(inputs: tuple) -> None:
