@@ -183,8 +183,9 @@ def _qp_run(Q, q, G, h, **options):
 def test_qp_forward_and_backward_read_rarely(accelerator):
     (_, _, info), forward, backward = _qp_run(*_qp_batch())
     assert info.converged.all() and int(info.iterations.max()) >= 8
-    # the input check, the loop every 8 iterations, the failure check
-    assert forward.count <= int(info.iterations.max()) / EVERY + 3, forward.report()
+    # the input check, the layout of G and Q (bound rows, a diagonal Q), the loop every 8
+    # iterations, the failure check
+    assert forward.count <= int(info.iterations.max()) / EVERY + 4, forward.report()
     assert backward.count <= 1, backward.report()
 
 

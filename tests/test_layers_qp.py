@@ -633,3 +633,44 @@ def test_convex_layer_default_route_solves_ties_and_dependent_equalities():
             projection.solve(solver=cp.CLARABEL)
             torch.testing.assert_close(Xo[i].double(), torch.tensor(X.value), rtol=0,
                                        atol=1e-6 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+@pytest.mark.parametrize("p", [0, 2])
+def test_bound_rows_in_any_order_give_the_known_solution_and_duals(diagonal, p):
+    """Rows of G with one nonzero (bounds, with per-element coefficients of either sign) are
+    kept out of the dense algebra and put first; interleaved with general rows, active and
+    not, the solver must still return the known z, nu, lam and slack in the caller's order,
+    with a diagonal Q (where H is diagonal without general rows) and a dense one."""
+    g = torch.Generator().manual_seed(5)
+    B, n, m = 3, 6, 9
+    problem, _ = _problem(B=B, n=n, p=p, m=m, active=0, seed=5)
+    Q = torch.diag_embed(torch.rand(B, n, generator=g, dtype=torch.float64) + 0.5) if diagonal else problem["Q"].double()
+    A, G = problem["A"].double(), problem["G"].double()
+    for row, col in ((1, 2), (3, 0), (4, 2), (6, 5), (8, 1)):
+        G[:, row] = 0
+        G[:, row, col] = (torch.rand(B, generator=g, dtype=torch.float64) + 0.5) * torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    z = torch.randn(B, n, generator=g, dtype=torch.float64)
+    nu = torch.randn(B, p, generator=g, dtype=torch.float64)
+    active = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1, 0], dtype=torch.bool)  # bound rows 1, 3, 6 and general row 7
+    slack = torch.where(active, 0.0, torch.rand(B, m, generator=g, dtype=torch.float64) + 0.5)
+    lam = torch.where(active, torch.rand(B, m, generator=g, dtype=torch.float64) + 0.5, 0.0)
+    mv = lambda M, v: (M @ v.unsqueeze(-1)).squeeze(-1)
+    q = -(mv(Q, z) + mv(A.mT, nu) + mv(G.mT, lam))
+    out, info = qp_solve(Q, q, A if p else None, mv(A, z) if p else None, G, mv(G, z) + slack, return_info=True)
+    torch.testing.assert_close(out, z, atol=1e-9, rtol=0)
+    torch.testing.assert_close(info.ineq_dual, lam, atol=1e-8, rtol=0)
+    torch.testing.assert_close(info.slack, slack, atol=1e-9, rtol=0)
+    torch.testing.assert_close(info.eq_dual, nu, atol=1e-8, rtol=0)
+
+
+def test_a_variable_without_curvature_or_bound_is_solved():
+    """min -z1 s.t. z1 - z2 = 0, z1 <= 1 (an LP whose z2 appears in the equality only): H is
+    diagonal with a zero entry, which the regularized factorization handles."""
+    z, info = qp_solve(torch.zeros(2, 2, dtype=torch.float64), torch.tensor([-1.0, 0.0], dtype=torch.float64),
+                       torch.tensor([[1.0, -1.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                       torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                       return_info=True)
+    torch.testing.assert_close(z, torch.ones(2, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(info.ineq_dual, torch.ones(1, dtype=torch.float64), atol=1e-8, rtol=0)
+    torch.testing.assert_close(info.eq_dual, torch.zeros(1, dtype=torch.float64), atol=1e-8, rtol=0)

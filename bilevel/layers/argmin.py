@@ -329,7 +329,7 @@ class ArgminLayer(torch.nn.Module):
 
 def _solve_each(solver: Solver, f: Callable, condition: Callable, init: TensorTree,
                 args: tuple) -> tuple[TensorTree, SolverInfo]:
-    """A batch for a solver of one problem: one run on the summed objective, then
+    r"""A batch for a solver of one problem: one run on the summed objective, then
     each element held to the solver's tolerance rule on its own residual, and the
     elements that miss it solved again alone.  ``args`` and ``init`` have every
     tensor leaf batched (leading ``B``).

@@ -8,11 +8,16 @@ r"""A batched quadratic-program solver in torch and a layer differentiating thro
     \quad \text{s.t.}\quad A z = b,\ \ G z \le h,
 
 by a primal-dual interior-point method (Mehrotra's predictor-corrector, as in
-OptNet's solver): every iteration factorizes the batch of reduced KKT matrices
+OptNet's solver): every iteration solves the batch of reduced KKT systems
 :math:`\begin{pmatrix} Q + G^\top \operatorname{diag}(\lambda/s) G & A^\top \\ A & 0\end{pmatrix}`
-with one batched dense LU, on the device and in the dtype of the inputs (no
-NumPy round trip), and stops each element at a relative accuracy of
-``eps ** 0.75`` of the dtype (about ``2e-12`` in float64).
+by batched Cholesky factorizations of :math:`H = Q + G^\top \operatorname{diag}(\lambda/s) G`
+and of its Schur complement, with bound rows of ``G`` (one nonzero: :math:`z_j \le u`,
+:math:`z \ge 0`) added to the diagonal of ``H`` instead of multiplied out (a diagonal ``Q``
+with bounds only, as in projections onto the simplex or a box, costs :math:`O(n)` per
+iteration); on the device and in the dtype of the inputs (no NumPy round trip).  It
+stops each element at a relative accuracy of ``eps ** 0.75`` of the dtype (about
+``2e-12`` in float64).  The start is CVXOPT's least-squares point with per-row
+multipliers :math:`\lambda_i = 1 / s_i` (centred: every :math:`s_i \lambda_i = 1`).
 
 The solution is differentiable in all of :math:`Q, q, A, b, G, h` by the
 implicit function theorem on the KKT conditions at the solution
@@ -71,6 +76,9 @@ from .._checks import tol_ok as _tol_ok
 from ..implicit.linear_solve._base import _sync_every
 from ..status import BilevelError, BilevelWarning, CurvatureWarning
 from ._checks import check_tensor
+from ._qp_kkt import NewtonSystem, Rows, structure
+from ._qp_kkt import mv as _mv
+from ._qp_kkt import on_host as _on_host
 
 __all__ = ["QPInfo", "QPLayer", "QPStatus", "SolveError", "SolveWarning", "qp_solve"]
 
@@ -296,10 +304,6 @@ def _inf_norm(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(-1) if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
 
 
-def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
-
-
 def _vmapped(x: object) -> bool:
     """Whether ``x`` is a tensor batched by ``torch.func.vmap``, also below the wrappers
     of other transforms (``vmap(jacrev(f))``: a gradient-tracking tensor around a
@@ -316,125 +320,53 @@ def _vmapped(x: object) -> bool:
     return False
 
 
-def _on_host(x: torch.Tensor) -> bool:
-    """Whether reading a flag of ``x`` on the host is free (the CPU): elsewhere the
-    loops avoid the read and do the work for all elements, as the linear solvers do."""
-    return _sync_every(x) == 1
-
-
-class _Saddle:
-    r"""Batched LU of :math:`M = \begin{pmatrix} H & A^\top \\ A & 0\end{pmatrix}` (the
-    equilibrated QP's reduced KKT matrix, ``H = Q + G^T diag(lambda/s) G``).
-
-    Elements whose factorization is singular or nearly so (a pivot below
-    :math:`(n + p)\,\varepsilon` times the largest) are factorized again, regularized to
-    the quasi-definite :math:`\begin{pmatrix} H + \delta_p I & A^\top \\ A & -\delta_d I
-    \end{pmatrix}`, and their solves take one step of iterative refinement against
-    :math:`M`.  Each shift is sized for the block it protects, in that block's units
-    (the data are equilibrated to unit size): :math:`\delta_d = \sqrt{\varepsilon}` keeps
-    the multipliers of dependent (consistent) rows of ``A`` bounded, and
-    :math:`\delta_p = \sqrt{\varepsilon} + (n + p)\,\varepsilon \max|H|` stays above the
-    rounding error of forming ``H``, whose entries grow like ``1/mu``: along a
-    direction where ``H`` has no curvature left after rounding (the optimal face of an
-    LP with ties) ``H`` is exactly singular otherwise.  Where the true curvature is
-    larger the shifts change a step by a relative :math:`\delta / \text{curvature}`,
-    which the refinement squares; along the (nearly) singular directions the step is
-    the regularized (proximal) one, which stays on the optimal face.  Near the end of
-    every run the pivots of ``M`` span ``mu`` to ``1/mu`` (degenerate vertices,
-    non-unique multipliers): a shift of :math:`\sqrt{\varepsilon} \max|M|` on both
-    blocks, as this class had, grew to 1e6..4e9 there, the steps stopped reducing the
-    residuals, and such problems ended MAX_ITERATIONS."""
-
-    def __init__(self, H: torch.Tensor, A: torch.Tensor):
-        n, p = H.shape[-1], A.shape[-2]
-        top = torch.cat([H, A.mT], -1)
-        bottom = torch.cat([A, torch.zeros(A.shape[:-2] + (p, p), dtype=A.dtype, device=A.device)], -1)
-        M = torch.cat([top, bottom], -2)
-        self.LU, self.piv, info = lu_factor_ex(M)
-        diag = self.LU.diagonal(dim1=-2, dim2=-1).abs()
-        eps = torch.finfo(M.dtype).eps
-        bad = (info > 0) | (diag.amin(-1) <= (n + p) * eps * diag.amax(-1)) | ~torch.isfinite(diag).all(-1)
-        self.M = None  # set where some element's solves are refined (those marked in self.bad)
-        # On an accelerator the second factorization always runs (a zero shift leaves the regular
-        # elements' matrices, hence their factors, unchanged, and they are not refined): cheaper
-        # than a host read, and the same numbers as on the CPU.
-        if not _on_host(M) or bool(bad.any()):
-            delta = math.sqrt(eps)
-            primal = torch.where(bad, delta + (n + p) * eps * H.abs().amax((-2, -1)), 0)
-            dual = torch.where(bad, -delta, 0).to(M.dtype)
-            shift = torch.cat([primal.unsqueeze(-1).expand(primal.shape + (n,)),
-                               dual.unsqueeze(-1).expand(dual.shape + (p,))], -1)
-            self.LU, self.piv, _ = lu_factor_ex(M + torch.diag_embed(shift))
-            self.M, self.bad = M, bad[:, None, None]
-        self.n = n
-
-    def solve(self, rz: torch.Tensor, ry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = torch.cat([rz, ry], -1).unsqueeze(-1)
-        x = torch.linalg.lu_solve(self.LU, self.piv, r)
-        if self.M is not None:  # one step of iterative refinement against the unshifted M
-            x = torch.where(self.bad, x + torch.linalg.lu_solve(self.LU, self.piv, r - self.M @ x), x)
-        x = x.squeeze(-1)
-        return x[..., : self.n], x[..., self.n:]
-
-
 def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     """Largest ``a`` in [0, inf) with ``v + a dv >= 0`` per element."""
     ratio = torch.where(dv < 0, -v / torch.where(dv < 0, dv, -torch.ones_like(dv)), torch.full_like(v, math.inf))
     return ratio.amin(-1) if v.shape[-1] else torch.full(v.shape[:-1], math.inf, dtype=v.dtype, device=v.device)
 
 
-def _residuals(Q, q, A, b, G, h, z, y, lam, s):
-    rd = _mv(Q, z) + q + _mv(A.mT, y) + _mv(G.mT, lam)
-    rp = _mv(A, z) - b
-    ri = _mv(G, z) + s - h
-    return rd, rp, ri
-
-
-def _scales(Q, q, A, b, G, h, z, y, lam):
-    """Per-element scales of the primal and dual residuals (OSQP-style relative rule)."""
-    p_scale = 1 + torch.stack([_inf_norm(b), _inf_norm(h), _inf_norm(_mv(A, z)), _inf_norm(_mv(G, z))]).amax(0)
-    d_scale = 1 + torch.stack([_inf_norm(q), _inf_norm(_mv(Q, z)), _inf_norm(_mv(A.mT, y)),
-                               _inf_norm(_mv(G.mT, lam))]).amax(0)
-    return p_scale, d_scale
-
-
-def _start(Q, q, A, b, G, h):
-    """The KKT solution with ``W = I``, shifted into the interior (as CVXOPT's ``coneqp``)."""
+def _start(Q, q, A, b, G: Rows, h, diagonal: bool):
+    """The KKT solution with ``W = I`` (as CVXOPT's ``coneqp``), its slacks shifted into the
+    interior, and centred multipliers ``lam_i = 1 / s_i``.  Multipliers shifted like the
+    slacks, as ``coneqp`` does, are all of the size of the farthest bound: one bound at 1e9
+    (a stand-in for "no bound") gave the near rows multipliers of 1e9, and the iterates
+    zig-zagged between the near bounds for 20 or more iterations."""
     m = h.shape[-1]
-    z, y = _Saddle(Q + G.mT @ G, A).solve(-q + _mv(G.mT, h), b)
-    lam = _mv(G, z) - h
-    s = -lam
+    z, y = NewtonSystem(Q, diagonal, G, torch.ones_like(h), A).solve(-q + G.rmv(h), b)
+    s = h - G.mv(z)
     if m:
         s = s + torch.clamp_min(1 - s.amin(-1, keepdim=True), 0)
-        lam = lam + torch.clamp_min(1 - lam.amin(-1, keepdim=True), 0)
-    return z, y, lam, s
+    return z, y, 1 / s, s
 
 
-def _measure(Q, q, A, b, G, h, z, y, lam, s):
+def _measure(Q, q, A, b, G: Rows, h, z, y, lam, s):
     """Residuals, the relative merit ``max(pres / p_scale, dres / d_scale, gap / (1 + |obj|))``
-    and the three raw figures reported in :class:`QPInfo`."""
-    rd, rp, ri = _residuals(Q, q, A, b, G, h, z, y, lam, s)
+    (OSQP-style scales of the residuals) and the three raw figures reported in :class:`QPInfo`."""
+    Qz, Az, Gz, ATy, GTl = _mv(Q, z), _mv(A, z), G.mv(z), _mv(A.mT, y), G.rmv(lam)
+    rd, rp, ri = Qz + q + ATy + GTl, Az - b, Gz + s - h
     gap = (s * lam).sum(-1)
-    p_scale, d_scale = _scales(Q, q, A, b, G, h, z, y, lam)
-    pobj = 0.5 * (z * _mv(Q, z)).sum(-1) + (q * z).sum(-1)
+    p_scale = 1 + torch.stack([_inf_norm(b), _inf_norm(h), _inf_norm(Az), _inf_norm(Gz)]).amax(0)
+    d_scale = 1 + torch.stack([_inf_norm(q), _inf_norm(Qz), _inf_norm(ATy), _inf_norm(GTl)]).amax(0)
+    pobj = 0.5 * (z * Qz).sum(-1) + (q * z).sum(-1)
     pres = torch.maximum(_inf_norm(rp), _inf_norm(ri))
     dres = _inf_norm(rd)
     merit = torch.stack([pres / p_scale, dres / d_scale, gap / (1 + pobj.abs())]).amax(0)
     return (rd, rp, ri), merit, (pres, dres, gap)
 
 
-def _newton_step(Q, A, G, z, y, lam, s, residuals):
-    """Mehrotra's predictor-corrector step (one LU, two solves); ``(z, y, lam, s)`` updated."""
+def _newton_step(Q, diagonal: bool, A, G: Rows, z, y, lam, s, residuals):
+    """Mehrotra's predictor-corrector step (one factorization, two solves); ``(z, y, lam, s)`` updated."""
     rd, rp, ri = residuals
     m = s.shape[-1]
+    kkt = NewtonSystem(Q, diagonal, G, lam / s, A)
     if m == 0:  # an equality-constrained QP: one Newton step is exact
-        dz, dy = _Saddle(Q, A).solve(-rd, -rp)
+        dz, dy = kkt.solve(-rd, -rp)
         return z + dz, y + dy, lam, s
-    kkt = _Saddle(Q + G.mT @ (G * (lam / s).unsqueeze(-1)), A)
 
     def direction(rc):
-        dz, dy = kkt.solve(-rd - _mv(G.mT, (rc + lam * ri) / s), -rp)
-        ds = -ri - _mv(G, dz)
+        dz, dy = kkt.solve(-rd - G.rmv((rc + lam * ri) / s), -rp)
+        ds = -ri - G.mv(dz)
         return dz, dy, ds, (rc - lam * ds) / s
 
     _, _, ds_a, dl_a = direction(-lam * s)
@@ -472,9 +404,14 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int, accept: float | 
     accelerators (``_sync_every``), where it makes no other host read."""
     B, device = q.shape[0], q.device
     accept = 100 * tol if accept is None else accept
-    original = (Q, q, A, b, G, h)
+    original = (Q, q, A, b, Rows(G), h)
+    # bound rows first (held as columns and coefficients, see Rows); the order is undone at the end
+    order, bounds, diagonal = structure(Q, G)
+    G, h = G[:, order], h[:, order]
     (Q, q, A, b, G, h), factors = _equilibrate(Q, q, A, b, G, h)
-    state = _start(Q, q, A, b, G, h)
+    huge = (1 + torch.stack([_inf_norm(x.reshape(B, -1)) for x in (Q, q, A, b, G, h)]).amax(0)) / torch.finfo(q.dtype).eps
+    G = Rows(G, bounds)
+    state = _start(Q, q, A, b, G, h, diagonal)
     best = list(state)
     best_merit = torch.full((B,), math.inf, dtype=q.dtype, device=device)
     status = torch.full((B,), int(QPStatus.MAX_ITERATIONS), dtype=torch.int64, device=device)
@@ -482,7 +419,6 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int, accept: float | 
     stall = torch.zeros(B, dtype=torch.int64, device=device)
     last = torch.full((B,), math.inf, dtype=q.dtype, device=device)  # merit at the last progress
     active = torch.ones(B, dtype=torch.bool, device=device)
-    huge = (1 + torch.stack([_inf_norm(x.reshape(B, -1)) for x in (Q, q, A, b, G, h)]).amax(0)) / torch.finfo(q.dtype).eps
     # Finished elements are frozen (every update is masked by `active`), so looking for the end
     # only every `sync` iterations changes nothing but the work done.
     sync = _sync_every(q)
@@ -516,7 +452,7 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int, accept: float | 
         active = active & ~done & ~stalled & ~proven
         if k == maxiter or ((k + 1) % sync == 0 and not bool(active.any())):
             break
-        new = _newton_step(Q, A, G, *state, residuals)
+        new = _newton_step(Q, diagonal, A, G, *state, residuals)
         size = _inf_norm(torch.cat(new[:3], -1))
         status = torch.where(active & ~torch.isfinite(size), int(QPStatus.NONFINITE), status)
         # Iterates of infeasible or unbounded problems grow without bound: stop them early.
@@ -528,6 +464,8 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int, accept: float | 
     if not _on_host(q) or bool(failed.any()):  # classify from the last iterate, where the certificates have grown
         status = _classify(status, failed, Q, q, A, b, G, h, state[0], state[1], state[2])
     z, y, lam, s = _unscale(best, factors)
+    undo = torch.argsort(order)
+    lam, s = lam[:, undo], s[:, undo]
     _, _, figures = _measure(*original, z, y, lam, s)  # the residuals reported in the data's own units
     info = QPInfo(y, lam, s, iterations, *figures, status, torch.zeros_like(status, dtype=torch.bool))
     return z, y, lam, s, info
@@ -559,7 +497,7 @@ def _unscale(point, factors):
     return z, c[:, None] * y / ra, c[:, None] * lam / rg, s * rg
 
 
-def _classify(status, failed, Q, q, A, b, G, h, z, y, lam):
+def _classify(status, failed, Q, q, A, b, G: Rows, h, z, y, lam):
     """Label unconverged elements INFEASIBLE or UNBOUNDED where the iterate carries the
     certificate (:func:`_certificates`)."""
     farkas, ray = _certificates(Q, q, A, b, G, h, z, y, lam)
@@ -567,7 +505,7 @@ def _classify(status, failed, Q, q, A, b, G, h, z, y, lam):
     return torch.where(failed & ~farkas & ray, int(QPStatus.UNBOUNDED), status)
 
 
-def _certificates(Q, q, A, b, G, h, z, y, lam):
+def _certificates(Q, q, A, b, G: Rows, h, z, y, lam):
     """Per element: whether ``(y, lam)`` is a Farkas certificate of infeasibility
     (``A^T y + G^T lam ~ 0``, ``b^T y + h^T lam < 0``), and whether ``z`` points along a ray
     of unboundedness (``Qd ~ 0, Ad ~ 0, Gd <= 0, q^T d < 0`` for ``d = z / ||z||``)."""
@@ -575,12 +513,12 @@ def _certificates(Q, q, A, b, G, h, z, y, lam):
     dual = torch.cat([y, lam], -1)
     dn = torch.linalg.vector_norm(dual, dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
     yy, ll = y / dn, lam / dn
-    data = 1 + torch.stack([_inf_norm(A.mT.reshape(A.shape[0], -1)), _inf_norm(G.reshape(G.shape[0], -1))]).amax(0)
-    farkas = (_inf_norm(_mv(A.mT, yy) + _mv(G.mT, ll)) <= loose * data) & (
+    data = 1 + torch.maximum(_inf_norm(A.mT.reshape(A.shape[0], -1)), G.size)
+    farkas = (_inf_norm(_mv(A.mT, yy) + G.rmv(ll)) <= loose * data) & (
         (b * yy).sum(-1) + (h * ll).sum(-1) < -loose
     )
     d = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
-    Gd = _mv(G, d)
+    Gd = G.mv(d)
     ray = (
         (_inf_norm(_mv(Q, d)) <= loose * (1 + _inf_norm(Q.reshape(Q.shape[0], -1))))
         & (_inf_norm(_mv(A, d)) <= loose * data)
