@@ -186,7 +186,8 @@ def test_qp_forward_and_backward_read_rarely(accelerator):
     # the input check, the layout of G and Q (bound rows, a diagonal Q), the loop every 8
     # iterations, the failure check
     assert forward.count <= int(info.iterations.max()) / EVERY + 4, forward.report()
-    assert backward.count <= 1, backward.report()
+    # the sizes of the reduced adjoint systems (free variables, active general rows), its checks
+    assert backward.count <= 2, backward.report()
 
 
 def test_qp_accelerator_path_computes_what_the_cpu_path_computes(monkeypatch):

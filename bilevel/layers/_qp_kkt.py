@@ -42,6 +42,11 @@ def mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
+def inf_norm(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` over the last dimension (0 where it is empty)."""
+    return x.abs().amax(-1) if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+
+
 def on_host(x: torch.Tensor) -> bool:
     """Whether reading a flag of ``x`` on the host is free (the CPU): elsewhere the
     solver avoids the read and does the work for all elements, as the linear solvers do."""

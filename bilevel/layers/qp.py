@@ -68,15 +68,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._linalg import lu_factor_ex
 from .._autograd_context import refuse_grads_batched_by_autograd
 from .._checks import check_fields as _check_fields
 from .._checks import positive_int as _positive_int
 from .._checks import tol_ok as _tol_ok
 from ..implicit.linear_solve._base import _sync_every
-from ..status import BilevelError, BilevelWarning, CurvatureWarning
+from ..status import BilevelError, BilevelWarning
 from ._checks import check_tensor
 from ._qp_kkt import NewtonSystem, Rows, structure
+from ._qp_adjoint import adjoint as _adjoint
+from ._qp_kkt import inf_norm as _inf_norm
 from ._qp_kkt import mv as _mv
 from ._qp_kkt import on_host as _on_host
 
@@ -298,10 +299,6 @@ def _check_inputs(Q, q, A, b, G, h) -> tuple:
 
 
 # ----------------------------------------------------------------------------- interior point
-
-
-def _inf_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().amax(-1) if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
 
 
 def _vmapped(x: object) -> bool:
@@ -665,7 +662,7 @@ def _input_grads(options: _Options, Q, A, G, h, z, y, lam, element, z_bar, y_bar
     failed = ~options.info.converged.reshape(-1)[element]
     z, y, lam = (torch.where(failed.unsqueeze(-1), 0, t) for t in (z, y, lam))
     bars = (z_bar, y_bar, lam_bar) if columns else (z_bar[None], y_bar[None], lam_bar[None])
-    d_z, d_y, d_l, degenerate = _adjoint(Q, A, G, h, z, lam, bars, options.stage, failed)
+    d_z, d_y, w, degenerate = _adjoint(Q, A, G, h, z, lam, bars, options.stage, failed)
     for report in options.reports:  # frozen dataclasses: set, not mutated in place (torch.func)
         flags = torch.zeros(report.status.numel(), dtype=torch.int8, device=degenerate.device)
         flags = flags.scatter_reduce(0, element, degenerate.detach().to(torch.int8), "amax")
@@ -676,8 +673,8 @@ def _input_grads(options: _Options, Q, A, G, h, z, y, lam, element, z_bar, y_bar
         -d_z if need[1] else None,
         -(outer(y, d_z) + outer(d_y, z)) if need[2] else None,
         d_y if need[3] else None,
-        -(outer(lam, d_z) + outer(lam * d_l, z)) if need[4] else None,
-        lam * d_l if need[5] else None,
+        -(outer(lam, d_z) + outer(w, z)) if need[4] else None,
+        w if need[5] else None,
     )
     return grads if columns else tuple(None if g is None else g[0] for g in grads)
 
@@ -720,109 +717,6 @@ class _QPAdjoint(torch.autograd.Function):
             flat = [_merged(t, d, size) for t, d in zip(tensors, dims)]
             grads = tuple(None if g is None else _split(g, size) for g in _QPAdjoint.apply(options, need, *flat))
         return grads, tuple(None if g is None else 0 for g in grads)
-
-
-def _inf_norm_rows(G: torch.Tensor) -> torch.Tensor:
-    """``max_j |G_ij|`` per row, 1 for a zero row (``(B, m)``)."""
-    size = G.abs().amax(-1) if G.shape[-1] else torch.zeros(G.shape[:-1], dtype=G.dtype, device=G.device)
-    return torch.where(size > 0, size, torch.ones_like(size))
-
-
-def _dependent(A: torch.Tensor, G: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    r"""Per element: whether the gradients of the active constraints, the rows of :math:`A`
-    and of :math:`G` where ``active``, are linearly dependent (LICQ fails: the
-    multipliers are not unique).  The rows are normalized and their Gram matrix
-    factorized (inactive rows as unit rows of their own); a squared pivot, the squared
-    distance of a row to the span of the rows before it, below :math:`\sqrt{\varepsilon}`
-    is a dependence.  At the interior point's last iterate the KKT matrix of such a
-    solution is only nearly singular (its slack block is of the order of the solver's
-    tolerance), so its own pivots do not show it.  No host read (a Cholesky, not an SVD)."""
-    rows = torch.cat([A, G], -2)
-    if rows.shape[-2] == 0:
-        return torch.zeros(rows.shape[:-2], dtype=torch.bool, device=rows.device)
-    used = torch.cat([torch.ones(A.shape[:-1], dtype=torch.bool, device=A.device), active], -1)
-    largest = rows.abs().amax(-1, keepdim=True)  # rows scaled by their largest entry first: no under/overflow
-    rows = rows / torch.where(largest > 0, largest, 1)
-    size = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
-    unit = torch.where(used.unsqueeze(-1) & (size > 0), rows / torch.where(size > 0, size, 1), 0)
-    gram = unit @ unit.mT
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    gram = torch.where(used.unsqueeze(-1) & used.unsqueeze(-2), gram, eye)
-    factor, info = torch.linalg.cholesky_ex(gram)
-    pivots = factor.diagonal(dim1=-2, dim2=-1) ** 2
-    zero_row = (used & (size.squeeze(-1) == 0)).any(-1)  # a 0 = 0 constraint row: no direction at all
-    return (info > 0) | (pivots.amin(-1) <= torch.finfo(rows.dtype).eps ** 0.5) | zero_row
-
-
-def _adjoint(Q, A, G, h, z, lam, bars, stage, failed):
-    r"""Solve :math:`K^\top (d_z, d_\nu, d_\lambda) = (\bar z, \bar\nu, \bar\lambda)` for the batch.
-
-    ``bars`` are ``(C, B, .)``: ``C`` right-hand sides per element (the rows of a
-    Jacobian under :func:`torch.func.jacrev`) share one factorization of each
-    :math:`K`; the solutions come back as ``(C, B, .)``.  The ``failed`` elements
-    (no solution: their outputs were NaN) are left out of the checks; their adjoint
-    is 0 where their output was masked out of the loss (:math:`\bar z = 0`), NaN
-    otherwise.
-    """
-    B, n = z.shape
-    p, m = A.shape[-2], G.shape[-2]
-    zeros = lambda *s: torch.zeros((B,) + s, dtype=z.dtype, device=z.device)
-    eps = torch.finfo(z.dtype).eps
-    slack = h - _mv(G, z)
-    small = eps ** 0.25
-    # per row, in the row's own units (slack / ||G_i|| against 1 + |h_i| / ||G_i||): a distant
-    # bound elsewhere, or a row's scaling, does not change whether it is active
-    active = slack <= small * (_inf_norm_rows(G) + h.abs())
-    # K at the exact solution, where complementarity makes the multiplier of an inactive
-    # constraint 0 (the iterate's is of the order of gap / slack).  Kept, those tiny
-    # multipliers hid a singular K behind a pivot of their size: where the optimum is not
-    # unique (an LP with ties: Q = 0 along the optimal face) the adjoint came out ~1e12
-    # instead of being detected as degenerate below.
-    lam_k = torch.where(active, lam, 0)
-    K = torch.cat([
-        torch.cat([Q, A.mT, G.mT], -1),
-        torch.cat([A, zeros(p, p), zeros(p, m)], -1),
-        torch.cat([lam_k.unsqueeze(-1) * G, zeros(m, p), torch.diag_embed(-slack)], -1),
-    ], -2)
-    rhs = torch.cat(bars, -1).movedim(0, -1)  # (B, N, C)
-    LU, piv, info = lu_factor_ex(K)
-    diag = LU.diagonal(dim1=-2, dim2=-1).abs()
-    singular = ((info > 0) | (diag.amin(-1) <= K.shape[-1] * eps * diag.amax(-1))) & ~failed
-    u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True)
-    used = (rhs != 0).any(-2, keepdim=True)  # per element and right-hand side
-    failed_ = failed[:, None, None]
-    u = torch.where(failed_, torch.where(used, math.nan, 0.0).to(u.dtype), u)
-    # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
-    weak = (lam <= small * (1 + _inf_norm(lam)).unsqueeze(-1)) & active
-    degenerate = (singular | (weak.any(-1) if m else torch.zeros_like(singular)) | _dependent(A, G, active)) & ~failed
-    # one host read for the three decisions (the singular elements' u is replaced, then checked, below)
-    any_singular, any_degenerate, finite = torch.stack(
-        [singular.any(), degenerate.any(), (torch.isfinite(u).flatten(1).all(-1) | singular | failed).all()]).tolist()
-    if any_singular:
-        # the LU solve of a singular K is NaN, and so is its derivative (a second-order pass
-        # multiplies it by 0): solve those elements with the identity, then use the pinv
-        eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-        LU, piv, _ = lu_factor_ex(torch.where(singular[:, None, None], eye, K))
-        u = torch.linalg.lu_solve(LU, piv, rhs, adjoint=True)
-        u = torch.where(failed_, torch.where(used, math.nan, 0.0).to(u.dtype), u)
-        idx = singular.nonzero().reshape(-1)
-        u[idx] = torch.linalg.pinv(K[idx].mT) @ rhs[idx]
-        finite = bool((torch.isfinite(u).flatten(1).all(-1) | failed).all())
-    if any_degenerate:
-        # one fixed text, so that a training loop shows it once; the elements are in info.degenerate
-        warnings.warn(
-            f"{stage}: a degenerate solution in the batch (a weakly active constraint with zero "
-            "multiplier, (nearly) linearly dependent active constraints, or Q singular on their null space): "
-            "the KKT matrix is singular or nearly so, the solution map is not differentiable there, "
-            "and the gradient returned is one of its generalized gradients. The elements are marked "
-            "in `info.degenerate` (QPLayer.last_info, or qp_solve(..., return_info=True)).",
-            CurvatureWarning,
-            stacklevel=3,
-        )
-    if not finite:
-        raise FloatingPointError(f"{stage}: the adjoint KKT solve returned NaN or inf.")
-    u = u.movedim(-1, 0)  # (C, B, N)
-    return u[..., :n], u[..., n:n + p], u[..., n + p:], degenerate
 
 
 _PROMOTED = (torch.float32, torch.float16, torch.bfloat16)
