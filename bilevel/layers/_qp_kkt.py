@@ -37,9 +37,69 @@ import torch
 from ..implicit.linear_solve._base import _sync_every
 
 
+def shared(t: torch.Tensor) -> bool:
+    """Whether ``t`` is one tensor expanded along its batch dimension (stride 0), as
+    :func:`~bilevel.layers.qp_solve` holds an input that all problems share."""
+    return t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0
+
+
+def first(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or its one distinct element (batch dimension of size 1) where :func:`shared`."""
+    return t[:1] if shared(t) else t
+
+
 def mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Batched matrix-vector product ``M @ v`` (``(B, r, c)`` times ``(B, c)``)."""
+    """Batched matrix-vector product ``M @ v`` (``(B, r, c)`` times ``(B, c)``); one
+    matrix-matrix product where ``M`` is :func:`shared`."""
+    if shared(M):
+        return v @ M[0].mT
     return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def max_abs(M: torch.Tensor) -> torch.Tensor:
+    """``max |M|`` per batch element (``(B,)``; 0 where ``M`` has no entries)."""
+    flat = first(M).reshape(first(M).shape[0], -1)
+    out = flat.abs().amax(-1) if flat.shape[-1] else flat.new_zeros(flat.shape[0])
+    return out.expand(M.shape[0])
+
+
+def scale_rows(M: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``M / r[..., None]`` (rows of ``(B, k, n)`` divided by ``(B, k)``), shared where ``M`` and
+    ``r`` are."""
+    if shared(M) and shared(r):
+        return (M[:1] / r[:1].unsqueeze(-1)).expand(M.shape)
+    return M / r.unsqueeze(-1)
+
+
+def row_sizes(M: torch.Tensor) -> torch.Tensor:
+    """``max_j |M_ij|`` per row (``(B, k)``; 0 for an empty row), shared where ``M`` is."""
+    top = first(M)
+    out = top.abs().amax(-1) if top.shape[-1] else top.new_zeros(top.shape[:-1])
+    return out.expand(M.shape[:-1])
+
+
+class Quadratic:
+    """The matrix ``Q`` of a batch of QPs, kept as its diagonal ``(B, n)`` where every ``Q``
+    is diagonal (a projection: ``Q = I``), else dense ``(B, n, n)``."""
+
+    def __init__(self, Q: torch.Tensor, diagonal: bool):
+        self.diagonal = Q.diagonal(dim1=-2, dim2=-1) if diagonal else None
+        self.dense = None if diagonal else Q
+
+    def mv(self, z: torch.Tensor) -> torch.Tensor:
+        """:math:`Q z`."""
+        return self.diagonal * z if self.dense is None else mv(self.dense, z)
+
+    def size(self) -> torch.Tensor:
+        """``max |Q_ij|`` per element."""
+        return max_abs(self.diagonal) if self.dense is None else max_abs(self.dense)
+
+    def scaled(self, c: torch.Tensor) -> "Quadratic":
+        """``Q / c`` (``c`` of shape ``(B,)``)."""
+        out = Quadratic.__new__(Quadratic)
+        out.diagonal = None if self.diagonal is None else self.diagonal / c.unsqueeze(-1)
+        out.dense = None if self.dense is None else self.dense / c[:, None, None]
+        return out
 
 
 def inf_norm(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +118,7 @@ def structure(Q: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, int, bool
     rows of ``G`` that puts its bound rows first (rows with one nonzero column, the same
     for every element), their number, and whether every ``Q`` is diagonal."""
     m = G.shape[-2]
+    G, Q = first(G), first(Q)
     pattern = (G != 0).any(0) if G.shape[0] else torch.zeros(G.shape[1:], dtype=torch.bool, device=G.device)
     bound = pattern.sum(-1) == 1
     diagonal = (Q == torch.diag_embed(Q.diagonal(dim1=-2, dim2=-1))).all()
@@ -80,11 +141,11 @@ class Rows:
     def __init__(self, G: torch.Tensor, mb: int = 0):
         B, m, n = G.shape
         self.mb, self.n = mb, n
-        self.cols = (G[:, :mb] != 0).any(0).to(torch.int8).argmax(-1) if mb else None
+        self.cols = (first(G)[:, :mb] != 0).any(0).to(torch.int8).argmax(-1) if mb else None
         self.coef = G[:, :mb].gather(-1, self.cols.expand(B, mb).unsqueeze(-1)).squeeze(-1) if mb else None
         self.dense = G[:, mb:] if m > mb else None
         self.empty = G.new_zeros(B, 0) if m == 0 else None
-        self.size = G.abs().amax((-2, -1)) if m else G.new_zeros(B)  # max |G_ij| per element
+        self.size = max_abs(G)  # max |G_ij| per element
 
     def mv(self, z: torch.Tensor) -> torch.Tensor:
         """:math:`G z`, ``(B, m)``."""
@@ -141,28 +202,29 @@ class NewtonSystem:
     positive semi-definite) gets a NaN step.
 
     Args:
-        Q: ``(B, n, n)``.
-        diagonal: whether every ``Q`` is diagonal.
+        Q: the quadratic term.
         rows: the inequality rows :math:`G`.
         d: ``(B, m)``, the weights of the rows.
         A: ``(B, p, n)``.
     """
 
-    def __init__(self, Q: torch.Tensor, diagonal: bool, rows: Rows, d: torch.Tensor, A: torch.Tensor):
-        n, p = Q.shape[-1], A.shape[-2]
-        eps = torch.finfo(Q.dtype).eps
+    def __init__(self, Q: Quadratic, rows: Rows, d: torch.Tensor, A: torch.Tensor):
+        n, p = rows.n, A.shape[-2]
+        eps = torch.finfo(d.dtype).eps
         self.A, self.p = A, p
         bound, dense = rows.gram(d)
-        accelerator = not on_host(Q)
-        if diagonal and dense is None:
-            h = Q.diagonal(dim1=-2, dim2=-1)
+        accelerator = not on_host(d)
+        if Q.dense is None and dense is None:
+            h = Q.diagonal
             h = h if bound is None else h + bound
             self.H, self.h = None, h
             flag_h = ~((h > 0).all(-1) & torch.isfinite(h).all(-1))
             scale = torch.where(torch.isfinite(h), h.abs(), 0).amax(-1)
         else:
-            H = Q if dense is None else Q + dense
+            H = torch.diag_embed(Q.diagonal) if Q.dense is None else Q.dense
+            H = H if dense is None else H + dense
             H = H if bound is None else H + torch.diag_embed(bound)
+            H = H.expand(d.shape[:1] + H.shape[1:]).contiguous() if shared(H) else H
             self.H = H
             self.L, info = torch.linalg.cholesky_ex(H)
             flag_h = self._flag(self.L, info, n + p, eps)

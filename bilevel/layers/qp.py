@@ -75,7 +75,7 @@ from .._checks import tol_ok as _tol_ok
 from ..implicit.linear_solve._base import _sync_every
 from ..status import BilevelError, BilevelWarning
 from ._checks import check_tensor
-from ._qp_kkt import NewtonSystem, Rows, structure
+from ._qp_kkt import NewtonSystem, Quadratic, Rows, first, max_abs, row_sizes, scale_rows, shared, structure
 from ._qp_adjoint import adjoint as _adjoint
 from ._qp_kkt import inf_norm as _inf_norm
 from ._qp_kkt import mv as _mv
@@ -323,24 +323,24 @@ def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     return ratio.amin(-1) if v.shape[-1] else torch.full(v.shape[:-1], math.inf, dtype=v.dtype, device=v.device)
 
 
-def _start(Q, q, A, b, G: Rows, h, diagonal: bool):
+def _start(Q: Quadratic, q, A, b, G: Rows, h):
     """The KKT solution with ``W = I`` (as CVXOPT's ``coneqp``), its slacks shifted into the
     interior, and centred multipliers ``lam_i = 1 / s_i``.  Multipliers shifted like the
     slacks, as ``coneqp`` does, are all of the size of the farthest bound: one bound at 1e9
     (a stand-in for "no bound") gave the near rows multipliers of 1e9, and the iterates
     zig-zagged between the near bounds for 20 or more iterations."""
     m = h.shape[-1]
-    z, y = NewtonSystem(Q, diagonal, G, torch.ones_like(h), A).solve(-q + G.rmv(h), b)
+    z, y = NewtonSystem(Q, G, torch.ones_like(h), A).solve(-q + G.rmv(h), b)
     s = h - G.mv(z)
     if m:
         s = s + torch.clamp_min(1 - s.amin(-1, keepdim=True), 0)
     return z, y, 1 / s, s
 
 
-def _measure(Q, q, A, b, G: Rows, h, z, y, lam, s):
+def _measure(Q: Quadratic, q, A, b, G: Rows, h, z, y, lam, s):
     """Residuals, the relative merit ``max(pres / p_scale, dres / d_scale, gap / (1 + |obj|))``
     (OSQP-style scales of the residuals) and the three raw figures reported in :class:`QPInfo`."""
-    Qz, Az, Gz, ATy, GTl = _mv(Q, z), _mv(A, z), G.mv(z), _mv(A.mT, y), G.rmv(lam)
+    Qz, Az, Gz, ATy, GTl = Q.mv(z), _mv(A, z), G.mv(z), _mv(A.mT, y), G.rmv(lam)
     rd, rp, ri = Qz + q + ATy + GTl, Az - b, Gz + s - h
     gap = (s * lam).sum(-1)
     p_scale = 1 + torch.stack([_inf_norm(b), _inf_norm(h), _inf_norm(Az), _inf_norm(Gz)]).amax(0)
@@ -352,11 +352,11 @@ def _measure(Q, q, A, b, G: Rows, h, z, y, lam, s):
     return (rd, rp, ri), merit, (pres, dres, gap)
 
 
-def _newton_step(Q, diagonal: bool, A, G: Rows, z, y, lam, s, residuals):
+def _newton_step(Q: Quadratic, A, G: Rows, z, y, lam, s, residuals):
     """Mehrotra's predictor-corrector step (one factorization, two solves); ``(z, y, lam, s)`` updated."""
     rd, rp, ri = residuals
     m = s.shape[-1]
-    kkt = NewtonSystem(Q, diagonal, G, lam / s, A)
+    kkt = NewtonSystem(Q, G, lam / s, A)
     if m == 0:  # an equality-constrained QP: one Newton step is exact
         dz, dy = kkt.solve(-rd, -rp)
         return z + dz, y + dy, lam, s
@@ -401,14 +401,16 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int, accept: float | 
     accelerators (``_sync_every``), where it makes no other host read."""
     B, device = q.shape[0], q.device
     accept = 100 * tol if accept is None else accept
-    original = (Q, q, A, b, Rows(G), h)
     # bound rows first (held as columns and coefficients, see Rows); the order is undone at the end
     order, bounds, diagonal = structure(Q, G)
-    G, h = G[:, order], h[:, order]
+    Q = Quadratic(Q, diagonal)
+    original = (Q, q, A, b, Rows(G), h)
+    G, h = (first(G)[:, order].expand(G.shape) if shared(G) else G[:, order]), h[:, order]
     (Q, q, A, b, G, h), factors = _equilibrate(Q, q, A, b, G, h)
-    huge = (1 + torch.stack([_inf_norm(x.reshape(B, -1)) for x in (Q, q, A, b, G, h)]).amax(0)) / torch.finfo(q.dtype).eps
+    sizes = (Q.size(), _inf_norm(q), max_abs(A), _inf_norm(b), max_abs(G), _inf_norm(h))
+    huge = (1 + torch.stack(sizes).amax(0)) / torch.finfo(q.dtype).eps
     G = Rows(G, bounds)
-    state = _start(Q, q, A, b, G, h, diagonal)
+    state = _start(Q, q, A, b, G, h)
     best = list(state)
     best_merit = torch.full((B,), math.inf, dtype=q.dtype, device=device)
     status = torch.full((B,), int(QPStatus.MAX_ITERATIONS), dtype=torch.int64, device=device)
@@ -449,7 +451,7 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int, accept: float | 
         active = active & ~done & ~stalled & ~proven
         if k == maxiter or ((k + 1) % sync == 0 and not bool(active.any())):
             break
-        new = _newton_step(Q, diagonal, A, G, *state, residuals)
+        new = _newton_step(Q, A, G, *state, residuals)
         size = _inf_norm(torch.cat(new[:3], -1))
         status = torch.where(active & ~torch.isfinite(size), int(QPStatus.NONFINITE), status)
         # Iterates of infeasible or unbounded problems grow without bound: stop them early.
@@ -481,9 +483,9 @@ def _equilibrate(Q, q, A, b, G, h):
     def safe(x):
         return torch.where(x > torch.finfo(x.dtype).tiny, x, torch.ones_like(x))
 
-    c = safe(torch.maximum(_inf_norm(Q.reshape(Q.shape[0], -1)), _inf_norm(q)))
-    ra, rg = safe(_inf_norm(A)), safe(_inf_norm(G))
-    scaled = (Q / c[:, None, None], q / c[:, None], A / ra.unsqueeze(-1), b / ra, G / rg.unsqueeze(-1), h / rg)
+    c = safe(torch.maximum(Q.size(), _inf_norm(q)))
+    ra, rg = safe(row_sizes(A)), safe(row_sizes(G))
+    scaled = (Q.scaled(c), q / c[:, None], scale_rows(A, ra), b / ra, scale_rows(G, rg), h / rg)
     return scaled, (c, ra, rg)
 
 
@@ -494,7 +496,7 @@ def _unscale(point, factors):
     return z, c[:, None] * y / ra, c[:, None] * lam / rg, s * rg
 
 
-def _classify(status, failed, Q, q, A, b, G: Rows, h, z, y, lam):
+def _classify(status, failed, Q: Quadratic, q, A, b, G: Rows, h, z, y, lam):
     """Label unconverged elements INFEASIBLE or UNBOUNDED where the iterate carries the
     certificate (:func:`_certificates`)."""
     farkas, ray = _certificates(Q, q, A, b, G, h, z, y, lam)
@@ -502,7 +504,7 @@ def _classify(status, failed, Q, q, A, b, G: Rows, h, z, y, lam):
     return torch.where(failed & ~farkas & ray, int(QPStatus.UNBOUNDED), status)
 
 
-def _certificates(Q, q, A, b, G: Rows, h, z, y, lam):
+def _certificates(Q: Quadratic, q, A, b, G: Rows, h, z, y, lam):
     """Per element: whether ``(y, lam)`` is a Farkas certificate of infeasibility
     (``A^T y + G^T lam ~ 0``, ``b^T y + h^T lam < 0``), and whether ``z`` points along a ray
     of unboundedness (``Qd ~ 0, Ad ~ 0, Gd <= 0, q^T d < 0`` for ``d = z / ||z||``)."""
@@ -510,14 +512,14 @@ def _certificates(Q, q, A, b, G: Rows, h, z, y, lam):
     dual = torch.cat([y, lam], -1)
     dn = torch.linalg.vector_norm(dual, dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
     yy, ll = y / dn, lam / dn
-    data = 1 + torch.maximum(_inf_norm(A.mT.reshape(A.shape[0], -1)), G.size)
+    data = 1 + torch.maximum(max_abs(A), G.size)
     farkas = (_inf_norm(_mv(A.mT, yy) + G.rmv(ll)) <= loose * data) & (
         (b * yy).sum(-1) + (h * ll).sum(-1) < -loose
     )
     d = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
     Gd = G.mv(d)
     ray = (
-        (_inf_norm(_mv(Q, d)) <= loose * (1 + _inf_norm(Q.reshape(Q.shape[0], -1))))
+        (_inf_norm(Q.mv(d)) <= loose * (1 + Q.size()))
         & (_inf_norm(_mv(A, d)) <= loose * data)
         & ((Gd.amax(-1) if Gd.shape[-1] else torch.zeros_like(d[..., 0])) <= loose * data)
         & ((q * d).sum(-1) < -loose * (1 + _inf_norm(q)))
@@ -838,9 +840,10 @@ def _solve(B: int | None, tensors: tuple, tol: float | None, maxiter: int, check
     q = tensors[1]
     # Below float64 the KKT systems of the last iterations are too ill-conditioned: solve in float64.
     work = torch.float64 if q.dtype in _PROMOTED else q.dtype
-    tensors = tuple(t.to(work) for t in tensors)
-    Qf = tensors[0]
-    tensors = (0.5 * (Qf + Qf.mT),) + tensors[1:]
+    # an input all problems share stays one tensor (expanded): products with it are one GEMM
+    tensors = tuple(first(t).to(work).expand(t.shape) if shared(t) else t.to(work) for t in tensors)
+    Qf = first(tensors[0])
+    tensors = ((0.5 * (Qf + Qf.mT)).expand(tensors[0].shape),) + tensors[1:]
     options = _Options(_default_tol(work) if tol is None else float(tol), maxiter, check, B is not None,
                        "qp_solve")
     if tol is None and work != q.dtype:
