@@ -732,3 +732,44 @@ def test_box_qp_gradient_equals_the_closed_form_to_rounding():
         expected = torch.zeros(n, dtype=torch.float64)
         expected[free] = -torch.linalg.solve(Q[b][free][:, free], w[b][free])
         torch.testing.assert_close(grad[b], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_small_margins_and_a_scaled_objective_are_not_degenerate():
+    """Activity is decided by which of slack and multiplier is smaller, in their own units:
+    a bound 5e-5 away from the solution is inactive, a multiplier of 5e-5 belongs to an
+    active bound, and the same QP with its objective scaled by 1e-6 is not degenerate.  The
+    former thresholds (eps ** 0.25 on each) flagged all three and returned a generalized
+    gradient, off by 0.1 on the first two."""
+    Q = torch.eye(2, dtype=torch.float64)
+    G = torch.cat([torch.eye(2, dtype=torch.float64), -torch.eye(2, dtype=torch.float64)])
+    h = torch.ones(4, dtype=torch.float64)
+    for q0, scale in ((-(1 - 5e-5), 1.0), (-(1 + 5e-5), 1.0), (-0.5, 1e-6)):
+        q = (scale * torch.tensor([q0, 0.3], dtype=torch.float64)).requires_grad_()
+        z, info = qp_solve(scale * Q, q, G=G, h=h, return_info=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no CurvatureWarning
+            (grad,) = torch.autograd.grad(z[0], q)
+        expected = torch.tensor([0.0 if q0 < -1 else -1.0 / scale, 0.0], dtype=torch.float64)
+        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-9)
+        assert not bool(info.degenerate)
+
+
+def test_curvature_through_equalities_only_cvxpy_form():
+    """CVXPY writes a projection as min ||t||^2 with t = x - y: no curvature on x, which the
+    equalities carry.  Its H = Q + G^T diag(lambda/s) G is singular up to the inactive
+    bounds' multipliers; solved through its Schur complement without the A^T A term (the
+    first version of the Cholesky route), an element stalled at a dual residual of 1e-8
+    (MAX_ITERATIONS).  The saddle-point LU before it had no such trouble."""
+    g = torch.Generator().manual_seed(103)
+    B, n = 16, 30
+    torch.randn(B, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(B, n, generator=g, dtype=torch.float64)
+    eye, zero = torch.eye(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    Q = torch.block_diag(zero, eye)
+    A = torch.cat([eye, -eye], 1)
+    G = torch.cat([torch.cat([-eye, zero], 1), torch.cat([torch.ones(1, n), torch.zeros(1, n)], 1).double()])
+    h = torch.cat([torch.zeros(n), torch.ones(1)]).double()
+    z = qp_solve(Q, torch.zeros(B, 2 * n, dtype=torch.float64), A, y, G, h)  # raises if any element fails
+    x = z[:, :n]
+    reference = qp_solve(eye, -y, G=G[:, :n], h=h)  # the same projection written directly
+    torch.testing.assert_close(x, reference, atol=1e-7, rtol=0)

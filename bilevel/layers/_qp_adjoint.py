@@ -204,7 +204,7 @@ def reduced_adjoint(Q, A, G, active, rhs, skip):
     return u + solve(residual), flagged
 
 
-def adjoint(Q, A, G, h, z, lam, bars, stage, failed):
+def adjoint(Q, A, G, h, z, y, lam, bars, stage, failed, tol):
     r"""Solve :math:`K^\top (d_z, d_\nu, d_\lambda) = (\bar z, \bar\nu, \bar\lambda)` for the
     batch (module docstring); return ``(d_z, d_nu, w, degenerate)`` with :math:`w = \lambda
     \odot d_\lambda`.
@@ -215,16 +215,31 @@ def adjoint(Q, A, G, h, z, lam, bars, stage, failed):
     (no solution: their outputs were NaN) are left out of the checks; their adjoint
     is 0 where their output was masked out of the loss (:math:`\bar z = 0`), NaN
     otherwise.  A degenerate solution warns (:class:`~bilevel.status.CurvatureWarning`).
+
+    A row is active where its slack is smaller than its multiplier, each in its own units
+    (the slack against ``||G_i|| + |h_i|``; the multiplier of the equilibrated problem,
+    ``lambda_i ||G_i|| / max(|Q|, |q|)``, against ``1 +`` its largest):
+    at a solution one of the two is 0 (complementarity), and the interior point's last
+    iterate has ``s_i lambda_i`` of the order of its tolerance ``tol``.  A row where both
+    are below ``10 sqrt(tol)`` is weakly active (both ~ ``sqrt(gap)`` on the central path):
+    the solution map is not differentiable there.  Thresholds of ``eps ** 0.25`` on each,
+    as before, took a bound 6e-5 away for an active one, or a multiplier of 3e-4 for a
+    zero one, on well-posed problems (simplex projections, box-constrained least squares),
+    and returned a generalized gradient off by 0.1 for them.
     """
     n, p = z.shape[-1], A.shape[-2]
-    eps = torch.finfo(z.dtype).eps
     slack = h - mv(G, z)
-    small = eps ** 0.25
     # per row, in the row's own units (slack / ||G_i|| against 1 + |h_i| / ||G_i||): a distant
     # bound elsewhere, or a row's scaling, does not change whether it is active
-    active = slack <= small * (inf_norm_rows(G) + h.abs())
-    # Weakly active constraints (lambda_i and s_i both ~ sqrt(gap)): F is not differentiable there.
-    weak = (lam <= small * (1 + inf_norm(lam)).unsqueeze(-1)) & active
+    rows = inf_norm_rows(G)
+    s_unit = slack / (rows + h.abs())
+    with torch.no_grad():
+        q = -(mv(Q, z) + mv(A.mT, y) + mv(G.mT, lam))  # the linear term, from stationarity
+        size = torch.maximum(Q.abs().amax((-2, -1)), inf_norm(q))
+        lam_unit = lam * rows / torch.where(size > 0, size, 1).unsqueeze(-1)
+        lam_unit = lam_unit / (1 + inf_norm(lam_unit)).unsqueeze(-1)
+    active = s_unit < lam_unit
+    weak = torch.maximum(s_unit, lam_unit) <= 10 * max(tol, torch.finfo(z.dtype).eps) ** 0.5
     rhs = torch.cat(bars, -1).movedim(0, -1)  # (B, N, C)
     weakly = weak.any(-1) & ~failed
     u, flagged = reduced_adjoint(Q, A, G, active, rhs, failed | weakly)

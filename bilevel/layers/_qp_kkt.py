@@ -85,6 +85,19 @@ class Quadratic:
     def __init__(self, Q: torch.Tensor, diagonal: bool):
         self.diagonal = Q.diagonal(dim1=-2, dim2=-1) if diagonal else None
         self.dense = None if diagonal else Q
+        self.augmented = None
+
+    def augment(self, A: torch.Tensor) -> None:
+        r"""Keep :math:`Q + A^\top A` for the Newton systems (:class:`NewtonSystem`): with
+        :math:`A \Delta z = r_\nu`, :math:`(H + A^\top A) \Delta z + A^\top \Delta\nu = r_z +
+        A^\top r_\nu` has the same solution, and its ``H`` is positive definite wherever
+        the curvature reaches a variable through the equalities only.  CVXPY's forms are
+        like that (``sum_squares(x - y)`` becomes ``t = x - y`` with the curvature on ``t``);
+        without it their ``H`` is singular up to the multipliers of the inactive bounds, and
+        the Schur complement of the late iterations lost the dual residual."""
+        top = first(A)
+        gram = (top.mT @ top).expand(A.shape[:1] + top.shape[-1:] * 2)
+        self.augmented = gram + (torch.diag_embed(self.diagonal) if self.dense is None else self.dense)
 
     def mv(self, z: torch.Tensor) -> torch.Tensor:
         """:math:`Q z`."""
@@ -99,6 +112,7 @@ class Quadratic:
         out = Quadratic.__new__(Quadratic)
         out.diagonal = None if self.diagonal is None else self.diagonal / c.unsqueeze(-1)
         out.dense = None if self.dense is None else self.dense / c[:, None, None]
+        out.augmented = None
         return out
 
 
@@ -214,32 +228,42 @@ class NewtonSystem:
         self.A, self.p = A, p
         bound, dense = rows.gram(d)
         accelerator = not on_host(d)
+        self.augmented = False
         if Q.dense is None and dense is None:
             h = Q.diagonal
             h = h if bound is None else h + bound
-            self.H, self.h = None, h
+            self.diagonal, self.h = True, h
             flag_h = ~((h > 0).all(-1) & torch.isfinite(h).all(-1))
             scale = torch.where(torch.isfinite(h), h.abs(), 0).amax(-1)
         else:
-            H = torch.diag_embed(Q.diagonal) if Q.dense is None else Q.dense
-            H = H if dense is None else H + dense
-            H = H if bound is None else H + torch.diag_embed(bound)
-            H = H.expand(d.shape[:1] + H.shape[1:]).contiguous() if shared(H) else H
-            self.H = H
-            self.L, info = torch.linalg.cholesky_ex(H)
-            flag_h = self._flag(self.L, info, n + p, eps)
-            scale = H.abs().amax((-2, -1))
+            if Q.augmented is not None:
+                H = Q.augmented
+            else:
+                H = torch.diag_embed(Q.diagonal) if Q.dense is None else Q.dense
+            H = H + dense if dense is not None else H.expand(d.shape[:1] + H.shape[1:]).clone()
+            if bound is not None:
+                H.diagonal(dim1=-2, dim2=-1).add_(bound)
+            # Not Jacobi-scaled: with it the pivots no longer flag an H that is nearly singular
+            # where the KKT matrix is not (CVXPY's forms put the curvature on auxiliary
+            # variables tied to the others by equalities), whose steps then need the shift
+            # and the refinement below
+            self.H, self.diagonal, self.augmented = H, False, Q.augmented is not None
+            self.U, info = torch.linalg.cholesky_ex(H, upper=True)
+            flag_h = self._flag(self.U, info, n + p, eps)
+            scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1)  # max |H_ij| (H is positive semi-definite)
         self.refine = None
         broken = torch.zeros_like(flag_h)
         if accelerator or bool(flag_h.any()):  # a zero shift leaves the other elements' factors as they were
             shift = torch.where(flag_h, math.sqrt(eps) + (n + p) * eps * scale, 0).unsqueeze(-1)
-            if self.H is None:
+            if self.diagonal:
                 self.h_shifted = self.h + shift
             else:
-                self.L, info = torch.linalg.cholesky_ex(self.H + torch.diag_embed(shift.expand(-1, n)))
+                shifted = self.H.clone()
+                shifted.diagonal(dim1=-2, dim2=-1).add_(shift)
+                self.U, info = torch.linalg.cholesky_ex(shifted, upper=True)
                 broken = info > 0
             self.refine = flag_h
-        elif self.H is None:
+        elif self.diagonal:
             self.h_shifted = self.h
         if p:
             self.W = self._h_solve(A.mT)                       # H^-1 A^T, (B, n, p)
@@ -264,11 +288,13 @@ class NewtonSystem:
 
     def _h_solve(self, r: torch.Tensor) -> torch.Tensor:
         """``(H + shift)^-1 r`` for ``r`` of shape ``(B, n)`` or ``(B, n, k)``."""
-        if self.H is None:
+        if self.diagonal:
             return r / (self.h_shifted if r.dim() == 2 else self.h_shifted.unsqueeze(-1))
-        if r.dim() == 2:
-            return torch.cholesky_solve(r.unsqueeze(-1), self.L).squeeze(-1)
-        return torch.cholesky_solve(r, self.L)
+        column = r.dim() == 2
+        x = r.unsqueeze(-1) if column else r
+        # two triangular solves: a third of the time of cholesky_solve, which copies the factor
+        x = torch.linalg.solve_triangular(self.U, torch.linalg.solve_triangular(self.U.mT, x, upper=False), upper=True)
+        return x.squeeze(-1) if column else x
 
     def _shifted_solve(self, rz: torch.Tensor, ry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = self._h_solve(rz)
@@ -279,9 +305,11 @@ class NewtonSystem:
 
     def solve(self, rz: torch.Tensor, ry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dz, dy)`` with ``M (dz, dy) = (rz, ry)``, per element of the batch."""
+        if self.augmented:  # H holds Q + A^T A (Quadratic.augment)
+            rz = rz + mv(self.A.mT, ry)
         dz, dy = self._shifted_solve(rz, ry)
         if self.refine is not None:  # one step of iterative refinement against the unshifted M
-            Hz = self.h * dz if self.H is None else mv(self.H, dz)
+            Hz = self.h * dz if self.diagonal else mv(self.H, dz)
             ez, ey = rz - Hz - mv(self.A.mT, dy), ry - mv(self.A, dz)
             cz, cy = self._shifted_solve(ez, ey)
             mask = self.refine.unsqueeze(-1)

@@ -410,6 +410,8 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int, accept: float | 
     sizes = (Q.size(), _inf_norm(q), max_abs(A), _inf_norm(b), max_abs(G), _inf_norm(h))
     huge = (1 + torch.stack(sizes).amax(0)) / torch.finfo(q.dtype).eps
     G = Rows(G, bounds)
+    if A.shape[-2] and (Q.dense is not None or G.dense is not None):  # a dense H: see Quadratic.augment
+        Q.augment(A)
     state = _start(Q, q, A, b, G, h)
     best = list(state)
     best_merit = torch.full((B,), math.inf, dtype=q.dtype, device=device)
@@ -480,8 +482,9 @@ def _equilibrate(Q, q, A, b, G, h):
     slacks of order 1) and the stopping rule (residuals relative to ``1 +`` the data)
     are tied to the data's units: a QP scaled by 1e4 stalled, one scaled by 1e-6
     stopped at a relative error of 1e-6.  Zero rows and a zero objective keep scale 1."""
-    def safe(x):
-        return torch.where(x > torch.finfo(x.dtype).tiny, x, torch.ones_like(x))
+    def safe(x):  # shared where x is
+        top = first(x)
+        return torch.where(top > torch.finfo(x.dtype).tiny, top, torch.ones_like(top)).expand(x.shape)
 
     c = safe(torch.maximum(Q.size(), _inf_norm(q)))
     ra, rg = safe(row_sizes(A)), safe(row_sizes(G))
@@ -664,7 +667,7 @@ def _input_grads(options: _Options, Q, A, G, h, z, y, lam, element, z_bar, y_bar
     failed = ~options.info.converged.reshape(-1)[element]
     z, y, lam = (torch.where(failed.unsqueeze(-1), 0, t) for t in (z, y, lam))
     bars = (z_bar, y_bar, lam_bar) if columns else (z_bar[None], y_bar[None], lam_bar[None])
-    d_z, d_y, w, degenerate = _adjoint(Q, A, G, h, z, lam, bars, options.stage, failed)
+    d_z, d_y, w, degenerate = _adjoint(Q, A, G, h, z, y, lam, bars, options.stage, failed, options.tol)
     for report in options.reports:  # frozen dataclasses: set, not mutated in place (torch.func)
         flags = torch.zeros(report.status.numel(), dtype=torch.int8, device=degenerate.device)
         flags = flags.scatter_reduce(0, element, degenerate.detach().to(torch.int8), "amax")
