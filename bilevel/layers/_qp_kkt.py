@@ -189,6 +189,15 @@ class Rows:
         return diagonal, dense
 
 
+def _cholesky_solve(U: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``(U^T U)^-1 r`` for ``r`` of shape ``(B, n)`` or ``(B, n, k)``, by two triangular
+    solves: a third of the time of ``torch.cholesky_solve``, which copies the factor."""
+    column = r.dim() == 2
+    x = r.unsqueeze(-1) if column else r
+    x = torch.linalg.solve_triangular(U, torch.linalg.solve_triangular(U.mT, x, upper=False), upper=True)
+    return x.squeeze(-1) if column else x
+
+
 class NewtonSystem:
     r"""Factorization of :math:`M = \begin{pmatrix} H & A^\top \\ A & 0\end{pmatrix}`,
     :math:`H = Q + G^\top \operatorname{diag}(d) G` (module docstring), for a batch.
@@ -268,13 +277,13 @@ class NewtonSystem:
         if p:
             self.W = self._h_solve(A.mT)                       # H^-1 A^T, (B, n, p)
             S = A @ self.W
-            self.Ls, info = torch.linalg.cholesky_ex(S)
-            flag_s = self._flag(self.Ls, info, n + p, eps)
+            self.Us, info = torch.linalg.cholesky_ex(S, upper=True)
+            flag_s = self._flag(self.Us, info, n + p, eps)
             if accelerator or bool(flag_s.any()):
                 size = S.diagonal(dim1=-2, dim2=-1).amax(-1)  # S is positive semi-definite
                 tiny = torch.finfo(S.dtype).tiny
                 shift = torch.where(flag_s, math.sqrt(eps) + (n + p) * eps * size + tiny, 0).unsqueeze(-1).expand(-1, p)
-                self.Ls, info = torch.linalg.cholesky_ex(S + torch.diag_embed(shift))
+                self.Us, info = torch.linalg.cholesky_ex(S + torch.diag_embed(shift), upper=True)
                 broken = broken | (info > 0)
                 self.refine = flag_s if self.refine is None else self.refine | flag_s
         self.broken = broken.unsqueeze(-1)
@@ -290,17 +299,13 @@ class NewtonSystem:
         """``(H + shift)^-1 r`` for ``r`` of shape ``(B, n)`` or ``(B, n, k)``."""
         if self.diagonal:
             return r / (self.h_shifted if r.dim() == 2 else self.h_shifted.unsqueeze(-1))
-        column = r.dim() == 2
-        x = r.unsqueeze(-1) if column else r
-        # two triangular solves: a third of the time of cholesky_solve, which copies the factor
-        x = torch.linalg.solve_triangular(self.U, torch.linalg.solve_triangular(self.U.mT, x, upper=False), upper=True)
-        return x.squeeze(-1) if column else x
+        return _cholesky_solve(self.U, r)
 
     def _shifted_solve(self, rz: torch.Tensor, ry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = self._h_solve(rz)
         if not self.p:
             return u, ry
-        dy = torch.cholesky_solve((mv(self.A, u) - ry).unsqueeze(-1), self.Ls).squeeze(-1)
+        dy = _cholesky_solve(self.Us, mv(self.A, u) - ry)
         return u - mv(self.W, dy), dy
 
     def solve(self, rz: torch.Tensor, ry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
