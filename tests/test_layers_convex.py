@@ -299,3 +299,23 @@ def test_cvxpylayers_solver_args_are_translated():
     torch.testing.assert_close(z, u_value / u_value.norm(), atol=1e-8, rtol=0)
     with pytest.raises(ValueError, match="tol.*maxiter"):
         qp(u_value, solver_args={"alpha": 1.5})
+
+
+def test_parameter_maps_are_sparse_for_a_matrix_parameter():
+    """A least-squares layer with its 150 x 100 matrix as a parameter: CVXPY's maps from the
+    15151 parameter values to the canonical data have ~15000 nonzeros each; held dense they
+    were 1.3e9 entries (10 GB), 11 s to build, 170 GFlop per call.  The solution still
+    matches CVXPY's."""
+    n, m = 100, 150
+    z, M, c = cp.Variable(n), cp.Parameter((m, n)), cp.Parameter(m)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(M @ z - c)), [z >= 0, z <= 1])
+    layer = ConvexLayer(problem, [M, c], [z])
+    for name in ("_c_map", "_ab_map", "_p_map"):
+        mapping = getattr(layer, name)
+        assert mapping.is_sparse and mapping._nnz() < 100_000, name
+    g = torch.Generator().manual_seed(0)
+    Mv, cv = torch.randn(m, n, generator=g, dtype=torch.float64) / m ** 0.5, torch.randn(m, generator=g, dtype=torch.float64)
+    (out,) = layer(Mv, cv)
+    M.value, c.value = Mv.numpy(), cv.numpy()
+    problem.solve(solver=cp.CLARABEL)
+    torch.testing.assert_close(out, torch.tensor(z.value), atol=1e-6, rtol=0)
