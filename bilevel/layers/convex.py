@@ -69,6 +69,7 @@ from ..implicit import custom_root
 from ..implicit.linear_solve import LinearSolver
 from ._checks import check_tensor
 from ._cones import _Cones
+from ._presolve import find_elimination
 from .qp import QPStatus, _vmapped, qp_solve, settle_failures
 
 __all__ = ["ConvexLayer"]
@@ -281,11 +282,24 @@ class ConvexLayer(torch.nn.Module):
         else:
             variables_in = self.variables
         theta = _parameter_map(chain, prog, sources)  # (P_total + 1, U (+ logged sizes for gp) + 1)
-        self.register_buffer("_c_map", _to_torch(_sparse_matmul(prog.q, theta)[: self.n]), persistent=False)
+        c_map = _sparse_matmul(prog.q, theta)[: self.n]
+        self.register_buffer("_c_map", _to_torch(c_map), persistent=False)
         ab = _sparse_matmul(prog.A, theta)  # rows: [A | b] flattened column-major, cvxpy's sign
         self.register_buffer("_ab_map", _to_torch(ab), persistent=False)
+        p_map = _sparse_matmul(prog.P, theta) if self.quadratic else None
         if self.quadratic:
-            self.register_buffer("_p_map", _to_torch(_sparse_matmul(prog.P, theta)), persistent=False)
+            self.register_buffer("_p_map", _to_torch(p_map), persistent=False)
+        # the QP route solves without the auxiliary variables CVXPY defines by equalities
+        self._elimination = (find_elimination(ab, p_map, self.n, self.m, self.cones.zero, theta.shape[1] - 1)
+                             if self.method == "qp" else None)
+        self._blocks: list[str] = []  # with a diagonal elimination, the reduced QP's data come block by block
+        self._constant_blocks: set[str] = set()  # ... those no parameter changes
+        if self._elimination is not None and self._elimination.diagonal:
+            for name, mapping in self._elimination.block_maps(c_map, ab, p_map, self.n, self.m, self.cones.zero).items():
+                self.register_buffer(f"_block_{name}", _to_torch(mapping), persistent=False)
+                self._blocks.append(name)
+                if mapping[:, : theta.shape[1] - 1].nnz == 0:
+                    self._constant_blocks.add(name)
         self._outputs = _variable_maps(cp, chain, inverse, prog, variables_in, self.variables, first)
         self.last_info = None
         self.last_failed: list[int] = []
@@ -332,6 +346,8 @@ class ConvexLayer(torch.nn.Module):
             return tuple(zero.reshape((0,) + (1,) * len(var.shape)).expand((0, *var.shape)) for var in self.variables)
         ones = torch.ones(theta.shape[0], 1, dtype=theta.dtype, device=theta.device)
         theta = torch.cat([theta, ones], -1)  # (B, U + 1)
+        if self._blocks:
+            return self._finish(self._solve_reduced(theta, solver_args, B), B)
         c = _apply_map(self._c_map, theta)
         ab = _apply_map(self._ab_map, theta).reshape(-1, self.n + 1, self.m).mT  # (B, m, n + 1)
         A, b = -ab[..., :-1], ab[..., -1]  # the solver's form A x + s = b
@@ -344,6 +360,10 @@ class ConvexLayer(torch.nn.Module):
         x = self._solve_qp(P, c, A, b, solver_args, B) if self.method == "qp" else (
             self._solve_conic(P, c, A, b, solver_args, B)
         )
+        return self._finish(x, B)
+
+    def _finish(self, x: torch.Tensor, B: int | None) -> tuple[torch.Tensor, ...]:
+        """The variables' values from the canonical solution ``x`` (B, n), failures settled."""
         self.last_failed = self._failures[0]
         (x,) = settle_failures((x,), *self._failures[:2], B is not None, self.check, self._failures[2])
         outs = tuple(_output(x, how, var.shape) for how, var in zip(self._outputs, self.variables))
@@ -398,12 +418,25 @@ class ConvexLayer(torch.nn.Module):
         return torch.cat(flat, -1), B
 
     def _solve_qp(self, P, c, A, b, solver_args, B):
+        z = self.cones.zero
+        data = (P, c, A[:, :z], b[:, :z], A[:, z:], b[:, z:])
+        if self._elimination is None:
+            return self._qp(data, solver_args, B)
+        data, recovery = self._elimination.reduce(*data)
+        return self._elimination.recover(self._qp(data, solver_args, B), *recovery, self.n)
+
+    def _solve_reduced(self, theta, solver_args, B):
+        """The QP route on the reduced problem computed block by block from the parameters."""
+        maps = {name: getattr(self, f"_block_{name}") for name in self._blocks}
+        data, recovery = self._elimination.blocks_from(maps, theta, _apply_map, self._constant_blocks)
+        return self._elimination.recover(self._qp(data, solver_args, B), *recovery, self.n)
+
+    def _qp(self, data, solver_args, B):
         opts = _translate_solver_args(solver_args, {"eps": ("tol",), "max_iters": ("maxiter",)})
         unknown = set(opts) - {"tol", "maxiter"}
         if unknown:
             raise ValueError(f"ConvexLayer: the QP route takes solver_args `tol` and `maxiter`; got {sorted(unknown)}.")
-        z = self.cones.zero
-        x, info = qp_solve(P, c, A[:, :z], b[:, :z], A[:, z:], b[:, z:], check=False, return_info=True, **opts)
+        x, info = qp_solve(*data, check=False, return_info=True, **opts)
         self.last_info = info
         self._failures = _failures(
             (~info.converged).nonzero().reshape(-1).tolist(),
