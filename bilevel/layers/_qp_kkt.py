@@ -127,19 +127,33 @@ def on_host(x: torch.Tensor) -> bool:
     return _sync_every(x) == 1
 
 
-def structure(Q: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+def structure(Q: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, int, bool, int]:
     """The layout of a batch of QPs, read once (one host read): the permutation of the
     rows of ``G`` that puts its bound rows first (rows with one nonzero column, the same
-    for every element), their number, and whether every ``Q`` is diagonal."""
-    m = G.shape[-2]
+    for every element), their number, whether every ``Q`` is diagonal, and ``k > 0``
+    where every variable has ``k`` bound rows (``z >= 0``: 1; a box: 2), which the
+    permutation then orders as ``k`` tiles of the ``n`` columns in order."""
+    m, n = G.shape[-2:]
     G, Q = first(G), first(Q)
     pattern = (G != 0).any(0) if G.shape[0] else torch.zeros(G.shape[1:], dtype=torch.bool, device=G.device)
     bound = pattern.sum(-1) == 1
+    column = pattern.to(torch.int8).argmax(-1)
     diagonal = (Q == torch.diag_embed(Q.diagonal(dim1=-2, dim2=-1))).all()
-    flags = torch.cat([bound, diagonal.reshape(1)]).tolist()
+    flags = torch.cat([bound, diagonal.reshape(1), column]).tolist()
     rows = [i for i in range(m) if flags[i]]
+    columns = flags[m + 1:]
+    keys, count = [], {}  # a bound row's tile: how many bound rows of its column came before it
+    for i in rows:
+        j = columns[i]
+        keys.append((count.get(j, 0), j, i))
+        count[j] = count.get(j, 0) + 1
+    k = len(rows) // n if n else 0
+    if k and len(count) == n and all(c == k for c in count.values()):
+        rows = [i for _, _, i in sorted(keys)]
+    else:
+        k = 0
     perm = torch.tensor(rows + [i for i in range(m) if not flags[i]], dtype=torch.int64, device=G.device)
-    return perm, len(rows), bool(flags[-1])
+    return perm, len(rows), bool(flags[m]), k
 
 
 class Rows:
@@ -150,11 +164,13 @@ class Rows:
     Args:
         G: ``(B, m, n)``, its bound rows first (:func:`structure` gives the order).
         mb: the number of bound rows.
+        tiles: ``k > 0`` where the bound rows are ``k`` tiles of the columns in order
+            (``mb = k n``): the products are then reshapes, not gathers and scatters.
     """
 
-    def __init__(self, G: torch.Tensor, mb: int = 0):
+    def __init__(self, G: torch.Tensor, mb: int = 0, tiles: int = 0):
         B, m, n = G.shape
-        self.mb, self.n = mb, n
+        self.mb, self.n, self.tiles = mb, n, tiles
         self.cols = (first(G)[:, :mb] != 0).any(0).to(torch.int8).argmax(-1) if mb else None
         self.coef = G[:, :mb].gather(-1, self.cols.expand(B, mb).unsqueeze(-1)).squeeze(-1) if mb else None
         self.dense = G[:, mb:] if m > mb else None
@@ -164,7 +180,9 @@ class Rows:
     def mv(self, z: torch.Tensor) -> torch.Tensor:
         """:math:`G z`, ``(B, m)``."""
         parts = []
-        if self.mb:
+        if self.tiles:
+            parts.append((self.coef.view(-1, self.tiles, self.n) * z.unsqueeze(1)).view(-1, self.mb))
+        elif self.mb:
             parts.append(self.coef * z[:, self.cols])
         if self.dense is not None:
             parts.append(mv(self.dense, z))
@@ -174,8 +192,17 @@ class Rows:
 
     def rmv(self, v: torch.Tensor) -> torch.Tensor:
         r""":math:`G^\top v`, ``(B, n)``."""
-        out = mv(self.dense.mT, v[:, self.mb:]) if self.dense is not None else v.new_zeros(v.shape[0], self.n)
-        return out.index_add(1, self.cols, self.coef * v[:, :self.mb]) if self.mb else out
+        out = mv(self.dense.mT, v[:, self.mb:]) if self.dense is not None else None
+        if self.mb:
+            bound = self._sum_columns(self.coef * v[:, :self.mb])
+            return bound if out is None else out + bound
+        return v.new_zeros(v.shape[0], self.n) if out is None else out
+
+    def _sum_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, mb)`` values of the bound rows summed into their columns, ``(B, n)``."""
+        if self.tiles:
+            return x.view(-1, self.tiles, self.n).sum(1)
+        return x.new_zeros(x.shape[0], self.n).index_add(1, self.cols, x)
 
     def gram(self, d: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         r""":math:`G^\top \operatorname{diag}(d) G` as its diagonal part from the bound rows
@@ -183,7 +210,7 @@ class Rows:
         an absent part."""
         diagonal = dense = None
         if self.mb:
-            diagonal = d.new_zeros(d.shape[0], self.n).index_add(1, self.cols, self.coef ** 2 * d[:, :self.mb])
+            diagonal = self._sum_columns(self.coef ** 2 * d[:, :self.mb])
         if self.dense is not None:
             dense = self.dense.mT @ (self.dense * d[:, self.mb:].unsqueeze(-1))
         return diagonal, dense

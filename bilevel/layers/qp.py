@@ -402,14 +402,14 @@ def _interior_point(Q, q, A, b, G, h, tol: float, maxiter: int, accept: float | 
     B, device = q.shape[0], q.device
     accept = 100 * tol if accept is None else accept
     # bound rows first (held as columns and coefficients, see Rows); the order is undone at the end
-    order, bounds, diagonal = structure(Q, G)
+    order, bounds, diagonal, tiles = structure(Q, G)
     Q = Quadratic(Q, diagonal)
     original = (Q, q, A, b, Rows(G), h)
     G, h = (first(G)[:, order].expand(G.shape) if shared(G) else G[:, order]), h[:, order]
     (Q, q, A, b, G, h), factors = _equilibrate(Q, q, A, b, G, h)
     sizes = (Q.size(), _inf_norm(q), max_abs(A), _inf_norm(b), max_abs(G), _inf_norm(h))
     huge = (1 + torch.stack(sizes).amax(0)) / torch.finfo(q.dtype).eps
-    G = Rows(G, bounds)
+    G = Rows(G, bounds, tiles)
     if A.shape[-2] and (Q.dense is not None or G.dense is not None):  # a dense H: see Quadratic.augment
         Q.augment(A)
     state = _start(Q, q, A, b, G, h)
