@@ -18,6 +18,9 @@ exponential cones and power cones (see *Cones* below).
 linear objective (LPs, QPs) go to the batched interior point
 :func:`~bilevel.layers.qp_solve` in torch (on the device of the inputs, no NumPy
 round trip); other cone programs are solved by Clarabel, element by element.
+On that route the auxiliary variables CVXPY defines by equalities (``t = x - y`` for
+``sum_squares(x - y)``) are eliminated first (``bilevel/layers/_presolve.py``), and the
+maps from :math:`\theta` to the data are sparse.
 
 *Backward.* The cone program's KKT conditions, written with the dual
 :math:`y \in \mathcal K^*` and slack :math:`s` folded into one vector

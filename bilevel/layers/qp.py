@@ -31,7 +31,9 @@ implicit function theorem on the KKT conditions at the solution
         \operatorname{diag}(\lambda) G & 0 & \operatorname{diag}(G z - h) \end{pmatrix}.
 
 A backward pass solves the adjoint system :math:`K^\top (d_z, d_\nu, d_\lambda) =
-(\bar z, 0, 0)` (one batched LU) and returns the closed forms of Amos & Kolter:
+(\bar z, 0, 0)` (one batched LU of the system reduced by the active set: active bounds
+fix their variables, inactive rows drop out; ``bilevel/layers/_qp_adjoint.py``) and
+returns the closed forms of Amos & Kolter:
 
 .. math::
 
