@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._qp_kkt import first, mv, shared
+
 
 @dataclass(frozen=True)
 class Elimination:
@@ -81,8 +83,8 @@ class Elimination:
         B = values.shape[0]
 
         def get(name, *shape):
-            if name in constant:
-                return apply(maps[name], values[:1]).reshape(1, *shape).expand(B, *shape)
+            if name in constant:  # no gradient either: nothing in it depends on the parameters
+                return apply(maps[name], values[:1].detach()).reshape(1, *shape).expand(B, *shape)
             return apply(maps[name], values).reshape(B, *shape)
 
         # the blocks' map rows are in row-major order (block_maps); P_KK is symmetrized like P
@@ -98,7 +100,7 @@ class Elimination:
 
     def recover(self, x_K: torch.Tensor, T: torch.Tensor, t0: torch.Tensor, n: int) -> torch.Tensor:
         """The full ``x`` from the reduced problem's solution."""
-        x_E = (T @ x_K.unsqueeze(-1)).squeeze(-1) + t0
+        x_E = mv(T, x_K) + t0
         x = x_K.new_zeros(x_K.shape[0], n)
         return x.index_copy(1, self.kept.to(x.device), x_K).index_copy(1, self.eliminated.to(x.device), x_E)
 
@@ -106,11 +108,17 @@ class Elimination:
 def reduced_qp(P_KK, c_K, c_E, A_RK, a, b_R, A_SK, b_S, G_K, h, p_EE=None, P_EE=None, P_KE=None):
     """The QP in ``x_K`` (module docstring) from the blocks of the full one (``p_EE``: the
     diagonal of ``P_EE`` where ``P_KE = 0``); returns its data and ``(T, t0)``."""
-    T = -A_RK / a.unsqueeze(-1)                                        # (B, nE, nK)
+    if shared(A_RK) and shared(a):  # one T for the whole batch: computed once
+        T = (-first(A_RK) / first(a).unsqueeze(-1)).expand(A_RK.shape)
+    else:
+        T = -A_RK / a.unsqueeze(-1)                                    # (B, nE, nK)
     t0 = b_R / a
     if p_EE is not None:
-        P_red = P_KK + T.mT @ (p_EE.unsqueeze(-1) * T)
-        c_red = c_K + (T.mT @ (c_E + p_EE * t0).unsqueeze(-1)).squeeze(-1)
+        if all(shared(t) for t in (P_KK, T, p_EE)):  # the same P' for the whole batch: computed once
+            P_red = (first(P_KK) + first(T).mT @ (first(p_EE).unsqueeze(-1) * first(T))).expand(P_KK.shape)
+        else:
+            P_red = P_KK + T.mT @ (p_EE.unsqueeze(-1) * T)
+        c_red = c_K + mv(T.mT, c_E + p_EE * t0)
     else:
         cross = P_KE @ T
         P_red = P_KK + cross + cross.mT + T.mT @ P_EE @ T
