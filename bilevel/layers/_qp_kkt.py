@@ -279,14 +279,16 @@ class NewtonSystem:
             H = H + dense if dense is not None else H.expand(d.shape[:1] + H.shape[1:]).clone()
             if bound is not None:
                 H.diagonal(dim1=-2, dim2=-1).add_(bound)
-            # Not Jacobi-scaled: with it the pivots no longer flag an H that is nearly singular
-            # where the KKT matrix is not (CVXPY's forms put the curvature on auxiliary
-            # variables tied to the others by equalities), whose steps then need the shift
-            # and the refinement below
+            # A pivot is judged against its own diagonal entry: near the end those span 1/mu
+            # to mu, and against the largest pivot every late iteration was flagged and
+            # factorized twice.  (An H singular where the KKT matrix is not, as in CVXPY's
+            # forms, is made definite by Quadratic.augment beforehand.)
             self.H, self.diagonal, self.augmented = H, False, Q.augmented is not None
             self.U, info = torch.linalg.cholesky_ex(H, upper=True)
-            flag_h = self._flag(self.U, info, n + p, eps)
-            scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1)  # max |H_ij| (H is positive semi-definite)
+            diagonal = H.diagonal(dim1=-2, dim2=-1)
+            pivots = self.U.diagonal(dim1=-2, dim2=-1) ** 2
+            flag_h = (info > 0) | ~torch.isfinite(pivots).all(-1) | (pivots <= (n + p) * eps * diagonal).any(-1)
+            scale = diagonal.abs().amax(-1)  # max |H_ij| (H is positive semi-definite)
         self.refine = None
         broken = torch.zeros_like(flag_h)
         if accelerator or bool(flag_h.any()):  # a zero shift leaves the other elements' factors as they were
@@ -317,7 +319,8 @@ class NewtonSystem:
 
     @staticmethod
     def _flag(L: torch.Tensor, info: torch.Tensor, order: int, eps: float) -> torch.Tensor:
-        """Elements whose Cholesky factor failed or has a pivot below ``order * eps`` times the largest."""
+        """Elements whose Cholesky factor failed or has a pivot below ``order * eps`` times the
+        largest (for the Schur complement)."""
         pivots = L.diagonal(dim1=-2, dim2=-1) ** 2
         finite = torch.isfinite(pivots).all(-1)
         return (info > 0) | ~finite | (pivots.amin(-1) <= order * eps * pivots.amax(-1))
