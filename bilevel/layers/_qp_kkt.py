@@ -232,9 +232,10 @@ class NewtonSystem:
     ``H`` is factorized by Cholesky (or divided by, when it is diagonal), then the Schur
     complement :math:`S = A H^{-1} A^\top` by Cholesky; a solve is
     :math:`\Delta\nu = S^{-1}(A H^{-1} r_z - r_\nu)`, :math:`\Delta z = H^{-1}(r_z - A^\top
-    \Delta\nu)`.  An element whose ``H`` (or ``S``) is singular or nearly so (a Cholesky
-    pivot below :math:`(n + p)\,\varepsilon` times the largest, a zero diagonal of a
-    diagonal ``H``) is factorized again shifted, :math:`H + \delta_p I` (:math:`S + \delta_d
+    \Delta\nu)`.  An element whose ``H`` (or ``S``) is singular or nearly so (a squared
+    Cholesky pivot of ``H`` below :math:`(n + p)\,\varepsilon` times its diagonal entry, of
+    ``S`` below that times the largest; a zero diagonal of a diagonal ``H``) is factorized
+    again shifted, :math:`H + \delta_p I` (:math:`S + \delta_d
     I`), which is the quasi-definite :math:`\begin{pmatrix} H + \delta_p I & A^\top \\ A &
     -\delta_d I\end{pmatrix}`, and its solves take one step of iterative refinement against
     the unshifted ``M``.  Each shift is sized for the block it protects, in that block's
