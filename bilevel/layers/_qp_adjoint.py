@@ -47,12 +47,12 @@ import torch
 
 from .._linalg import lu_factor_ex
 from ..status import CurvatureWarning
-from ._qp_kkt import inf_norm, mv
+from ._qp_kkt import inf_norm, mv, row_sizes
 
 
 def inf_norm_rows(G: torch.Tensor) -> torch.Tensor:
     """``max_j |G_ij|`` per row, 1 for a zero row (``(B, m)``)."""
-    size = G.abs().amax(-1) if G.shape[-1] else torch.zeros(G.shape[:-1], dtype=G.dtype, device=G.device)
+    size = row_sizes(G)
     return torch.where(size > 0, size, torch.ones_like(size))
 
 
@@ -125,7 +125,9 @@ def reduced_adjoint(Q, A, G, active, rhs, skip):
     """The adjoint in the reduced form (module docstring): ``(u, flagged)`` with ``u`` as
     :func:`dense_adjoint`'s, and ``flagged`` the elements (not ``skip``-ped) the reduced form
     cannot take: two active bounds on one variable, dependent active rows, a singular
-    reduced matrix.  ``skip``-ped and flagged elements' ``u`` is meaningless (finite)."""
+    reduced matrix.  ``skip``-ped and flagged elements' ``u`` is meaningless (and may be
+    non-finite in a first-order pass; with autograd on, the flagged elements are solved with
+    the identity instead, so that a second-order pass multiplies finite numbers by 0)."""
     B, n = Q.shape[:2]
     p, m, C = A.shape[-2], G.shape[-2], rhs.shape[-1]
     eps = torch.finfo(Q.dtype).eps
@@ -174,6 +176,9 @@ def reduced_adjoint(Q, A, G, active, rhs, skip):
     LU, piv, info = lu_factor_ex(M)
     diag = LU.diagonal(dim1=-2, dim2=-1).abs()
     flagged = (flagged | (info > 0) | (diag.amin(-1) <= M.shape[-1] * eps * diag.amax(-1))) & ~skip
+    if torch.is_grad_enabled():  # a backward with create_graph: the LU of a singular M has NaN derivatives
+        M = torch.where(flagged[:, None, None], torch.eye(M.shape[-1], dtype=M.dtype, device=M.device), M)
+        LU, piv, _ = lu_factor_ex(M)
     divisor = torch.where(fixing, coef, 1).unsqueeze(-1)
     index_f, index_k, index_m = (i.unsqueeze(-1).expand(B, i.shape[1], C) for i in (idx_f, idx_k, col))
 
@@ -244,13 +249,13 @@ def adjoint(Q, A, G, h, z, y, lam, bars, stage, failed, tol):
     weakly = weak.any(-1) & ~failed
     u, flagged = reduced_adjoint(Q, A, G, active, rhs, failed | weakly)
     degenerate = flagged | weakly
-    finite = lambda u: (torch.isfinite(u).flatten(1).all(-1) | failed | degenerate).all()  # noqa: E731
-    any_degenerate, ok = torch.stack([degenerate.any(), finite(u)]).tolist()
+    finite = torch.isfinite(u).flatten(1).all(-1) | failed
+    any_degenerate, ok = torch.stack([degenerate.any(), (finite | degenerate).all()]).tolist()
     if any_degenerate:  # those elements in the full form
         dense, degenerate_ = dense_adjoint(Q, A, G, lam, slack, active, weak, rhs, failed)
         u = torch.where(degenerate[:, None, None], dense, u)
         degenerate = degenerate & degenerate_
-        ok = ok and bool(finite(torch.where(degenerate[:, None, None], u, 0)))
+        ok = bool((torch.isfinite(u).flatten(1).all(-1) | failed).all())
     used = (rhs != 0).any(-2, keepdim=True)  # per element and right-hand side
     u = torch.where(failed[:, None, None], torch.where(used, math.nan, 0.0).to(u.dtype), u)
     if any_degenerate:

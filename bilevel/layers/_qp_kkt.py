@@ -296,6 +296,7 @@ class NewtonSystem:
             shift = torch.where(flag_h, math.sqrt(eps) + (n + p) * eps * scale, 0).unsqueeze(-1)
             if self.diagonal:
                 self.h_shifted = self.h + shift
+                broken = ~(self.h_shifted > 0).all(-1)  # a negative diagonal: Q is not positive semi-definite
             else:
                 shifted = self.H.clone()
                 shifted.diagonal(dim1=-2, dim2=-1).add_(shift)
@@ -308,7 +309,16 @@ class NewtonSystem:
             self.W = self._h_solve(A.mT)                       # H^-1 A^T, (B, n, p)
             S = A @ self.W
             self.Us, info = torch.linalg.cholesky_ex(S, upper=True)
-            flag_s = self._flag(self.Us, info, n + p, eps)
+            # S = A H^-1 A^T carries H's rounding error, eps cond(H) relative: its pivots are
+            # judged against that (with cond(H) estimated from H's pivots), or a singular S
+            # (dependent rows of A; more active constraints than variables) whose rounding
+            # pivot landed just above eps slipped through unshifted and the element stalled
+            if self.diagonal:
+                spread = self.h_shifted.amax(-1) / self.h_shifted.amin(-1).clamp_min(torch.finfo(S.dtype).tiny)
+            else:
+                pivots = self.U.diagonal(dim1=-2, dim2=-1) ** 2
+                spread = pivots.amax(-1) / pivots.amin(-1).clamp_min(torch.finfo(S.dtype).tiny)
+            flag_s = self._flag(self.Us, info, n + p, eps * spread.clamp_min(1))
             if accelerator or bool(flag_s.any()):
                 size = S.diagonal(dim1=-2, dim2=-1).amax(-1)  # S is positive semi-definite
                 tiny = torch.finfo(S.dtype).tiny
@@ -319,7 +329,7 @@ class NewtonSystem:
         self.broken = broken.unsqueeze(-1)
 
     @staticmethod
-    def _flag(L: torch.Tensor, info: torch.Tensor, order: int, eps: float) -> torch.Tensor:
+    def _flag(L: torch.Tensor, info: torch.Tensor, order: int, eps) -> torch.Tensor:
         """Elements whose Cholesky factor failed or has a pivot below ``order * eps`` times the
         largest (for the Schur complement)."""
         pivots = L.diagonal(dim1=-2, dim2=-1) ** 2

@@ -31,7 +31,8 @@ implicit function theorem on the KKT conditions at the solution
         \operatorname{diag}(\lambda) G & 0 & \operatorname{diag}(G z - h) \end{pmatrix}.
 
 A backward pass solves the adjoint system :math:`K^\top (d_z, d_\nu, d_\lambda) =
-(\bar z, 0, 0)` (one batched LU of the system reduced by the active set: active bounds
+(\bar z, \bar\nu, \bar\lambda)` (the cotangents of the solution and, where a loss uses
+them, of the multipliers; one batched LU of the system reduced by the active set: active bounds
 fix their variables, inactive rows drop out; ``bilevel/layers/_qp_adjoint.py``) and
 returns the closed forms of Amos & Kolter:
 
@@ -77,8 +78,8 @@ from .._checks import tol_ok as _tol_ok
 from ..implicit.linear_solve._base import _sync_every
 from ..status import BilevelError, BilevelWarning
 from ._checks import check_tensor
-from ._qp_kkt import NewtonSystem, Quadratic, Rows, first, max_abs, row_sizes, scale_rows, shared, structure
 from ._qp_adjoint import adjoint as _adjoint
+from ._qp_kkt import NewtonSystem, Quadratic, Rows, first, max_abs, row_sizes, scale_rows, shared, structure
 from ._qp_kkt import inf_norm as _inf_norm
 from ._qp_kkt import mv as _mv
 from ._qp_kkt import on_host as _on_host
