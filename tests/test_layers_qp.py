@@ -847,3 +847,62 @@ def test_a_non_finite_adjoint_of_a_degenerate_element_raises(monkeypatch):
         warnings.simplefilter("ignore", CurvatureWarning)
         with pytest.raises(FloatingPointError, match="adjoint KKT solve returned NaN"):
             torch.autograd.grad(z.sum(), q)
+
+
+# A well-posed QP (strictly complementary, LICQ, KKT condition number ~2e6) found by review
+_WELL_POSED = {
+    "Q": [
+        [0.663648, -0.248542, 0.412964, -0.302842, -0.002927, 0.152646, -0.080269],
+        [-0.248542, 1.275102, 0.275539, 0.063218, -0.115679, -0.40848, 0.278507],
+        [0.412964, 0.275539, 1.716723, -0.818431, -0.503982, -0.093263, -0.007702],
+        [-0.302842, 0.063218, -0.818431, 1.302883, 0.303707, -0.230725, 0.717036],
+        [-0.002927, -0.115679, -0.503982, 0.303707, 1.098103, -0.257526, 0.165097],
+        [0.152646, -0.40848, -0.093263, -0.230725, -0.257526, 0.617523, -0.292001],
+        [-0.080269, 0.278507, -0.007702, 0.717036, 0.165097, -0.292001, 1.131224],
+    ],
+    "q": [-5.505392, 3.300679, -1.968106, -1.176947, 0.408809, -2.072289, 1.740213],
+    "A": [
+        [-1.676242, 1.408358, -0.175999, -0.292326, -0.116135, 0.098155, 0.629295],
+        [-0.080925, -1.274082, 0.395063, 0.519205, -0.322087, 0.355491, 0.651348],
+    ],
+    "b": [-3.494863, 0.193733],
+    "G": [
+        [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [-1.040427, 0.796345, -0.218474, 0.403298, 0.242045, 0.614854, -0.66845],
+        [0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0],
+        [2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.869576, 0.700317, 0.003131, 1.429186, 1.243377, 0.308619, 0.970487],
+        [0.0, 0.0, 0.0, 0.0, -0.5, 0.0, 0.0],
+        [-0.66807, 1.506912, 1.384354, 1.387428, 0.056092, -0.781188, 1.318342],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0],
+        [-0.200625, 0.914121, -0.584123, -0.764967, 1.123807, -0.917995, 1.456344],
+    ],
+    "h": [-0.694433, -0.800119, 1.063661, 2.533971, -0.162382, 1.443383, -4.871594, -1.064247, 1.850822, -2.215686],
+}
+
+
+@pytest.mark.parametrize("rows, objective", [(1e-6, 1.0), (1.0, 1e6), (1e-4, 1.0)])
+def test_gradients_do_not_depend_on_the_units_of_rows_and_objective(rows, objective):
+    """The same QP with its constraint rows (and right-hand sides) or its objective rescaled:
+    the same z, gradients that rescale accordingly, and no degenerate flag.  The pivot test
+    of the adjoint's LU judged the rows' units: rows x 1e-6 made this well-posed QP
+    'singular' and its gradient w.r.t. h was off by 100%."""
+    Q, q, A, b, G, h = (torch.tensor(_WELL_POSED[k], dtype=torch.float64) for k in ("Q", "q", "A", "b", "G", "h"))
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def solve(r, o):
+        inputs = [t.clone().requires_grad_() for t in (Q * o, q * o, A * r, b * r, G * r, h * r)]
+        z, info = qp_solve(*inputs, return_info=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no CurvatureWarning
+            grads = torch.autograd.grad((w * z).sum(), inputs)
+        assert not bool(info.degenerate.any())
+        return z.detach(), grads
+
+    z0, g0 = solve(1.0, 1.0)
+    z, g = solve(rows, objective)
+    torch.testing.assert_close(z, z0, atol=1e-9, rtol=0)
+    # d/dh' with h' = r h is (d/dh) / r; d/dq' with q' = o q is (d/dq) / o
+    torch.testing.assert_close(g[5] * rows, g0[5], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g[1] * objective, g0[1], rtol=1e-6, atol=1e-9)

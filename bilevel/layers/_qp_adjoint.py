@@ -173,6 +173,12 @@ def reduced_adjoint(Q, A, G, active, rhs, skip):
         flagged = twice | dependent(torch.cat([A_f, G_kf], 1),
                                     torch.cat([torch.ones(B, p, dtype=torch.bool, device=A.device), valid_k], -1), full_norms)
     M = torch.where((skip | flagged)[:, None, None], torch.eye(M.shape[-1], dtype=M.dtype, device=M.device), M)
+    # symmetric equilibration, D M D with D = diag(max_j |M_ij|)^-1/2: the pivot test below then
+    # judges M, not the units of its rows (a well-posed QP whose rows were scaled by 1e-6 was
+    # flagged singular, and its gradient was off by 100%)
+    with torch.no_grad():
+        equilibrate = M.abs().amax(-1).clamp_min(torch.finfo(M.dtype).tiny).rsqrt()
+    M = M * equilibrate.unsqueeze(-1) * equilibrate.unsqueeze(-2)
     LU, piv, info = lu_factor_ex(M)
     diag = LU.diagonal(dim1=-2, dim2=-1).abs()
     flagged = (flagged | (info > 0) | (diag.amin(-1) <= M.shape[-1] * eps * diag.amax(-1))) & ~skip
@@ -187,7 +193,8 @@ def reduced_adjoint(Q, A, G, active, rhs, skip):
         # the variables fixed by active bound rows: g d_z,j = r3_i
         d_fixed = zeros(n, C).scatter_add(1, index_m, torch.where(fixing.unsqueeze(-1), r3 / divisor, 0))
         t1, t2, t3 = r1 - Q @ d_fixed, r2 - A @ d_fixed, r3 - G @ d_fixed
-        x = torch.linalg.lu_solve(LU, piv, torch.cat([rows(t1, idx_f, valid_f), t2, rows(t3, idx_k, valid_k)], 1))
+        b = torch.cat([rows(t1, idx_f, valid_f), t2, rows(t3, idx_k, valid_k)], 1)
+        x = equilibrate.unsqueeze(-1) * torch.linalg.lu_solve(LU, piv, equilibrate.unsqueeze(-1) * b)
         x_f, y, w_k = x[:, :F], x[:, F:F + p], x[:, F + p:]  # M is symmetric: M x = b
         d_z = d_fixed.scatter_add(1, index_f, torch.where(valid_f.unsqueeze(-1), x_f, 0))
         w = zeros(m, C).scatter_add(1, index_k, torch.where(valid_k.unsqueeze(-1), w_k, 0))
