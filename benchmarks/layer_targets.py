@@ -25,8 +25,7 @@ they would take more than ``--budget`` seconds):
 * ``QPLayer``: simplex as ``Q = I, q = -y, A = 1^T, b = 1, G = -I, h = 0`` (only ``q``
   batched); box LS as ``Q = M^T M, q = -M^T c`` (built in torch in the timed
   region, so the gradient reaches ``M`` and ``c``), ``G = [I; -I], h = [1; 0]``;
-* ``ConvexLayer``: the natural DPP CVXPY problem, ``method="auto"`` (with
-  ``--quick`` on simplex n = 50 only: it takes seconds per call on the others);
+* ``ConvexLayer``: the natural DPP CVXPY problem, ``method="auto"``;
 * ``cvxpylayers`` (``CvxpyLayer``, diffcp; skipped with ``--no-peers``), with its
   default solver SCS at default settings and with Clarabel
   (``solver_args={"solve_method": "Clarabel"}``), timed with ``--peer-repeats``.
@@ -182,11 +181,8 @@ def methods(case: dict, args) -> list:
     shared = {k: v.to(dev) for k, v in case["shared"].items()}
     qp_layer = QPLayer()
     out = [("QPLayer", lambda *t: case["qp"](qp_layer, *t, **shared), dev, args.repeats, qp_layer)]
-    if args.quick and case["name"] != "simplex n = 50":  # seconds per call today
-        out.append(("ConvexLayer", "skipped with --quick"))
-    else:
-        convex = ConvexLayer(*case["cvxpy"]())
-        out.append((f"ConvexLayer ({convex.method} route)", lambda *t: convex(*t)[0], dev, args.repeats, convex))
+    convex = ConvexLayer(*case["cvxpy"]())
+    out.append((f"ConvexLayer ({convex.method} route)", lambda *t: convex(*t)[0], dev, args.repeats, convex))
     if args.no_peers:
         return out
     try:

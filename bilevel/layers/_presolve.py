@@ -93,9 +93,10 @@ class Elimination:
                       G_K=get("G_K", maps["h"].shape[0], nK), h=get("h", maps["h"].shape[0]))
         if "P_KK" in maps:
             P_KK = get("P_KK", nK, nK)
-            blocks.update(P_KK=0.5 * (P_KK + P_KK.mT), p_EE=get("p_EE", nE))
-        else:
-            blocks.update(P_KK=values.new_zeros(B, nK, nK), p_EE=values.new_zeros(B, nE))
+            top = first(P_KK)  # symmetrized once where the batch shares it
+            blocks.update(P_KK=(0.5 * (top + top.mT)).expand(P_KK.shape), p_EE=get("p_EE", nE))
+        else:  # an LP
+            blocks.update(P_KK=values.new_zeros(1, nK, nK).expand(B, nK, nK), p_EE=values.new_zeros(1, nE).expand(B, nE))
         return reduced_qp(**blocks)
 
     def recover(self, x_K: torch.Tensor, T: torch.Tensor, t0: torch.Tensor, n: int) -> torch.Tensor:

@@ -18,9 +18,10 @@ exponential cones and power cones (see *Cones* below).
 linear objective (LPs, QPs) go to the batched interior point
 :func:`~bilevel.layers.qp_solve` in torch (on the device of the inputs, no NumPy
 round trip); other cone programs are solved by Clarabel, element by element.
-On that route the auxiliary variables CVXPY defines by equalities (``t = x - y`` for
-``sum_squares(x - y)``) are eliminated first (``bilevel/layers/_presolve.py``), and the
-maps from :math:`\theta` to the data are sparse.
+On the QP route the auxiliary variables CVXPY defines by equalities (``t = x - y`` for
+``sum_squares(x - y)``) are eliminated first, in float64 (``bilevel/layers/_presolve.py``):
+``last_info`` is then the :class:`~bilevel.layers.QPInfo` of the QP without them.  The
+maps from :math:`\theta` to the data are sparse on every route.
 
 *Backward.* The cone program's KKT conditions, written with the dual
 :math:`y \in \mathcal K^*` and slack :math:`s` folded into one vector
@@ -73,7 +74,7 @@ from ..implicit.linear_solve import LinearSolver
 from ._checks import check_tensor
 from ._cones import _Cones
 from ._presolve import find_elimination
-from .qp import QPStatus, _vmapped, qp_solve, settle_failures
+from .qp import QPStatus, _qp_solve, _vmapped, settle_failures
 
 __all__ = ["ConvexLayer"]
 
@@ -286,12 +287,8 @@ class ConvexLayer(torch.nn.Module):
             variables_in = self.variables
         theta = _parameter_map(chain, prog, sources)  # (P_total + 1, U (+ logged sizes for gp) + 1)
         c_map = _sparse_matmul(prog.q, theta)[: self.n]
-        self.register_buffer("_c_map", _to_torch(c_map), persistent=False)
         ab = _sparse_matmul(prog.A, theta)  # rows: [A | b] flattened column-major, cvxpy's sign
-        self.register_buffer("_ab_map", _to_torch(ab), persistent=False)
         p_map = _sparse_matmul(prog.P, theta) if self.quadratic else None
-        if self.quadratic:
-            self.register_buffer("_p_map", _to_torch(p_map), persistent=False)
         # the QP route solves without the auxiliary variables CVXPY defines by equalities
         self._elimination = (find_elimination(ab, p_map, self.n, self.m, self.cones.zero, theta.shape[1] - 1)
                              if self.method == "qp" else None)
@@ -303,6 +300,11 @@ class ConvexLayer(torch.nn.Module):
                 self._blocks.append(name)
                 if mapping[:, : theta.shape[1] - 1].nnz == 0:
                     self._constant_blocks.add(name)
+        if not self._blocks:  # the full data's maps (unused where the blocks are)
+            self.register_buffer("_c_map", _to_torch(c_map), persistent=False)
+            self.register_buffer("_ab_map", _to_torch(ab), persistent=False)
+            if self.quadratic:
+                self.register_buffer("_p_map", _to_torch(p_map), persistent=False)
         self._outputs = _variable_maps(cp, chain, inverse, prog, variables_in, self.variables, first)
         self.last_info = None
         self.last_failed: list[int] = []
@@ -425,21 +427,25 @@ class ConvexLayer(torch.nn.Module):
         data = (P, c, A[:, :z], b[:, :z], A[:, z:], b[:, z:])
         if self._elimination is None:
             return self._qp(data, solver_args, B)
-        data, recovery = self._elimination.reduce(*data)
-        return self._elimination.recover(self._qp(data, solver_args, B), *recovery, self.n)
+        source = c.dtype  # the reduction squares conditioning (P' = M^T M): in float64, as qp_solve works
+        data, recovery = self._elimination.reduce(*(t.to(torch.float64) for t in data))
+        return self._elimination.recover(self._qp(data, solver_args, B, source), *recovery, self.n).to(source)
 
     def _solve_reduced(self, theta, solver_args, B):
         """The QP route on the reduced problem computed block by block from the parameters."""
         maps = {name: getattr(self, f"_block_{name}") for name in self._blocks}
-        data, recovery = self._elimination.blocks_from(maps, theta, _apply_map, self._constant_blocks)
-        return self._elimination.recover(self._qp(data, solver_args, B), *recovery, self.n)
+        source = theta.dtype  # the reduction squares conditioning (P' = M^T M): in float64, as qp_solve works
+        data, recovery = self._elimination.blocks_from(maps, theta.to(torch.float64), _apply_map, self._constant_blocks)
+        return self._elimination.recover(self._qp(data, solver_args, B, source), *recovery, self.n).to(source)
 
-    def _qp(self, data, solver_args, B):
+    def _qp(self, data, solver_args, B, source=None):
+        """:func:`qp_solve` on ``data`` (``source``: the dtype the data were computed from, where
+        lower than theirs), failures recorded for the layer."""
         opts = _translate_solver_args(solver_args, {"eps": ("tol",), "max_iters": ("maxiter",)})
         unknown = set(opts) - {"tol", "maxiter"}
         if unknown:
             raise ValueError(f"ConvexLayer: the QP route takes solver_args `tol` and `maxiter`; got {sorted(unknown)}.")
-        x, info = qp_solve(*data, check=False, return_info=True, **opts)
+        x, info = _qp_solve(*data, opts.get("tol"), opts.get("maxiter", 100), False, True, source)
         self.last_info = info
         self._failures = _failures(
             (~info.converged).nonzero().reshape(-1).tolist(),

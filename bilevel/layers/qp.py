@@ -826,6 +826,11 @@ def qp_solve(
         Amos, B. and Kolter, J. Z. `OptNet: Differentiable Optimization as a Layer
         in Neural Networks <https://arxiv.org/abs/1703.00443>`_. ICML 2017.
     """
+    return _qp_solve(Q, q, A, b, G, h, tol, maxiter, check, return_info)
+
+
+def _qp_solve(Q, q, A, b, G, h, tol, maxiter, check, return_info, source: torch.dtype | None = None):
+    """:func:`qp_solve`; ``source`` as :func:`_solve`'s."""
     if not torch.is_tensor(q):
         raise TypeError(f"qp_solve: `q` must be a floating-point tensor; got {type(q).__name__}.")
     if tol is not None and not _tol_ok(tol):
@@ -835,15 +840,20 @@ def qp_solve(
     B, tensors = _check_inputs(Q, q, A, b, G, h)
     if B == 0:  # an empty batch (a data loader's last): nothing to solve
         return _empty_batch(tensors, return_info)
-    z, info, _ = _solve(B, tensors, tol, maxiter, check)
+    z, info, _ = _solve(B, tensors, tol, maxiter, check, source)
     return (z, info) if return_info else z
 
 
-def _solve(B: int | None, tensors: tuple, tol: float | None, maxiter: int, check: bool) -> tuple:
+def _solve(B: int | None, tensors: tuple, tol: float | None, maxiter: int, check: bool,
+           source: torch.dtype | None = None) -> tuple:
     """:func:`qp_solve` on checked inputs: ``(z, info, element)``, where under
     :func:`torch.func.vmap` ``element`` (mapped like ``z``) numbers the problems of
-    ``info``, which covers the ``V * B`` problems the vmap rule solved together."""
+    ``info``, which covers the ``V * B`` problems the vmap rule solved together.
+    ``source``: the dtype the data were given in, where the caller computed them in
+    float64 from lower-precision values (ConvexLayer's elimination); the default
+    tolerance's leniency follows it, and ``z`` is returned in the tensors' dtype."""
     q = tensors[1]
+    given = q.dtype if source is None else source
     # Below float64 the KKT systems of the last iterations are too ill-conditioned: solve in float64.
     work = torch.float64 if q.dtype in _PROMOTED else q.dtype
     # an input all problems share stays one tensor (expanded): products with it are one GEMM
@@ -852,12 +862,12 @@ def _solve(B: int | None, tensors: tuple, tol: float | None, maxiter: int, check
     tensors = ((0.5 * (Qf + Qf.mT)).expand(tensors[0].shape),) + tensors[1:]
     options = _Options(_default_tol(work) if tol is None else float(tol), maxiter, check, B is not None,
                        "qp_solve")
-    if tol is None and work != q.dtype:
+    if tol is None and work != given:
         # data given in a lower precision are known to its rounding error only: dependent
         # equality rows, consistent in exact arithmetic, are inconsistent by ~eps of that
         # dtype (b = (0.6, 0.4, 1) for z1 + z2, z3, z1 + z2 + z3 in float32), where the
         # float64 tolerance cannot be met; a stall within that error is a solution
-        options.accept = max(100 * options.tol, float(torch.finfo(q.dtype).eps))
+        options.accept = max(100 * options.tol, float(torch.finfo(given).eps))
     z, _, _, element = _QPFunction.apply(options, *tensors)
     z = z.to(q.dtype)
     info = options.info
