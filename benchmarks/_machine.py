@@ -65,3 +65,16 @@ def load_report() -> str:
         text += (f"\n\n**Warning: other processes kept {100 * share:.0f}% of the CPUs busy before the run; "
                  "absolute times are inflated, compare the ratios.**")
     return text
+
+
+def platform_line(device: str = "cpu") -> str:
+    """The header line on the run: date, torch, float64, processor, CPUs (and GPU), python, threads."""
+    import datetime
+    import platform
+
+    import torch
+
+    gpu = f"; {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return (f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, float64; "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}; "
+            f"python {platform.python_version()}; {torch.get_num_threads()} torch threads")

@@ -52,9 +52,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -65,6 +63,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _machine import busy as _busy
+from _machine import load_report, platform_line
 from _machine import load_average as _load
 
 from bilevel.layers import ConvexLayer, QPLayer
@@ -298,15 +297,8 @@ def main(argv=None) -> int:
 
     print("# Convex-layer targets (TARGETS.md, Convex layers)" + (" (--quick)" if args.quick else ""))
     print()
-    gpu = f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
-    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, float64; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}; "
-          f"python {platform.python_version()}; {torch.get_num_threads()} torch threads")
-    busy = _busy()
-    print(f"load average at start {_load()}" + (f"; CPUs {100 * busy:.0f}% busy" if busy is not None else ""))
-    if busy is not None and busy > 0.25:
-        print(f"\n**Warning: other processes kept {100 * busy:.0f}% of the CPUs busy; timings are inflated "
-              "(batched LAPACK with 2 threads can spin then: compare with --threads 1).**")
+    print(platform_line(args.device))
+    print(load_report())
     print(f"\nB = {B}, forward + backward of sum(w * z) per batch; median of {args.repeats} rounds "
           f"({args.peer_repeats} for cvxpylayers) after a warm-up; device {args.device} (cvxpylayers on CPU). "
           f"speed-up: cvxpylayers-SCS time / method time; grad error: ||g - g_exact|| / ||g_exact||; "

@@ -50,9 +50,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -62,8 +60,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _machine import busy as _busy
-from _machine import load_average as _load
+from _machine import load_report, platform_line
 
 from bilevel.layers import (
     BoxPartition,
@@ -415,14 +412,8 @@ def main(argv=None) -> int:
 
     print("# bilevel optimization-layer benchmark" + (" (--quick)" if args.quick else ""))
     print()
-    gpu = f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
-    print(f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, float64; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}; "
-          f"python {platform.python_version()}; {args.threads} torch threads")
-    busy = _busy()
-    print(f"load average at start {_load()}" + (f"; CPUs {100 * busy:.0f}% busy" if busy is not None else ""))
-    if busy is not None and busy > 0.25:
-        print(f"\n**Warning: other processes kept {100 * busy:.0f}% of the CPUs busy; timings are inflated.**")
+    print(platform_line(args.device))
+    print(load_report())
     if args.only in (None, "qp"):
         qp_section(args)
         jacobian_section(args)
