@@ -68,8 +68,11 @@ class Penalty(SingleLoop):
     (:func:`~bilevel.algorithms._single_loop.coupled_step`):
     it lets a weakly coupled :math:`x` move fast (hyper-cleaning: 95 % test
     accuracy after 500 steps, against 71 % with :math:`\tfrac12/\|\nabla^2(F + f)\|`).
-    With mini-batches (F2SA) the noisy directions keep the joint-Hessian step
-    :math:`\alpha = \tfrac12/(\|\nabla^2 F\| + \|\nabla^2 f\|)` (norms bounded from the blocks).
+    With mini-batches (F2SA) the same base step decays as above: the decay, not a
+    smaller base, tames the noise (hyper-cleaning with batches of 32: 89 % test
+    accuracy after 500 steps, where the joint-Hessian base step
+    :math:`\tfrac12/\|\nabla^2(F + f)\|`, thousands of times smaller there, left :math:`x`
+    where it started, at 66 %).
     The history reports :math:`\|d_x\|` (the estimate of :math:`\nabla\psi_\lambda`)
     and :math:`\|\nabla_y f(x, z)\|` as the inner residual.
 
@@ -155,10 +158,7 @@ class Penalty(SingleLoop):
         lf = scales["inner_y"] if scales["inner_y"] > 0 else 1.0
         x_step = coupled_step(scales["outer_x"] + scales["inner_x"], scales["outer_y"] + lf,
                               scales["outer_cross"] + scales["inner_cross"])
-        # mini-batch directions are noisy: F2SA keeps the joint-Hessian step
-        joint = scales["outer_xy"] + scales["inner_xy"]
-        return {"x_step": x_step, "x_step_stochastic": 0.5 / joint if joint > 0 else 0.1, "lf": lf,
-                "lF": scales["outer_y"]}
+        return {"x_step": x_step, "lf": lf, "lF": scales["outer_y"]}
 
     def _lambda(self, ex: dict, k: int, stochastic: bool) -> float:
         if not stochastic:
@@ -174,8 +174,6 @@ class Penalty(SingleLoop):
         lf, lF = ex["lf"], ex["lF"]
         tau = 1.0 / (lF + lam * lf)
         gamma, alpha = 1.0 / lf, ex["x_step"]
-        if stochastic and self.lr is None:
-            alpha = ex.get("x_step_stochastic", alpha)
         if stochastic:
             tau = min(tau, (1.0 / (lF + ex["lam0"] * lf)) / (k + 1) ** (5 / 7))
             gamma, alpha = gamma / (k + 1) ** (4 / 7), alpha / (k + 1) ** (4 / 7)
