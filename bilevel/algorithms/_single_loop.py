@@ -854,6 +854,12 @@ def _detached(value: Any) -> Any:
     return value.detach() if torch.is_tensor(value) else value
 
 
+STOCHASTIC_DECAYS = (0.4, 0.6)
+"""Decay exponents ``(a, b)`` of the lower-level and upper-level steps, :math:`(k+1)^{-a}` and
+:math:`(k+1)^{-b}`, for noisy mini-batch directions: those of the SOBA analysis (Dagréou et
+al., 2022), the lower level on the faster time scale."""
+
+
 def power_schedule(base: float, k: int, exponent: float) -> float:
     r""":math:`\text{base} \cdot (k + 1)^{\text{exponent}}`."""
     return base * (k + 1) ** exponent

@@ -10,7 +10,8 @@ import torch
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
 from ._single_loop import (
-    SingleLoop, coupled_step, power_schedule, shared_args, step_report, tree_sq_norm, value_and_grads,
+    STOCHASTIC_DECAYS, SingleLoop, coupled_step, power_schedule, shared_args, step_report, tree_sq_norm,
+    value_and_grads,
 )
 
 
@@ -64,6 +65,18 @@ class MEHA(SingleLoop):
     the paper's :math:`\gamma = 1/L_f`, :math:`p = 0.3`); on problem M1 the
     relative error is about 6e-8 after 10 000 steps.
 
+    **Mini-batches.**  The method and its analysis are deterministic.  With noisy
+    directions and constant steps, :math:`y` and :math:`\theta` hover around their
+    targets, and :math:`d_x` is biased: its terms are non-linear in them (on the
+    per-feature penalties of logistic regression with batches of 32, the validation
+    loss at :math:`y^\star(x)` fell by 20 % in 50 steps and then rose to 57 % above the
+    start by step 500).  So when :func:`bilevel.solve` feeds mini-batches (or with
+    ``stochastic=True``) the steps decay as in stochastic approximation,
+    :math:`\eta_k, \beta_k \propto (k+1)^{-2/5}` and :math:`\alpha_k \propto (k+1)^{-3/5}`
+    (the exponents of SOBA's analysis): there the loss falls steadily, by 14 % in 500
+    steps; on hyper-cleaning the decay costs speed (validation loss down 51 % in 500
+    steps, 79 % with constant steps, ``stochastic=False``).
+
     The arguments from ``outer_optimizer`` on are those of every single-loop
     method; :doc:`/guide` ("Single-loop and aggregation methods") explains the
     warm-up, the curvature re-estimates and the back-offs.
@@ -78,6 +91,8 @@ class MEHA(SingleLoop):
         nonsmooth: optional :math:`g(x, y)`, a convex lower-level term in :math:`y`.
         prox: its proximal map ``prox(y, x, step)`` :math:`= \arg\min_u g(x, u) +
             \|u - y\|^2/(2\,\text{step})` (required with ``nonsmooth``).
+        stochastic: decaying steps: ``None`` (exactly when mini-batches are given),
+            ``True`` or ``False``.
         {single_loop_args}
 
     References:
@@ -103,6 +118,7 @@ class MEHA(SingleLoop):
     p: float = 0.4
     nonsmooth: Optional[Callable] = None
     prox: Optional[Callable] = None
+    stochastic: Optional[bool] = None
 
     def __post_init__(self):
         for name in ("beta", "eta", "gamma"):
@@ -111,6 +127,8 @@ class MEHA(SingleLoop):
                 raise ValueError(f"MEHA: `{name}` must be positive or None; got {value!r}.")
         if not self.c > 0 or not 0 <= self.p < 1:
             raise ValueError(f"MEHA: need c > 0 and 0 <= p < 1 (the paper: p in (0, 1/2)); got c={self.c}, p={self.p}.")
+        if self.stochastic not in (None, True, False):
+            raise ValueError(f"MEHA: `stochastic` must be None, True or False; got {self.stochastic!r}.")
         if (self.nonsmooth is None) != (self.prox is None):
             raise ValueError("MEHA: pass `nonsmooth` (g(x, y)) and its `prox` (prox(y, x, step)) together.")
 
@@ -147,7 +165,10 @@ class MEHA(SingleLoop):
         ex = state.extras
         k = state.iteration
         c_k = power_schedule(self.c, k, self.p)
-        gamma, eta, beta = ex["gamma"], ex["eta"], ex["y_step"]
+        gamma, eta, beta, alpha = ex["gamma"], ex["eta"], ex["y_step"], ex["x_step"]
+        if self.stochastic if self.stochastic is not None else batch is not None:
+            lower_decay, upper_decay = ((k + 1) ** -a for a in STOCHASTIC_DECAYS)
+            eta, beta, alpha = eta * lower_decay, beta * lower_decay, alpha * upper_decay
         xs, x_spec = tree_flatten(state.x)
         ys, y_spec = tree_flatten(state.y)
         xs = [t.detach().clone() for t in xs]
@@ -164,7 +185,7 @@ class MEHA(SingleLoop):
         _, gx_pen, _ = value_and_grads(lambda x, y: outer(x, y) / c_k + lower(x, y), xs, ys, x_spec, y_spec, "x")
         _, gx_theta, _ = value_and_grads(lower, xs, theta, x_spec, y_spec, "x")
         d_x = [a - b for a, b in zip(gx_pen, gx_theta)]
-        self.move_x(state, d_x, ex["x_step"], project_x)
+        self.move_x(state, d_x, alpha, project_x)
         # y: at the new x
         xs_new = [t.detach() for t in tree_leaves(state.x)]
         _, _, gy = value_and_grads(lambda x, y: outer(x, y) / c_k + inner(x, y), xs_new, ys, x_spec, y_spec, "y")

@@ -15,6 +15,7 @@ from ..status import CurvatureWarning
 from ._base import State, StepInfo, bind_batch, host_floats
 from ._hyper_curvature import hyper_curvature
 from ._single_loop import (
+    STOCHASTIC_DECAYS,
     SingleLoop,
     autograd_grads,
     coupled_step,
@@ -26,8 +27,6 @@ from ._single_loop import (
 )
 
 
-_STOCHASTIC_DECAYS = (0.4, 0.6)
-"""The decay exponents (a, b) of the SOBA analysis for noisy mini-batch directions."""
 _MIN_TIGHTNESS = 1e-6
 """Floor of the ratio estimate / bound of the hyper-objective's curvature (7e-5 on
 hyper-cleaning).  An estimate of 0 (an outer objective without the curvature that the
@@ -171,7 +170,7 @@ class SOBA(SingleLoop):
     def _decays(self, mini_batches: bool) -> tuple[float, float]:
         """The exponents ``(a, b)`` in force: the paper's 2/5 and 3/5 with mini-batches,
         constant steps without, where ``y_decay`` / ``x_decay`` are ``None``."""
-        default = _STOCHASTIC_DECAYS if mini_batches else (0.0, 0.0)
+        default = STOCHASTIC_DECAYS if mini_batches else (0.0, 0.0)
         return tuple(d if given is None else float(given)
                      for given, d in zip((self.y_decay, self.x_decay), default))
 
