@@ -100,6 +100,28 @@ def test_unrolled_and_one_step_second_derivatives():
     torch.testing.assert_close(jacrev(unrolled_auto)(x), J_auto.T @ J_auto + q.rho * torch.eye(3), rtol=1e-9, atol=1e-9)
 
 
+def test_unrolled_hypergradient_is_differentiable_in_the_initialization():
+    """y_T = P^T y0 + (I - P^T) A^-1 B x with P = I - alpha A, so g = J^T (y_T - y_t) + rho x
+    has dg/dy0 = J^T P^T (meta-learning an initialization, MAML-style); jacrev and
+    create_graph returned exact zeros (y0 was detached).  With truncate=K the first T - K
+    steps carry no graph: the derivative in y0 is 0 by design."""
+    q = Quadratic.make()
+    x, y0, alpha, T = torch.randn(3), torch.randn(5), 0.1, 7
+    eye = torch.eye(5)
+    PT = torch.linalg.matrix_power(eye - alpha * q.A, T)
+    J = (eye - PT) @ torch.linalg.solve(q.A, q.B)
+    expected = J.T @ PT
+    unrolled = lambda y_: unrolled_hypergrad(q.outer, q.inner, x, y_, T, alpha)  # noqa: E731
+    torch.testing.assert_close(jacrev(unrolled)(y0), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(unrolled)(y0), expected, rtol=1e-12, atol=1e-12)
+    yr = y0.clone().requires_grad_()
+    g = unrolled_hypergrad(q.outer, q.inner, x, yr, T, alpha, create_graph=True)
+    rows = [torch.autograd.grad(g[i], yr, retain_graph=True)[0] for i in range(3)]
+    torch.testing.assert_close(torch.stack(rows), expected, rtol=1e-12, atol=1e-12)
+    truncated = lambda y_: unrolled_hypergrad(q.outer, q.inner, x, y_, T, alpha, truncate=3)  # noqa: E731
+    assert torch.equal(jacrev(truncated)(y0), torch.zeros(3, 5))
+
+
 def test_a_nan_curvature_at_the_start_is_a_floating_point_error():
     """The inner gradient is NaN at y0 (torch.where's NaN branch) while the value is finite: the
     derived step 1/L was NaN and the error said '`step_size` must be positive; got nan'."""

@@ -305,6 +305,11 @@ def unrolled_hypergrad(
     first :math:`T-K` run without a graph): memory :math:`O(K)` instead of
     :math:`O(T)`, biased gradient (Shaban et al. 2019).
 
+    The result is a function of ``y0`` too: under :func:`torch.func.grad` /
+    :func:`~torch.func.jacrev` or with ``create_graph=True`` its derivative in
+    ``y0`` goes through the :math:`T` steps (meta-learning an initialization);
+    with ``truncate`` it is zero, the first steps carrying no graph.
+
     Args:
         outer, inner: objectives ``(x, y) -> scalar``.
         x: upper variable (tensor or tree).
@@ -369,11 +374,13 @@ def unrolled_hypergrad(
         raise TypeError(f"unrolled_hypergrad: `project` must be callable (y -> P(y)) or None; got {project!r}.")
     step = _inner_step(inner, step_size, project)
     differentiated = steps if truncate is None else truncate
-    y = y0
-    with torch.no_grad():
-        for _ in range(steps - differentiated):
-            y = step(x, y)
-    y_start = tree_map(torch.Tensor.detach, y)
+    y_start = y0  # differentiable in y0 too (an outer jacrev or create_graph sees T steps of it)
+    if differentiated < steps:  # truncated: the first steps carry no graph, and y0 none either
+        y = y0
+        with torch.no_grad():
+            for _ in range(steps - differentiated):
+                y = step(x, y)
+        y_start = tree_map(torch.Tensor.detach, y)
 
     def unrolled(x_):
         y_ = y_start
