@@ -58,7 +58,11 @@ class BilevelResult:
             step then moved ``x``): one step behind ``x``, which matters only
             before convergence.
         history: per step, lists under ``HISTORY_KEYS``: outer value, hypergradient
-            norm, inner residual, linear-solve residual, seconds per step.
+            norm, inner residual, linear-solve residual, seconds per step.  One
+            record per step run: where a single-loop method backs off to a saved
+            state, the steps it goes back over keep their records (the time was
+            spent) and the steps run again add new ones, so the lists are then
+            longer than ``state.iteration``.
         converged: whether the ``tol`` stopping rule fired.
         state: the algorithm state; ``state.state_dict()`` is a checkpoint to
             pass as ``resume=``.
@@ -74,7 +78,7 @@ class BilevelResult:
         (True, True)
         >>> torch.allclose(r.x, torch.ones(2), atol=1e-5)
         True
-        >>> len(r.history["outer"]) == r.state.iteration               # one record per step
+        >>> len(r.history["outer"]) == r.state.iteration               # one record per step run
         True
 
         ``r.state`` continues the run (here five more steps, in a new history):
