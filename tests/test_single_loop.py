@@ -270,9 +270,7 @@ def test_meha_with_minibatches_decays_its_steps_and_improves_logistic_penalties(
     g = torch.Generator().manual_seed(0)
     data = {"outer": [torch.randperm(142, generator=g)[:32] for _ in range(40)],
             "inner": [torch.randperm(284, generator=g)[:32] for _ in range(40)]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StepSizeWarning)
-        result = run(problem, "meha", 400, data=data)  # constant steps: 1.43 times the start
+    result = run(problem, "meha", 400, data=data)  # constant steps: 1.43 times the start
     assert outer_at_inner_solution(problem, result.x) < 0.95 * outer_at_inner_solution(problem, problem.x0)
     short = {level: batches[:5] for level, batches in data.items()}
     same = run(problem, MEHA(stochastic=True), 5, data=short)
@@ -342,7 +340,7 @@ def test_soba_warns_on_a_singular_lower_level_and_names_the_alternatives():
 
 def test_soba_lagging_v_on_a_definite_lower_level_backs_off_instead_of_calling_it_singular():
     """Q with d = 100, m = 50, seed 2 (lower Hessian eigenvalues 1 to 81) with an x step of
-    2e-3, five times the derived one: v stops tracking its system.  That used to be
+    2e-3, several times the derived one: v stops tracking its system.  That used to be
     reported as a singular lower-level Hessian (with the advice to switch methods) while
     the run diverged; now the x step backs off, with a warning that says why.  (The
     derived step before the estimate of Phi's curvature, from a bound with the smallest

@@ -127,7 +127,7 @@ class MEHA(SingleLoop):
                 raise ValueError(f"MEHA: `{name}` must be positive or None; got {value!r}.")
         if not self.c > 0 or not 0 <= self.p < 1:
             raise ValueError(f"MEHA: need c > 0 and 0 <= p < 1 (the paper: p in (0, 1/2)); got c={self.c}, p={self.p}.")
-        if self.stochastic not in (None, True, False):
+        if self.stochastic is not None and not isinstance(self.stochastic, bool):
             raise ValueError(f"MEHA: `stochastic` must be None, True or False; got {self.stochastic!r}.")
         if (self.nonsmooth is None) != (self.prox is None):
             raise ValueError("MEHA: pass `nonsmooth` (g(x, y)) and its `prox` (prox(y, x, step)) together.")
@@ -166,7 +166,8 @@ class MEHA(SingleLoop):
         k = state.iteration
         c_k = power_schedule(self.c, k, self.p)
         gamma, eta, beta, alpha = ex["gamma"], ex["eta"], ex["y_step"], ex["x_step"]
-        if self.stochastic if self.stochastic is not None else batch is not None:
+        stochastic = self.stochastic if self.stochastic is not None else batch is not None
+        if stochastic:
             lower_decay, upper_decay = ((k + 1) ** -a for a in STOCHASTIC_DECAYS)
             eta, beta, alpha = eta * lower_decay, beta * lower_decay, alpha * upper_decay
         xs, x_spec = tree_flatten(state.x)
