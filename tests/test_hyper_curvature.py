@@ -1,6 +1,8 @@
 """The estimate of the hyper-objective's curvature behind SOBA's default x step, against
 closed forms and a dense reference, and what it changes for SOBA's defaults."""
 
+import warnings
+
 import pytest
 import torch
 from torch.func import hessian
@@ -11,6 +13,7 @@ from bilevel.algorithms import SOBA
 from bilevel.algorithms._hyper_curvature import hyper_curvature
 from bilevel.problems import logistic_breast_cancer, quadratic
 from bilevel.solvers import LBFGS
+from bilevel.status import StepSizeWarning
 
 
 def estimate(problem, x, y, **options):
@@ -63,6 +66,33 @@ def test_soba_default_moves_hyper_cleaning():
     problem = bilevel.problems.hyper_cleaning_digits(n_train=200, n_val=200)
     result = bilevel.solve(problem, method="soba", max_steps=500, progress=False)
     assert phi(problem, result.x) < 0.75 * phi(problem, problem.x0)
+
+
+def test_soba_on_a_flat_hyper_objective_with_strong_coupling_does_not_blow_up():
+    """F = |y - M x|^2 / 2 + eps |x - 1|^2 / 2 with y*(x) = M x: Phi'' = eps I, tiny, while
+    the coupled (x, y, v) iteration feels ||Hess_xy F|| ||B|| / mu.  A step from the
+    curvature estimate alone blew up three times and raised; the cross-term floor and
+    the coupled-block cap keep the run finite, without a back-off."""
+    g = torch.Generator().manual_seed(0)
+    M = 3.0 * torch.randn(5, 3, generator=g, dtype=torch.float64)
+    inner = lambda x, y: 0.5 * ((y - M @ x) ** 2).sum()  # noqa: E731
+    outer = lambda x, y: 0.5 * ((y - M @ x) ** 2).sum() + 5e-4 * ((x - 1) ** 2).sum()  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepSizeWarning)
+        result = bilevel.solve(outer, inner, torch.zeros(3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64),
+                               method="soba", max_steps=500, progress=False)
+    assert torch.isfinite(result.x).all() and float(result.x.abs().max()) < 1.0
+
+
+def test_a_breakdown_of_the_inner_solves_is_an_error_not_an_estimate():
+    """An indefinite lower Hessian (eigenvalue -0.01): CG breaks down, and the estimate
+    (2.4e15 when the statuses were ignored) is refused; SOBA then keeps the bound."""
+    A = torch.diag(torch.tensor([2.0, 1.0, -0.01], dtype=torch.float64))
+    inner = lambda x, y: 0.5 * y @ A @ y - x @ y  # noqa: E731
+    outer = lambda x, y: 0.5 * (y ** 2).sum()  # noqa: E731
+    x, y = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="broke down"):
+        hyper_curvature(outer, inner, [x], [y], tree_flatten(x)[1], tree_flatten(y)[1])
 
 
 def test_soba_decays_its_steps_exactly_when_fed_mini_batches():
