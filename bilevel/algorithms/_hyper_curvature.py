@@ -29,9 +29,7 @@ import torch
 from .._tree import seeded_normal_like, tree_unflatten
 from ..implicit.linear_solve import CG
 from ..status import Status
-from ._single_loop import autograd_grads
-
-Leaves = list
+from ._single_loop import Leaves, autograd_grads
 
 
 def hyper_curvature(
@@ -86,7 +84,8 @@ def hyper_curvature(
         zeros_x, zeros_y = [torch.zeros_like(t) for t in xs], [torch.zeros_like(t) for t in ys]
 
         def inner_hessian(p: list) -> list:
-            return product(grad_f, zeros_x + list(p))[n_x:]
+            """:math:`H p`: the lower-level block alone (the products of the CG solves)."""
+            return [h.detach() for h in autograd_grads(grad_f[n_x:], ys, grad_outputs=list(p), retain_graph=True)]
 
         def unit(v: list) -> tuple[list, torch.Tensor]:
             size = torch.sqrt(sum((a * a).sum() for a in v))
