@@ -84,6 +84,21 @@ def test_soba_on_a_flat_hyper_objective_with_strong_coupling_does_not_blow_up():
     assert torch.isfinite(result.x).all() and float(result.x.abs().max()) < 1.0
 
 
+def test_soba_survives_a_re_estimate_that_finds_no_lower_curvature():
+    """f = sum(exp(x) y^2) / 2 - sum(y) from x0 = 3 with F pulling y to 20: the run
+    diverges and backs off, and a curvature re-estimate in between found L = 0, where the
+    step rule divided by mu = 0 and by L (ZeroDivisionError); it now ends as before the
+    estimate did, after its back-offs."""
+    inner = lambda x, y: 0.5 * (torch.exp(x) * y ** 2).sum() - y.sum()  # noqa: E731
+    outer = lambda x, y: 0.5 * ((y - 20.0) ** 2).sum() + 0.01 * (x ** 2).sum()  # noqa: E731
+    x0 = 3 * torch.ones(5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepSizeWarning)
+        result = bilevel.solve(outer, inner, x0, torch.zeros(5, dtype=torch.float64), method="soba",
+                               max_steps=2000, progress=False)
+    assert torch.isfinite(result.x).all() and result.history["outer"][-1] < 0.5 * result.history["outer"][0]
+
+
 def test_a_breakdown_of_the_inner_solves_is_an_error_not_an_estimate():
     """An indefinite lower Hessian (eigenvalue -0.01): CG breaks down, and the estimate
     (2.4e15 when the statuses were ignored) is refused; SOBA then keeps the bound."""

@@ -169,11 +169,11 @@ class SOBA(SingleLoop):
         mu = max(scales.get("inner_y_min", 0.0), 1e-3 * curvature)
         # the estimate of ||Hess Phi|| (the bound where there is none), at least the cross
         # term 2 ||Hess_xy F|| ||B|| / mu, which the coupled iteration feels even where Phi is flat
-        phi_curvature = max(extras.get("phi_curvature") or _phi_bound(scales),
-                            2 * scales["outer_cross"] * scales["inner_cross"] / mu)
+        cross_term = 2 * scales["outer_cross"] * scales["inner_cross"] / mu if mu > 0 else 0.0
+        phi_curvature = max(extras.get("phi_curvature") or _phi_bound(scales), cross_term)
         x_step = coupled_step(scales["outer_x"] + scales["inner_x"], curvature,
                               scales["outer_cross"] + scales["inner_cross"])
-        if phi_curvature > 0:  # a stable step on Phi, slowed by mu / L so that y and v keep up
+        if phi_curvature > 0 and curvature > 0:  # a stable step on Phi, slowed by mu / L so that y and v keep up
             x_step = min(x_step, 0.5 / phi_curvature) * mu / curvature
         return {"x_step": x_step, "y_step": rho, "v_step": self.v_step if self.v_step is not None else rho}
 
