@@ -214,7 +214,7 @@ def _resume(state: State, resume: Any, algorithm: Algorithm) -> None:
             "`resume` must be a checkpoint: `result.state`, `result.state.state_dict()` (or that "
             f"dict after torch.save / torch.load), or the BilevelResult itself; got {type(resume).__name__}."
         )
-    missing = sorted(set(state.extras) - set(resume.get("extras", {})))
+    missing = sorted(set(state.extras) - set(resume.get("extras", {})) - set(algorithm.optional_extras))
     if missing:
         raise ValueError(
             f"`resume`: the checkpoint lacks the state {type(algorithm).__name__} keeps ({missing}); it was "

@@ -20,6 +20,7 @@ OWN_TEST_FILES = frozenset({
     "test_benchmarks_single_loop.py",
     "test_conditions.py",
     "test_hyper_curvature.py",
+    "test_lanczos.py",
     "test_distributed.py",
     "test_docstrings.py",
     "test_example_moe.py",

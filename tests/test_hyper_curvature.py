@@ -33,7 +33,15 @@ def test_matches_the_closed_form_on_quadratics(d, m, seed):
     x = torch.randn(m, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     y = problem.inner_solution(x)
     # the inner solves stop at a relative residual of 1e-3
-    assert estimate(problem, x, y, iterations=30, solve_iterations=200) == pytest.approx(exact, rel=2e-3)
+    measured = estimate(problem, x, y, iterations=30, solve_iterations=200)
+    assert measured.norm == pytest.approx(exact, rel=2e-3)
+    # the tracking curvature: the Rayleigh quotient of A along w = A^-1 B u, u the top eigenvector
+    u = torch.linalg.eigh(AiB.T @ AiB)[1][:, -1]
+    w = AiB @ u
+    ray = float(w @ A @ w / (w @ w))
+    assert measured.tracking == pytest.approx(ray, rel=1e-2)
+    eigenvalues = torch.linalg.eigvalsh(A)
+    assert eigenvalues[0] < measured.tracking < eigenvalues[-1]
 
 
 def test_matches_a_dense_reference_on_logistic_penalties():
@@ -47,7 +55,7 @@ def test_matches_a_dense_reference_on_logistic_penalties():
     HiB, HiE = torch.linalg.solve(H, B), torch.linalg.solve(H, E_F)
     reference = A_F - E_F.T @ HiB - B.T @ HiE + HiB.T @ C_F @ HiB
     exact = float(torch.linalg.matrix_norm(reference, 2))
-    assert estimate(problem, x, y, iterations=30, solve_iterations=100) == pytest.approx(exact, rel=1e-4)
+    assert estimate(problem, x, y, iterations=30, solve_iterations=100).norm == pytest.approx(exact, rel=1e-4)
 
 
 def test_an_outer_objective_without_curvature_gives_zero():
@@ -55,7 +63,7 @@ def test_an_outer_objective_without_curvature_gives_zero():
     outer = lambda x, y: y.sum() + x.sum()  # noqa: E731
     problem = bilevel.problems.BilevelProblem(outer, inner, torch.ones(3, dtype=torch.float64),
                                               torch.ones(3, dtype=torch.float64))
-    assert estimate(problem, problem.x0, problem.y0) == 0.0
+    assert estimate(problem, problem.x0, problem.y0).norm == 0.0
 
 
 def test_soba_default_moves_hyper_cleaning():

@@ -343,10 +343,10 @@ def test_soba_lagging_v_on_a_definite_lower_level_backs_off_instead_of_calling_i
     """Q with d = 100, m = 50, seed 2 (lower Hessian eigenvalues 1 to 81) with an x step of
     2e-3, several times the derived one: v stops tracking its system.  That used to be
     reported as a singular lower-level Hessian (with the advice to switch methods) while
-    the run diverged; now the x step backs off, with a warning that says why.  (The
-    derived step before the estimate of Phi's curvature, from a bound with the smallest
-    eigenvalue overestimated at 3.4, lagged there too; the derived step now runs without
-    a warning.)"""
+    the run diverged; now the x step backs off, with a warning that says why.  Which test
+    sees it first depends on the patience of the lag test, 10 L / mu steps: with mu
+    overestimated at 3.4 (shifted power iteration) the lag test did, at step 250; with
+    Lanczos' mu = 1.0 it waits 810 steps and the slow-divergence test backs off at step 125."""
     problem = quadratic(d=100, m=50, seed=2)
     assert float(torch.linalg.eigvalsh(problem.data["A"])[0]) > 1.0  # positive definite
     with warnings.catch_warnings(record=True) as caught:
@@ -354,9 +354,10 @@ def test_soba_lagging_v_on_a_definite_lower_level_backs_off_instead_of_calling_i
         result = run(problem, SOBA(lr=2e-3), 750)
     assert not [w for w in caught if issubclass(w.category, CurvatureWarning)]
     messages = [str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)]
-    assert len(messages) == 1 and "SOBA: v lags behind Hess_yy f v = -grad_y F" in messages[0], messages
-    assert "x moves too fast" in messages[0] and "back-off 1 of 3" in messages[0]
+    assert len(messages) == 1 and "back-off 1 of 3" in messages[0], messages
+    assert "v lags behind Hess_yy f v = -grad_y F" in messages[0] or "diverged slowly" in messages[0]
     assert result.state.extras["backoffs_taken"] == 1
+    assert result.state.extras["scales"]["inner_y_min"] == pytest.approx(1.0, rel=0.05)
 
 
 def test_soba_default_steps_are_stable_on_an_ill_conditioned_lower_level():

@@ -194,12 +194,13 @@ def test_accelerator_path_backs_off_as_on_the_cpu(monkeypatch, method, problem, 
 
 
 # Iterates after 60 steps with the defaults (no blow-up), computed by the code BEFORE the
-# back-off changes (saved as literals then): the changes must leave them bit-identical.
-# SOBA's were taken anew when its x step changed to the estimated curvature of Phi (2026-11-24).
+# back-off changes (saved as literals then): the changes must leave them equal to rounding.
+# SOBA's were taken anew when its x step changed to the estimated curvature of Phi (2026-11-24),
+# and again when mu came from Lanczos and the step from the tracking curvature (2026-11-24, later).
 BEFORE = {
-    "soba": ([0.3175688532891116, 0.1330154353314881, -0.4544277922496095],
-             [0.32225458821777436, -0.23380940013681295, 0.15095701021518515, -0.45697307896133205,
-              0.23962204065490308]),
+    "soba": ([0.36788696225646944, 0.1310377750727443, -0.5873152509561299],
+             [0.39294283759984244, -0.2502561745713618, 0.10936590776076882, -0.5643549105182905,
+              0.3113497225943624]),
     "penalty": ([0.4040760387189758, 0.12226331874906574, -0.6919646271690801],
                 [0.5166210744110001, -0.23494853175332905, 0.053154057048399865, -0.7305460696384245,
                  0.2655890579014949]),
@@ -220,8 +221,9 @@ def test_runs_without_blow_up_keep_their_iterates(method):
         warnings.simplefilter("error", StepSizeWarning)
         result = bilevel.solve(problem, method=method, max_steps=60, progress=False)
     x, y = BEFORE[method]
-    assert torch.equal(result.x, torch.tensor(x, dtype=torch.float64))
-    assert torch.equal(result.y, torch.tensor(y, dtype=torch.float64))
+    # to rounding: the BLAS kernels, and so the last bits, differ between CPUs
+    torch.testing.assert_close(result.x, torch.tensor(x, dtype=torch.float64), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(result.y, torch.tensor(y, dtype=torch.float64), rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("method, lr", [("penalty", 30.0), ("meha", 50.0), ("bamm", 100.0)])

@@ -357,6 +357,10 @@ class Algorithm:
     field_rules: ClassVar[dict] = {}
     """Ranges of fields beyond their annotated types: ``name -> (predicate, "what is expected")``."""
 
+    optional_extras: ClassVar[tuple] = ()
+    """Keys of ``state.extras`` a checkpoint may lack (kept since a later version, and
+    rebuilt when missing): resuming refuses a checkpoint without the others."""
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("__post_init__")

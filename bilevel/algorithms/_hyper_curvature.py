@@ -22,7 +22,7 @@ the estimate), so step rules that use it keep the caps that guard those terms.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -32,10 +32,23 @@ from ..status import Status
 from ._single_loop import Leaves, autograd_grads
 
 
+class HyperCurvature(NamedTuple):
+    """What :func:`hyper_curvature` measures."""
+
+    norm: float
+    r"""The estimate of :math:`\|\nabla^2\Phi\|`."""
+    tracking: float
+    r"""The curvature of :math:`f` along the way :math:`y^\star` moves with :math:`x`: the
+    Rayleigh quotient :math:`w^\top H w / w^\top w` of :math:`w = H^{-1}Bu` for the last
+    direction :math:`u` (0 where :math:`Bu = 0`).  Between :math:`\lambda_{\min}(H)` and
+    :math:`\|H\|`, it sets how fast gradient steps on :math:`y` catch up with a move of
+    :math:`x` along the stiffest direction of :math:`\Phi`."""
+
+
 def hyper_curvature(
     outer: Callable, inner: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec,
     iterations: int = 10, solve_iterations: int = 50,
-) -> float:
+) -> HyperCurvature:
     r"""Power-iteration estimate of :math:`\|\nabla^2\Phi(x)\|` at :math:`(x, y)`, with
     :math:`y` taken for :math:`y^\star(x)`.
 
@@ -52,8 +65,10 @@ def hyper_curvature(
     takes two products with the joint Hessian of :math:`f`, one with that of :math:`F`
     and two conjugate-gradient solves with :math:`H` (``solve_iterations`` products at
     most, relative tolerance 1e-3, warm-started from the previous iteration's
-    solutions).  The start vector comes from a fixed seed.  Returns 0 where
-    :math:`\Phi` has no curvature that this formula sees (:math:`F` linear).
+    solutions).  The start vector comes from a fixed seed.  The norm is 0 where
+    :math:`\Phi` has no curvature that this formula sees (:math:`F` linear); with it
+    comes the tracking curvature :math:`w^\top H w / w^\top w = w^\top B u / w^\top w`
+    (:class:`HyperCurvature`), at no extra product.
 
     Raises:
         FloatingPointError: the products are not finite, or CG broke down on :math:`H`
@@ -94,8 +109,9 @@ def hyper_curvature(
         u, _ = unit(seeded_normal_like(xs, gen))
         w = z = None
         size = torch.zeros(())
-        for _ in range(iterations):
-            w, info_w = solve(inner_hessian, product(grad_f, u + zeros_y)[n_x:], w)
+        for _ in range(max(1, iterations)):
+            pushed = product(grad_f, u + zeros_y)[n_x:]  # B u
+            w, info_w = solve(inner_hessian, pushed, w)
             t = product(grad_F, u + [-a for a in w])
             z, info_z = solve(inner_hessian, t[n_x:], z)
             if any(int(info.status) == Status.BREAKDOWN for info in (info_w, info_z)):
@@ -103,7 +119,9 @@ def hyper_curvature(
                                          "singular or indefinite here: no inverse to estimate with.")
             back = product(grad_f, zeros_x + list(z))[:n_x]
             u, size = unit([a - b for a, b in zip(t[:n_x], back)])
-    estimate = float(size)
-    if not math.isfinite(estimate):
+        moved = sum((a * a).sum() for a in w)
+        along = sum((a * b).sum() for a, b in zip(w, pushed)) / moved.clamp_min(torch.finfo(moved.dtype).tiny)
+    estimate, tracking = torch.stack([size.to(along.dtype), along]).tolist()  # one host read
+    if not (math.isfinite(estimate) and math.isfinite(tracking)):
         raise FloatingPointError("the Hessian-vector products of the hyper-curvature estimate are not finite.")
-    return estimate
+    return HyperCurvature(estimate, max(tracking, 0.0))

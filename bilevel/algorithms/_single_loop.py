@@ -21,6 +21,7 @@ iteration.  This module holds their common parts:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import warnings
@@ -44,6 +45,7 @@ from ._base import (
     report_value,
     set_projection,
 )
+from ._lanczos import lowest_eigenpair
 
 Leaves = list
 
@@ -92,16 +94,13 @@ def autograd_grads(outputs, inputs, grad_outputs=None, create_graph=False, retai
 
 def curvature(
     fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, block: str = "xy", iterations: int = 20,
-    shift: float = 0.0,
 ) -> float:
-    r"""Spectral norm of :math:`\nabla^2 h - s I` over ``block`` (``"xy"``: both
+    r"""Spectral norm :math:`\|\nabla^2 h\|` over ``block`` (``"xy"``: both
     variables, ``"y"``: the lower one), by power iteration on Hessian-vector products.
 
-    With the shift :math:`s = 0` this is the curvature scale :math:`\|\nabla^2 h\|`;
-    with :math:`s \ge \lambda_{\max}` it is :math:`s - \lambda_{\min}`, which tells
-    how non-convex :math:`h` is.  The start vector is drawn from a fixed seed, so
-    the estimate (and every default step size built on it) is reproducible.
-    Returns 0 for an objective that is linear in the block (and ``shift = 0``).
+    The start vector is drawn from a fixed seed, so the estimate (and every default
+    step size built on it) is reproducible.  Returns 0 for an objective that is
+    linear in the block.
     """
     gen = torch.Generator().manual_seed(0)
     with torch.enable_grad():
@@ -113,28 +112,62 @@ def curvature(
         curved = [g is not None and g.requires_grad for g in grads]
         if not any(curved):
             return 0.0
-        if shift == 0.0:  # a leaf the gradient does not depend on adds nothing to the norm
-            inputs, grads = [t for t, c in zip(inputs, curved) if c], [g for g, c in zip(grads, curved) if c]
-            curved = [True] * len(inputs)
-        # with a shift every leaf counts: one that f is linear in (or ignores) has Hessian
-        # eigenvalue 0 there, which may be the smallest one
-        active_inputs = [t for t, c in zip(inputs, curved) if c]
-        active_grads = [g for g, c in zip(grads, curved) if c]
+        # a leaf the gradient does not depend on adds nothing to the norm
+        inputs, grads = [t for t, c in zip(inputs, curved) if c], [g for g, c in zip(grads, curved) if c]
         v = seeded_normal_like(inputs, gen)
         norm = torch.zeros((), dtype=inputs[0].dtype)
         for i in range(iterations):
             size = torch.sqrt(sum((a * a).sum() for a in v)).clamp_min(torch.finfo(inputs[0].dtype).tiny)
             v = [a / size for a in v]
-            products = iter(torch.autograd.grad(
-                active_grads, active_inputs, [a for a, c in zip(v, curved) if c],
-                retain_graph=i < iterations - 1, allow_unused=True))
-            hv = [next(products) if c else None for c in curved]
-            v = [(torch.zeros_like(t) if h is None else h.detach()) - shift * a for t, h, a in zip(inputs, hv, v)]
+            hv = torch.autograd.grad(grads, inputs, v, retain_graph=i < iterations - 1, allow_unused=True)
+            v = [torch.zeros_like(t) if h is None else h.detach() for t, h in zip(inputs, hv)]
             norm = torch.sqrt(sum((a * a).sum() for a in v))
     estimate = float(norm)
     if not math.isfinite(estimate):
         raise FloatingPointError("the Hessian-vector products of the curvature estimate are not finite.")
     return estimate
+
+
+def lowest_curvature(
+    fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, iterations: int = 20,
+    start: Optional[torch.Tensor] = None,
+) -> tuple[float, torch.Tensor]:
+    r"""The smallest eigenvalue of :math:`\nabla^2_{yy} h` (an estimate from above),
+    by ``iterations`` Lanczos steps on Hessian-vector products
+    (:func:`~bilevel.algorithms._lanczos.lowest_eigenpair`), and its Ritz vector
+    (flat, over the leaves of ``y``) to warm-start the next estimate with ``start``.
+
+    Every leaf counts: one that ``h`` is linear in (or ignores) has Hessian eigenvalue
+    0 there, which may be the smallest one.  The random part of the start is drawn
+    from a fixed seed, so the estimate is reproducible.
+    """
+    gen = torch.Generator().manual_seed(1)
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in y_leaves])
+    device = y_leaves[0].device
+    with torch.enable_grad():
+        xs = [t.detach() for t in x_leaves]
+        ys = [t.detach().requires_grad_(True) for t in y_leaves]
+        value = fun(tree_unflatten(xs, x_spec), tree_unflatten(ys, y_spec)).reshape(())
+        grads = torch.autograd.grad(value, ys, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        sizes = [t.numel() for t in ys]
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            pieces = [p.view_as(t).to(t.dtype) for p, t in zip(v.split(sizes), ys)]
+            products = torch.autograd.grad([grads[i] for i in live], [ys[i] for i in live],
+                                           [pieces[i] for i in live], retain_graph=True, allow_unused=True)
+            out = [torch.zeros_like(t) for t in ys]
+            for i, h in zip(live, products):
+                if h is not None:
+                    out[i] = h.detach()
+            return torch.cat([o.reshape(-1).to(device=device, dtype=dtype) for o in out])
+
+        if not live:
+            return 0.0, torch.zeros(sum(sizes), dtype=dtype, device=device)
+        if start is not None and start.numel() != sum(sizes):
+            start = None  # from other variables: start afresh
+        return lowest_eigenpair(matvec, sum(sizes), iterations, dtype=dtype, device=device, start=start,
+                                generator=gen)
 
 
 def block_curvature(
@@ -347,6 +380,8 @@ class SingleLoop(Algorithm):
     rescale_every: int = 25
     backoffs: int = 3
 
+    optional_extras: ClassVar[tuple] = ("lowest_direction",)
+
     tol_patience: ClassVar[int] = 10
     """Consecutive steps on which :func:`bilevel.solve`'s ``tol`` must hold: the
     estimate of a step uses auxiliary variables (:math:`\theta`, :math:`v`,
@@ -397,7 +432,9 @@ class SingleLoop(Algorithm):
         ``_y`` and ``_cross``, the norms of the blocks :math:`\nabla^2_{xx} h`,
         :math:`\nabla^2_{yy} h`, :math:`\nabla^2_{xy} h` (:func:`block_curvature`);
         ``_xy``, the bound :math:`\max(\|A\|, \|C\|) + \|B\|` on the joint
-        Hessian norm; and ``inner_weak_convexity``,
+        Hessian norm; ``inner_y_min``, :math:`\lambda_{\min}(\nabla^2_{yy} f)` by Lanczos
+        (:func:`lowest_curvature`, warm-started from the direction the last estimate
+        found, kept in ``state.extras``); and ``inner_weak_convexity``,
         :math:`\max(0, -\lambda_{\min}(\nabla^2_{yy} f))`.
         """
         outer, inner = bind_batch(problem, batch if batch is not None else problem.example_batch)
@@ -413,7 +450,10 @@ class SingleLoop(Algorithm):
             out.update({f"{name}_{key}": value for key, value in blocks.items()})
             out[f"{name}_xy"] = max(blocks["x"], blocks["y"]) + blocks["cross"]
         inner_y = out["inner_y"]
-        lowest = inner_y - curvature(inner, xs, ys, x_spec, y_spec, "y", k, shift=inner_y) if inner_y > 0 else 0.0
+        lowest = 0.0
+        if inner_y > 0:
+            lowest, direction = lowest_curvature(inner, xs, ys, x_spec, y_spec, k, state.extras.get(_LOWEST))
+            state.extras[_LOWEST] = direction
         # weak-convexity modulus rho of f(x, .) (0 when convex there)
         out["inner_weak_convexity"] = max(0.0, -lowest) if -lowest > 1e-6 * inner_y else 0.0
         out["inner_y_min"] = lowest  # the smallest eigenvalue of the lower Hessian (estimate)
@@ -736,6 +776,7 @@ _GROWTH = 10.0
 _NOISY_GROWTH = 100.0
 """The same with mini-batches, whose per-batch outer values swing from window to window."""
 _MINI_BATCHES = "mini_batches"      # the run draws mini-batches (state.extras)
+_LOWEST = "lowest_direction"        # the Ritz vector of the last estimate of lambda_min(Hess_yy f)
 _MIN_WINDOW = 10
 """Fewest steps whose median is a window of the growth test."""
 _CHECK_EVERY = 25
@@ -865,4 +906,4 @@ def power_schedule(base: float, k: int, exponent: float) -> float:
     return base * (k + 1) ** exponent
 
 
-__all__ = ["SingleLoop", "value_and_grads", "tracked", "autograd_grads", "curvature", "block_curvature", "coupled_step", "set_projection", "power_schedule"]
+__all__ = ["SingleLoop", "value_and_grads", "tracked", "autograd_grads", "curvature", "lowest_curvature", "block_curvature", "coupled_step", "set_projection", "power_schedule"]

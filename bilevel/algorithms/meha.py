@@ -51,8 +51,7 @@ class MEHA(SingleLoop):
     Defaults come from curvature estimates at the start point (power iteration
     with Hessian-vector products): with :math:`L_f = \|\nabla^2_{yy} f\|`,
     :math:`\gamma = \min(10/L_f, 1/(4\rho))` with :math:`\rho` the weak-convexity
-    modulus seen at the start (the smallest Hessian eigenvalue, by a shifted
-    power iteration), :math:`\eta = 1/(L_f + 1/\gamma)`,
+    modulus seen at the start (minus the smallest Hessian eigenvalue, by Lanczos), :math:`\eta = 1/(L_f + 1/\gamma)`,
     :math:`\beta = \tfrac12 / (\|\nabla^2_{yy} F\|/c + L_f + 1/\gamma)`,
     :math:`\alpha = \min\bigl(\tfrac{1}{2\|A\|}, \tfrac{1}{8\beta\|B\|^2}\bigr)` with
     :math:`\|A\| = \|\nabla^2_{xx}F\|/c + 2\|\nabla^2_{xx}f\|`,

@@ -3,7 +3,7 @@ r"""SOBA: the stochastic one-loop bilevel method of Dagréou et al. (2022)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import math
 import warnings
@@ -31,7 +31,8 @@ _REMEASURE = 2.0
 """Factor by which a scale the estimate of Phi's curvature rests on (the norms of
 :math:`\nabla^2_{yy} f`, :math:`\nabla^2_{xy} f` and :math:`\nabla^2_{yy} F`) may move along
 the run before the estimate is taken again (on hyper-cleaning and the logistic penalties
-they stay within it; the smallest eigenvalue, whose estimate is noisy, is left out)."""
+they stay within it; the smallest eigenvalue, whose 8-step re-estimates warm-start from
+the last and settle over the run, is left out)."""
 _MEASURED_SCALES = ("inner_y", "inner_cross", "outer_y")
 
 
@@ -76,27 +77,32 @@ class SOBA(SingleLoop):
 
     Defaults: :math:`\rho = \rho' = 1/L` with :math:`L = \|\nabla^2_{yy} f\|` from a
     curvature estimate (re-taken every 25 steps), and
-    :math:`\gamma = \min\bigl(\alpha_c, \tfrac{1}{2 L_\Phi}\bigr)\, \mu / L`: a stable
+    :math:`\gamma = \min\bigl(\alpha_c, \tfrac{1}{L_\Phi}\bigr)\, \mu_t / L`: a stable
     step on the hyper-objective, bounded by the coupled-block step :math:`\alpha_c` of
     :func:`~bilevel.algorithms._single_loop.coupled_step` (whose :math:`xx` block, the
     curvature of :math:`F + f` in :math:`x`, stands for the third derivatives of
-    :math:`f` that :math:`L_\Phi` leaves out), slowed by the condition number so that
-    :math:`y` and :math:`v`, which converge in about :math:`L/\mu` steps, keep up
-    (larger steps diverge on ill-conditioned lower levels; :math:`\mu` is the smallest
-    eigenvalue of :math:`\nabla^2_{yy} f`, estimated).  :math:`L_\Phi` is an estimate of
-    :math:`\|\nabla^2\Phi\|` by power iteration with inner solves
+    :math:`f` that :math:`L_\Phi` leaves out), slowed so that :math:`y` and :math:`v`
+    keep up with :math:`x`.  They catch up with a move of :math:`x` along :math:`u` at
+    the rate the curvature of :math:`f` along :math:`w = H^{-1}Bu` sets
+    (:math:`H = \nabla^2_{yy} f`, :math:`B = \nabla^2_{yx} f`): :math:`\mu_t` is that
+    Rayleigh quotient :math:`w^\top H w / w^\top w` for the stiffest direction :math:`u`
+    of :math:`\Phi`, between the smallest eigenvalue :math:`\mu` of :math:`H` (by Lanczos)
+    and :math:`L`.  On quadratics with :math:`L/\mu` from 13 to 160 this step is about
+    half the largest step for which the iteration linearized at the start is
+    stable; on hyper-cleaning, where :math:`B` lies in the span of the data
+    and the flattest directions of :math:`H` are those only the L2 term curves,
+    :math:`\mu_t \approx 4\mu`.  :math:`L_\Phi` is an
+    estimate of :math:`\|\nabla^2\Phi\|` by power iteration with inner solves
     (:func:`~bilevel.algorithms._hyper_curvature.hyper_curvature`), taken at the start
     and again at a curvature re-estimate where :math:`\|\nabla^2_{yy} f\|`,
-    :math:`\|B\|` (:math:`B = \nabla^2_{xy} f`) or :math:`\|\nabla^2_{yy} F\|` moved by
+    :math:`\|B\|` or :math:`\|\nabla^2_{yy} F\|` moved by
     more than a factor 2 since; at least the cross term
     :math:`2\|\nabla^2_{xy} F\|\|B\|/\mu`, which the coupled iteration feels even where
-    :math:`\Phi` is flat.  The rule before took the block-norm bound
+    :math:`\Phi` is flat.  The block-norm bound
     :math:`\|\nabla^2_{xx}(F + f)\| + 2\|\nabla^2_{xy} F\| \|B\|/\mu
-    + \|\nabla^2_{yy} F\| \|B\|^2/\mu^2` for :math:`L_\Phi`, which assumes :math:`B` points
-    into the flattest direction of :math:`\nabla^2_{yy} f`: loose by about 2e3 on
-    hyper-cleaning, where its step left :math:`x` at the start (66 % test accuracy
-    after 500 steps; 82 % now).  Where :math:`\alpha_c` binds (the per-feature penalties
-    of logistic regression) the step is the old one.  Steps are constant
+    + \|\nabla^2_{yy} F\| \|B\|^2/\mu^2` stands in where there is no estimate (a singular
+    lower level); it assumes :math:`B` points into the flattest direction of
+    :math:`\nabla^2_{yy} f` and is loose by about 2e3 on hyper-cleaning.  Steps are constant
     (:math:`a = b = 0`) without mini-batches and decay with the paper's exponents
     :math:`a = 2/5`, :math:`b = 3/5` when :func:`bilevel.solve` feeds them (``y_decay`` /
     ``x_decay`` left ``None``), which gives convergence to a stationary point under
@@ -135,6 +141,9 @@ class SOBA(SingleLoop):
     y_decay: Optional[float] = None
     x_decay: Optional[float] = None
 
+    # checkpoints from before the estimate of ||Hess Phi|| lack it: taken at the next re-estimate
+    optional_extras: ClassVar[tuple] = SingleLoop.optional_extras + ("phi_curvature", "phi_measured_at", "phi_tracking")
+
     def __post_init__(self):
         for name in ("y_step", "v_step"):
             value = getattr(self, name)
@@ -171,10 +180,12 @@ class SOBA(SingleLoop):
         # term 2 ||Hess_xy F|| ||B|| / mu, which the coupled iteration feels even where Phi is flat
         cross_term = 2 * scales["outer_cross"] * scales["inner_cross"] / mu if mu > 0 else 0.0
         phi_curvature = max(extras.get("phi_curvature") or _phi_bound(scales), cross_term)
+        # how fast y catches up with x: the curvature of f along the way y* moves (>= mu)
+        tracking = min(max(mu, extras.get("phi_tracking") or 0.0), curvature)
         x_step = coupled_step(scales["outer_x"] + scales["inner_x"], curvature,
                               scales["outer_cross"] + scales["inner_cross"])
-        if phi_curvature > 0 and curvature > 0:  # a stable step on Phi, slowed by mu / L so that y and v keep up
-            x_step = min(x_step, 0.5 / phi_curvature) * mu / curvature
+        if phi_curvature > 0 and curvature > 0:  # a stable step on Phi, slowed so that y and v keep up
+            x_step = min(x_step, 1.0 / phi_curvature) * tracking / curvature
         return {"x_step": x_step, "y_step": rho, "v_step": self.v_step if self.v_step is not None else rho}
 
     def _decays(self, mini_batches: bool) -> tuple[float, float]:
@@ -188,14 +199,12 @@ class SOBA(SingleLoop):
         """At a curvature re-estimate: take the estimate of Phi's curvature anew where one of
         the scales it rests on moved by more than a factor :data:`_REMEASURE` since (the
         lower level's curvature changed along the path; an estimate from elsewhere need not
-        hold)."""
+        hold), or where there is none (a checkpoint from before the estimate)."""
         ex = state.extras
         then = ex.get("phi_measured_at")
-        if not then:
-            return
         now = [ex["scales"][key] for key in _MEASURED_SCALES]
-        if all(1 / _REMEASURE <= (a / b if b > 0 else (1.0 if a == 0 else math.inf)) <= _REMEASURE
-               for a, b in zip(now, then)):
+        if then and all(1 / _REMEASURE <= (a / b if b > 0 else (1.0 if a == 0 else math.inf)) <= _REMEASURE
+                        for a, b in zip(now, then)):
             return
         ex.update(self._measure(problem, state, ex["scales"]))
         ex.update(self.step_sizes(ex["scales"], ex))
@@ -203,13 +212,15 @@ class SOBA(SingleLoop):
             ex["x_step"] = float(self.lr)
 
     def _measure(self, problem, state: State, scales: dict) -> dict:
-        r"""``{"phi_curvature": estimate, "phi_measured_at": scales}``: the estimate of
-        :math:`\|\nabla^2\Phi\|` by :func:`~bilevel.algorithms._hyper_curvature.hyper_curvature`
-        at the current point, and the scales of :data:`_MEASURED_SCALES` it was taken at;
+        r"""``{"phi_curvature": estimate, "phi_tracking": curvature, "phi_measured_at": scales}``:
+        the estimate of :math:`\|\nabla^2\Phi\|` by
+        :func:`~bilevel.algorithms._hyper_curvature.hyper_curvature` at the current point,
+        the tracking curvature it measures along (0: none), and the scales of
+        :data:`_MEASURED_SCALES` it was taken at;
         an estimate of 0 where there is none to take (the block-norm bound then serves): a
         singular lower level (warned), an estimate that fails or sees no curvature (the
         third derivatives of f it leaves out may still curve Phi)."""
-        at = {"phi_measured_at": [scales[key] for key in _MEASURED_SCALES]}
+        at = {"phi_measured_at": [scales[key] for key in _MEASURED_SCALES], "phi_tracking": 0.0}
         if not _phi_bound(scales) > 0 or scales.get("inner_y_min", 0.0) <= 1e-6 * scales["inner_y"]:
             return {"phi_curvature": 0.0, **at}
         outer, inner = bind_batch(problem, problem.example_batch)
@@ -218,11 +229,13 @@ class SOBA(SingleLoop):
         condition = scales["inner_y"] / max(scales.get("inner_y_min", 0.0), 1e-3 * scales["inner_y"])
         solve_iterations = min(200, max(50, math.ceil(4 * math.sqrt(condition))))
         try:
-            estimate = hyper_curvature(outer, inner, xs, ys, x_spec, y_spec, max(self.curvature_iterations // 2, 5),
-                                       solve_iterations)
+            estimate, tracking = hyper_curvature(outer, inner, xs, ys, x_spec, y_spec,
+                                                 max(self.curvature_iterations // 2, 5), solve_iterations)
         except FloatingPointError:
-            estimate = 0.0
-        return {"phi_curvature": estimate if estimate > 0 else 0.0, **at}
+            return {"phi_curvature": 0.0, **at}
+        if not estimate > 0:
+            return {"phi_curvature": 0.0, **at}
+        return {"phi_curvature": estimate, **at, "phi_tracking": tracking}
 
     def update(self, problem, outer, inner, state: State, batch, project_x, project_y) -> StepInfo:
         ex = state.extras
