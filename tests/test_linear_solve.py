@@ -1072,6 +1072,34 @@ def test_gmres_never_returns_an_iterate_worse_than_its_start():
     assert float((A @ xb[1] - consistent).norm()) <= 1e-6 * float(consistent.norm())
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_cg_breakdown_never_returns_an_iterate_worse_than_its_start(warm):
+    """A = diag(I, 0) (a lower level singular in half its variables, as problem M1), b =
+    (b1, b2): the first CG iterate is x1 = x0 + (||r0||^2 / ||r0_1||^2) r0, whose residual
+    exceeds ||r0|| when the null-space part dominates; the second step breaks down.  That
+    element stops at its start, the other one (range part dominant) at x1, and the batched
+    solve agrees with the single ones."""
+    n = 4
+    A = torch.diag(torch.cat([torch.ones(n), torch.zeros(n)])).to(torch.float64)
+    ones = torch.ones(n, dtype=torch.float64)
+    B = torch.stack([torch.cat([0.1 * ones, ones]), torch.cat([ones, 0.1 * ones])])
+    X0 = torch.stack([torch.cat([0.5 * ones, -ones]), torch.cat([-ones, 2 * ones])]) if warm else torch.zeros_like(B)
+    R0 = B - X0 @ A
+    first = X0 + (R0.square().sum(1) / R0[:, :n].square().sum(1)).unsqueeze(1) * R0  # x1 in closed form
+    assert float((B[0] - A @ first[0]).norm()) > float(R0[0].norm())  # worse than the start
+    assert float((B[1] - A @ first[1]).norm()) < float(R0[1].norm())
+    expected = torch.stack([X0[0], first[1]])
+    xb, infob = CG()(lambda v: v @ A, B, X0 if warm else None, batch_dims=1)
+    assert infob.status.tolist() == [Status.BREAKDOWN, Status.BREAKDOWN]
+    torch.testing.assert_close(xb, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(infob.residual_norm, (B - expected @ A).norm(dim=1), rtol=1e-12, atol=1e-12)
+    for i in range(2):
+        x, info = CG()(lambda v: A @ v, B[i], X0[i] if warm else None)
+        assert int(info.status) == Status.BREAKDOWN
+        torch.testing.assert_close(x, expected[i], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(info.residual_norm, (B[i] - A @ x).norm(), rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- rectangular systems
 # NormalCG and Direct("lstsq") solve A x = b with A of shape m x n (x0 gives the unknown's
 # structure, shape and dtype): the minimum-norm least-squares solution pinv(A) b, as JAXopt's

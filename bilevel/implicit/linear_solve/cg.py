@@ -35,7 +35,12 @@ class CG(KrylovSolver):
     The operator must be symmetric positive definite.  Non-positive curvature
     ``p^T A p <= sqrt(n) * eps * max curvature seen`` is reported as
     :attr:`~bilevel.status.Status.BREAKDOWN` for that element (indefinite or
-    singular operator) and the element stops at its last iterate.
+    singular operator) and the element stops at its last iterate, or at its start
+    where the last iterate's residual is the larger: for the singular
+    :math:`A = \mathrm{diag}(I, 0)` and :math:`b = (b_1, b_2)` the first iterate is
+    :math:`x_1 = (\|b\|^2 / \|b_1\|^2)\, b`, whose residual exceeds :math:`\|b\|`
+    once :math:`\|b_2\| > \|b_1\|` (the null-space part of the residual stays and
+    the step overshoots along the range), and the next step breaks down.
 
     Args:
         maxiter: iteration (matrix-vector product) budget per element; ``None``
@@ -114,6 +119,7 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
     rr = rz if precondition is None else float(dot(r, r))
     factor = math.sqrt(n) * torch.finfo(b.dtype).eps
     max_inv_alpha, status, k, last = 0.0, Status.SUCCESS, 0, None
+    start, rr_start = x, rr
     while rr > threshold**2:
         if k == maxiter:
             status = Status.MAX_ITERATIONS
@@ -124,6 +130,8 @@ def _cg_single(matvec, b, x0, threshold, maxiter, precondition):
         max_inv_alpha = max(max_inv_alpha, inv_alpha)
         if not inv_alpha > factor * max_inv_alpha:  # also catches NaN
             status = Status.BREAKDOWN
+            if rr > rr_start:  # no step beats that one (see CG)
+                x, rr = start, rr_start
             break
         x = x.add(p, alpha=1.0 / inv_alpha)
         r = r.add(Ap, alpha=-1.0 / inv_alpha)
@@ -178,6 +186,7 @@ def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
     p = z
     rz = dot(r, z)
     rr = rz if precondition is None else dot(r, r)
+    start, rr_start = x, rr
     threshold2 = threshold.square()
     active = rr > threshold2
     broke = torch.zeros_like(active)
@@ -209,6 +218,7 @@ def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
     iterations = torch.stack(history).sum(0) if history else torch.zeros(nbatch, dtype=torch.int64, device=b.device)
     status = torch.zeros(nbatch, dtype=torch.int64, device=b.device)
     status = _mark(status, broke, Status.BREAKDOWN)
+    x = torch.where((broke & (rr > rr_start)).unsqueeze(-1), start, x)  # no step beats that one (see CG)
     return x, iterations, _mark(status, active, Status.MAX_ITERATIONS)
 
 
