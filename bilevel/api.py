@@ -50,7 +50,7 @@ HISTORY_KEYS = ("step", "outer", "hypergradient_norm", "inner_residual", "linear
 
 @dataclass
 class BilevelResult:
-    """What :func:`solve` returns.
+    r"""What :func:`solve` returns.
 
     Attributes:
         x, y: the final upper and lower variables.  ``y`` is the lower iterate of
@@ -58,7 +58,12 @@ class BilevelResult:
             step then moved ``x``): one step behind ``x``, which matters only
             before convergence.
         history: per step, lists under ``HISTORY_KEYS``: outer value, hypergradient
-            norm, inner residual, linear-solve residual, seconds per step.  One
+            norm, inner residual, linear-solve residual, seconds per step.  The
+            outer value is :math:`F(x, y)` at the method's own lower iterate
+            ``y``, not :math:`\Phi(x) = F(x, y^\star(x))`: the penalty method's
+            ``y`` minimizes :math:`F + \lambda f`, so its value lies below
+            :math:`\Phi` and can fall while :math:`\Phi` rises (solve the lower
+            level at ``x`` to follow :math:`\Phi`).  One
             record per step run: where a single-loop method backs off to a saved
             state, the steps it goes back over keep their records (the time was
             spent) and the steps run again add new ones, so the lists are then

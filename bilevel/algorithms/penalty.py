@@ -73,8 +73,11 @@ class Penalty(SingleLoop):
     accuracy after 500 steps, where the joint-Hessian base step
     :math:`\tfrac12/\|\nabla^2(F + f)\|`, thousands of times smaller there, left :math:`x`
     where it started, at 66 %).
-    The history reports :math:`\|d_x\|` (the estimate of :math:`\nabla\psi_\lambda`)
-    and :math:`\|\nabla_y f(x, z)\|` as the inner residual.
+    The history reports :math:`\|d_x\|` (the estimate of :math:`\nabla\psi_\lambda`),
+    :math:`\|\nabla_y f(x, z)\|` as the inner residual, and :math:`F(x, y)` at the
+    penalized iterate :math:`y \approx y_\lambda` (also ``result.y``) as the outer
+    value: it lies below :math:`\Phi(x) = F(x, y^\star(x))` by up to
+    :math:`O(1/\lambda)` and can fall while :math:`\Phi` rises.
 
     On an ill-conditioned lower level that step can outrun :math:`y` and :math:`z`,
     which converge at a rate of about :math:`1/\kappa` per step: the coupled
