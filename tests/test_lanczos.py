@@ -65,9 +65,41 @@ def test_a_closed_krylov_space_adds_no_spurious_eigenvalue():
 def test_float32_and_non_finite_products():
     h = _spd(torch.linspace(0.5, 4.0, 12)).to(torch.float32)
     theta, u = _lowest(h, 12)
-    assert theta == pytest.approx(0.5, rel=1e-4) and u.dtype == torch.float32
+    assert theta == pytest.approx(0.5, rel=1e-4) and u.dtype == torch.float64  # the basis is float64
     with pytest.raises(FloatingPointError, match="not finite"):
         _lowest(torch.full((4, 4), math.nan), 3)
+
+
+@pytest.mark.parametrize("keep_basis", [True, False])
+def test_float32_lower_level_with_a_bias_leaf(keep_basis, monkeypatch):
+    """f = 1/2 ||w||^2 + 1/4 b^2 in float32 (a weight leaf and a bias, lambda_min = 0.5 on b).
+    The Krylov space closes after two steps; a float32 basis run on past that loses its
+    orthogonality, and the estimate came out as 1.0.  Cold and warm starts, with the
+    full basis and with the O(n) recurrence of large lower levels (no Ritz vector)."""
+    if not keep_basis:
+        monkeypatch.setattr("bilevel.algorithms._lanczos.BASIS_BYTES", 0)
+    n = 20_000
+    y = {"w": torch.randn(n, dtype=torch.float32), "b": torch.zeros(1, dtype=torch.float32)}
+    x = torch.ones(1, dtype=torch.float32)
+
+    def f(x, y):
+        return 0.5 * (y["w"] ** 2).sum() + 0.25 * (y["b"] ** 2).sum() + (x * y["w"][:1]).sum()
+
+    xs, x_spec = torch.utils._pytree.tree_flatten(x)
+    ys, y_spec = torch.utils._pytree.tree_flatten(y)
+    for k in (8, 20):
+        theta, u = lowest_curvature(f, xs, ys, x_spec, y_spec, k)
+        assert theta == pytest.approx(0.5, rel=1e-5)
+        assert (u is None) == (not keep_basis)
+    # a warm start from an old Ritz vector that is an eigenvector of the new Hessian, with
+    # lambda_min along a direction the start holds 1e-4 of: resolvable in float32
+    d = torch.ones(n, dtype=torch.float32)
+    d[1] = 0.5
+    start = torch.zeros(n, dtype=torch.float32)
+    start[0] = 1.0
+    theta, _ = lowest_eigenpair(lambda v: d * v, n, 8, dtype=torch.float32, device=torch.device("cpu"), start=start,
+                                generator=torch.Generator().manual_seed(1))
+    assert theta == pytest.approx(0.5, rel=1e-5)
 
 
 def test_lowest_curvature_over_a_tree_with_an_ignored_leaf():
@@ -116,3 +148,20 @@ def test_scales_track_mu_of_a_quadratic_through_a_run_and_a_resume():
     assert resumed.state.iteration == 400
     assert "lowest_direction" in resumed.state.extras and resumed.state.extras["phi_curvature"] > 0
     assert resumed.state.extras["phi_tracking"] >= mu
+
+
+def test_a_checkpoint_without_the_tracking_curvature_takes_it_at_the_next_re_estimate():
+    """A checkpoint from the version that estimated ||Hess Phi|| but not mu_t (it holds
+    phi_measured_at, lacks phi_tracking): the resumed run measures mu_t at its first
+    re-estimate, so by step 80 its x step is the uninterrupted run's."""
+    p = P.quadratic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bilevel.status.BilevelWarning)
+        full = bilevel.solve(p, method="soba", max_steps=80, progress=False)
+        checkpoint = bilevel.solve(p, method="soba", max_steps=12, progress=False).state.state_dict()
+        for key in ("phi_tracking", "lowest_direction"):
+            del checkpoint["extras"][key]
+        resumed = bilevel.solve(p, method="soba", max_steps=80, progress=False, resume=checkpoint)
+    assert full.state.extras["phi_tracking"] > 0
+    assert resumed.state.extras["phi_tracking"] == pytest.approx(full.state.extras["phi_tracking"], rel=1e-6)
+    assert resumed.state.extras["x_step"] == pytest.approx(full.state.extras["x_step"], rel=1e-6)

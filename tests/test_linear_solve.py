@@ -1100,6 +1100,35 @@ def test_cg_breakdown_never_returns_an_iterate_worse_than_its_start(warm):
         torch.testing.assert_close(info.residual_norm, (B[i] - A @ x).norm(), rtol=1e-12, atol=1e-12)
 
 
+def test_cg_breakdown_on_a_nan_product_agrees_between_single_and_batched_solves():
+    """Element 0's second product is NaN (a breakdown): its residual must stay the last
+    finite one (0 * NaN in the update would make it NaN, and the comparison with the
+    start would then keep the worse iterate); element 1 goes on and converges."""
+    n = 8
+    A = torch.diag(torch.cat([torch.ones(4), torch.zeros(4)])).to(torch.float64) + 1e-3 * torch.eye(n, dtype=torch.float64)
+    b0 = torch.cat([0.1 * torch.ones(4), torch.ones(4)]).to(torch.float64)
+    b1 = torch.linspace(1, 2, n, dtype=torch.float64)
+
+    def poisoned(batched):
+        calls = [0]
+
+        def matvec(v):
+            calls[0] += 1
+            out = v @ A if batched else A @ v
+            if calls[0] == 2:
+                out = out.clone()
+                out[0 if batched else ...] = math.nan
+            return out
+        return matvec
+
+    x, info = CG(maxiter=50)(poisoned(False), b0)
+    xb, infob = CG(maxiter=50)(poisoned(True), torch.stack([b0, b1]), batch_dims=1)
+    assert int(info.status) == Status.BREAKDOWN and infob.status.tolist() == [Status.BREAKDOWN, Status.SUCCESS]
+    torch.testing.assert_close(xb[0], x, rtol=1e-12, atol=1e-12)
+    assert float((b0 - A @ x).norm()) <= float(b0.norm()) * (1 + 1e-12)
+    assert float((b1 - A @ xb[1]).norm()) <= 1e-6 * float(b1.norm())
+
+
 # --------------------------------------------------------------------------- rectangular systems
 # NormalCG and Direct("lstsq") solve A x = b with A of shape m x n (x0 gives the unknown's
 # structure, shape and dtype): the minimum-norm least-squares solution pinv(A) b, as JAXopt's

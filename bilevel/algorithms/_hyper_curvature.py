@@ -39,7 +39,7 @@ class HyperCurvature(NamedTuple):
     r"""The estimate of :math:`\|\nabla^2\Phi\|`."""
     tracking: float
     r"""The curvature of :math:`f` along the way :math:`y^\star` moves with :math:`x`: the
-    Rayleigh quotient :math:`w^\top H w / w^\top w` of :math:`w = H^{-1}Bu` for the last
+    Rayleigh quotient :math:`w^\top H w / w^\top w` of :math:`w = H^{-1}Bu` for the last power-iteration
     direction :math:`u` (0 where :math:`Bu = 0`).  Between :math:`\lambda_{\min}(H)` and
     :math:`\|H\|`, it sets how fast gradient steps on :math:`y` catch up with a move of
     :math:`x` along the stiffest direction of :math:`\Phi`."""

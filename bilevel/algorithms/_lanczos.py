@@ -37,63 +37,99 @@ _RANDOM_SHARE = 0.1
 """Weight of a random direction mixed into a warm start, so that the Krylov space
 keeps every eigen-direction (a start that is an eigenvector would stop at once)."""
 
+BASIS_BYTES = 2**27
+"""Largest Lanczos basis kept (128 MiB of float64 vectors: about 800 000 unknowns at
+20 steps).  A larger problem runs the three-term recurrence in O(n) memory, without
+full reorthogonalization and without a Ritz vector."""
+
+_CLOSED = 10.0
+"""A step ends the recurrence when its :math:`\beta` is below this many rounding units
+(of the products' dtype, at most 1 %) of the largest :math:`|\alpha|, \beta` before it."""
+
 
 def lowest_eigenpair(
     matvec: Callable[[torch.Tensor], torch.Tensor], size: int, iterations: int, *,
     dtype: torch.dtype, device: torch.device, start: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-) -> tuple[float, torch.Tensor]:
+    generator: Optional[torch.Generator] = None, eps: Optional[float] = None,
+) -> tuple[float, Optional[torch.Tensor]]:
     r"""The smallest eigenvalue of the symmetric ``matvec`` on vectors of ``size``
     entries, and its Ritz vector, from ``iterations`` Lanczos steps.
 
+    The products are taken in ``dtype``; the recurrence and the basis are kept in
+    float64, so that a float32 (or half) operator loses only the accuracy of its own
+    products, :math:`O(\epsilon\,\|H\|)`, not the orthogonality of the basis (in
+    float32 a basis run past a closed Krylov space drifts far from orthogonal, and
+    its Ritz values with it).
+
     Args:
-        matvec: ``v -> H v`` on flat vectors.
+        matvec: ``v -> H v`` on flat vectors of ``dtype``.
         size: the dimension of ``v``.
         iterations: Lanczos steps (products with ``H``); at most ``size`` are taken.
-        dtype, device: of the vectors.
+        dtype, device: of the vectors ``matvec`` takes.
         start: a warm start (e.g. the Ritz vector of an earlier estimate); a random
             direction of weight 0.1 is mixed in.  ``None``: a random start.
         generator: a CPU generator for the random direction (reproducible estimates).
+        eps: the rounding unit of the products (``None``: that of ``dtype``), which
+            tells a closed Krylov space from one still growing.
 
     Returns:
-        ``(theta, u)``: the Ritz value, an upper bound on :math:`\lambda_{\min}(H)`,
-        and the unit Ritz vector ``u`` (on ``device``).  Every basis vector is kept
-        and reorthogonalized against (two matrix-vector products with the basis per
-        step), and the only host read is of :math:`T_m` at the end; a Krylov space
-        that closes early (an invariant subspace) ends the recurrence there.
+        ``(theta, u)``: the Ritz value, an upper bound on :math:`\lambda_{\min}(H)`
+        up to the products' rounding, and the unit Ritz vector ``u`` (float64, on
+        ``device``), or ``None`` where the basis would exceed :data:`BASIS_BYTES`.
+        A kept basis is reorthogonalized in full (two matrix-vector products with it
+        per step); a larger problem keeps the last two vectors only (three-term
+        recurrence, reorthogonalized against them; lost orthogonality then repeats
+        converged Ritz values but leaves them within rounding of the spectrum).  The
+        only host read is of :math:`T_m` at the end; a Krylov space that closes early
+        (an invariant subspace) ends the recurrence there.
 
     Raises:
         FloatingPointError: the products are not finite.
     """
     steps = max(1, min(int(iterations), int(size)))
-    drawn = seeded_normal_like([torch.empty(size, dtype=dtype, device=device)],
+    work = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+    tiny = torch.finfo(work).tiny
+    drawn = seeded_normal_like([torch.empty(size, dtype=work, device=device)],
                                generator if generator is not None else torch.Generator())[0]
     if start is not None:
-        start = start.reshape(-1).to(device=device, dtype=dtype)
-        drawn = start / start.norm().clamp_min(torch.finfo(dtype).tiny) + _RANDOM_SHARE * drawn / drawn.norm()
-    basis = torch.zeros(steps + 1, size, dtype=dtype, device=device)
-    basis[0] = drawn / drawn.norm().clamp_min(torch.finfo(dtype).tiny)
+        start = start.reshape(-1).to(device=device, dtype=work)
+        drawn = start / start.norm().clamp_min(tiny) + _RANDOM_SHARE * drawn / drawn.norm()
+    q = drawn / drawn.norm().clamp_min(tiny)
+    keep = (steps + 1) * size * torch.finfo(work).bits // 8 <= BASIS_BYTES
+    basis = torch.zeros(steps + 1, size, dtype=work, device=device) if keep else None
+    previous = torch.zeros_like(q)
     alphas, betas = [], []
     for j in range(steps):
-        w = matvec(basis[j])
-        alpha = torch.dot(w, basis[j])
-        for _ in range(2):  # full reorthogonalization, twice is enough (Kahan)
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        if keep:
+            basis[j] = q
+        w = matvec(q.to(dtype)).to(work)
+        alpha = torch.dot(w, q)
+        for _ in range(2):  # reorthogonalization, twice is enough (Kahan)
+            if keep:
+                w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+            else:
+                w = w - torch.dot(w, q) * q - torch.dot(w, previous) * previous
         beta = w.norm()
-        basis[j + 1] = w / beta.clamp_min(torch.finfo(dtype).tiny)
+        previous, q = q, w / beta.clamp_min(tiny)
         alphas.append(alpha)
         betas.append(beta)
     numbers = np.asarray(torch.stack(alphas + betas).tolist(), dtype=np.float64)  # the one host read
     if not np.isfinite(numbers).all():
         raise FloatingPointError("the products of the Lanczos iteration are not finite.")
     alpha, beta = numbers[:steps], numbers[steps:]
-    scale = max(np.abs(alpha).max(), beta.max())
-    closed = np.flatnonzero(beta[:-1] <= 1e3 * torch.finfo(dtype).eps * scale)
+    # the scale each beta is judged against: the largest |alpha|, beta up to it (a later
+    # step, run on the rounding noise of a closed space, must not move an earlier verdict)
+    scale = np.maximum.accumulate(np.maximum(np.abs(alpha), np.concatenate([[0.0], beta[:-1]])))
+    unit = min(_CLOSED * (torch.finfo(dtype).eps if eps is None else eps), 1e-2)
+    closed = np.flatnonzero(beta[:-1] <= unit * scale[:-1])
     m = int(closed[0]) + 1 if len(closed) else steps  # the Krylov space closed after step m
     tridiagonal = np.diag(alpha[:m]) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
     values, vectors = np.linalg.eigh(tridiagonal)
-    weights = torch.as_tensor(vectors[:, 0], dtype=dtype).to(device=device, non_blocking=True)
+    if not keep:
+        return float(values[0]), None
+    weights = torch.as_tensor(vectors[:, 0], dtype=work).to(device=device, non_blocking=True)
     ritz = weights @ basis[:m]
-    return float(values[0]), ritz / ritz.norm().clamp_min(torch.finfo(dtype).tiny)
+    return float(values[0]), ritz / ritz.norm().clamp_min(tiny)
 
-__all__ = ["lowest_eigenpair"]
+
+__all__ = ["lowest_eigenpair", "BASIS_BYTES"]

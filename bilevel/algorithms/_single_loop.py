@@ -21,7 +21,6 @@ iteration.  This module holds their common parts:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import statistics
 import warnings
@@ -131,18 +130,18 @@ def curvature(
 def lowest_curvature(
     fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, iterations: int = 20,
     start: Optional[torch.Tensor] = None,
-) -> tuple[float, torch.Tensor]:
+) -> tuple[float, Optional[torch.Tensor]]:
     r"""The smallest eigenvalue of :math:`\nabla^2_{yy} h` (an estimate from above),
     by ``iterations`` Lanczos steps on Hessian-vector products
     (:func:`~bilevel.algorithms._lanczos.lowest_eigenpair`), and its Ritz vector
-    (flat, over the leaves of ``y``) to warm-start the next estimate with ``start``.
+    (flat over the leaves of ``y``, float64; ``None`` for a lower level too large to
+    keep the Lanczos basis of) to warm-start the next estimate with ``start``.
 
     Every leaf counts: one that ``h`` is linear in (or ignores) has Hessian eigenvalue
     0 there, which may be the smallest one.  The random part of the start is drawn
     from a fixed seed, so the estimate is reproducible.
     """
     gen = torch.Generator().manual_seed(1)
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in y_leaves])
     device = y_leaves[0].device
     with torch.enable_grad():
         xs = [t.detach() for t in x_leaves]
@@ -160,14 +159,16 @@ def lowest_curvature(
             for i, h in zip(live, products):
                 if h is not None:
                     out[i] = h.detach()
-            return torch.cat([o.reshape(-1).to(device=device, dtype=dtype) for o in out])
+            return torch.cat([o.reshape(-1).to(device=device, dtype=v.dtype) for o in out])
 
         if not live:
-            return 0.0, torch.zeros(sum(sizes), dtype=dtype, device=device)
+            return 0.0, None
         if start is not None and start.numel() != sum(sizes):
             start = None  # from other variables: start afresh
-        return lowest_eigenpair(matvec, sum(sizes), iterations, dtype=dtype, device=device, start=start,
-                                generator=gen)
+        # products in float64 vectors, each leaf's in its own dtype: the least precise sets the rounding
+        eps = max(torch.finfo(ys[i].dtype).eps for i in live)
+        return lowest_eigenpair(matvec, sum(sizes), iterations, dtype=torch.float64, device=device, start=start,
+                                generator=gen, eps=eps)
 
 
 def block_curvature(
@@ -453,7 +454,10 @@ class SingleLoop(Algorithm):
         lowest = 0.0
         if inner_y > 0:
             lowest, direction = lowest_curvature(inner, xs, ys, x_spec, y_spec, k, state.extras.get(_LOWEST))
-            state.extras[_LOWEST] = direction
+            if direction is None:  # too large to keep: the next estimate starts afresh
+                state.extras.pop(_LOWEST, None)
+            else:
+                state.extras[_LOWEST] = direction
         # weak-convexity modulus rho of f(x, .) (0 when convex there)
         out["inner_weak_convexity"] = max(0.0, -lowest) if -lowest > 1e-6 * inner_y else 0.0
         out["inner_y_min"] = lowest  # the smallest eigenvalue of the lower Hessian (estimate)

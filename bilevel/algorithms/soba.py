@@ -199,11 +199,12 @@ class SOBA(SingleLoop):
         """At a curvature re-estimate: take the estimate of Phi's curvature anew where one of
         the scales it rests on moved by more than a factor :data:`_REMEASURE` since (the
         lower level's curvature changed along the path; an estimate from elsewhere need not
-        hold), or where there is none (a checkpoint from before the estimate)."""
+        hold), or where there is none (a checkpoint from before the estimate, or from
+        before the tracking curvature)."""
         ex = state.extras
         then = ex.get("phi_measured_at")
         now = [ex["scales"][key] for key in _MEASURED_SCALES]
-        if then and all(1 / _REMEASURE <= (a / b if b > 0 else (1.0 if a == 0 else math.inf)) <= _REMEASURE
+        if then and "phi_tracking" in ex and all(1 / _REMEASURE <= (a / b if b > 0 else (1.0 if a == 0 else math.inf)) <= _REMEASURE
                         for a, b in zip(now, then)):
             return
         ex.update(self._measure(problem, state, ex["scales"]))

@@ -40,7 +40,8 @@ class CG(KrylovSolver):
     :math:`A = \mathrm{diag}(I, 0)` and :math:`b = (b_1, b_2)` the first iterate is
     :math:`x_1 = (\|b\|^2 / \|b_1\|^2)\, b`, whose residual exceeds :math:`\|b\|`
     once :math:`\|b_2\| > \|b_1\|` (the null-space part of the residual stays and
-    the step overshoots along the range), and the next step breaks down.
+    the step overshoots along the range), and the next step breaks down
+    (``info.iterations`` still counts the steps taken).
 
     Args:
         maxiter: iteration (matrix-vector product) budget per element; ``None``
@@ -207,7 +208,8 @@ def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
         history.append(active)
         alpha = torch.where(active, inv_alpha.reciprocal(), zero).unsqueeze(-1)
         x = torch.addcmul(x, alpha, p)
-        r = torch.addcmul(r, alpha, Ap, value=-1)
+        # a stopped element keeps its residual (0 * a NaN product would not), as the single path does
+        r = torch.addcmul(r, alpha, torch.where(active.unsqueeze(-1), Ap, 0), value=-1)
         z = precondition(r) if precondition else r
         rz_new = dot(r, z)
         rr = rz_new if precondition is None else dot(r, r)
