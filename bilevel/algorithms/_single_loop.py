@@ -21,6 +21,7 @@ iteration.  This module holds their common parts:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import warnings
@@ -134,7 +135,7 @@ def lowest_curvature(
     r"""The smallest eigenvalue of :math:`\nabla^2_{yy} h` (an estimate from above),
     by ``iterations`` Lanczos steps on Hessian-vector products
     (:func:`~bilevel.algorithms._lanczos.lowest_eigenpair`), and its Ritz vector
-    (flat over the leaves of ``y``, float64; ``None`` for a lower level too large to
+    (flat over the leaves of ``y``, in their dtype; ``None`` for a lower level too large to
     keep the Lanczos basis of) to warm-start the next estimate with ``start``.
 
     Every leaf counts: one that ``h`` is linear in (or ignores) has Hessian eigenvalue
@@ -167,8 +168,11 @@ def lowest_curvature(
             start = None  # from other variables: start afresh
         # products in float64 vectors, each leaf's in its own dtype: the least precise sets the rounding
         eps = max(torch.finfo(ys[i].dtype).eps for i in live)
-        return lowest_eigenpair(matvec, sum(sizes), iterations, dtype=torch.float64, device=device, start=start,
-                                generator=gen, eps=eps)
+        theta, direction = lowest_eigenpair(matvec, sum(sizes), iterations, dtype=torch.float64, device=device,
+                                            start=start, generator=gen, eps=eps)
+        # kept in the state: in y's dtype, as every tensor of a float32 run's checkpoint
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in ys])
+        return theta, None if direction is None else direction.to(dtype)
 
 
 def block_curvature(
