@@ -71,26 +71,34 @@ def test_float32_and_non_finite_products():
 
 
 @pytest.mark.parametrize("keep_basis", [True, False])
-def test_float32_lower_level_with_a_bias_leaf(keep_basis, monkeypatch):
-    """f = 1/2 ||w||^2 + 1/4 b^2 in float32 (a weight leaf and a bias, lambda_min = 0.5 on b).
-    The Krylov space closes after two steps; a float32 basis run on past that loses its
-    orthogonality, and the estimate came out as 1.0.  Cold and warm starts, with the
-    full basis and with the O(n) recurrence of large lower levels (no Ritz vector)."""
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_low_precision_lower_level_with_a_bias_leaf(keep_basis, dtype, rel, sign, monkeypatch):
+    """f = 1/2 ||w||^2 +- 1/4 b^2 (a weight leaf and a bias, lambda_min = +-0.5 on b).  The
+    Krylov space closes, to the products' accuracy, after two steps: a float32 basis run
+    on past that lost its orthogonality (1.0 for 0.5, +1 for -0.5), and a closure test at
+    the products' rounding unit stopped bfloat16 and float16 after one step (1.0).  Cold
+    and warm starts, with the full basis and with the O(n) recurrence of large lower
+    levels (no Ritz vector); the warm start is kept in y's dtype."""
     if not keep_basis:
         monkeypatch.setattr("bilevel.algorithms._lanczos.BASIS_BYTES", 0)
     n = 20_000
-    y = {"w": torch.randn(n, dtype=torch.float32), "b": torch.zeros(1, dtype=torch.float32)}
-    x = torch.ones(1, dtype=torch.float32)
+    y = {"w": torch.randn(n).to(dtype), "b": torch.zeros(1, dtype=dtype)}
+    x = torch.ones(1, dtype=dtype)
 
     def f(x, y):
-        return 0.5 * (y["w"] ** 2).sum() + 0.25 * (y["b"] ** 2).sum() + (x * y["w"][:1]).sum()
+        return 0.5 * (y["w"] ** 2).sum() + sign * 0.25 * (y["b"] ** 2).sum() + (x * y["w"][:1]).sum()
 
     xs, x_spec = torch.utils._pytree.tree_flatten(x)
     ys, y_spec = torch.utils._pytree.tree_flatten(y)
-    for k in (8, 20):
-        theta, u = lowest_curvature(f, xs, ys, x_spec, y_spec, k)
-        assert theta == pytest.approx(0.5, rel=1e-5)
+    u = None
+    for k in (8, 20, 8):
+        theta, u = lowest_curvature(f, xs, ys, x_spec, y_spec, k, start=u)
+        assert theta == pytest.approx(sign * 0.5, rel=rel)
         assert (u is None) == (not keep_basis)
+        assert u is None or u.dtype == dtype
+    if dtype is not torch.float32:
+        return
     # a warm start from an old Ritz vector that is an eigenvector of the new Hessian, with
     # lambda_min along a direction the start holds 1e-4 of: resolvable in float32
     d = torch.ones(n, dtype=torch.float32)

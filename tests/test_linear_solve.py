@@ -1129,6 +1129,34 @@ def test_cg_breakdown_on_a_nan_product_agrees_between_single_and_batched_solves(
     assert float((b1 - A @ xb[1]).norm()) <= 1e-6 * float(b1.norm())
 
 
+def test_cg_breakdown_on_a_nan_preconditioner_keeps_the_iterate_in_both_paths():
+    """M's second output is NaN for element 0: the direction p turns NaN, and 0 * NaN in
+    the update of x made the batched element NaN (NONFINITE) where the single solve stops
+    at a finite iterate (BREAKDOWN)."""
+    n = 8
+    A = torch.diag(torch.linspace(1, 4, n, dtype=torch.float64))
+    b0, b1 = torch.linspace(1, 2, n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+
+    def poisoned(batched):
+        calls = [0]
+
+        def M(r):
+            calls[0] += 1
+            out = r / 2
+            if calls[0] == 2:
+                out = out.clone()
+                out[0 if batched else ...] = math.nan
+            return out
+        return M
+
+    x, info = CG(maxiter=50, M=poisoned(False))(lambda v: A @ v, b0)
+    xb, infob = CG(maxiter=50, M=poisoned(True))(lambda v: v @ A, torch.stack([b0, b1]), batch_dims=1)
+    assert int(info.status) == Status.BREAKDOWN and infob.status.tolist() == [Status.BREAKDOWN, Status.SUCCESS]
+    assert bool(torch.isfinite(x).all())
+    torch.testing.assert_close(xb[0], x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xb[1], b1 / torch.diagonal(A), rtol=1e-7, atol=1e-9)
+
+
 # --------------------------------------------------------------------------- rectangular systems
 # NormalCG and Direct("lstsq") solve A x = b with A of shape m x n (x0 gives the unknown's
 # structure, shape and dtype): the minimum-norm least-squares solution pinv(A) b, as JAXopt's

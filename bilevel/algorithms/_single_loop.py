@@ -166,10 +166,9 @@ def lowest_curvature(
             return 0.0, None
         if start is not None and start.numel() != sum(sizes):
             start = None  # from other variables: start afresh
-        # products in float64 vectors, each leaf's in its own dtype: the least precise sets the rounding
-        eps = max(torch.finfo(ys[i].dtype).eps for i in live)
-        theta, direction = lowest_eigenpair(matvec, sum(sizes), iterations, dtype=torch.float64, device=device,
-                                            start=start, generator=gen, eps=eps)
+        # the vectors in float64 (float32 on MPS), each leaf's product in its own dtype
+        theta, direction = lowest_eigenpair(matvec, sum(sizes), iterations, dtype=_wide(ys[0]), device=device,
+                                            start=start, generator=gen)
         # kept in the state: in y's dtype, as every tensor of a float32 run's checkpoint
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in ys])
         return theta, None if direction is None else direction.to(dtype)

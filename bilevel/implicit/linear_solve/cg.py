@@ -207,9 +207,11 @@ def _cg_batched(matvec, b, x0, threshold, maxiter, precondition):
         active = active & ok
         history.append(active)
         alpha = torch.where(active, inv_alpha.reciprocal(), zero).unsqueeze(-1)
-        x = torch.addcmul(x, alpha, p)
-        # a stopped element keeps its residual (0 * a NaN product would not), as the single path does
-        r = torch.addcmul(r, alpha, torch.where(active.unsqueeze(-1), Ap, 0), value=-1)
+        # a stopped element keeps its iterate and residual (0 * a NaN direction or product would
+        # not), as the single path does
+        moving = active.unsqueeze(-1)
+        x = torch.addcmul(x, alpha, torch.where(moving, p, 0))
+        r = torch.addcmul(r, alpha, torch.where(moving, Ap, 0), value=-1)
         z = precondition(r) if precondition else r
         rz_new = dot(r, z)
         rr = rz_new if precondition is None else dot(r, r)
