@@ -48,6 +48,8 @@ from ._base import (
 from ._lanczos import lowest_eigenpair
 
 Leaves = list
+_LOWEST = "lowest_direction"
+r"""Key of ``state.extras``: the Ritz vector of the last estimate of :math:`\lambda_{\min}(\nabla^2_{yy} f)`."""
 
 
 def value_and_grads(fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, wrt: str = "xy"):
@@ -151,16 +153,17 @@ def lowest_curvature(
         grads = torch.autograd.grad(value, ys, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         sizes = [t.numel() for t in ys]
+        live_grads, live_ys = [grads[i] for i in live], [ys[i] for i in live]
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
-            pieces = [p.view_as(t).to(t.dtype) for p, t in zip(v.split(sizes), ys)]
-            products = torch.autograd.grad([grads[i] for i in live], [ys[i] for i in live],
-                                           [pieces[i] for i in live], retain_graph=True, allow_unused=True)
-            out = [torch.zeros_like(t) for t in ys]
+            pieces = v.split(sizes)
+            products = torch.autograd.grad(live_grads, live_ys, [pieces[i].view_as(ys[i]).to(ys[i].dtype) for i in live],
+                                           retain_graph=True, allow_unused=True)
+            out = [torch.zeros_like(p) for p in pieces]  # leaves f is linear in (or ignores): 0
             for i, h in zip(live, products):
                 if h is not None:
-                    out[i] = h.detach()
-            return torch.cat([o.reshape(-1).to(device=device, dtype=v.dtype) for o in out])
+                    out[i] = h.detach().reshape(-1).to(device=device, dtype=v.dtype)
+            return torch.cat(out)
 
         if not live:
             return 0.0, None
@@ -384,7 +387,7 @@ class SingleLoop(Algorithm):
     rescale_every: int = 25
     backoffs: int = 3
 
-    optional_extras: ClassVar[tuple] = ("lowest_direction",)
+    optional_extras: ClassVar[tuple] = (_LOWEST,)
 
     tol_patience: ClassVar[int] = 10
     """Consecutive steps on which :func:`bilevel.solve`'s ``tol`` must hold: the
@@ -783,7 +786,6 @@ _GROWTH = 10.0
 _NOISY_GROWTH = 100.0
 """The same with mini-batches, whose per-batch outer values swing from window to window."""
 _MINI_BATCHES = "mini_batches"      # the run draws mini-batches (state.extras)
-_LOWEST = "lowest_direction"        # the Ritz vector of the last estimate of lambda_min(Hess_yy f)
 _MIN_WINDOW = 10
 """Fewest steps whose median is a window of the growth test."""
 _CHECK_EVERY = 25

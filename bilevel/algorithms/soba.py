@@ -204,8 +204,8 @@ class SOBA(SingleLoop):
         ex = state.extras
         then = ex.get("phi_measured_at")
         now = [ex["scales"][key] for key in _MEASURED_SCALES]
-        if then and "phi_tracking" in ex and all(1 / _REMEASURE <= (a / b if b > 0 else (1.0 if a == 0 else math.inf)) <= _REMEASURE
-                        for a, b in zip(now, then)):
+        ratios = [a / b if b > 0 else (1.0 if a == 0 else math.inf) for a, b in zip(now, then or [])]
+        if then and "phi_tracking" in ex and all(1 / _REMEASURE <= r <= _REMEASURE for r in ratios):
             return
         ex.update(self._measure(problem, state, ex["scales"]))
         ex.update(self.step_sizes(ex["scales"], ex))
