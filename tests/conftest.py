@@ -33,6 +33,7 @@ OWN_TEST_FILES = frozenset({
     "test_hpo_hypernetwork.py",
     "test_hpo_resume.py",
     "test_hypergrad.py",
+    "test_implicit_failures.py",
     "test_layers_argmin.py",
     "test_layers_convex.py",
     "test_layers_convex_cones.py",

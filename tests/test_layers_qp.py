@@ -701,17 +701,27 @@ def _mixed_problem(B=2, n=5, p=1, seed=7):
 def test_gradients_with_bounds_general_rows_and_equalities_gradcheck():
     """The reduced adjoint (active bounds fix their variables, inactive rows drop out, the rest
     is a system of the free variables, the equalities and the active general rows) against
-    finite differences, first and second order, w.r.t. every input."""
+    finite differences: first order w.r.t. every input, second order w.r.t. the vectors
+    q, b, h (every input: the slow test below)."""
     inputs = [t.clone().requires_grad_() for t in _mixed_problem()]
     solve = lambda *t: qp_solve(*t, tol=1e-12)  # noqa: E731
     assert torch.autograd.gradcheck(solve, inputs, eps=1e-6, atol=1e-6)
-    assert torch.autograd.gradgradcheck(solve, inputs, eps=1e-6, atol=1e-5)
+    Q, _, A, _, G, _ = (t.detach() for t in inputs)
+    assert torch.autograd.gradgradcheck(lambda q, b, h: solve(Q, q, A, b, G, h), inputs[1::2], eps=1e-6, atol=1e-5)
     jacobian = torch.func.jacrev(lambda q: qp_solve(inputs[0].detach(), q, *(t.detach() for t in inputs[2:])))(
         inputs[1].detach())
     rows = [torch.autograd.functional.jacobian(
         lambda q: qp_solve(inputs[0].detach(), q, *(t.detach() for t in inputs[2:]))[b], inputs[1].detach())
         for b in range(2)]
     torch.testing.assert_close(jacobian, torch.stack([rows[0], rows[1]], 1).transpose(0, 1).reshape(jacobian.shape))
+
+
+@pytest.mark.slow
+def test_second_order_gradients_with_bounds_general_rows_and_equalities_wrt_every_input():
+    """Second order through the reduced adjoint w.r.t. every input, matrices included
+    (about 20 s)."""
+    inputs = [t.clone().requires_grad_() for t in _mixed_problem()]
+    assert torch.autograd.gradgradcheck(lambda *t: qp_solve(*t, tol=1e-12), inputs, eps=1e-6, atol=1e-5)
 
 
 def test_box_qp_gradient_equals_the_closed_form_to_rounding():

@@ -149,8 +149,17 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
                  (info.status == Status.BREAKDOWN).any()]
         if certify:
             flags.append((~certificate.optimal & (info.status != Status.BREAKDOWN)).any())
+            flags.append(torch.isfinite(optimality).all())
         failures = torch.stack(flags).tolist()
+    elif certify:
+        failures.append(math.isfinite(float(optimality)))
     finite, stale, any_failed, singular, *any_bad = failures
+    if certify and not any_bad[1]:
+        raise FloatingPointError(
+            f"{stage}: the optimality residual at the solution is NaN or inf{_elements(~torch.isfinite(optimality))}"
+            ": the condition (for a bilevel problem, the inner gradient) is not finite there, so the implicit "
+            "gradient is undefined. Check the objective at the solution (a log or sqrt outside its domain, "
+            "0 * inf).")
     if not finite or stale:
         if not all_finite(x_leaves):
             what = "NaN or inf"

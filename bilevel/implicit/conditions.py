@@ -210,7 +210,7 @@ def projected_gradient(objective: Objective, projection: Callable, stepsize: flo
 
     .. math::
         T(x, \theta, \phi) = P_{C(\phi)}\bigl(x - \eta \nabla_x f(x, \theta)\bigr), \qquad
-        F(x, \theta, \phi) = T(x, \theta, \phi) - x = 0,
+        F(x, \theta, \phi) = x - T(x, \theta, \phi) = 0,
 
     with :math:`f` = ``objective``, :math:`P_{C(\phi)}` = ``projection``,
     :math:`\eta` = ``stepsize``.  For convex :math:`f` and :math:`C` the zeros of
@@ -278,7 +278,7 @@ def proximal_gradient(objective: Objective, prox: Callable, stepsize: float = 1.
 
     .. math::
         T(x, \theta, \lambda) = \operatorname{prox}_{\eta g(\cdot, \lambda)}\bigl(x - \eta \nabla_x f(x, \theta)\bigr),
-        \qquad F = T(x, \theta, \lambda) - x = 0,
+        \qquad F = x - T(x, \theta, \lambda) = 0,
 
     with :math:`f` = ``objective`` (smooth), :math:`\operatorname{prox}` = ``prox``
     called as ``prox(z, prox_hyperparams, stepsize)`` (the convention of
@@ -342,7 +342,7 @@ def mirror_descent(
 
     .. math::
         T(x, \theta, \phi) = \mathrm{proj}^\phi_{C}\bigl(\nabla\phi(x) - \eta \nabla_x f(x, \theta)\bigr),
-        \qquad F = T(x) - x = 0.
+        \qquad F = x - T(x) = 0.
 
     Default (both ``projection`` and ``mapping`` left ``None``): the entropy
     :math:`\phi(x) = \sum_i x_i \log x_i` on the simplex, i.e. the

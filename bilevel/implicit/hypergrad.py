@@ -51,8 +51,16 @@ from ..typing import TensorTree
 from ._certificate import ImplicitInfo, report
 from .conditions import Condition
 from .linear_solve import LinearSolver
+from .linear_solve.function import as_linear_solver
 from .operators import damped, densify, hessian_operator, linearize
-from .root import AdjointSystem, _Options, check_adjoint_options, default_solve, solve_adjoint
+from .root import (
+    AdjointSystem,
+    _Options,
+    check_adjoint_options,
+    check_cross_products,
+    default_solve,
+    solve_adjoint,
+)
 
 BilevelObjective = Callable[[TensorTree, TensorTree], torch.Tensor]
 
@@ -108,7 +116,7 @@ def _checked_grads(outer: BilevelObjective, x: TensorTree, y: TensorTree, eager:
         gy = tree_unflatten(grads[n_x:], tree_flatten(y)[1])
     else:
         gx, gy = grad(value, argnums=(0, 1))(x, y)
-    if not all_finite(tree_leaves((gx, gy))):
+    if not all_finite(tree_leaves(gy)):  # the solve's right-hand side (gx: checked with the result)
         raise FloatingPointError("hypergrad: the gradient of `outer` at (x, y) contains NaN or inf.")
     return gx, gy
 
@@ -160,7 +168,9 @@ def hypergrad(
         solve: linear solver for the Hessian system; default
             :class:`~bilevel.implicit.linear_solve.Auto`: a dense Cholesky solve
             for at most 128 unknowns, otherwise CG with a budget of
-            ``min(10 dim(y), 1000)`` products and a dtype-scaled tolerance.
+            ``min(10 dim(y), 1000)`` products and a dtype-scaled tolerance.  A
+            function ``solve(matvec, b) -> x`` or ``-> (x, info)`` is accepted too
+            (as in :func:`~bilevel.custom_root`).
         damping: :math:`\epsilon \ge 0`, remedy for singular / indefinite Hessians.
         strict: raise :class:`~bilevel.status.BilevelError` when a certificate fails.
         residual_tol: tolerance on the estimated distance of ``y`` to the inner
@@ -198,7 +208,7 @@ def hypergrad(
     (x_leaves, x_spec), (y_leaves, y_spec) = _checked_variables("hypergrad", x, y, "y")
     condition = inner_stationarity(inner)
     recorded: list[ImplicitInfo] = []
-    symmetric_solve = solve if solve is not None else default_solve(True)
+    symmetric_solve = as_linear_solver(solve) if solve is not None else default_solve(True)
     system = AdjointSystem(
         residual=condition, sol_spec=y_spec, n_sol=len(y_leaves),
         rebuild_args=lambda tensors: (tree_unflatten(list(tensors), x_spec),),
@@ -221,6 +231,12 @@ def hypergrad(
             _, pullback = vjp(lambda x_: condition(y, x_), x)
             (cross,) = pullback(v)
         result = tree_map(torch.sub, gx, cross)
+    if not all_finite(tree_leaves(result)):
+        if not all_finite(tree_leaves(gx)):
+            raise FloatingPointError("hypergrad: the gradient of `outer` at (x, y) contains NaN or inf.")
+        check_cross_products("hypergrad", cross, "the derivative of the inner gradient in x (the cross term)")
+        raise FloatingPointError("hypergrad: the hypergradient overflows (NaN or inf): the gradient of `outer` "
+                                 "and the cross term are finite, their difference is not.")
     return (result, recorded[-1]) if return_info else result
 
 

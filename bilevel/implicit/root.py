@@ -66,6 +66,7 @@ from ._captured import check_captured, check_keywords
 from ._certificate import ImplicitInfo, report
 from .conditions import fixed_point_residual, is_symmetric
 from .linear_solve import Auto, LinearSolver
+from .linear_solve.function import as_linear_solver
 from .operators import damped, densify, forward_product, linearize
 
 
@@ -434,6 +435,7 @@ class _Root(torch.autograd.Function):
         except TypeError as err:
             _note_positional_arguments(err, len(call.rebuild_args(tensors)))
             raise
+        check_cross_products(system.stage, grads, "the residual's derivative in the arguments")
         out = [None] * (n_in + n_kw)
         for i, g in zip(float_pos, grads):
             out[i] = -g
@@ -503,6 +505,18 @@ def _final_grads(system: AdjointSystem, sol_bar, sol_leaves, tensors, float_pos)
     return lin.cross(u)
 
 
+def check_cross_products(stage: str, products, what: str) -> None:
+    r"""Raise where the cross products :math:`(\partial_\theta F)^\top u` hold NaN or inf
+    (``u``, the adjoint solution, was found finite): ``what`` names the derivative.
+    One host read; tensors inside a :mod:`torch.func` transform are not inspected."""
+    if not all_finite([g for g in tree_leaves(products) if torch.is_tensor(g)]):
+        raise FloatingPointError(
+            f"{stage}: the gradient contains NaN or inf: {what} is not finite at the solution, though the "
+            "adjoint solve is (a sqrt, log or division at 0, or a torch.where whose unused branch is NaN or "
+            "inf there: autograd differentiates both branches; mask the input of that branch instead)."
+        )
+
+
 def _cross_pullback(system: AdjointSystem, sol_leaves, tensors, float_pos, u) -> tuple:
     r""":math:`(\partial_\theta F)^\top u` for the floating tensors at ``float_pos``."""
     sol = tree_unflatten(list(sol_leaves), system.sol_spec)
@@ -545,7 +559,10 @@ def custom_root(
         residual: the optimality condition ``residual(sol, *args)``, returning a
             tree shaped like ``sol``; e.g. :func:`~bilevel.implicit.stationarity`.
         solve: linear solver for the adjoint system (any
-            :mod:`~bilevel.implicit.linear_solve` object).  ``None`` picks CG when
+            :mod:`~bilevel.implicit.linear_solve` object, or a function
+            ``solve(matvec, b) -> x`` or ``-> (x, info)``, as other libraries write
+            them, whose answer is then certified by one more product; see
+            :class:`~bilevel.implicit.linear_solve.function.SolveFunction`).  ``None`` picks CG when
             ``residual`` is declared symmetric (stationarity of an objective) and
             GMRES otherwise, with dtype-scaled tolerances.
         has_aux: the solver returns ``(sol, aux)``; ``aux`` (a tree whose
@@ -599,7 +616,7 @@ def custom_root(
     if not isinstance(has_aux, bool):
         raise TypeError(f"`has_aux` must be True or False; got {has_aux!r}.")
     symmetric = is_symmetric(residual)
-    linear_solver = solve if solve is not None else default_solve(symmetric)
+    linear_solver = as_linear_solver(solve) if solve is not None else default_solve(symmetric)
 
     def decorator(solver: Callable) -> Callable:
         if not callable(solver):
@@ -648,8 +665,8 @@ def custom_fixed_point(
 ) -> Callable[[Callable], Callable]:
     r"""Decorator: differentiate a solver whose output is a fixed point ``sol = T(sol, *args)``.
 
-    Equivalent to :func:`custom_root` with the residual :math:`T(s, \theta) - s`,
-    whose Jacobian :math:`\partial_s T - I` is in general not symmetric, so the
+    Equivalent to :func:`custom_root` with the residual :math:`s - T(s, \theta)`,
+    whose Jacobian :math:`I - \partial_s T` is in general not symmetric, so the
     default solve is GMRES.  The adjoint system solved in the backward pass is
     :math:`(I - \partial_s T)^\top u = \bar s`, and
     :math:`\bar\theta = (\partial_\theta T)^\top u`.
@@ -658,7 +675,9 @@ def custom_fixed_point(
         T: the map ``T(sol, *args)``, returning a tree shaped like ``sol``,
             whose fixed point the decorated solver returns.
         solve: linear solver for the adjoint system (any
-            :mod:`~bilevel.implicit.linear_solve` object); ``None`` picks GMRES
+            :mod:`~bilevel.implicit.linear_solve` object, or a function
+            ``solve(matvec, b) -> x`` or ``-> (x, info)``, as in
+            :func:`custom_root`); ``None`` picks GMRES
             with dtype-scaled tolerances.
         has_aux: the solver returns ``(sol, aux)``; ``aux`` (a tree whose
             tensors are detached; other leaves pass as they are) is passed

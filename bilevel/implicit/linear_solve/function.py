@@ -1,0 +1,146 @@
+r"""A user's own linear-solve function in the place of a :class:`LinearSolver`.
+
+Code ported from other libraries often carries its own solve, written to the
+protocol ``solve(matvec, b, x0=None) -> x`` (TorchOpt, JAXopt) or
+``-> (x, info)`` (this library's).  :func:`~bilevel.hypergrad` and
+:func:`~bilevel.custom_root` accept such a function as ``solve=``; this module
+wraps it so that the rest of the core sees a solver like its own: the answer's
+structure is checked, and the certificate is measured, since a foreign ``info``
+(or none) cannot be read.  The wrapper computes the true residual
+:math:`\|b - A x\|` with one more product, per batch element, and calls the
+solve converged where
+
+* the function's ``info`` says so (an attribute or key ``converged``), or else
+* :math:`\|b - A x\| \le 10\,\sqrt{\epsilon}\,\|b\|` (the default tolerance of
+  the dtype, with the slack the built-in solvers allow their own answers).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..._tolerance import default_tol
+from ..._tree import check_same_structure, tree_leaves, tree_map
+from ...status import Status
+from ...typing import Matvec, TensorTree
+from ._base import LinearSolveInfo, LinearSolver
+
+
+def _accepts(fn: Callable, name: str, position: int) -> bool:
+    """Whether ``fn`` takes the parameter ``name`` (by keyword, or as the positional
+    parameter number ``position``); ``True`` where its signature cannot be read."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    if any(p.name == name and p.kind != p.POSITIONAL_ONLY for p in parameters):
+        return True
+    if position < 0:  # by keyword only
+        return any(p.kind == p.VAR_KEYWORD for p in parameters)
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) > position or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+
+
+def _field(info: Any, name: str) -> Any:
+    if isinstance(info, dict):
+        return info.get(name)
+    return getattr(info, name, None)
+
+
+class SolveFunction:
+    r"""``fn(matvec, b, x0=None) -> x`` or ``-> (x, info)``, called like a :class:`LinearSolver`.
+
+    Args:
+        fn: the function.  It receives the operator ``matvec`` (trees shaped like
+            ``b`` to trees shaped like ``b``) and ``b``; ``x0`` only where it takes a
+            third argument, ``batch_dims`` only where it is not 0 (a batch of
+            independent systems, e.g. under :func:`torch.func.vmap`), and then
+            only if it takes that keyword.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.implicit.linear_solve.function import SolveFunction
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> def dense(matvec, b):                  # materializes A: fine for 2 unknowns
+        ...     return torch.linalg.solve(torch.func.vmap(matvec)(torch.eye(2, dtype=b.dtype)).T, b)
+        >>> x, info = SolveFunction(dense)(lambda v: A @ v, torch.tensor([1.0, 0.0], dtype=torch.float64))
+        >>> torch.allclose(A @ x, torch.tensor([1.0, 0.0], dtype=torch.float64)), bool(info.converged)
+        (True, True)
+    """
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise TypeError(f"`solve` must be callable; got {type(fn).__name__}.")
+        self.fn = fn
+        self.name = getattr(fn, "__name__", type(fn).__name__)
+        self._takes_x0 = _accepts(fn, "x0", 2)
+        self._takes_batch_dims = _accepts(fn, "batch_dims", -1)
+
+    def __repr__(self) -> str:
+        return f"SolveFunction({self.name})"
+
+    def __call__(self, matvec: Matvec, b: TensorTree, x0: Optional[TensorTree] = None, *,
+                 batch_dims: int = 0) -> tuple[TensorTree, LinearSolveInfo]:
+        kwargs = {}
+        if batch_dims:
+            if not self._takes_batch_dims:
+                raise TypeError(
+                    f"solve: `{self.name}` must solve {batch_dims}-dimensional batches of independent systems "
+                    f"here (a root with batch_dims={batch_dims}, or one under torch.func.vmap), and it takes no "
+                    "`batch_dims` keyword; use a solver of bilevel.implicit (e.g. CG(), GMRES()), which solves "
+                    "each batch element separately, or add the keyword.")
+            kwargs["batch_dims"] = batch_dims
+        args = (matvec, b) if x0 is None or not self._takes_x0 else (matvec, b, x0)
+        out = self.fn(*args, **kwargs)
+        x, info = out if isinstance(out, tuple) and len(out) == 2 and not torch.is_tensor(out) else (out, None)
+        try:
+            check_same_structure(x, b, f"{self.name}(matvec, b)", "b")
+        except ValueError as err:
+            raise ValueError(f"solve: {err} A solve function returns x, or (x, info), with x shaped like b.") from None
+        if isinstance(info, LinearSolveInfo):
+            return x, info
+        return x, self._measured_info(matvec, b, x, batch_dims, info)
+
+    def _measured_info(self, matvec: Matvec, b: TensorTree, x: TensorTree, batch_dims: int,
+                       info: Any) -> LinearSolveInfo:
+        """The certificate of ``x``: its true residual, and whether it counts as converged."""
+        with torch.no_grad():
+            residual = tree_map(torch.sub, b, matvec(x))
+            b_norm, residual_norm = (_norms(tree, batch_dims) for tree in (b, residual))
+        converged = _field(info, "converged")
+        if converged is None:  # judged by its residual: an answer off by rounding errors or worse
+            tol = 10 * default_tol(b_norm.dtype)
+            converged, failure = residual_norm <= tol * b_norm, Status.INACCURATE
+        else:  # its own verdict: its iterations ran out
+            converged = torch.as_tensor(converged, device=b_norm.device).to(torch.bool).expand(b_norm.shape)
+            failure = Status.MAX_ITERATIONS
+        status = torch.where(converged, int(Status.SUCCESS), int(failure))
+        status = torch.where(torch.isfinite(residual_norm), status, int(Status.NONFINITE))
+        iterations = _field(info, "iterations")
+        iterations = torch.zeros_like(status) if iterations is None else torch.as_tensor(
+            iterations, device=b_norm.device).to(torch.int64).expand(b_norm.shape)
+        return LinearSolveInfo(iterations, residual_norm, b_norm, status)
+
+
+def _norms(tree: TensorTree, batch_dims: int) -> torch.Tensor:
+    """Euclidean norm per batch element of a tree, in the real dtype of its leaves."""
+    leaves = tree_leaves(tree)
+    squares = [torch.linalg.vector_norm(t.reshape(*t.shape[:batch_dims], -1), dim=-1) ** 2 for t in leaves]
+    total = squares[0]
+    for s in squares[1:]:
+        total = total + s.to(torch.promote_types(total.dtype, s.dtype))
+    return total.sqrt()
+
+
+def as_linear_solver(solve: Any) -> Any:
+    """``solve`` itself where it is ``None`` or a :class:`LinearSolver` (or already
+    wrapped), else a :class:`SolveFunction` around it."""
+    if solve is None or isinstance(solve, (LinearSolver, SolveFunction)):
+        return solve
+    return SolveFunction(solve)
+
+
+__all__ = ["SolveFunction", "as_linear_solver"]

@@ -1,0 +1,166 @@
+"""Failures the implicit core names instead of returning them as numbers, and a user's own
+solve function in the place of a linear solver (the TorchOpt / JAXopt protocol)."""
+
+import warnings
+
+import pytest
+import torch
+
+import bilevel
+from bilevel.implicit import CG, stationarity
+from bilevel.implicit.linear_solve.function import SolveFunction
+from bilevel.status import ConvergenceWarning, Status
+
+D = torch.float64
+
+
+# ----- a cross term that is NaN where everything else is finite --------------------------
+def _where_sqrt(x):
+    """sqrt(x) for x > 0, else 0: finite, but its autograd derivative at x < 0 is NaN
+    (torch.where differentiates both branches: 0 * NaN)."""
+    return torch.where(x > 0, torch.sqrt(x), torch.zeros_like(x))
+
+
+def _where_inner(x, y):
+    return 0.5 * ((y - _where_sqrt(x)) ** 2).sum()
+
+
+X_MIXED = torch.tensor([-1.0, 4.0], dtype=D)
+
+
+def test_hypergrad_names_a_nan_cross_term_instead_of_returning_it():
+    with pytest.raises(FloatingPointError, match=r"hypergrad: .*cross term.* not finite .*torch.where"):
+        bilevel.hypergrad(lambda x, y: y.sum(), _where_inner, X_MIXED, _where_sqrt(X_MIXED))
+    # the same problem where the derivative exists: 1 / (2 sqrt(x))
+    x = torch.tensor([1.0, 4.0], dtype=D)
+    torch.testing.assert_close(bilevel.hypergrad(lambda x, y: y.sum(), _where_inner, x, x.sqrt()),
+                               0.5 / x.sqrt())
+
+
+def test_hypergrad_names_a_nan_gradient_of_outer_in_x():
+    outer = lambda x, y: y.sum() + (x * torch.log(x)).sum()  # noqa: E731 - d/dx at x = 0: log 0 = -inf
+    x = torch.tensor([0.0, 1.0], dtype=D)
+    with pytest.raises(FloatingPointError, match=r"gradient of `outer`"):
+        bilevel.hypergrad(outer, lambda x, y: 0.5 * ((y - x) ** 2).sum(), x, x.clone())
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_custom_root_names_a_nan_cross_term(create_graph):
+    root = bilevel.custom_root(stationarity(lambda y, x: _where_inner(x, y)))(_where_sqrt)
+    x = X_MIXED.clone().requires_grad_()
+    with pytest.raises(FloatingPointError, match=r"custom_root: .*derivative in the arguments is not finite"):
+        torch.autograd.grad(root(x).sum(), x, create_graph=create_graph)
+
+
+def test_a_nan_optimality_residual_is_a_floating_point_error_not_a_convergence_warning():
+    # grad_y is NaN (0 * log(-y)) while the Hessian is finite: no answer can be certified
+    inner = lambda x, y: 0.5 * ((y - x) ** 2).sum() + 0 * (y * torch.log(-y)).sum()  # noqa: E731
+    x = torch.tensor([1.0, 2.0], dtype=D)
+    with pytest.raises(FloatingPointError, match=r"hypergrad: the optimality residual .* NaN or inf"):
+        bilevel.hypergrad(lambda x, y: y.sum(), inner, x, x.clone())
+    root = bilevel.custom_root(stationarity(lambda y, x: inner(x, y)))(lambda x: x.clone())
+    xr = x.clone().requires_grad_()
+    with pytest.raises(FloatingPointError, match=r"custom_root: the optimality residual .* NaN or inf"):
+        torch.autograd.grad(root(xr).sum(), xr)
+
+
+def test_a_nan_optimality_residual_in_a_batch_names_the_element():
+    def objective(y, x):
+        return 0.5 * ((y - x) ** 2).sum() + 0 * torch.sqrt(y[..., 0] - 1.5).sum()  # NaN gradient where y_0 < 1.5
+
+    root = bilevel.custom_root(stationarity(objective), batch_dims=1)(lambda x: x.clone())
+    x = torch.tensor([[1.0, 2.0], [2.0, 3.0]], dtype=D, requires_grad=True)
+    with pytest.raises(FloatingPointError, match=r"batch elements \[0\]"):
+        torch.autograd.grad(root(x).sum(), x)
+
+
+# ----- a user's own solve function -------------------------------------------------------
+def _ridge():
+    g = torch.Generator().manual_seed(0)
+    X, t = torch.randn(20, 3, generator=g, dtype=D), torch.randn(20, generator=g, dtype=D)
+
+    def objective(w, lam):
+        return 0.5 * ((X @ w - t) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
+
+    def closed(lam):
+        return torch.linalg.solve(X.T @ X + lam * torch.eye(3, dtype=D), X.T @ t)
+
+    return objective, closed
+
+
+def _dense_solve(matvec, b):
+    """Materialize A by products with the identity and solve: the answer only, no info."""
+    A = torch.func.vmap(matvec)(torch.eye(b.numel(), dtype=b.dtype)).T
+    return torch.linalg.solve(A, b)
+
+
+def _protocol_solve(matvec, b, x0=None):  # DESIGN.md's solver(matvec, b, x0=None) -> (x, info)
+    return CG(tol=1e-12)(matvec, b, x0)
+
+
+def _own_info_solve(matvec, b):  # another library's info: a dict with its own verdict
+    x, info = CG(maxiter=1)(matvec, b)
+    return x, {"converged": False, "iterations": 1}
+
+
+@pytest.mark.parametrize("solve", [_dense_solve, _protocol_solve])
+def test_custom_root_and_hypergrad_accept_a_solve_function(solve):
+    objective, closed = _ridge()
+    lam = torch.tensor(0.7, dtype=D, requires_grad=True)
+    (expected,) = torch.autograd.grad(closed(lam).sum(), lam)
+    root = bilevel.custom_root(stationarity(objective), solve=solve)(closed)
+    (grad,) = torch.autograd.grad(root(lam).sum(), lam)
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=0)
+    assert root.last_info.ok and isinstance(root.last_info.solver, SolveFunction)
+    # the same hypergradient through bilevel.hypergrad (outer: the sum of the weights)
+    g = bilevel.hypergrad(lambda lam, w: w.sum(), lambda lam, w: objective(w, lam), lam.detach(),
+                          closed(lam.detach()), solve=solve)
+    torch.testing.assert_close(g, expected, rtol=1e-9, atol=0)
+
+
+def test_a_solve_function_with_a_wrong_answer_warns_with_its_measured_residual():
+    objective, closed = _ridge()
+    root = bilevel.custom_root(stationarity(objective), solve=lambda matvec, b: 0.5 * b)(closed)
+    lam = torch.tensor(0.7, dtype=D, requires_grad=True)
+    with pytest.warns(ConvergenceWarning, match=r"INACCURATE, relative residual"):
+        torch.autograd.grad(root(lam).sum(), lam)
+    info = root.last_info.linear_solve
+    assert int(info.status) == Status.INACCURATE and float(info.relative_residual) > 0.1
+
+
+def test_a_solve_function_reporting_its_own_failure_is_believed():
+    objective, closed = _ridge()
+    root = bilevel.custom_root(stationarity(objective), solve=_own_info_solve)(closed)
+    lam = torch.tensor(0.7, dtype=D, requires_grad=True)
+    with pytest.warns(ConvergenceWarning, match=r"MAX_ITERATIONS, relative residual .* after 1 iterations"):
+        torch.autograd.grad(root(lam).sum(), lam)
+
+
+def test_a_solve_function_without_batch_dims_is_refused_for_a_batch_by_name():
+    objective, closed = _ridge()
+    root = bilevel.custom_root(stationarity(objective), solve=_dense_solve)(closed)
+    with pytest.raises(TypeError, match=r"`_dense_solve` must solve 1-dimensional batches .* `batch_dims`"):
+        torch.func.vmap(torch.func.grad(lambda lam: root(lam).sum()))(torch.tensor([0.5, 1.0], dtype=D))
+
+
+def test_a_solve_function_that_takes_batch_dims_solves_a_batch():
+    objective, closed = _ridge()
+
+    def batched_cg(matvec, b, batch_dims=0):
+        return CG(tol=1e-12)(matvec, b, batch_dims=batch_dims)
+
+    root = bilevel.custom_root(stationarity(objective), solve=batched_cg)(closed)
+    lams = torch.tensor([0.5, 1.0], dtype=D)
+    grads = torch.func.vmap(torch.func.grad(lambda lam: root(lam).sum()))(lams)
+    expected = torch.stack([torch.func.grad(lambda lam: closed(lam).sum())(lam) for lam in lams])
+    torch.testing.assert_close(grads, expected, rtol=1e-9, atol=0)
+
+
+def test_a_solve_function_returning_the_wrong_shape_is_named():
+    objective, closed = _ridge()
+    root = bilevel.custom_root(stationarity(objective), solve=lambda matvec, b: b[:2])(closed)
+    lam = torch.tensor(0.7, dtype=D, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"solve: .* same structure and shapes.* x shaped like b"):
+            torch.autograd.grad(root(lam).sum(), lam)
