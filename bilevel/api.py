@@ -300,7 +300,14 @@ def solve(
         max_steps: outer steps (default 1000).
         tol: stop when the hypergradient norm is at most ``tol`` (for the
             single-loop methods, whose estimate lags behind their auxiliary
-            variables, on 10 consecutive steps).
+            variables, on 10 consecutive steps).  The norm is that of the
+            method's own direction: for the methods that solve a surrogate
+            (``penalty``: :math:`O(1/\lambda)` off, ``bda`` and ``meha``: their
+            aggregation and penalty terms, ``one_step``) it can fall below
+            ``tol`` while :math:`\|\nabla\Phi(x)\|` is still far larger (on
+            problem Q with ``tol=1e-4``: 5e-3 for ``penalty``, 1.5e-2 for
+            ``bda``); check the result with :func:`~bilevel.hypergrad` at an
+            exact inner solution where that matters.
         max_time: stop after this many seconds.
         data: an iterable of mini-batches passed as the third argument of the
             objectives; re-iterable data (lists, DataLoaders) is cycled.  One

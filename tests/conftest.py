@@ -50,6 +50,7 @@ OWN_TEST_FILES = frozenset({
     "test_readme.py",
     "test_root.py",
     "test_single_loop.py",
+    "test_single_loop_y_set.py",
     "test_solvers.py",
     "test_solvers_batched.py",
 })

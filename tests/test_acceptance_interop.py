@@ -293,7 +293,7 @@ def test_compiled_function_calling_hypergrad_follows_the_closed_form(backend, fr
         close(x["lam"], ref)
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
 def test_compiled_model_with_a_qp_layer_matches_the_clamp_model(backend, fresh_dynamo):
     model, reference = BoxHead(), BoxHead(qp=False)
     x, c = _box_inputs()
@@ -311,7 +311,7 @@ def test_compiled_model_with_a_qp_layer_matches_the_clamp_model(backend, fresh_d
     close(model.lin.bias.grad, reference.lin.bias.grad, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
 def test_compiled_model_with_an_argmin_layer_matches_the_closed_form(backend, fresh_dynamo):
     model = QuarticHead()
     x, c = _box_inputs()

@@ -489,3 +489,19 @@ def test_class_settings_are_not_options():
             bilevel.solve(quadratic(), method="meha", max_steps=1, progress=False, **{name: 1})
     with pytest.raises(TypeError, match=r"its options are \[(?!.*field_rules)"):
         bilevel.solve(quadratic(), method="meha", max_steps=1, progress=False, stepz=1)
+
+
+def test_with_data_a_level_that_uses_none_may_take_two_arguments():
+    """DESIGN: the mini-batch is an optional third argument. An outer level over the
+    hyper-parameters alone, written outer(x, y), runs with data= beside inner(x, y, batch),
+    and equals the same outer written with an unused batch argument."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    inner = lambda x, y, b: 0.5 * ((b @ y - b @ x) ** 2).mean() + 5e-3 * (y ** 2).sum()  # noqa: E731
+    outer = lambda x, y: 0.5 * ((y - 1) ** 2).sum()  # noqa: E731
+    start = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    two = bilevel.solve(outer, inner, *start, data=batches, max_steps=5, progress=False)
+    three = bilevel.solve(lambda x, y, b: outer(x, y), inner, *start, data=batches, max_steps=5, progress=False)
+    torch.testing.assert_close(two.x, three.x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"`inner\(x0, y0, batch\)` raised TypeError"):
+        bilevel.solve(outer, lambda x, y, b, c: outer(x, y), *start, data=batches, max_steps=1, progress=False)

@@ -46,6 +46,7 @@ def test_quick_mode_on_cuda():
     assert "device: cuda" in out.stdout and "CG hypergradient" in out.stdout
 
 
+@pytest.mark.slow  # about 18 s; the quick-mode test above runs the script by default
 def test_host_sync_table_runs_on_the_cpu_with_every_row():
     """``benchmarks/cuda_syncs.py`` falls back to the dispatcher counter on the CPU;
     every hot path runs (no ``error`` row), and the paths that never look at the

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import run_benchmark
 
 JACOBIANS = "| method | ms | / vmap(jacrev) | max abs difference |"
 
 
+@pytest.mark.slow  # a benchmark smoke test, about 5 s
 def test_quick_qp_section_prints_the_solve_and_the_jacobian_tables():
     text = run_benchmark("layers.py", "--quick", "--only", "qp", "--no-peers", "--no-loop")
     assert "| QPLayer |" in text and "| ConvexLayer (qp route) |" in text
@@ -18,6 +21,7 @@ def test_quick_qp_section_prints_the_solve_and_the_jacobian_tables():
         assert float(row[1]) > 0 and float(row[3]) < 1e-8
 
 
+@pytest.mark.slow  # a benchmark smoke test, about 9 s
 def test_quick_layer_targets_prints_every_case_with_exact_gradients():
     """``benchmarks/layer_targets.py --quick --no-peers``: the three TARGETS.md cases, each
     with its verdict line, and QPLayer's gradients within the target error (1e-6)."""

@@ -6,6 +6,7 @@ from helpers import run_benchmark
 pytest.importorskip("sklearn")
 
 
+@pytest.mark.slow  # a benchmark smoke test, about 14 s
 def test_quick_mode_prints_the_table_and_the_wins():
     text = run_benchmark("single_loop.py", "--quick")
     assert "| problem | method | iterations to target |" in text

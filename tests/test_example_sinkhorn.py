@@ -189,6 +189,7 @@ def test_jacobian_of_the_plan_under_torch_func():
     assert torch.allclose(J.sum(dim=(0, 1)), torch.zeros(3, 3, dtype=DTYPE), atol=1e-12)
 
 
+@pytest.mark.slow  # about 13 s; the docs build runs the example too, this checks what it claims
 def test_sinkhorn_rebasin_example():
     from test_examples import run
 

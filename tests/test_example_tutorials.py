@@ -14,6 +14,7 @@ from test_examples import run
 import bilevel
 
 
+@pytest.mark.slow  # about 12 s; the docs build runs the tutorial too, this checks what it claims
 def test_single_loop_tutorial():
     ns = run("plot_single_loop")
     runs, final = ns["runs"], ns["final"]  # final[key] = (error of x, error of (x, y), F)

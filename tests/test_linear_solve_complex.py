@@ -389,7 +389,8 @@ GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", GRAD_CASES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "Neumann" else n
+                                  for n in GRAD_CASES])  # Neumann's many terms: about 8 s
 def test_gradcheck_wrt_rhs_and_captured_matrix(name):
     """Reverse and forward mode, w.r.t. ``b`` and a complex matrix the matvec captures
     (through its Hermitian part for the solvers that assume a Hermitian operator)."""

@@ -65,7 +65,8 @@ def test_implicit_method_stalls_on_nonunique_lower_level_and_says_so():
 
 # -- problem Q: strongly convex, every method must reach x* --------------------------------
 @pytest.mark.parametrize("method, steps, tol", [
-    ("penalty", 500, 1e-2), ("bamm", 5000, 1e-2), ("bda", 1000, 1e-2), ("meha", 5000, 3e-2),
+    ("penalty", 500, 1e-2), ("bamm", 5000, 1e-2), pytest.param("bda", 1000, 1e-2, marks=pytest.mark.slow),
+    ("meha", 5000, 3e-2),
     ("soba", 2000, 1e-8),
 ])
 def test_quadratic_reaches_solution(method, steps, tol):
@@ -421,7 +422,8 @@ def test_soba_lagging_v_in_an_improving_run_warns_without_backing_off():
     assert abs(float(outer(result.x, result.y)) - F_star) < 1e-3 * F_star
 
 
-@pytest.mark.parametrize("method", ["meha", "bamm", "soba", "penalty", "bda"])
+@pytest.mark.parametrize("method", ["meha", "bamm", "soba", "penalty",
+                                    pytest.param("bda", marks=pytest.mark.slow)])  # bda: about 15 s
 def test_a_lower_level_that_ignores_x(method):
     """f(x, y) = |y - 2|^2 / 2 has no x: its x-gradient is zero, and MEHA (and LV-HBA, below)
     stopped with autograd's 'element 0 of tensors does not require grad'.  x* = y* = 2 e."""

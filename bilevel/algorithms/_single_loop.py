@@ -94,6 +94,40 @@ def autograd_grads(outputs, inputs, grad_outputs=None, create_graph=False, retai
     return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
 
 
+def tangent_map(project_y: Optional[Callable], y_leaves: Leaves, grads: Leaves, step) -> Optional[Callable]:
+    r"""The derivative :math:`J = \partial P_Y(w)` of the projection onto ``y_set`` at the
+    point :math:`w = y - s\, g` it is applied to in this step, as a map on lists of
+    leaves (``None`` without ``y_set``).
+
+    Near a solution of :math:`\min_{y \in Y} f(x, y)` whose active constraints do not
+    change, :math:`y^\star(x) = P_Y(y^\star - s \nabla_y f)` moves only inside the range
+    of :math:`J`, the directions the active constraints leave free (for a box, the free
+    coordinates; for a polyhedral set, :math:`J` is the orthogonal projector onto the
+    active face's subspace).  The implicit system of the constrained lower level is then
+    :math:`J \nabla^2_{yy} f\, J v = J \nabla_y F` with :math:`v = J v`: the methods that
+    track :math:`v` by Hessian-vector products (SOBA, sl-BAMM) take their products on
+    :math:`J v` and keep the residual in the range of :math:`J`, which leaves them
+    unchanged where no constraint is active.  :math:`J` is symmetric (the Jacobian of a
+    projection onto a convex set), so it is applied by one backward pass through the
+    projection, recorded once per step.
+    """
+    if project_y is None:
+        return None
+    with torch.enable_grad():
+        w = [(y - step * g).detach().requires_grad_(True) for y, g in zip(y_leaves, grads)]
+        projected = project_y(w)
+    if not all(torch.is_tensor(t) and t.requires_grad for t in projected):
+        raise TypeError(
+            "y_set: the projection onto the lower level's set must be differentiable by autograd (built "
+            "from torch operations): this method corrects its linear system with the projection's "
+            "derivative (the directions the active constraints leave free).")
+
+    def apply(vectors: Leaves) -> Leaves:
+        return autograd_grads(list(projected), w, grad_outputs=list(vectors), retain_graph=True)
+
+    return apply
+
+
 def curvature(
     fun: Callable, x_leaves: Leaves, y_leaves: Leaves, x_spec, y_spec, block: str = "xy", iterations: int = 20,
 ) -> float:
@@ -309,7 +343,9 @@ _SHARED_ARGS = r"""outer_optimizer: see :class:`~bilevel.algorithms.Algorithm`; 
     papers' plain step, with the method's step :math:`\alpha_k` as its learning rate.
 x_set, y_set: simple convex sets projected onto after each step (objects of
     :mod:`bilevel.implicit.projections`, callables ``z -> P(z)``, or trees of them
-    matching the variable); ``None``: the problem's.
+    matching the variable); ``None``: the problem's.  The methods that solve a linear
+    system by Hessian-vector products (SOBA, sl-BAMM) keep it on the directions that the
+    active constraints of ``y_set`` leave free (``tangent_map`` in ``_single_loop``).
 curvature_iterations: power iterations per curvature estimate (default <curvature_iterations>).
 warmup: at most this many gradient steps on :math:`y` at ``x0`` before the first
     curvature estimates (default <warmup>; they stop once :math:`\|\nabla_y f\|` fell by
@@ -470,9 +506,13 @@ class SingleLoop(Algorithm):
         return out
 
     def _warm_up(self, problem: BilevelProblem, state: State, project_y) -> None:
-        r"""Up to ``warmup`` projected gradient steps :math:`y \leftarrow P_Y(y - \nabla_y f / L)`
-        at ``x0``, :math:`L = \|\nabla^2_{yy} f(x_0, y_0)\|`, stopping once the
-        gradient norm fell by a factor 1e3."""
+        r"""Up to ``warmup`` projected gradient steps :math:`y \leftarrow P_Y(y - s \nabla_y f)`
+        at ``x0``, :math:`s = 1/L` with :math:`L = \|\nabla^2_{yy} f(x_0, y_0)\|`, stopping
+        once the gradient norm fell by a factor 1e3.  A step that lands above
+        :math:`f(x_0, y_0)` (the curvature met on the way exceeds the one at :math:`y_0`, as
+        on a non-convex lower level started near an inflection point, where :math:`1/L`
+        throws :math:`y` into the walls) is undone and :math:`s` halved: the warm-up never
+        leaves :math:`y` worse than it found it."""
         inner = bind_batch(problem, problem.example_batch)[1]
         xs, x_spec = tree_flatten(state.x)
         ys, y_spec = tree_flatten(state.y)
@@ -480,26 +520,50 @@ class SingleLoop(Algorithm):
         if not lipschitz > 0:
             return
         sync = _sync_every(ys[0])
-        first = stopped = None
+        step = 1.0 / lipschitz
+        first = stopped = accepted = ceiling = None  # accepted: (ys, value, gy) of the last step kept
         for i in range(self.warmup):
-            _, _, gy = value_and_grads(inner, xs, ys, x_spec, y_spec, "y")
+            value, _, gy = value_and_grads(inner, xs, ys, x_spec, y_spec, "y")
             if sync == 1:  # on the host: stop as soon as the rule says so
+                value = float(value)
+                ceiling = value if ceiling is None else ceiling
+                if not value <= ceiling:  # above the start (or NaN): back, with half the step
+                    (ys, value, gy), step = accepted, 0.5 * step
                 size = float(tree_sq_norm(gy))
                 first = size if first is None else first
                 if not math.isfinite(size) or size <= 1e-6 * first:
                     break
+                accepted = ys, value, gy
+                moves = [step * g for g in gy]
             else:  # on the device: freeze y once the rule holds, look every `sync` steps
-                size = tree_sq_norm(gy).detach().to(_wide(gy[0]))
+                value = value.to(_wide(gy[0]))
+                if accepted is None:
+                    step, ceiling = torch.full_like(value, step), value
+                else:
+                    rose = ~(value <= ceiling)
+                    ys, gy = ([torch.where(rose, a, b) for a, b in zip(kept, new)]
+                              for kept, new in ((accepted[0], ys), (accepted[2], gy)))
+                    value, step = torch.where(rose, accepted[1], value), torch.where(rose, 0.5 * step, step)
+                size = tree_sq_norm(gy).detach().to(value.dtype)
                 first = size if first is None else first
                 stop = ~torch.isfinite(size) | (size <= 1e-6 * first)
                 stopped = stop if stopped is None else stopped | stop
+                accepted = ys, value, gy
+                moves = [step.to(g.dtype) * g for g in gy]
             with torch.no_grad():
-                new = [t - g / lipschitz for t, g in zip(ys, gy)]
+                new = [t - m for t, m in zip(ys, moves)]
             if project_y is not None:
                 new = project_y(new)
             ys = new if stopped is None else [torch.where(stopped, old, t) for old, t in zip(ys, new)]
             if stopped is not None and (i + 1) % sync == 0 and bool(stopped):
                 break
+        if accepted is not None and ys is not accepted[0]:  # the budget's last step, judged alike
+            last = value_and_grads(inner, xs, ys, x_spec, y_spec, "y")[0]
+            if sync == 1:
+                ys = ys if float(last) <= ceiling else accepted[0]
+            else:
+                rose = ~(last.to(ceiling.dtype) <= ceiling)
+                ys = [torch.where(rose, a, b) for a, b in zip(accepted[0], ys)]
         if all(host_floats([torch.isfinite(t).all() for t in ys])):
             state.y = tree_unflatten(ys, y_spec)
 
@@ -742,7 +806,10 @@ class SingleLoop(Algorithm):
             f"{type(self).__name__}: {what} with an x step of {used:.3g}"
             + (f", after {taken} back-off(s) that divided it by {1 / state.extras['x_step_scale']:g} in all"
                if taken else "")
-            + "; lower the step sizes (`lr`, and the method's inner step settings)."
+            + "; lower the step sizes (`lr`, and the method's own inner step options where it has them). "
+            "The inner steps follow the lower level's curvature measured at the start and every "
+            "`rescale_every` steps: where it grows faster than that (a lower level flat at the start and "
+            "steep further on, e.g. quartic), `rescale_every=1` measures it at every step."
             + (" The iterates turned NaN from a modest size, without overflowing: if smaller steps do not "
                "help, an objective (or constraint) or its gradient is NaN at finite points near there, e.g. "
                "torch.where with a NaN branch, or sqrt / log at 0; check them at the last finite iterate."

@@ -9,7 +9,16 @@ import torch
 
 from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ._base import State, StepInfo
-from ._single_loop import SingleLoop, autograd_grads, coupled_step, shared_args, step_report, tracked, tree_sq_norm
+from ._single_loop import (
+    SingleLoop,
+    autograd_grads,
+    coupled_step,
+    shared_args,
+    step_report,
+    tangent_map,
+    tracked,
+    tree_sq_norm,
+)
 
 
 @shared_args
@@ -130,9 +139,15 @@ class BAMM(SingleLoop):
             gF = autograd_grads(upper, xs_ + ys_, create_graph=True)
             gf = autograd_grads(lower, xs_ + ys_, create_graph=True)
             g_phi_y = [mu * a + (1 - mu) * b for a, b in zip(gF[n_x:], gf[n_x:])]
+            # with y_set: the system of the constrained lower level (see tangent_map)
+            tangent = tangent_map(project_y, ys, [g.detach() for g in g_phi_y], s_y)
+            if tangent is not None:
+                z = tangent(z)
             hz = autograd_grads(g_phi_y, xs_ + ys_, grad_outputs=z, retain_graph=True)
             cross_z, h_z = hz[:n_x], hz[n_x:]
             r = [a - b.detach() for a, b in zip(h_z, gF[n_x:])]
+            if tangent is not None:
+                r = tangent(r)
             h_r = autograd_grads(g_phi_y, ys_, grad_outputs=r)
         with torch.no_grad():
             rr, rhr = tree_sq_norm(r), sum((a * b).sum() for a, b in zip(r, h_r))

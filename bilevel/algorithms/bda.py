@@ -30,8 +30,10 @@ class BDA(SingleLoop):
     reverse mode through the :math:`T` steps.  The inner run starts from the
     previous :math:`y_T` (``warm_start=True``, which matters a great deal: on M1
     it reaches :math:`x^\star` at :math:`T = 16`, while re-initialized runs stall
-    near 0.85-0.96).  The paper's constant :math:`\mu` leaves an :math:`O(\mu)` bias
-    on a strongly convex lower level (problem Q: 9 % error in :math:`x`); here
+    near 0.85-0.96 with the paper's constant :math:`\mu` (``mu_decay=0``; T = 16 and
+    64), and near 0.52, plain unrolling's stall point, with the default decay).  The
+    paper's constant :math:`\mu` leaves an :math:`O(\mu)` bias on a strongly convex
+    lower level (problem Q: 9 % error in :math:`x`); here
     :math:`\mu_k = \mu (k+1)^{-d}` decays over outer steps :math:`k`, slowly enough
     (:math:`\sum_k \mu_k = \infty` for :math:`d \le 1`) for the upper objective to
     still select among lower-level solutions (``mu_decay=0`` is the paper's rule).

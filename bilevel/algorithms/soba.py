@@ -22,6 +22,7 @@ from ._single_loop import (
     outer_rose,
     shared_args,
     step_report,
+    tangent_map,
     tracked,
     tree_sq_norm,
 )
@@ -254,10 +255,16 @@ class SOBA(SingleLoop):
             (xs_, x_tree), (ys_, y_tree) = tracked(xs, x_spec), tracked(ys, y_spec)
             gF = autograd_grads(outer(x_tree, y_tree).reshape(()), xs_ + ys_)
             gf_y = autograd_grads(inner(x_tree, y_tree).reshape(()), ys_, create_graph=True)
+            # with y_set: the system of the constrained lower level (see tangent_map)
+            tangent = tangent_map(project_y, ys, [g.detach() for g in gf_y], rho)
+            if tangent is not None:
+                v = tangent(v)
             hv = autograd_grads(gf_y, xs_ + ys_, grad_outputs=v)  # (cross term, Hessian) times v
         with torch.no_grad():
             d_x = [a + b for a, b in zip(gF[:n_x], hv[:n_x])]
             d_v = [a + b for a, b in zip(hv[n_x:], gF[n_x:])]
+            if tangent is not None:
+                d_v = tangent(d_v)
             ys_new = [y - rho * g.detach() for y, g in zip(ys, gf_y)]
             ex["v"] = [a - rho_v * b for a, b in zip(v, d_v)]
         if project_y is not None:

@@ -15,6 +15,8 @@ Only :mod:`torch` is needed here (the layering rule of ``DESIGN.md``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
@@ -54,6 +56,28 @@ def level_batch(batch: Any, level: str) -> Any:
     """The part of ``batch`` meant for ``level`` (``"outer"`` or ``"inner"``): its
     field of a :class:`LevelBatches`, else the whole batch (shared by both)."""
     return getattr(batch, level) if isinstance(batch, LevelBatches) else batch
+
+
+def _batch_optional(fn: Callable) -> Callable:
+    """``fn`` itself where it takes a mini-batch (a third positional argument), else
+    ``fn(x, y, *batch) = fn(x, y)``: with ``data``, a level that uses no data (e.g. an
+    outer level of hyper-parameters alone) may still be written ``f(x, y)``."""
+    if getattr(fn, "_takes_optional_batch", False):  # wrapped already (a copy of a problem)
+        return fn
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: as it is
+        return fn
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters) or len(positional) != 2:
+        return fn
+
+    @functools.wraps(fn)
+    def without_batch(x, y, *batch):
+        return fn(x, y)
+
+    without_batch._takes_optional_batch = True
+    return without_batch
 
 
 @dataclass(frozen=True)
@@ -220,6 +244,13 @@ class BilevelProblem:
             )
         if not isinstance(self.name, str):
             raise TypeError(f"`name` must be a str; got {type(self.name).__name__}.")
+        if self.example_batch is not None:  # mini-batches: a level that uses none takes (x, y)
+            outer, inner = _batch_optional(self.outer), _batch_optional(self.inner)
+            if outer is not self.outer and inner is not self.inner:
+                raise ValueError(
+                    "mini-batches were given (`data`), but neither `outer(x, y)` nor `inner(x, y)` takes "
+                    "one: the level that uses the data takes it as a third argument, f(x, y, batch).")
+            self.outer, self.inner = outer, inner
         # The two levels may differ in dtype (a float64 hyper-parameter over float32
         # weights is a supported use), not in device.
         _check_tree(self.x0, "x0")
@@ -264,8 +295,10 @@ class BilevelProblem:
         try:
             value = fn(self.x0, self.y0, *batch)
         except Exception as err:  # name the function and the shapes it was given
+            call = f"{fname}(x0, y0, batch)" if batch else f"{fname}(x0, y0)"
             raise ValueError(
-                f"`{fname}(x0, y0)` raised {type(err).__name__}: {err} (called with {shapes})."
+                f"`{call}` raised {type(err).__name__}: {err} (called with {shapes}"
+                f"{', batch: the first mini-batch' if batch else ''})."
             ) from err
         if not torch.is_tensor(value):
             raise TypeError(
