@@ -505,3 +505,7 @@ def test_with_data_a_level_that_uses_none_may_take_two_arguments():
     torch.testing.assert_close(two.x, three.x, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"`inner\(x0, y0, batch\)` raised TypeError"):
         bilevel.solve(outer, lambda x, y, b, c: outer(x, y), *start, data=batches, max_steps=1, progress=False)
+    # a batch taken by keyword only is not the optional third argument: refused as before
+    with pytest.raises(ValueError, match=r"`inner\(x0, y0, batch\)` raised TypeError"):
+        bilevel.solve(outer, lambda x, y, *, batch=None: outer(x, y), *start, data=batches, max_steps=1,
+                      progress=False)

@@ -164,3 +164,43 @@ def test_a_solve_function_returning_the_wrong_shape_is_named():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=r"solve: .* same structure and shapes.* x shaped like b"):
             torch.autograd.grad(root(lam).sum(), lam)
+
+
+def test_a_solve_function_on_a_tuple_solution_returns_x_alone():
+    """x shaped like b = (b1, b2), a pair, is the answer, not (x, info)."""
+    inner = lambda x, y: 0.5 * ((y[0] - x) ** 2).sum() + ((y[1] - 2 * x) ** 2).sum()  # noqa: E731
+    outer = lambda x, y: y[0].sum() + y[1].sum()  # noqa: E731
+
+    def diagonal(matvec, b):  # the Hessian is diag(1, 2) by blocks
+        return b[0], b[1] / 2
+
+    x = torch.tensor([1.0, 2.0], dtype=D)
+    g = bilevel.hypergrad(outer, inner, x, (x.clone(), 2 * x), solve=diagonal)
+    torch.testing.assert_close(g, torch.full((2,), 3.0, dtype=D))  # d/dx (x + 2x)
+
+
+def test_a_solve_function_info_may_hold_one_element_tensors_and_loose_answers_pass():
+    objective, closed = _ridge()
+
+    def cg_to_1e5(matvec, b):  # other libraries' default: relative residual 1e-5
+        x, info = CG(tol=1e-5)(matvec, b)
+        return x, {"converged": info.converged.reshape(1), "iterations": info.iterations.reshape(1)}
+
+    def cg_without_info(matvec, b):
+        return CG(tol=1e-5)(matvec, b)[0]
+
+    lam = torch.tensor(0.7, dtype=D, requires_grad=True)
+    for solve in (cg_to_1e5, cg_without_info):
+        root = bilevel.custom_root(stationarity(objective), solve=solve)(closed)
+        torch.autograd.grad(root(lam).sum(), lam)  # no warning (BilevelWarnings are errors here)
+        assert root.last_info.ok
+
+
+def test_an_overflowing_but_finite_residual_is_not_called_nan():
+    """float32: entries of -1e20 have a norm of inf; the solver is far from converged (a
+    warning), not broken (an error)."""
+    f = lambda w, lam: 0.5 * ((w - 1e20) ** 2).sum() + 0.5 * lam * (w ** 2).sum()  # noqa: E731
+    root = bilevel.custom_root(stationarity(f))(lambda lam: torch.zeros(3, dtype=lam.dtype))
+    lam = torch.tensor(1.0, dtype=torch.float32, requires_grad=True)
+    with pytest.warns(bilevel.status.OptimalityWarning):
+        root(lam).sum().backward()

@@ -75,3 +75,30 @@ def test_tangent_map_is_the_derivative_of_the_projection():
     P[:2, :2] = torch.eye(2, dtype=D) - 0.5
     torch.testing.assert_close(J([v])[0], P @ v)
     assert tangent_map(None, [y], [g], 1.0) is None
+
+
+def test_a_curved_active_boundary_is_named_not_certified():
+    """On a ball the projection's derivative is (r / |w|)(I - w w^T / |w|^2), no projector:
+    the restricted system misses the sphere's curvature, and SOBA settles near x* = (1.5,
+    0.866); it says so instead of reporting a plain convergence."""
+    from bilevel.implicit import L2Ball
+    from bilevel.status import OptimalityWarning
+
+    a, b = torch.tensor([0.0, 2.0], dtype=D), torch.tensor([2.0, 0.0], dtype=D)
+    inner = lambda x, y: 0.5 * ((y - x) ** 2).sum()  # noqa: E731
+    outer = lambda x, y: 0.5 * ((y - a) ** 2).sum() + 0.5 * ((x - b) ** 2).sum()  # noqa: E731
+    with pytest.warns(OptimalityWarning, match="curved part of the boundary of `y_set`"):
+        bilevel.solve(outer, inner, torch.tensor([1.5, 0.5], dtype=D), torch.zeros(2, dtype=D), method="soba",
+                      y_set=L2Ball(1.0), max_steps=100, progress=False)
+
+
+def test_an_in_place_projection_and_a_nan_start_value_are_handled():
+    outer, inner, x0, y0, x_star = nonnegative_problem()
+    result = bilevel.solve(outer, inner, x0, y0, method="soba", y_set=lambda z: z.clamp_(min=0), max_steps=600,
+                           progress=False)
+    assert float((result.x - x_star.to(D)).norm()) < 1e-5
+    # the warm-up cannot descend from a NaN inner value: it keeps y0
+    nan_inner = lambda x, y: 0.5 * ((y - x) ** 2).sum() + torch.where(y.sum() > 0.4, 0.0, float("nan"))  # noqa: E731
+    problem = bilevel.BilevelProblem(outer, nan_inner, x0, torch.ones(2, dtype=D))
+    state = bilevel.algorithms.METHODS["soba"](y_set=bilevel.implicit.Box(0.0, 0.1)).init(problem)
+    assert torch.isfinite(state.y).all()

@@ -33,7 +33,7 @@ import torch
 from .._tree import seeded_normal_like, tree_flatten, tree_leaves, tree_unflatten
 from ..implicit.linear_solve._base import _sync_every
 from ..problems import BilevelProblem
-from ..status import StepSizeWarning
+from ..status import OptimalityWarning, StepSizeWarning
 from ._base import (
     Algorithm,
     State,
@@ -115,7 +115,7 @@ def tangent_map(project_y: Optional[Callable], y_leaves: Leaves, grads: Leaves, 
         return None
     with torch.enable_grad():
         w = [(y - step * g).detach().requires_grad_(True) for y, g in zip(y_leaves, grads)]
-        projected = project_y(w)
+        projected = project_y([t.clone() for t in w])  # copies: a projection may work in place
     if not all(torch.is_tensor(t) and t.requires_grad for t in projected):
         raise TypeError(
             "y_set: the projection onto the lower level's set must be differentiable by autograd (built "
@@ -126,6 +126,30 @@ def tangent_map(project_y: Optional[Callable], y_leaves: Leaves, grads: Leaves, 
         return autograd_grads(list(projected), w, grad_outputs=list(vectors), retain_graph=True)
 
     return apply
+
+
+_CURVED_SET = "y_set_curved_warned"
+
+
+def check_flat_set(tangent: Callable, vectors: Leaves, extras: dict, method: str) -> None:
+    r"""Warn once where the derivative :math:`J` of the projection onto ``y_set`` is not a
+    projector (:math:`J^2 \ne J` on ``vectors``): a curved piece of the boundary is active
+    (a ball's sphere), where :math:`J = \tfrac{r}{\|w\|}(I - \hat w \hat w^\top)` and the
+    system restricted by it misses the boundary's curvature, so the method settles near,
+    not at, the constrained solution.  One host read; called now and then."""
+    if extras.get(_CURVED_SET):
+        return
+    once = tangent(vectors)
+    twice = tangent(once)
+    gap, size = host_floats([tree_sq_norm([a - b for a, b in zip(twice, once)]), tree_sq_norm(once)])
+    if gap > 1e-10 * size:
+        extras[_CURVED_SET] = True
+        warnings.warn(
+            f"{method}: a curved part of the boundary of `y_set` is active (e.g. a ball's sphere): this "
+            "method restricts its linear system to the directions the constraint leaves free, which "
+            "ignores the boundary's curvature, so it settles near, not at, the constrained solution. For "
+            "an exact answer use method='implicit', 'penalty', 'meha' or 'lvhba'.",
+            OptimalityWarning, stacklevel=4)
 
 
 def curvature(
@@ -527,6 +551,8 @@ class SingleLoop(Algorithm):
             if sync == 1:  # on the host: stop as soon as the rule says so
                 value = float(value)
                 ceiling = value if ceiling is None else ceiling
+                if accepted is None and not math.isfinite(value):  # no finite start to descend from
+                    break
                 if not value <= ceiling:  # above the start (or NaN): back, with half the step
                     (ys, value, gy), step = accepted, 0.5 * step
                 size = float(tree_sq_norm(gy))

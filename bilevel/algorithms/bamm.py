@@ -12,6 +12,7 @@ from ._base import State, StepInfo
 from ._single_loop import (
     SingleLoop,
     autograd_grads,
+    check_flat_set,
     coupled_step,
     shared_args,
     step_report,
@@ -161,6 +162,8 @@ class BAMM(SingleLoop):
         self.move_x(state, d_x, s_x, project_x)
         state.y = tree_unflatten(ys_new, y_spec)
         ex["z"] = z
+        if tangent is not None and state.iteration % max(self.rescale_every, 25) == 0:
+            check_flat_set(tangent, z, ex, "BAMM")
         residual = torch.sqrt(tree_sq_norm([g.detach() for g in gf[n_x:]]))
         return step_report(outer, state, d_x, residual, linear_residual=torch.sqrt(rr))
 

@@ -18,6 +18,7 @@ from ._single_loop import (
     STOCHASTIC_DECAYS,
     SingleLoop,
     autograd_grads,
+    check_flat_set,
     coupled_step,
     outer_rose,
     shared_args,
@@ -267,6 +268,8 @@ class SOBA(SingleLoop):
                 d_v = tangent(d_v)
             ys_new = [y - rho * g.detach() for y, g in zip(ys, gf_y)]
             ex["v"] = [a - rho_v * b for a, b in zip(v, d_v)]
+        if tangent is not None and state.iteration % max(self.rescale_every, 25) == 0:
+            check_flat_set(tangent, ex["v"], ex, "SOBA")
         if project_y is not None:
             ys_new = project_y(ys_new)
         self.move_x(state, d_x, gamma, project_x)

@@ -154,12 +154,13 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
     elif certify:
         failures.append(math.isfinite(float(optimality)))
     finite, stale, any_failed, singular, *any_bad = failures
-    if certify and not any_bad[1]:
+    if certify and not any_bad[1] and not all_finite(tree_leaves(value)):  # (not a norm that overflows)
+        entries = [torch.isfinite(t.reshape(*t.shape[:system.batch_dims], -1)).all(-1) for t in tree_leaves(value)]
         raise FloatingPointError(
-            f"{stage}: the optimality residual at the solution is NaN or inf{_elements(~torch.isfinite(optimality))}"
-            ": the condition (for a bilevel problem, the inner gradient) is not finite there, so the implicit "
-            "gradient is undefined. Check the objective at the solution (a log or sqrt outside its domain, "
-            "0 * inf).")
+            f"{stage}: the optimality residual at the solution is NaN or inf"
+            f"{_elements(~torch.stack(entries).all(0))}: the condition (for a bilevel problem, the inner "
+            "gradient) is not finite there, so the implicit gradient is undefined. Check the objective at the "
+            "solution (a log or sqrt outside its domain, 0 * inf).")
     if not finite or stale:
         if not all_finite(x_leaves):
             what = "NaN or inf"

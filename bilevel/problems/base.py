@@ -69,7 +69,8 @@ def _batch_optional(fn: Callable) -> Callable:
     except (TypeError, ValueError):  # a builtin or C callable: as it is
         return fn
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in parameters) or len(positional) != 2:
+    if len(positional) != 2 or any(p.kind != p.POSITIONAL_ONLY and p.kind != p.POSITIONAL_OR_KEYWORD
+                                   for p in parameters):  # *args, or a batch by keyword: as it is
         return fn
 
     @functools.wraps(fn)
