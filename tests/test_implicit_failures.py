@@ -204,3 +204,10 @@ def test_an_overflowing_but_finite_residual_is_not_called_nan():
     lam = torch.tensor(1.0, dtype=torch.float32, requires_grad=True)
     with pytest.warns(bilevel.status.OptimalityWarning):
         root(lam).sum().backward()
+
+
+def test_a_nan_cross_term_in_a_batch_names_the_element():
+    root = bilevel.custom_root(stationarity(lambda y, x: _where_inner(x, y)), batch_dims=1)(_where_sqrt)
+    x = torch.tensor([[1.0, 4.0], [-1.0, 4.0], [9.0, 1.0]], dtype=D, requires_grad=True)
+    with pytest.raises(FloatingPointError, match=r"NaN or inf \(batch elements \[1\]\)"):
+        torch.autograd.grad(root(x).sum(), x)

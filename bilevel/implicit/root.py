@@ -63,7 +63,7 @@ from .._tree import (
 )
 from ..typing import FixedPointMap, Residual
 from ._captured import check_captured, check_keywords
-from ._certificate import ImplicitInfo, report
+from ._certificate import ImplicitInfo, _elements, report
 from .conditions import fixed_point_residual, is_symmetric
 from .linear_solve import Auto, LinearSolver
 from .linear_solve.function import as_linear_solver
@@ -435,7 +435,7 @@ class _Root(torch.autograd.Function):
         except TypeError as err:
             _note_positional_arguments(err, len(call.rebuild_args(tensors)))
             raise
-        check_cross_products(system.stage, grads, "the residual's derivative in the arguments")
+        check_cross_products(system.stage, grads, "the residual's derivative in the arguments", system.batch_dims)
         out = [None] * (n_in + n_kw)
         for i, g in zip(float_pos, grads):
             out[i] = -g
@@ -505,13 +505,19 @@ def _final_grads(system: AdjointSystem, sol_bar, sol_leaves, tensors, float_pos)
     return lin.cross(u)
 
 
-def check_cross_products(stage: str, products, what: str) -> None:
+def check_cross_products(stage: str, products, what: str, batch_dims: int = 0) -> None:
     r"""Raise where the cross products :math:`(\partial_\theta F)^\top u` hold NaN or inf
-    (``u``, the adjoint solution, was found finite): ``what`` names the derivative.
+    (``u``, the adjoint solution, was found finite): ``what`` names the derivative, the
+    message the batch elements (the first ``batch_dims`` dimensions of every product).
     One host read; tensors inside a :mod:`torch.func` transform are not inspected."""
-    if not all_finite([g for g in tree_leaves(products) if torch.is_tensor(g)]):
+    tensors = [g for g in tree_leaves(products) if torch.is_tensor(g)]
+    if not all_finite(tensors):
+        where = ""
+        if batch_dims:
+            finite = [torch.isfinite(g.reshape(*g.shape[:batch_dims], -1)).all(-1) for g in tensors]
+            where = _elements(~torch.stack(finite).all(0))
         raise FloatingPointError(
-            f"{stage}: the gradient contains NaN or inf: {what} is not finite at the solution, though the "
+            f"{stage}: the gradient contains NaN or inf{where}: {what} is not finite at the solution, though the "
             "adjoint solve is (a sqrt, log or division at 0, or a torch.where whose unused branch is NaN or "
             "inf there: autograd differentiates both branches; mask the input of that branch instead)."
         )
