@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..._tolerance import default_residual_tol
-from ..._tree import check_same_structure, tree_leaves, tree_map
+from ..._tree import Raveler, check_same_structure, tree_map
 from ...status import Status
 from ...typing import Matvec, TensorTree
 from ._base import LinearSolveInfo, LinearSolver
@@ -110,9 +110,10 @@ class SolveFunction:
     def _measured_info(self, matvec: Matvec, b: TensorTree, x: TensorTree, batch_dims: int,
                        info: Any) -> LinearSolveInfo:
         """The certificate of ``x``: its true residual, and whether it counts as converged."""
+        rav = Raveler(b, batch_dims)
         with torch.no_grad():
             residual = tree_map(torch.sub, b, matvec(x))
-            b_norm, residual_norm = (_norms(tree, batch_dims) for tree in (b, residual))
+            b_norm, residual_norm = (torch.linalg.vector_norm(rav.ravel(t), dim=-1) for t in (b, residual))
         converged = _field(info, "converged")
         if converged is None:  # judged by its residual, against the tolerance of an optimality residual
             converged, failure = residual_norm <= default_residual_tol(b_norm.dtype) * b_norm, Status.INACCURATE
@@ -144,16 +145,6 @@ def _same_structure(a: Any, b: Any) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _norms(tree: TensorTree, batch_dims: int) -> torch.Tensor:
-    """Euclidean norm per batch element of a tree, in the real dtype of its leaves."""
-    leaves = tree_leaves(tree)
-    squares = [torch.linalg.vector_norm(t.reshape(*t.shape[:batch_dims], -1), dim=-1) ** 2 for t in leaves]
-    total = squares[0]
-    for s in squares[1:]:
-        total = total + s.to(torch.promote_types(total.dtype, s.dtype))
-    return total.sqrt()
 
 
 def as_linear_solver(solve: Any) -> Any:
