@@ -211,3 +211,87 @@ def test_a_nan_cross_term_in_a_batch_names_the_element():
     x = torch.tensor([[1.0, 4.0], [-1.0, 4.0], [9.0, 1.0]], dtype=D, requires_grad=True)
     with pytest.raises(FloatingPointError, match=r"NaN or inf \(batch elements \[1\]\)"):
         torch.autograd.grad(root(x).sum(), x)
+
+
+# ----- a saddle point of the inner problem, solved by a solver for indefinite systems -----
+_Q = torch.linalg.qr(torch.randn(6, 6, dtype=D, generator=torch.Generator().manual_seed(5)))[0]
+
+
+def _hessian(lowest):
+    return _Q @ torch.diag(torch.tensor([lowest, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=D)) @ _Q.T
+
+
+def _quadratic_inner(H):
+    return lambda x, y: 0.5 * y @ H @ y - x @ y  # noqa: E731 - stationary at y = H^-1 x
+
+
+def _toward_negative_curvature(x, y):
+    """grad_y F = q + 0.2 y with q the Hessian's eigenvector of eigenvalue -2: the adjoint
+    solution u = H^-1 grad_y F has u^T grad_y F < 0."""
+    return _Q[:, 0] @ y + 0.1 * (y ** 2).sum()
+
+
+@pytest.mark.parametrize("solve", [bilevel.implicit.MINRES(), bilevel.implicit.GMRES(), bilevel.implicit.Direct("lu"),
+                                   bilevel.implicit.BiCGStab()], ids=["MINRES", "GMRES", "lu", "BiCGStab"])
+def test_hypergrad_at_a_saddle_of_the_inner_problem_warns_with_solvers_for_indefinite_systems(solve):
+    """These solvers solve the indefinite system without complaint (CG breaks down and says
+    so); u^T H u = u^T b - u^T r < 0 proves the negative curvature, and the gradient is
+    then that of the saddle path, which the warning names."""
+    H = _hessian(-2.0)
+    x = torch.linspace(-1.0, 1.0, 6, dtype=D)
+    y = torch.linalg.solve(H, x)
+    with pytest.warns(bilevel.CurvatureWarning, match=r"not positive definite .* saddle or a maximum"):
+        g, info = bilevel.hypergrad(_toward_negative_curvature, _quadratic_inner(H), x, y, solve=solve,
+                                    return_info=True)
+    assert bool(info.negative_curvature) and not info.ok
+    # the number is still the saddle path's derivative: dy/dx = H^-1, dF/dx = H^-1 grad_y F
+    torch.testing.assert_close(g, torch.linalg.solve(H, _Q[:, 0] + 0.2 * y))
+    with pytest.raises(bilevel.BilevelError, match="not positive definite"):
+        bilevel.hypergrad(_toward_negative_curvature, _quadratic_inner(H), x, y, solve=solve, strict=True)
+
+
+@pytest.mark.parametrize("lowest", [1.0, 1e-7, 0.0], ids=["spd", "cond-5e7", "singular-psd"])
+@pytest.mark.parametrize("solve", [bilevel.implicit.MINRES(), bilevel.implicit.GMRES(), bilevel.implicit.Direct("lu"),
+                                   bilevel.implicit.Direct("lstsq")], ids=["MINRES", "GMRES", "lu", "lstsq"])
+def test_no_negative_curvature_is_claimed_at_a_minimum(solve, lowest):
+    """Positive definite, ill-conditioned and singular positive semidefinite Hessians
+    (grad_y F in the range there) never raise the negative-curvature warning."""
+    if lowest == 0.0 and solve == bilevel.implicit.Direct("lu"):
+        pytest.skip("LU on a singular matrix is a failed solve, reported as such")
+    H = _hessian(lowest)
+    x = _Q[:, 1:] @ torch.linspace(-1.0, 1.0, 5, dtype=D)  # in the range of every H above
+    y = torch.linalg.lstsq(H, x).solution
+    outer = lambda x, y: (_Q[:, 2] @ y) ** 2 + 0.5 * (y ** 2).sum()  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not positive definite.*")
+        warnings.filterwarnings("ignore", category=bilevel.BilevelWarning)  # e.g. a singular system's own report
+        _, info = bilevel.hypergrad(outer, _quadratic_inner(H), x, y, solve=solve, return_info=True)
+    assert not bool(info.negative_curvature)
+
+
+def test_negative_curvature_in_a_batch_names_the_element():
+    """Under vmap, element 1 of three sits at a saddle: the warning names it alone."""
+    def inner(s, y):
+        return 0.5 * y @ _hessian_of(s) @ y - y.sum()
+
+    def _hessian_of(s):
+        return _Q @ torch.diag(torch.cat([s.reshape(1), torch.tensor([1.0, 2, 3, 4, 5], dtype=D)])) @ _Q.T
+
+    s = torch.tensor([[1.0], [-2.0], [3.0]], dtype=D)
+    y = torch.stack([torch.linalg.solve(_hessian_of(si), torch.ones(6, dtype=D)) for si in s])
+    with pytest.warns(bilevel.CurvatureWarning, match=r"not positive definite at the solution \(batch elements \[1\]\)"):
+        torch.func.vmap(lambda a, b: bilevel.hypergrad(_toward_negative_curvature, inner, a, b,
+                                                       solve=bilevel.implicit.MINRES()))(s, y)
+
+
+def test_custom_root_of_a_stationarity_condition_is_not_judged_for_curvature():
+    """custom_root(stationarity(f)) may mean a maximum or a saddle on purpose (min-max):
+    only hypergrad, whose inner problem is a minimization by definition, looks."""
+    H = _hessian(-2.0)
+    root = bilevel.custom_root(stationarity(lambda y, x: _quadratic_inner(H)(x, y)),
+                               solve=bilevel.implicit.MINRES())(lambda x: torch.linalg.solve(H, x))
+    x = torch.linspace(-1.0, 1.0, 6, dtype=D).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (g,) = torch.autograd.grad(_toward_negative_curvature(x, root(x)), x)
+    torch.testing.assert_close(g, torch.linalg.solve(H, _Q[:, 0] + 0.2 * torch.linalg.solve(H, x.detach())))

@@ -36,7 +36,7 @@ from .linear_solve._base import _on_host
 
 @dataclass(frozen=True)
 class ImplicitInfo:
-    """Certificate of one implicit differentiation (tensors of the batch shape).
+    r"""Certificate of one implicit differentiation (tensors of the batch shape).
 
     Attributes:
         optimality_residual: ``||F(sol, args)||`` at the solution (``None`` where
@@ -49,6 +49,11 @@ class ImplicitInfo:
         linear_solve: the adjoint solve's :class:`LinearSolveInfo`.
         damping: the damping added to the system (0 if none).
         solver: the linear solver used.
+        negative_curvature: where the system is the Hessian of an objective that
+            ``sol`` should minimize (:func:`~bilevel.hypergrad`'s inner problem),
+            which elements' adjoint solution :math:`u` proves that it is not positive
+            definite, by :math:`u^\top H u = u^\top b - u^\top r < 0` with
+            :math:`r = b - H u` (see :func:`report`); ``None`` where not tested.
 
     Example:
         A function made differentiable by :func:`~bilevel.custom_root` keeps the
@@ -75,6 +80,7 @@ class ImplicitInfo:
     linear_solve: LinearSolveInfo
     damping: float
     solver: Any
+    negative_curvature: Optional[torch.Tensor] = None
 
     @property
     def optimal(self) -> torch.Tensor:
@@ -85,8 +91,10 @@ class ImplicitInfo:
 
     @property
     def ok(self) -> bool:
-        """Both certificates pass for every batch element."""
-        return bool(self.optimal.all()) and bool(self.linear_solve.converged.all())
+        """Both certificates pass for every batch element (and no direction of
+        negative curvature was found where a minimum is expected)."""
+        curved = self.negative_curvature is not None and bool(self.negative_curvature.any())
+        return bool(self.optimal.all()) and bool(self.linear_solve.converged.all()) and not curved
 
 
 def batch_norm(tree: Any, batch_dims: int) -> torch.Tensor:
@@ -111,8 +119,22 @@ def _fail(category: type, message: str, strict: bool) -> None:
     warnings.warn(message, category, stacklevel=4)
 
 
-def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
-    """Check and record the certificate of one adjoint solve; returns it.
+def report(system, value, sol, info: LinearSolveInfo, x, b=None) -> ImplicitInfo:
+    r"""Check and record the certificate of one adjoint solve :math:`M x = b`; returns it.
+
+    Where ``system.residual`` is the gradient of an objective that the solution
+    should minimize (``minimized`` set on the condition, as for
+    :func:`~bilevel.hypergrad`'s inner problem) and ``b`` is given, the solve also
+    tests the curvature for free: with the true residual :math:`r = b - M x`,
+
+    .. math:: x^\top M x = x^\top b - x^\top r \le x^\top b + \|x\|\,\|r\|,
+
+    so :math:`x^\top b < -(\|x\|\,\|r\| + \sqrt{\epsilon}\,\|x\|\,\|b\|)` proves a
+    direction of negative curvature (beyond rounding): the solution is a saddle
+    point or a maximum, which a solver for indefinite systems (MINRES, GMRES, LU)
+    solves without complaint.  CG never shows it (its iterates keep
+    :math:`x^\top b > 0` until it breaks down, which it reports itself); the test
+    is one-sided, it misses a saddle whose negative directions barely meet ``b``.
 
     Every check is decided by one host read (the flags are stacked on the
     device), so a backward pass on an accelerator waits for it once; a single
@@ -129,6 +151,9 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
     certify = system.certify and measured
     if measured:
         optimality = batch_norm(value, system.batch_dims)
+    curved = None
+    if b is not None and getattr(system.residual, "minimized", False):
+        curved = _negative_curvature(x, b, x_norm, info, system.batch_dims)
     if _on_host(x_norm):
         failures = _host_failures(tol, sol_norm, x_norm, optimality, info)
         if measured:
@@ -141,7 +166,8 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
             ratio = x_norm / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
             distance = torch.where(b_norm > 0, optimality * ratio, 0.0)
         failures = None
-    certificate = ImplicitInfo(optimality, distance, sol_norm, tol, info, system.damping, system.solve)
+    certificate = ImplicitInfo(optimality, distance, sol_norm, tol, info, system.damping, system.solve, curved)
+    negative = curved is not None and bool(curved.any()) if failures is not None else False
     if failures is None:
         # ||x|| is finite exactly when every entry is, short of an overflow (told apart
         # below). A NONFINITE status with a finite x is a stale iterate, no gradient either.
@@ -150,7 +176,10 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
         if certify:
             flags.append((~certificate.optimal & (info.status != Status.BREAKDOWN)).any())
             flags.append(torch.isfinite(optimality).all())
+        if curved is not None:
+            flags.append(curved.any())
         failures = torch.stack(flags).tolist()
+        negative = failures.pop() if curved is not None else False
     elif certify:
         failures.append(math.isfinite(float(optimality)))
     finite, stale, any_failed, singular, *any_bad = failures
@@ -183,6 +212,8 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
             "problem more tightly.",
             strict,
         )
+    if negative:
+        _fail(CurvatureWarning, _negative_curvature_message(stage, curved, system.damping), strict)
     if any_failed:
         category = CurvatureWarning if singular else ConvergenceWarning
         hint = (
@@ -193,6 +224,30 @@ def report(system, value, sol, info: LinearSolveInfo, x) -> ImplicitInfo:
         _fail(category, f"{stage}: {info.summary()}.{hint}{_autocast_hint(x_leaves[0].device.type)}", strict)
     system.options.record(certificate)
     return certificate
+
+
+def _negative_curvature(x, b, x_norm: torch.Tensor, info: LinearSolveInfo, batch_dims: int) -> torch.Tensor:
+    """Per element: whether ``x^T b < -(||x|| ||r|| + sqrt(eps) ||x|| ||b||)`` (see
+    :func:`report`), ``False`` where the solve broke down (reported as such) or is
+    not finite (an error of its own)."""
+    terms = [(u.conj() * v).real.reshape(*u.shape[:batch_dims], -1).sum(-1)
+             for u, v in zip(tree_leaves(x), tree_leaves(b))]
+    curvature = terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
+    slack = math.sqrt(torch.finfo(x_norm.dtype).eps)
+    bound = x_norm * (info.residual_norm.to(x_norm.dtype) + slack * info.b_norm.to(x_norm.dtype))
+    return (curvature.to(x_norm.dtype) < -bound) & (info.status != Status.BREAKDOWN) & (info.status != Status.NONFINITE)
+
+
+def _negative_curvature_message(stage: str, curved: torch.Tensor, damping: float) -> str:
+    shifted = f" + {damping:g} I" if damping else ""
+    return (
+        f"{stage}: the Hessian{shifted} of the inner objective is not positive definite at the solution"
+        f"{_elements(curved)}: the adjoint solution u has u^T H u < 0 (measured by u^T b and the solve's "
+        "residual), a direction of negative curvature, or a Hessian singular to working precision. The "
+        "point is a saddle or a maximum of the inner objective, not a minimizer, and the implicit gradient "
+        "follows that stationary point. Solve the inner problem to a minimum, or pass damping= larger than "
+        "the negative curvature if this is intended."
+    )
 
 
 def _autocast_hint(device_type: str) -> str:

@@ -133,6 +133,7 @@ def inner_stationarity(inner: BilevelObjective) -> Condition:
     gradient = grad(objective)
     condition = Condition(lambda y, x: gradient(y, x), symmetric=True, name="inner stationarity")
     condition.objective = condition.gradient_of = objective
+    condition.minimized = True  # y minimizes f: the certificate also looks for negative curvature
     return condition
 
 
@@ -159,6 +160,16 @@ def hypergrad(
 
     with :math:`F` = ``outer``, :math:`f` = ``inner`` and :math:`\epsilon` =
     ``damping``.  The Hessian is linearized once and applied by the solver.
+
+    ``y`` should minimize ``inner``: where the adjoint solution proves a direction
+    of negative curvature (:math:`v^\top \nabla_y F` below minus the solve's
+    residual bound, free to test: :math:`v^\top H v = v^\top b - v^\top r` with
+    :math:`r` the solve's residual), ``y`` is a saddle point or a maximum and a
+    :class:`~bilevel.status.CurvatureWarning` says so (an error with ``strict``),
+    also with the solvers for indefinite systems (MINRES, GMRES, BiCGStab, LU)
+    that solve such a system without complaint; CG and Cholesky report their own
+    breakdown.  The test is one-sided: a saddle whose negative directions barely
+    meet :math:`\nabla_y F` goes unseen.
 
     Args:
         outer: upper-level objective ``outer(x, y)`` (scalar).
@@ -224,7 +235,7 @@ def hypergrad(
             lin = linearize(condition, y, (x,), objective=condition.gradient_of, wrt_args=True)
             operator = densify(damped(lin.transpose_matvec, system.damping), gy, 0, system.solve)
             v, info = system.solve(operator, gy)
-            report(system, lin.value, y, info, v)
+            report(system, lin.value, y, info, v, gy)
             cross = tree_unflatten(lin.cross(v), x_spec)
         else:  # differentiable and vmappable
             v = tree_unflatten(list(solve_adjoint(system, tree_leaves(gy), y_leaves, x_leaves)), y_spec)

@@ -159,7 +159,7 @@ def _solve_system(system: AdjointSystem, b, sol, args, wrt_args=False) -> tuple:
         matvec = lambda w: forward_product(lambda s: f(s, args), (sol,), (w,))[1]  # noqa: E731
     operator = densify(damped(matvec, system.damping), b, system.batch_dims, system.solve)
     x, info = system.solve(operator, b, batch_dims=system.batch_dims)
-    report(system, value, sol, info, x)
+    report(system, value, sol, info, x, b)
     return x, lin
 
 
