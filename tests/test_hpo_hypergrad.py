@@ -166,3 +166,59 @@ def test_tuning_per_weight_decay_lowers_the_validation_loss():
     assert result.train_steps == 40 * 20
     assert set(result.hparams["decay"]) == {"weight", "bias"}
     assert all(bool((v > 0).all()) for v in result.hparams["decay"].values())
+
+
+# ----- modes and buffers: validation is evaluation, only training steps move statistics -----
+def _shifted_data(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(64, 5, generator=g)
+    Xv = 10 + torch.randn(64, 5, generator=g)  # the validation inputs sit far from the training ones
+    return (X, X.sum(-1)), (Xv, Xv.sum(-1))
+
+
+def _bn_train_loss(m, batch, hp):
+    return _mse(m, batch) + hp["decay"] * (m[0].weight ** 2).sum()
+
+
+@pytest.mark.parametrize("tuner", ["implicit", "hypernetwork"])
+def test_only_training_steps_update_batch_norm_statistics(tuner):
+    """The hypergradient's extra train_loss calls and the val_loss calls ran in training
+    mode on the model's own buffers: the running mean moved toward the validation inputs
+    (about -7 where the training features average 0.2) and counted 4 batches per step."""
+    from bilevel.hpo import HypernetworkHPO
+
+    train, val = _shifted_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    spec = {"decay": Hyper(0.1, low=0.0)}
+    if tuner == "implicit":
+        run = ImplicitHPO(model, _bn_train_loss, _mse, [train], [val], spec, inner_steps=2, progress=False)
+    else:
+        run = HypernetworkHPO(model, _bn_train_loss, _mse, [train], [val], spec, weight_steps=2, progress=False)
+    result = run.run(3)
+    bn = result.model[1]
+    assert int(bn.num_batches_tracked) == result.train_steps == 6
+    # the statistics of the training features alone: an exponential average of batch means
+    with torch.no_grad():
+        train_mean = result.model[0](train[0]).mean(0)
+    assert float((bn.running_mean - train_mean).abs().max()) < 1.0
+    assert result.model.training  # the tuned model is handed back in the mode it was given
+
+
+def test_val_loss_runs_in_evaluation_mode_dropout_off():
+    """With dropout active in validation, val_loss moved between hyper-steps whose weights
+    did not change (inner_lr = 1e-12); in evaluation mode it is the deterministic loss."""
+    train, _ = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+    tuner = ImplicitHPO(model, _train_loss, _mse, [train], [train], {"decay": Hyper(0.1, low=0.0)},
+                        inner_lr=1e-12, hyper_lr=1e-12, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny step makes no progress on purpose
+        result = tuner.run(3)
+    model.eval()
+    with torch.no_grad():
+        expected = float(_mse(result.model.eval(), train))
+    assert result.history["val_loss"] == pytest.approx([expected] * 3, rel=1e-5)

@@ -130,6 +130,39 @@ def test_lvhba_projection_with_simple_sets():
     assert float((result.y - 0.4).abs().max()) < 1e-3
 
 
+def test_lvhba_user_projection_onto_the_constraint_with_an_x_set():
+    """The problem's projection onto {y <= x} (pairs to their midpoint) followed by the
+    x_set clip left y about one step above x (max(y - x) = 9.5e-4 after 3000 steps, no
+    warning); combined by Dykstra's algorithm they project onto the intersection."""
+    from bilevel.implicit.projections import Box
+
+    problem = coupled_constraint()  # keeps data["project"], the projection onto {y <= x} alone
+    result = run(problem, LVHBA(x_set=Box(0.0, 0.4)), 3000)
+    assert float((result.y - result.x).max()) <= 1e-12  # feasible
+    assert float((result.x - 0.4).abs().max()) < 1e-6
+    assert float((result.y - 0.4).abs().max()) < 1e-6
+
+
+def test_dykstra_is_the_projection_onto_an_intersection():
+    """A half-space and a box in R^6: Dykstra's answer equals the QP
+    min 1/2 |u - w|^2 over both (cvxpy), where projecting onto one then the other does not."""
+    cp = pytest.importorskip("cvxpy")
+    from bilevel.algorithms.lvhba import dykstra
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(6, generator=g, dtype=torch.float64)
+    w = 1.5 * a + torch.randn(6, generator=g, dtype=torch.float64)  # outside both sets
+    onto_half = lambda u: u - torch.clamp(u @ a - 0.5, min=0) / (a @ a) * a  # noqa: E731 - {a.u <= 0.5}
+    half = lambda xs, ys: ([onto_half(xs[0])], ys)  # noqa: E731
+    box = lambda xs, ys: ([xs[0].clamp(-1, 1)], ys)  # noqa: E731
+    (u,), _ = dykstra(half, box)([w], [])
+    v = cp.Variable(6)
+    cp.Problem(cp.Minimize(cp.sum_squares(v - w.numpy())), [a.numpy() @ v <= 0.5, v >= -1, v <= 1]).solve()
+    exact = torch.from_numpy(v.value)
+    torch.testing.assert_close(u, exact, atol=1e-6, rtol=0)
+    assert float((onto_half(w).clamp(-1, 1) - exact).abs().max()) > 1e-4  # one after the other: not it
+
+
 # -- bad input ----------------------------------------------------------------------------
 def test_lvhba_needs_constraints():
     with pytest.raises(ValueError, match="needs lower-level constraints"):

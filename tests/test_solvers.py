@@ -552,3 +552,10 @@ def test_gradient_based_solvers_work_under_inference_mode(make):
         got, info = make().run(f, torch.zeros(3, dtype=torch.float64), y)
     assert got.is_inference() and bool(info.converged)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prox", [3, None, "prox_lasso"])
+def test_proximal_gradient_with_a_prox_that_is_not_callable_is_a_type_error(prox):
+    """The docstring promises a TypeError for a `prox` that is not callable (it was a ValueError)."""
+    with pytest.raises(TypeError, match=r"ProximalGradient: `prox` must be a callable prox\(z, prox_args, scaling\)"):
+        ProximalGradient(prox)

@@ -82,7 +82,11 @@ class LVHBA(SingleLoop):
         beta, eta, gamma1, gamma2: as above (``None``: derived).
         c, p: penalty schedule :math:`c_k = c (k+1)^p` (defaults 1, 0.3).
         r: bound of the multiplier proxy :math:`z` (default 1e3).
-        projection: optional exact projection ``(x, y) -> (x, y)`` onto :math:`C`.
+        projection: optional exact projection ``(x, y) -> (x, y)`` onto :math:`C`, or
+            onto :math:`\{g \le 0\}` alone: with an ``x_set`` or ``y_set`` it is combined
+            with their projections by Dykstra's algorithm (the projection onto the
+            intersection; applying one after the other is not, and left :math:`y`
+            above :math:`x` on problem L).
         {single_loop_args}
 
     References:
@@ -181,10 +185,16 @@ class LVHBA(SingleLoop):
         user = self.projection if self.projection is not None else problem.data.get("project")
         project_x, project_y = self._projections(problem, state.x, state.y)
         if user is not None:
-            def project(x_leaves, y_leaves):
+            def by_user(x_leaves, y_leaves):
                 px, py = user(tree_unflatten(list(x_leaves), x_spec), tree_unflatten(list(y_leaves), y_spec))
-                px, py = tree_leaves(px), tree_leaves(py)
-                return (project_x(px) if project_x else px), (project_y(py) if project_y else py)
+                return tree_leaves(px), tree_leaves(py)
+
+            def onto_sets(x_leaves, y_leaves):
+                return (project_x(x_leaves) if project_x else x_leaves), (project_y(y_leaves) if project_y else y_leaves)
+
+            # one after the other is not the projection onto the intersection (the x_set clip
+            # undid half of the user's move: y stalled above x on problem L with an x_set)
+            project = dykstra(by_user, onto_sets) if (project_x or project_y) else by_user
         else:
             examples = [t.detach() for t in xs + ys]
             g_flat = _flat_constraints(problem, xs, ys)
@@ -285,3 +295,60 @@ def _unflat(w: torch.Tensor, examples) -> list:
 
 
 __all__ = ["LVHBA"]
+
+
+_DYKSTRA_ITERATIONS = 200
+
+
+def dykstra(first: Callable, second: Callable, iterations: int = _DYKSTRA_ITERATIONS) -> Callable:
+    r"""The projection onto :math:`A \cap B` from the projections onto two closed convex sets.
+
+    Dykstra's algorithm: from :math:`u_0 = w`, :math:`p_0 = q_0 = 0`,
+
+    .. math::
+
+        v_k = P_A(u_k + p_k),\quad p_{k+1} = u_k + p_k - v_k, \qquad
+        u_{k+1} = P_B(v_k + q_k),\quad q_{k+1} = v_k + q_k - u_{k+1},
+
+    converges to :math:`P_{A \cap B}(w)` (plain alternating projections reach a point
+    of the intersection, but not the nearest one).  It stops once an iteration moves
+    :math:`u` by at most :math:`10\,\mathrm{eps} \max(1, \|u\|_\infty)`, or after
+    ``iterations``; the answer lies in :math:`B`.  Where :math:`P_A` already lands in
+    :math:`B` (a projection onto the whole intersection) it stops at the second
+    iteration.
+
+    Args:
+        first, second: :math:`P_A` and :math:`P_B` as maps ``(x_leaves, y_leaves) ->
+            (x_leaves, y_leaves)``.
+        iterations: the most iterations.
+
+    Returns:
+        The map ``(x_leaves, y_leaves) -> (x_leaves, y_leaves)`` onto :math:`A \cap B`.
+
+    References:
+        Boyle, J. P. and Dykstra, R. L. A method for finding projections onto the
+        intersection of convex sets in Hilbert spaces. Lecture Notes in Statistics 37, 1986.
+    """
+
+    def project(x_leaves, y_leaves):
+        n = len(x_leaves)
+        u = [t.detach() for t in list(x_leaves) + list(y_leaves)]
+        p = [torch.zeros_like(t) for t in u]
+        q = [torch.zeros_like(t) for t in u]
+        for _ in range(iterations):
+            shifted = [a + b for a, b in zip(u, p)]
+            vx, vy = first(shifted[:n], shifted[n:])
+            v = list(vx) + list(vy)
+            p = [a - b for a, b in zip(shifted, v)]
+            shifted = [a + b for a, b in zip(v, q)]
+            ux, uy = second(shifted[:n], shifted[n:])
+            new = list(ux) + list(uy)
+            q = [a - b for a, b in zip(shifted, new)]
+            moved = max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(new, u))
+            size = max(float(a.abs().max()) if a.numel() else 0.0 for a in new)
+            u = new
+            if moved <= 10 * torch.finfo(u[0].dtype).eps * max(1.0, size):
+                break
+        return u[:n], u[n:]
+
+    return project

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-from .._tree import tree_flatten, tree_leaves, tree_unflatten
+from .._tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..implicit.hypergrad import estimate_lipschitz, unrolled_hypergrad
 from ..implicit.linear_solve._base import _sync_every
 from ._base import Algorithm, State, StepInfo, report_value, tree_norm, y_projection
@@ -32,7 +32,10 @@ class Unrolled(Algorithm):
         steps: :math:`T`, inner steps per outer step (default 100).
         step_size: :math:`s`; ``None`` uses :math:`1/L` with :math:`L` the largest
             inner Hessian eigenvalue (power iteration), re-estimated at every outer
-            step from the previous estimate's eigenvector.
+            step from the previous estimate's eigenvector, at the previous inner
+            run's end; at the first step the larger of the estimates at ``y0`` and
+            at the end of a backtracked descent from it (a lower level flat at
+            ``y0`` would otherwise give a huge step).
         truncate: differentiate only the last ``truncate`` steps.
         warm_start: start each inner run from the previous :math:`y_T`.
         y_set: a simple set for ``y`` (or the problem's): the inner steps are
@@ -73,9 +76,9 @@ class Unrolled(Algorithm):
         return state
 
     def hypergradient(self, outer, inner, state: State, batch: Any):
-        step_size = _step_size(self.step_size, inner, state)
-        y0 = state.y if self.warm_start else tree_unflatten([t.clone() for t in state.extras["y_start"]], tree_flatten(state.y)[1])
         project = y_projection(state)
+        step_size = _step_size(self.step_size, inner, state, self.steps, project)
+        y0 = state.y if self.warm_start else tree_unflatten([t.clone() for t in state.extras["y_start"]], tree_flatten(state.y)[1])
         g, y = unrolled_hypergrad(
             outer, inner, state.x, y0 if project is None else project(y0), self.steps, step_size,
             truncate=self.truncate, return_solution=True, project=project,
@@ -85,12 +88,20 @@ class Unrolled(Algorithm):
         return y, g, StepInfo(outer=value, hypergradient_norm=tree_norm(g))
 
 
-def _step_size(step_size: Optional[float], inner, state: State) -> Union[float, torch.Tensor]:
+def _step_size(step_size: Optional[float], inner, state: State, steps: int = 100,
+               project=None) -> Union[float, torch.Tensor]:
     """The fixed step, or ``1/L`` re-estimated at every outer step: the inner
     curvature changes as ``x`` moves, and a step from a stale estimate can exceed
     ``2/L`` and diverge.  The power iteration is warm-started from the previous
     eigenvector (20 products the first time, 3 after).  On accelerators the
-    estimate stays a 0-d tensor on the device (no host read; the same value)."""
+    estimate stays a 0-d tensor on the device (no host read; the same value).
+
+    At the first outer step ``state.y`` is the start ``y0``, not the end of an inner
+    run, and the curvature there may be far below the one the run meets (a lower
+    level flat at ``y0``, e.g. quartic, where ``1/L`` is huge): ``L`` is the larger
+    of the estimates at ``y0`` and at the end of a probe descent from it (``steps``
+    gradient steps without a graph, each backtracked until ``f`` falls, see
+    :func:`_probe_descent`).  Later estimates are taken at the previous run's end."""
     if step_size is not None:
         return step_size
     previous = state.extras.get("power_vector")
@@ -100,6 +111,13 @@ def _step_size(step_size: Optional[float], inner, state: State) -> Union[float, 
             start=None if previous is None else tree_unflatten(previous, tree_flatten(state.y)[1]),
             return_vector=True,
         )
+    if previous is None and _sync_every(lipschitz) == 1:
+        probe = _probe_descent(inner, state.x, state.y, steps, float(lipschitz), project)
+        if probe is not None:
+            with torch.no_grad():
+                further, further_vector = estimate_lipschitz(inner, state.x, probe, iterations=20, return_vector=True)
+            if float(further) > float(lipschitz):
+                lipschitz, vector = further, further_vector
     state.extras["power_vector"] = [t.detach() for t in tree_leaves(vector)]
     estimate = 1.0 / lipschitz.clamp_min(1e-12)
     state.extras["step_size"] = float(estimate) if _sync_every(estimate) == 1 else estimate
@@ -108,3 +126,45 @@ def _step_size(step_size: Optional[float], inner, state: State) -> Union[float, 
             f"Unrolled: the curvature estimate of `inner` that sets the inner step is not finite at step "
             f"{state.iteration + 1}: its Hessian-vector products at (x, y) give NaN or inf; check `inner` there.")
     return state.extras["step_size"]
+
+
+def _probe_descent(inner, x, y, steps: int, lipschitz: float, project=None):
+    r"""Up to ``steps`` gradient steps :math:`y \leftarrow P(y - s \nabla_y f(x, y))` without
+    a graph, each step halved until :math:`f` falls (at most 30 halvings; the next one
+    tries twice the accepted step, up to the first), from :math:`s = 1/L` or, where
+    the curvature ``lipschitz`` at ``y`` is 0 (a flat start), from the step that
+    moves :math:`y` by :math:`\max(1, \|y\|)`.  Returns the last point, or ``None``
+    where ``y`` is stationary or ``f`` is not finite there (nothing to probe)."""
+    leaves, spec = tree_flatten(y)
+    xs = tree_map(torch.Tensor.detach, x)
+
+    def value_and_grad(ys):
+        with torch.enable_grad():
+            tracked = [t.detach().requires_grad_() for t in ys]
+            value = inner(xs, tree_unflatten(tracked, spec))
+            grads = torch.autograd.grad(value, tracked, allow_unused=True)
+        return float(value.detach()), [torch.zeros_like(t) if g is None else g for t, g in zip(ys, grads)]
+
+    ys = [t.detach() for t in leaves]
+    value, grads = value_and_grad(ys)
+    size = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    if not (math.isfinite(value) and math.isfinite(size)) or size == 0.0:
+        return None
+    y_norm = math.sqrt(sum(float((t * t).sum()) for t in ys))
+    first = 1.0 / lipschitz if lipschitz > 0 else max(1.0, y_norm) / size
+    trial = first
+    for _ in range(steps):
+        for _ in range(30):
+            with torch.no_grad():
+                moved = [t - trial * g for t, g in zip(ys, grads)]
+            if project is not None:
+                moved = tree_leaves(project(tree_unflatten(moved, spec)))
+            new_value, new_grads = value_and_grad(moved)
+            if new_value < value:
+                break
+            trial *= 0.5
+        else:
+            break  # no step lowers f: as far as the probe goes
+        ys, value, grads = moved, new_value, new_grads
+        trial = min(2.0 * trial, first)
+    return tree_unflatten(ys, spec)

@@ -6,12 +6,21 @@ Users write ordinary PyTorch: ``train_loss(model, batch, hparams)`` and
 detached copy for the implicit function theorem, a hypernetwork's output) by
 calling them inside :func:`torch.func.functional_call` on a wrapper module that
 holds the model, so every use of the model inside the loss sees those weights.
+
+Modes and buffers, as a PyTorch training loop has them: ``train_loss`` runs with
+the model in training mode and ``val_loss`` in evaluation mode (``model.eval()``:
+dropout off, batch norm on its running statistics), and only the training steps
+themselves update the model's buffers (batch-norm running statistics): the
+evaluations a hypergradient adds (``train_loss`` at the current weights for the
+Hessian, ``val_loss``) run on copies of the buffers, so that they neither move
+the statistics nor let the validation data into them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -54,15 +63,38 @@ class Losses:
 
         return tree_map(move, batch)
 
-    def train(self, weights: Mapping[str, torch.Tensor], batch: Any, hparams: Mapping) -> torch.Tensor:
-        return _scalar(_call(self._train, weights, (batch, hparams)), "train_loss(model, batch, hparams)")
+    def train(self, weights: Mapping[str, torch.Tensor], batch: Any, hparams: Mapping, *,
+              step: bool = False) -> torch.Tensor:
+        """``train_loss`` at ``weights`` in training mode; ``step``: a training step,
+        which updates the model's buffers (else they are left as they are)."""
+        with _mode(self._train.model, True):
+            value = _call(self._train, weights, (batch, hparams), keep_buffers=not step)
+        return _scalar(value, "train_loss(model, batch, hparams)")
 
     def val(self, weights: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        return _scalar(_call(self._val, weights, (batch,)), "val_loss(model, batch)")
+        """``val_loss`` at ``weights`` in evaluation mode, the buffers left as they are."""
+        with _mode(self._val.model, False):
+            value = _call(self._val, weights, (batch,), keep_buffers=True)
+        return _scalar(value, "val_loss(model, batch)")
 
 
-def _call(bound: _Bound, weights: Mapping[str, torch.Tensor], args: tuple) -> Any:
-    return functional_call(bound, {"model." + k: v for k, v in weights.items()}, args)
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model.train(training)`` for the block; every submodule's own flag is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def _call(bound: _Bound, weights: Mapping[str, torch.Tensor], args: tuple, keep_buffers: bool = False) -> Any:
+    tensors = {"model." + k: v for k, v in weights.items()}
+    if keep_buffers:  # in-place updates (batch-norm statistics) land on copies
+        tensors.update({"model." + k: b.clone() for k, b in bound.model.named_buffers() if ("model." + k) not in tensors})
+    return functional_call(bound, tensors, args)
 
 
 def _scalar(value: Any, what: str) -> torch.Tensor:

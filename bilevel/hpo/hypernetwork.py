@@ -45,7 +45,11 @@ class HypernetworkHPO(Tuner):
             :math:`w^0` and give the weights' names and shapes.
         train_loss: ``train_loss(model, batch, hparams) -> scalar`` (may draw
             random noise whose rate is a hyper-parameter).
-        val_loss: ``val_loss(model, batch) -> scalar``.
+        val_loss: ``val_loss(model, batch) -> scalar``, run with the model in
+            evaluation mode (``model.eval()``: dropout off, batch norm on its running
+            statistics); ``train_loss`` runs in training mode, and only the
+            training steps update the model's buffers (the hypergradient's own
+            evaluations use copies: validation data never enter the statistics).
         train_loader, val_loader: re-iterable sources of batches, cycled.
         spec: a :class:`~bilevel.hpo.HyperSpec` of fixed-shape hyper-parameters
             (no ``per_weight`` / ``per_example``: use
@@ -192,7 +196,7 @@ class HypernetworkHPO(Tuner):
             raw = self._flat() + self.log_sigma.exp() * self._noise(self.log_sigma)
             hp = self.spec.constrain(self._unflat(raw))
         with torch.enable_grad():
-            loss = self.losses.train(self.best_response(raw), batch, hp)
+            loss = self.losses.train(self.best_response(raw), batch, hp, step=True)
             self.weight_optimizer.zero_grad(set_to_none=True)
             loss.backward()
         value = self._checked_train_loss(loss)

@@ -61,7 +61,11 @@ class ImplicitHPO(Tuner):
             spec to its constrained value (a tensor, or a dict of tensors for
             ``per_weight``).  It is evaluated at other weights by
             :func:`torch.func.functional_call`.
-        val_loss: ``val_loss(model, batch) -> scalar``.
+        val_loss: ``val_loss(model, batch) -> scalar``, run with the model in
+            evaluation mode (``model.eval()``: dropout off, batch norm on its running
+            statistics); ``train_loss`` runs in training mode, and only the
+            training steps update the model's buffers (the hypergradient's own
+            evaluations use copies: validation data never enter the statistics).
         train_loader, val_loader: re-iterable sources of batches (``DataLoader``,
             list); cycled.  Batches move to the model's device (floating tensors
             to its dtype).
@@ -164,7 +168,7 @@ class ImplicitHPO(Tuner):
         batch = self._batch(self.train_stream)
         hp = self._hparams() if hp is None else hp
         with torch.enable_grad():
-            loss = self.losses.train(self.params, batch, hp)
+            loss = self.losses.train(self.params, batch, hp, step=True)
             grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
         for p, g in zip(self.params.values(), grads):
             p.grad = torch.zeros_like(p) if g is None else g

@@ -127,10 +127,12 @@ class ProximalGradient(Solver):
     implicit_solve: Optional[LinearSolver] = None
 
     def __post_init__(self):
+        if not callable(self.prox):  # a wrong type, as the docstring says (the settings below are values)
+            raise TypeError("ProximalGradient: `prox` must be a callable prox(z, prox_args, scaling), e.g. "
+                            f"bilevel.implicit.prox_lasso; got {self.prox!r}.")
         _check_fields(
             self,
             **COMMON_RULES,
-            prox=(callable, "a callable prox(z, prox_args, scaling), e.g. bilevel.implicit.prox_lasso"),
             step=(_positive_or_none, "None (backtracking) or a positive float"),
             acceleration=(lambda v: isinstance(v, bool), "a bool"),
         )
