@@ -469,7 +469,6 @@ def test_bad_inputs_are_named():
         (lambda: GradientDescent(step=-1.0), "step"),
         (lambda: LBFGS(history_size=0), "history_size"),
         (lambda: LBFGS(line_search="armijo"), "line_search"),
-        (lambda: ProximalGradient(prox="lasso"), "prox"),
         (lambda: LevenbergMarquardt(damping=0.0), "damping"),
         (lambda: GaussNewton(batch_dims=-1), "batch_dims"),
         (lambda: ScipyMinimize(options=3), "options"),
