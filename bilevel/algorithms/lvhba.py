@@ -352,8 +352,8 @@ def dykstra(first: Callable, second: Callable, iterations: int = _DYKSTRA_ITERAT
             ux, uy = second(shifted[:n], shifted[n:])
             new = list(ux) + list(uy)
             q = [a - b for a, b in zip(shifted, new)]
-            moved = max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(new, u))
-            size = max(float(a.abs().max()) if a.numel() else 0.0 for a in new)
+            moved, size = (float(torch.cat(parts).abs().max()) for parts in (  # one read each, all leaves
+                [(a - b).reshape(-1) for a, b in zip(new, u)], [a.reshape(-1) for a in new]))
             u = new
             if moved <= 10 * torch.finfo(u[0].dtype).eps * max(1.0, size):
                 break

@@ -9,10 +9,11 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-from .._tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from .._tree import tree_flatten, tree_leaves, tree_unflatten
 from ..implicit.hypergrad import estimate_lipschitz, unrolled_hypergrad
 from ..implicit.linear_solve._base import _sync_every
 from ._base import Algorithm, State, StepInfo, report_value, tree_norm, y_projection
+from ._single_loop import value_and_grads
 
 
 @dataclass(frozen=True)
@@ -136,14 +137,11 @@ def _probe_descent(inner, x, y, steps: int, lipschitz: float, project=None):
     moves :math:`y` by :math:`\max(1, \|y\|)`.  Returns the last point, or ``None``
     where ``y`` is stationary or ``f`` is not finite there (nothing to probe)."""
     leaves, spec = tree_flatten(y)
-    xs = tree_map(torch.Tensor.detach, x)
+    x_leaves, x_spec = tree_flatten(x)
 
     def value_and_grad(ys):
-        with torch.enable_grad():
-            tracked = [t.detach().requires_grad_() for t in ys]
-            value = inner(xs, tree_unflatten(tracked, spec))
-            grads = torch.autograd.grad(value, tracked, allow_unused=True)
-        return float(value.detach()), [torch.zeros_like(t) if g is None else g for t, g in zip(ys, grads)]
+        value, _, grads = value_and_grads(inner, x_leaves, ys, x_spec, spec, "y")
+        return float(value), grads
 
     ys = [t.detach() for t in leaves]
     value, grads = value_and_grad(ys)
