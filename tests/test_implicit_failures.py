@@ -284,6 +284,42 @@ def test_negative_curvature_in_a_batch_names_the_element():
                                                        solve=bilevel.implicit.MINRES()))(s, y)
 
 
+def test_minres_proves_a_saddle_that_the_adjoint_test_cannot_see():
+    """grad_y F with a small part along the eigenvalue -2: u^T b > 0, so the one-sided test
+    is silent, but the Lanczos matrix of MINRES has a Ritz value near -2 (its inertia)."""
+    H = _hessian(-2.0)
+    x = torch.linspace(-1.0, 1.0, 6, dtype=D)
+    y = torch.linalg.solve(H, x)
+    direction = _Q[:, 0] * 0.3 + _Q[:, 1:] @ torch.ones(5, dtype=D)
+    outer = lambda x, y: direction @ y  # noqa: E731
+    u = torch.linalg.solve(H, direction)
+    assert float(u @ direction) > 0.5  # the adjoint test alone proves nothing here
+    with pytest.warns(bilevel.CurvatureWarning, match="Lanczos matrix"):
+        g, info = bilevel.hypergrad(outer, _quadratic_inner(H), x, y, solve=bilevel.implicit.MINRES(),
+                                    return_info=True)
+    assert bool(info.negative_curvature) and bool(info.linear_solve.negative_curvature) and not info.ok
+    torch.testing.assert_close(g, u)  # still the saddle path's derivative
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_minres_reports_the_inertia_of_each_system_of_a_batch(dtype):
+    """info.negative_curvature per element: indefinite, positive definite, singular
+    semidefinite (b in the range) and cond-1e7 systems; a solve stays a success."""
+    lows = [-0.5, 1.0, 0.0, 1e-7 if dtype == torch.float64 else 1e-3]
+    A = torch.stack([_hessian(low) for low in lows]).to(dtype)
+    b = (_Q @ torch.linspace(-1.0, 1.0, 6, dtype=D)).expand(4, 6).clone()
+    b[2] = _Q[:, 1:] @ torch.linspace(-1.0, 1.0, 5, dtype=D)  # in the range of the singular one
+    b = b.to(dtype)
+    x, info = bilevel.implicit.MINRES(maxiter=60)(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), b, batch_dims=1)
+    assert info.negative_curvature.tolist() == [True, False, False, False]
+    assert bool(info.converged[0]) and bool(info.converged[1])
+    _, cg_info = bilevel.implicit.CG()(lambda v: (A[1] @ v), b[1])
+    assert cg_info.negative_curvature is None  # CG reports an indefinite system as its breakdown instead
+    # a pytree node: vmap stacks the flags too
+    flags = torch.func.vmap(lambda M, r: bilevel.implicit.MINRES(maxiter=60)(lambda v: M @ v, r)[1].negative_curvature)(A, b)
+    assert flags.tolist() == [True, False, False, False]
+
+
 def test_custom_root_of_a_stationarity_condition_is_not_judged_for_curvature():
     """custom_root(stationarity(f)) may mean a maximum or a saddle on purpose (min-max):
     only hypergrad, whose inner problem is a minimization by definition, looks."""

@@ -58,7 +58,8 @@ class Implicit(Algorithm):
             with :math:`P` as the prox, warm-started), and the implicit function
             theorem is applied to its fixed point
             :math:`y = P(y - \eta \nabla_y f(x, y))` (a non-symmetric system:
-            ``solve`` must handle one, the default GMRES does).  ``inner_solver``
+            ``solve`` must handle one, the default GMRES does; its relative
+            residual goes to ``history["linear_residual"]``).  ``inner_solver``
             and ``damping`` do not apply there.
         warm_start: start each inner solve from the previous one's solution
             (default ``True``); ``False``: from :math:`y_0` at every outer step.
@@ -149,7 +150,7 @@ class Implicit(Algorithm):
         solver = ProximalGradient(onto_set, implicit_solve=self.solve)
         x = tree_map(lambda t: t.detach().requires_grad_(t.is_floating_point()), state.x)
         with torch.enable_grad():
-            y = solver(objective, onto_set(state.y), x)
+            y, root = solver._root_call(objective, onto_set(state.y), (x,))
             value = outer(x, y)
             leaves = tree_leaves(x)
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
@@ -160,8 +161,10 @@ class Implicit(Algorithm):
             gradient = torch.func.grad(lambda y_: objective(y_, state.x).reshape(()))(y)
             moved = onto_set(tree_map(lambda a, b: a - b, y, gradient))
             inner_residual = tree_norm(tree_map(lambda a, b: a - b, y, moved))
+        certificate = root.last_info  # the backward pass's; None where it did not reach the solve (F free of y)
+        linear = math.nan if certificate is None else certificate.linear_solve.relative_residual.max().detach()
         info = StepInfo(outer=report_value(value.detach()), hypergradient_norm=tree_norm(g),
-                        inner_residual=inner_residual)
+                        inner_residual=inner_residual, linear_residual=linear)
         return y, g, info
 
     def _default_inner_solve(self, objective, state: State):

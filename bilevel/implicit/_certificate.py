@@ -135,6 +135,9 @@ def report(system, value, sol, info: LinearSolveInfo, x, b=None) -> ImplicitInfo
     solves without complaint.  CG never shows it (its iterates keep
     :math:`x^\top b > 0` until it breaks down, which it reports itself); the test
     is one-sided, it misses a saddle whose negative directions barely meet ``b``.
+    A solver that proves negative curvature itself (``info.negative_curvature``:
+    MINRES counts the negative eigenvalues of its Lanczos matrix, which sees every
+    direction of the Krylov space) is believed too, with or without ``b``.
 
     Every check is decided by one host read (the flags are stacked on the
     device), so a backward pass on an accelerator waits for it once; a single
@@ -152,8 +155,12 @@ def report(system, value, sol, info: LinearSolveInfo, x, b=None) -> ImplicitInfo
     if measured:
         optimality = batch_norm(value, system.batch_dims)
     curved = None
-    if b is not None and getattr(system.residual, "minimized", False):
-        curved = _negative_curvature(x, b, x_norm, info, system.batch_dims)
+    if getattr(system.residual, "minimized", False):
+        if b is not None:
+            curved = _negative_curvature(x, b, x_norm, info, system.batch_dims)
+        if info.negative_curvature is not None:  # the solver's own proof (MINRES: its Lanczos matrix)
+            proven = info.negative_curvature & (info.status != Status.NONFINITE)
+            curved = proven if curved is None else curved | proven
     if _on_host(x_norm):
         failures = _host_failures(tol, sol_norm, x_norm, optimality, info)
         if measured:
@@ -243,7 +250,8 @@ def _negative_curvature_message(stage: str, curved: torch.Tensor, damping: float
     return (
         f"{stage}: the Hessian{shifted} of the inner objective is not positive definite at the solution"
         f"{_elements(curved)}: the adjoint solution u has u^T H u < 0 (measured by u^T b and the solve's "
-        "residual), a direction of negative curvature, or a Hessian singular to working precision. The "
+        "residual), or the solver's Lanczos matrix has an eigenvalue below -sqrt(eps) ||T|| (MINRES): a "
+        "direction of negative curvature, or a Hessian singular to working precision. The "
         "point is a saddle or a maximum of the inner objective, not a minimizer, and the implicit gradient "
         "follows that stationary point. Solve the inner problem to a minimum, or pass damping= larger than "
         "the negative curvature if this is intended."

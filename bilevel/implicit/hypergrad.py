@@ -169,7 +169,10 @@ def hypergrad(
     also with the solvers for indefinite systems (MINRES, GMRES, BiCGStab, LU)
     that solve such a system without complaint; CG and Cholesky report their own
     breakdown.  The test is one-sided: a saddle whose negative directions barely
-    meet :math:`\nabla_y F` goes unseen.
+    meet :math:`\nabla_y F` goes unseen, except by
+    :class:`~bilevel.implicit.linear_solve.MINRES`, which also counts the negative
+    eigenvalues of its Lanczos matrix (below :math:`-\sqrt{\mathrm{eps}}` times its
+    norm), a proof of negative curvature in any direction its Krylov space reaches.
 
     Args:
         outer: upper-level objective ``outer(x, y)`` (scalar).

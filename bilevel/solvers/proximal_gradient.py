@@ -166,6 +166,12 @@ class ProximalGradient(Solver):
         return obj.tree(x), info, step
 
     def __call__(self, fun: Objective, init: TensorTree, *args: Any, prox_args: Any = None) -> TensorTree:
+        return self._root_call(fun, init, args, prox_args)[0]
+
+    def _root_call(self, fun: Objective, init: TensorTree, args: tuple, prox_args: Any = None):
+        """``(sol, root)``: :meth:`__call__`'s solution, and the ``custom_root``-wrapped solve
+        that produced it, whose ``last_info`` holds the certificate of the latest backward
+        pass through ``sol`` (read by :class:`~bilevel.algorithms.Implicit`)."""
         check_fun(fun, self.name)
         dtype = check_init(init, self.name)[0].dtype
         scale = _Scale()
@@ -176,9 +182,8 @@ class ProximalGradient(Solver):
             scale.record(info, tol, step)
             return sol
 
-        return self._differentiable(self._prox_condition(fun, scale), solve, dtype)(
-            tuple(args), prox_args, init=warm_start(init)
-        )
+        root = self._differentiable(self._prox_condition(fun, scale), solve, dtype)
+        return root(tuple(args), prox_args, init=warm_start(init)), root
 
     def _prox_condition(self, fun: Objective, scale: _Scale) -> Condition:
         """The proximal-gradient fixed point at the final step, divided by

@@ -35,7 +35,7 @@ FlatMatvec = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class LinearSolveInfo:
-    """Per-batch-element outcome of a linear solve (all tensors of the batch shape).
+    r"""Per-batch-element outcome of a linear solve (all tensors of the batch shape).
 
     A pytree node (its four tensors are the leaves): ``torch.func.vmap`` over a
     solve returns the infos of the elements stacked.
@@ -49,6 +49,12 @@ class LinearSolveInfo:
             always confirmed with the true residual).
         b_norm: ``||b||``.
         status: :class:`~bilevel.status.Status` codes (``int64``).
+        negative_curvature: where the solver can tell (:class:`MINRES`, from the
+            inertia of its Lanczos matrix), whether ``A`` has an eigenvalue below
+            :math:`-\sqrt{\mathrm{eps}}\,\|T_k\|_F` (booleans); ``None`` for the
+            other solvers.  An indefinite ``A`` is no failure of the solve
+            (``status`` is unchanged); :func:`~bilevel.hypergrad` reads it as a
+            saddle point of the inner problem.
 
     Example:
         Two systems solved together (``batch_dims=1``); the second has
@@ -69,6 +75,7 @@ class LinearSolveInfo:
     residual_norm: torch.Tensor
     b_norm: torch.Tensor
     status: torch.Tensor
+    negative_curvature: Optional[torch.Tensor] = None
 
     @property
     def converged(self) -> torch.Tensor:
@@ -101,7 +108,9 @@ class LinearSolveInfo:
 # and pass through tree utilities like the tensors it holds.
 torch.utils._pytree.register_pytree_node(
     LinearSolveInfo,
-    lambda info: ([info.iterations, info.residual_norm, info.b_norm, info.status], None),
+    lambda info: ([info.iterations, info.residual_norm, info.b_norm, info.status]
+                  + ([] if info.negative_curvature is None else [info.negative_curvature]),
+                  info.negative_curvature is not None),
     lambda leaves, _: LinearSolveInfo(*leaves),
     serialized_type_name="bilevel.implicit.linear_solve.LinearSolveInfo",
 )
@@ -123,7 +132,9 @@ class LinearSolver:
     product is saved.  A least-squares solver may add a fifth element (after a
     residual estimate or ``None``): which elements' ``A`` is rank-deficient, so
     that the derivative includes the motion of its null space (``Direct("lstsq")``
-    reads it off its SVD).
+    reads it off its SVD); a sixth (after ``None`` in those places) says which
+    elements' ``A`` is known to be indefinite (``info.negative_curvature``;
+    :class:`MINRES` reads it off its Lanczos matrix).
 
     Example:
         A solver for diagonal operators (one product recovers the diagonal); the
@@ -275,11 +286,13 @@ class LinearSolver:
         else:
             residual_norm = norm(b_flat - flat_matvec(x))
         status = _final_status(self, status, residual_norm, b_norm)
+        negative = estimate[2] if len(estimate) > 2 else None  # (MINRES: the inertia of its T_k)
         info = LinearSolveInfo(
             iterations=iterations.reshape(batch),
             residual_norm=residual_norm.reshape(batch),
             b_norm=b_norm.reshape(batch),
             status=status.reshape(batch),
+            negative_curvature=None if negative is None else negative.reshape(batch),
         )
         x = x.reshape(tuple(batch) + (n,))
         return (_unravel_unknowns(xrav, x) if rectangular else xrav.unravel(x)), info
@@ -867,7 +880,8 @@ class KrylovSolver(LinearSolver):
         x, iterations, status, *estimate = self._iterate(
             matvec, b_unit, None if x0 is None else unit(x0), threshold, maxiter, flatten
         )
-        estimate = [None if e is None else e * per_element for e in estimate]
+        if estimate and estimate[0] is not None:  # a residual estimate, in b's scale (flags are kept)
+            estimate[0] = estimate[0] * per_element
         return (back(x), iterations, status, *estimate)
 
     def _iterate(self, matvec, b, x0, threshold, maxiter, flatten):

@@ -152,6 +152,9 @@ def _minres(matvec, b, x0, threshold, maxiter, tol):
     iterations = torch.zeros_like(status)
     status = _mark(status, ~torch.isfinite(beta), Status.NONFINITE)
     active = torch.isfinite(beta) & (beta > threshold)
+    # Inertia of T_k + sigma I (sigma = sqrt(eps) ||T_k||_F): its LDL^T pivots d_k, one more per step
+    pivot, negative = ones, torch.zeros_like(active)
+    sqrt_eps = math.sqrt(eps)
     sync = _look_every(b)
     for k in range(maxiter):
         if sync and k % sync == 0 and not bool(active.any()):
@@ -169,6 +172,11 @@ def _minres(matvec, b, x0, threshold, maxiter, tol):
         # tie the tests below to the scale of b)
         t_norm2 = t_norm2 + alfa**2 + (old_beta**2 if k > 0 else 0) + beta**2
         t_norm = t_norm2.sqrt()
+        # Sylvester: as many negative pivots as eigenvalues of T_k below -sigma, and these lie
+        # above A's smallest (interlacing): a negative pivot proves negative curvature of A
+        shifted = alfa + sqrt_eps * t_norm - (_div(old_beta**2, pivot, active) if k > 0 else 0)
+        negative = negative | (active & (shifted < 0))
+        pivot = torch.where(active, torch.where(shifted == 0, eps * t_norm, shifted), pivot)  # (a zero pivot: perturbed)
         # Q_k: column k of R_k is (eps_k, delta_k, gamma_k) in rows k-2, k-1, k
         eps_k = epsln
         delta = cs * dbar + sn * alfa
@@ -227,7 +235,7 @@ def _minres(matvec, b, x0, threshold, maxiter, tol):
         active = step & ~singular & (new_phibar.abs() > threshold)
     status = _mark(status, active, Status.MAX_ITERATIONS)
     x = x + xc + u1.unsqueeze(-1) * what + torch.where(drop, 0, u0).unsqueeze(-1) * wbar
-    return x, iterations, status
+    return x, iterations, status, None, None, negative
 
 
 __all__ = ['MINRES']
