@@ -402,6 +402,16 @@ def test_prox_group_lasso():
     assert torch.autograd.gradcheck(prox_group_lasso, (rand(3, 4, seed=27).requires_grad_(), lam))
 
 
+@pytest.mark.parametrize("l2reg, scaling", [(0.0, 1.0), (1.0, 0.0), (torch.tensor(0.0, dtype=DT), 1.0)])
+def test_prox_group_lasso_with_a_zero_threshold_is_the_identity_with_its_jacobian_at_zero(l2reg, scaling):
+    """s * lambda = 0: the operator is the identity, whose Jacobian is I also at z = 0 (the
+    group's norm is 0 there and the factor 1 - t / ||z|| must not become 0 / 0 or 0)."""
+    for z in (torch.zeros(3, dtype=DT), rand(3, seed=28)):
+        torch.testing.assert_close(prox_group_lasso(z, l2reg, scaling), z)
+        J = torch.func.jacrev(lambda v: prox_group_lasso(v, l2reg, scaling))(z)
+        torch.testing.assert_close(J, torch.eye(3, dtype=DT))
+
+
 # ------------------------------------------------------------------ torch.func / dtype contract
 
 A_AFF = rand(2, 5, seed=40)

@@ -295,6 +295,7 @@ def prox_group_lasso(z: TensorTree, l2reg: Scalar = 1.0, scaling: Scalar = 1.0) 
     if torch.is_tensor(t) and t.dim() > 0:
         t = t.unsqueeze(-1)
     sq = (z * z).sum(-1, keepdim=True)
-    active = sq > t * t if torch.is_tensor(t) else sq > float(t) ** 2
-    norm = torch.sqrt(torch.where(active, sq, torch.ones_like(sq)))
+    # a zero threshold is the identity, with the identity Jacobian also at z = 0
+    active = (sq > t * t) | (t == 0) if torch.is_tensor(t) else (sq > float(t) ** 2) | (float(t) == 0)
+    norm = torch.sqrt(torch.where(sq > 0, sq, torch.ones_like(sq)))
     return torch.where(active, z * (1 - t / norm), torch.zeros_like(z))
