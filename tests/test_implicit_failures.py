@@ -136,11 +136,40 @@ def test_a_solve_function_reporting_its_own_failure_is_believed():
         torch.autograd.grad(root(lam).sum(), lam)
 
 
-def test_a_solve_function_without_batch_dims_is_refused_for_a_batch_by_name():
+@pytest.mark.parametrize("solve", [_dense_solve, _protocol_solve, _own_info_solve])
+def test_a_solve_function_written_for_one_system_solves_a_batch_element_by_element(solve):
+    """Under vmap (independent systems) and jacrev (one operator, many right-hand sides) a
+    function without `batch_dims` is called once per element, on that element's operator;
+    its own per-element verdicts are kept (the 1-step CG: MAX_ITERATIONS for each)."""
     objective, closed = _ridge()
-    root = bilevel.custom_root(stationarity(objective), solve=_dense_solve)(closed)
-    with pytest.raises(TypeError, match=r"`_dense_solve` must solve 1-dimensional batches .* `batch_dims`"):
-        torch.func.vmap(torch.func.grad(lambda lam: root(lam).sum()))(torch.tensor([0.5, 1.0], dtype=D))
+    root = bilevel.custom_root(stationarity(objective), solve=solve)(closed)
+    lams = torch.tensor([0.5, 1.0, 3.0], dtype=D)
+    expected = torch.stack([torch.func.grad(lambda lam: closed(lam).sum())(lam) for lam in lams])
+    if solve is _own_info_solve:
+        with pytest.warns(ConvergenceWarning, match=r"batch elements \[0, 1, 2\]\): MAX_ITERATIONS"):
+            torch.func.vmap(torch.func.grad(lambda lam: root(lam).sum()))(lams)
+        return
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(lambda lam: root(lam).sum()))(lams), expected,
+                               rtol=1e-9, atol=0)
+    w_root = bilevel.custom_root(stationarity(lambda w, v: objective(w, 0.0) + 0.5 * (v * w * w).sum()),
+                                 solve=solve)(lambda v: torch.linalg.solve(
+                                     _ridge_gram() + torch.diag(v), _ridge_rhs()))
+    v = torch.tensor([0.5, 1.0, 2.0], dtype=D)
+    J = torch.func.jacrev(w_root)(v)  # three cotangents through one operator
+    w = w_root(v)
+    torch.testing.assert_close(J, -torch.linalg.solve(_ridge_gram() + torch.diag(v), torch.diag(w)), rtol=1e-9, atol=0)
+
+
+def _ridge_gram():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 3, generator=g, dtype=D)
+    return X.T @ X
+
+
+def _ridge_rhs():
+    g = torch.Generator().manual_seed(0)
+    X, t = torch.randn(20, 3, generator=g, dtype=D), torch.randn(20, generator=g, dtype=D)
+    return X.T @ t
 
 
 def test_a_solve_function_that_takes_batch_dims_solves_a_batch():

@@ -19,6 +19,7 @@ solve converged where
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -58,8 +59,10 @@ class SolveFunction:
         fn: the function.  It receives the operator ``matvec`` (trees shaped like
             ``b`` to trees shaped like ``b``) and ``b``; ``x0`` only where it takes a
             third argument, ``batch_dims`` only where it is not 0 (a batch of
-            independent systems, e.g. under :func:`torch.func.vmap`), and then
-            only if it takes that keyword.
+            independent systems, e.g. under :func:`torch.func.vmap` or
+            :func:`~torch.func.jacrev`), and then only if it takes that keyword;
+            a function written for one system is called once per batch element
+            instead (each of its products then costs one batched product).
 
     Example:
         >>> import torch
@@ -85,15 +88,16 @@ class SolveFunction:
 
     def __call__(self, matvec: Matvec, b: TensorTree, x0: Optional[TensorTree] = None, *,
                  batch_dims: int = 0) -> tuple[TensorTree, LinearSolveInfo]:
-        kwargs = {}
-        if batch_dims:
-            if not self._takes_batch_dims:
-                raise TypeError(
-                    f"solve: `{self.name}` must solve {batch_dims}-dimensional batches of independent systems "
-                    f"here (a root with batch_dims={batch_dims}, or one under torch.func.vmap), and it takes no "
-                    "`batch_dims` keyword; use a solver of bilevel.implicit (e.g. CG(), GMRES()), which solves "
-                    "each batch element separately, or add the keyword.")
-            kwargs["batch_dims"] = batch_dims
+        if batch_dims and not self._takes_batch_dims:
+            x, info = self._loop(matvec, b, x0, batch_dims)
+        else:
+            x, info = self._call(matvec, b, x0, {"batch_dims": batch_dims} if batch_dims else {})
+        if isinstance(info, LinearSolveInfo):
+            return x, info
+        return x, self._measured_info(matvec, b, x, batch_dims, info)
+
+    def _call(self, matvec: Matvec, b: TensorTree, x0: Optional[TensorTree], kwargs: dict) -> tuple:
+        """``(x, info or None)`` from one call of the function, ``x`` checked against ``b``."""
         args = (matvec, b) if x0 is None or not self._takes_x0 else (matvec, b, x0)
         out = self.fn(*args, **kwargs)
         x, info = out, None
@@ -103,9 +107,43 @@ class SolveFunction:
             check_same_structure(x, b, f"{self.name}(matvec, b)", "b")
         except ValueError as err:
             raise ValueError(f"solve: {err} A solve function returns x, or (x, info), with x shaped like b.") from None
-        if isinstance(info, LinearSolveInfo):
-            return x, info
-        return x, self._measured_info(matvec, b, x, batch_dims, info)
+        return x, info
+
+    def _loop(self, matvec: Matvec, b: TensorTree, x0: Optional[TensorTree], batch_dims: int) -> tuple:
+        r"""A batch of independent systems (a root with ``batch_dims``, or one under
+        :func:`torch.func.jacrev` / :func:`~torch.func.vmap`) for a function written for one
+        system: called once per element, with :math:`v \mapsto A_i v` taken as element
+        :math:`i` of the batched product of :math:`v` placed in slot :math:`i` (zeros
+        elsewhere; the systems are independent).  Each of its products costs one batched
+        product, so a batch of :math:`B` costs :math:`B` times the products of one solve: a
+        solver of :mod:`bilevel.implicit`, or a function taking ``batch_dims``, solves the
+        batch in one go."""
+        rav = Raveler(b, batch_dims)  # also ravels and unravels single systems (no batch dimensions)
+        batch, n = tuple(rav.batch_shape), rav.size
+        count = math.prod(batch)
+        flat_b = rav.ravel(b).reshape(count, n)
+        flat_x0 = None if x0 is None else Raveler(x0, batch_dims).ravel(x0).reshape(count, n)
+
+        def system(i: int):
+            slot = (torch.arange(count, device=flat_b.device) == i).unsqueeze(-1)
+
+            def element_matvec(v):
+                placed = torch.where(slot, rav.ravel(v).reshape(1, n), 0).reshape(*batch, n)
+                return rav.unravel(rav.ravel(matvec(rav.unravel(placed))).reshape(count, n)[i])
+
+            return element_matvec
+
+        xs, infos = [], []
+        for i in range(count):
+            x_i, info_i = self._call(system(i), rav.unravel(flat_b[i]),
+                                     None if flat_x0 is None else rav.unravel(flat_x0[i]), {})
+            xs.append(rav.ravel(x_i).reshape(n))
+            infos.append(info_i)
+        x = rav.unravel(torch.stack(xs).reshape(*batch, n))
+        verdicts = [_field(info, "converged") for info in infos]
+        info = None if any(v is None for v in verdicts) else {
+            "converged": torch.stack([torch.as_tensor(v).reshape(()) for v in verdicts]).reshape(batch)}
+        return x, info
 
     def _measured_info(self, matvec: Matvec, b: TensorTree, x: TensorTree, batch_dims: int,
                        info: Any) -> LinearSolveInfo:
