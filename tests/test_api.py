@@ -271,6 +271,23 @@ def test_bad_input_is_rejected_clearly():
                   outer_optimizer="sgd", lr=1e3, max_steps=50, progress=False)
 
 
+@pytest.mark.parametrize("method", ["implicit", "penalty", "meha", "bamm", "bda", "soba"])
+def test_a_non_finite_start_is_named_before_any_step(method):
+    """NaN in x0 (where the objectives never read it: relu) or inf in a leaf of y0 is an error
+    naming the argument, not a blow-up blamed on the learning rate or on the objectives."""
+    relu = lambda x: torch.where(x > 0, x, torch.zeros_like(x))  # noqa: E731
+    inner = lambda x, y: 0.5 * ((y["a"] - relu(x)) ** 2).sum() + 0.5 * (y["b"] ** 2).sum()  # noqa: E731
+    outer = lambda x, y: 0.5 * ((y["a"] - 1) ** 2).sum()  # noqa: E731
+    y0 = {"a": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
+    x0 = torch.tensor([0.5, float("nan")], dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"not finite: `x0` contains NaN or inf; the iterations need a finite start"):
+        bilevel.solve(outer, inner, x0, y0, method=method, max_steps=3, progress=False)
+    y0["b"] = torch.tensor([float("inf")], dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"`y0` contains NaN or inf \(leaves \[1\]\)"):
+        bilevel.solve(outer, inner, torch.zeros(2, dtype=torch.float64), y0, method=method, max_steps=3,
+                      progress=False)
+
+
 def test_defaults_work_on_problems_as_users_write_them():
     """Unscaled features (inner Hessian norm in the thousands), float32, a 0-d or a
     pytree upper variable, an optimizer instance: the defaults just work."""

@@ -154,6 +154,17 @@ def test_one_step_matches_its_formula():
     torch.testing.assert_close(one_step_hypergrad(q.outer, q.inner, x, y, xi), expected)
 
 
+def test_one_step_errors_name_one_step_and_its_argument_y():
+    q = Quadratic.make()
+    x, y = torch.randn(3), torch.randn(5)
+    with pytest.raises(FloatingPointError, match=r"^one_step_hypergrad: `x` or `y` contains NaN"):
+        one_step_hypergrad(q.outer, q.inner, x, y * float("nan"), 0.3)
+    with pytest.raises(ValueError, match=r"^one_step_hypergrad: `step_size` must be positive"):
+        one_step_hypergrad(q.outer, q.inner, x, y, -0.3)
+    with pytest.raises(FloatingPointError, match=r"^unrolled_hypergrad: `x` or `y0` contains NaN"):
+        bilevel.implicit.unrolled_hypergrad(q.outer, q.inner, x, y * float("nan"), 2, 0.3)
+
+
 def test_pytree_upper_and_lower_variables():
     r = Ridge.make(n=40, d=3)
 

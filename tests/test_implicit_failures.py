@@ -74,6 +74,16 @@ def test_a_nan_optimality_residual_in_a_batch_names_the_element():
         torch.autograd.grad(root(x).sum(), x)
 
 
+def test_a_fixed_point_map_returning_another_tree_is_named():
+    """T returns a tuple where the solution is a tensor: a ValueError naming both trees at the
+    backward pass (tree_map would take the tuple for a single leaf and fail in torch.sub)."""
+    T = lambda s, a: (0.5 * (s + a / s), s)  # noqa: E731
+    solver = bilevel.custom_fixed_point(T)(lambda a: torch.sqrt(a))
+    a = torch.tensor(4.0, dtype=D, requires_grad=True)
+    with pytest.raises(ValueError, match=r"`T\(sol, \*args\)` must return a tree like `sol`"):
+        torch.autograd.grad(solver(a), a)
+
+
 # ----- a user's own solve function -------------------------------------------------------
 def _ridge():
     g = torch.Generator().manual_seed(0)
@@ -281,7 +291,8 @@ def test_hypergrad_at_a_saddle_of_the_inner_problem_warns_with_solvers_for_indef
 
 @pytest.mark.parametrize("lowest", [1.0, 1e-7, 0.0], ids=["spd", "cond-5e7", "singular-psd"])
 @pytest.mark.parametrize("solve", [bilevel.implicit.MINRES(), bilevel.implicit.GMRES(), bilevel.implicit.Direct("lu"),
-                                   bilevel.implicit.Direct("lstsq")], ids=["MINRES", "GMRES", "lu", "lstsq"])
+                                   bilevel.implicit.Direct("lstsq"), None],
+                         ids=["MINRES", "GMRES", "lu", "lstsq", "default"])
 def test_no_negative_curvature_is_claimed_at_a_minimum(solve, lowest):
     """Positive definite, ill-conditioned and singular positive semidefinite Hessians
     (grad_y F in the range there) never raise the negative-curvature warning."""
@@ -328,6 +339,23 @@ def test_minres_proves_a_saddle_that_the_adjoint_test_cannot_see():
                                     return_info=True)
     assert bool(info.negative_curvature) and bool(info.linear_solve.negative_curvature) and not info.ok
     torch.testing.assert_close(g, u)  # still the saddle path's derivative
+
+
+def test_the_default_solve_finds_a_saddle_in_a_direction_the_right_hand_side_never_meets():
+    """grad_y F orthogonal to the eigenvector of -2: CG converges (its Krylov space never
+    meets the negative curvature) and u^T b > 0, but the dense default solve, whose
+    Cholesky factorization broke down, reads the matrix's spectrum."""
+    H = _hessian(-2.0)
+    x = torch.linspace(-1.0, 1.0, 6, dtype=D)
+    y = torch.linalg.solve(H, x)
+    direction = _Q[:, 1:] @ torch.linspace(1.0, 2.0, 5, dtype=D)
+    outer = lambda x, y: direction @ y  # noqa: E731
+    with pytest.warns(bilevel.CurvatureWarning, match="not positive definite"):
+        g, info = bilevel.hypergrad(outer, _quadratic_inner(H), x, y, return_info=True)
+    assert bool(info.linear_solve.negative_curvature) and bool(info.linear_solve.converged) and not info.ok
+    torch.testing.assert_close(g, torch.linalg.solve(H, direction))
+    _, info = bilevel.implicit.CG()(lambda v: H @ v, direction)  # the Krylov solve alone is silent
+    assert bool(info.converged) and info.negative_curvature is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

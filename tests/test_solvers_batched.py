@@ -254,3 +254,16 @@ def test_well_conditioned_problems_take_no_more_iterations():
     data, t = exp_batch(B=16, m=25)
     _, info = LevenbergMarquardt(batch_dims=1).run(weighted_fit, torch.ones(16, 2, dtype=D), data, t, 1.0)
     assert bool(info.converged.all()) and int(info.iterations.max()) <= 6
+
+
+@pytest.mark.skipif(not hasattr(Exception, "add_note"), reason="exception notes need Python >= 3.11")
+@pytest.mark.parametrize("cls", [GaussNewton, LevenbergMarquardt])
+def test_an_error_inside_fun_names_the_call_and_the_shapes(cls):
+    """A batch of 3 starts against data for 4 problems: torch's own broadcasting error, with a
+    note naming the solver, init's shape and batch shape, and the arguments' shapes."""
+    t = torch.linspace(0, 1, 10, dtype=torch.float64)
+    fit = lambda p, y: torch.exp(p[:, :1] * t) + p[:, 1:] - y  # noqa: E731
+    with pytest.raises(RuntimeError) as caught:
+        cls(batch_dims=1)(fit, torch.zeros(3, 2, dtype=torch.float64), torch.ones(4, 10, dtype=torch.float64))
+    note = "\n".join(getattr(caught.value, "__notes__", []))
+    assert f"in {cls.__name__}" in note and "(3, 2)" in note and "batch shape (3,)" in note and "(4, 10)" in note

@@ -137,7 +137,9 @@ def report(system, value, sol, info: LinearSolveInfo, x, b=None) -> ImplicitInfo
     is one-sided, it misses a saddle whose negative directions barely meet ``b``.
     A solver that proves negative curvature itself (``info.negative_curvature``:
     MINRES counts the negative eigenvalues of its Lanczos matrix, which sees every
-    direction of the Krylov space) is believed too, with or without ``b``.
+    direction of the Krylov space; :class:`Auto` reads the spectrum of the matrix
+    whose Cholesky factorization broke down, every direction) is believed too,
+    with or without ``b``.
 
     Every check is decided by one host read (the flags are stacked on the
     device), so a backward pass on an accelerator waits for it once; a single
@@ -250,8 +252,9 @@ def _negative_curvature_message(stage: str, curved: torch.Tensor, damping: float
     return (
         f"{stage}: the Hessian{shifted} of the inner objective is not positive definite at the solution"
         f"{_elements(curved)}: the adjoint solution u has u^T H u < 0 (measured by u^T b and the solve's "
-        "residual), or the solver's Lanczos matrix has an eigenvalue below -sqrt(eps) ||T|| (MINRES): a "
-        "direction of negative curvature, or a Hessian singular to working precision. The "
+        "residual), or the solver found an eigenvalue below -sqrt(eps) times the largest (MINRES's Lanczos "
+        "matrix, or the matrix of the default solve): a direction of negative curvature, or a Hessian "
+        "singular to working precision. The "
         "point is a saddle or a maximum of the inner objective, not a minimizer, and the implicit gradient "
         "follows that stationary point. Solve the inner problem to a minimum, or pass damping= larger than "
         "the negative curvature if this is intended."

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.func import grad, vjp
 
-from .._tree import check_same_structure, tree_map
+from .._tree import check_same_structure, describe, tree_flatten, tree_map
 from ..typing import FixedPointMap, Objective, TensorTree
 from .projections import kl_projection_simplex
 
@@ -143,7 +143,11 @@ def fixed_point_residual(T: FixedPointMap, *, symmetric: bool = False) -> Condit
         raise TypeError(f"`T` must be callable T(sol, *args); got {type(T).__name__}.")
 
     def residual(sol, *args):
-        return tree_map(torch.sub, sol, T(sol, *args))
+        image = T(sol, *args)
+        if tree_flatten(image)[1] != tree_flatten(sol)[1]:  # (a tuple would be one "leaf" of a tensor sol)
+            raise ValueError(f"fixed point: `T(sol, *args)` must return a tree like `sol`; got {describe(image)} "
+                             f"for a solution {describe(sol)}.")
+        return tree_map(torch.sub, sol, image)
 
     name = f"fixed_point({getattr(T, '__name__', 'T')})"
     condition = Condition(residual, symmetric=symmetric, name=name)

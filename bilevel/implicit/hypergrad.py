@@ -377,14 +377,22 @@ def unrolled_hypergrad(
         >>> torch.allclose(yT, c * x), torch.allclose(g, c * (c * x - t))
         (True, True)
     """
+    return _unrolled(outer, inner, x, y0, steps, step_size, truncate=truncate, return_solution=return_solution,
+                     project=project, create_graph=create_graph)
+
+
+def _unrolled(outer, inner, x, y0, steps, step_size, *, truncate=None, return_solution=False, project=None,
+              create_graph=False, stage: str = "unrolled_hypergrad", y_name: str = "y0"):
+    """:func:`unrolled_hypergrad`, with its errors naming the function ``stage`` called
+    and its argument ``y_name`` (:func:`one_step_hypergrad` is one step of it)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"unrolled_hypergrad: `steps` must be a positive int; got {steps!r}.")
+        raise ValueError(f"{stage}: `steps` must be a positive int; got {steps!r}.")
     if step_size is not None and (isinstance(step_size, bool) or not (
             isinstance(step_size, (int, float)) or torch.is_tensor(step_size))):
-        raise ValueError(f"unrolled_hypergrad: `step_size` must be a positive number or None; got {step_size!r}.")
-    _checked_variables("unrolled_hypergrad", x, y0, "y0")
+        raise ValueError(f"{stage}: `step_size` must be a positive number or None; got {step_size!r}.")
+    _checked_variables(stage, x, y0, y_name)
     if truncate is not None and not (isinstance(truncate, int) and 1 <= truncate <= steps):
-        raise ValueError(f"unrolled_hypergrad: `truncate` must be an int in [1, steps={steps}]; got {truncate!r}.")
+        raise ValueError(f"{stage}: `truncate` must be an int in [1, steps={steps}]; got {truncate!r}.")
     derived = step_size is None
     if derived:
         # a setting, not part of the function: second derivatives treat it as a constant
@@ -396,12 +404,12 @@ def unrolled_hypergrad(
     on_host = not torch.is_tensor(step_size) or (step_size.device.type == "cpu" and not is_transformed(step_size))
     if on_host and derived and not math.isfinite(float(step_size)):
         raise FloatingPointError(
-            "unrolled_hypergrad: the curvature estimate of `inner` at (x, y0) that sets the step size is not "
-            "finite: its Hessian-vector products give NaN or inf there; check `inner` (and its gradient) at y0.")
+            f"{stage}: the curvature estimate of `inner` at (x, {y_name}) that sets the step size is not "
+            f"finite: its Hessian-vector products give NaN or inf there; check `inner` (and its gradient) at {y_name}.")
     if on_host and not bool(step_size > 0):
-        raise ValueError(f"unrolled_hypergrad: `step_size` must be positive; got {step_size!r}.")
+        raise ValueError(f"{stage}: `step_size` must be positive; got {step_size!r}.")
     if project is not None and not callable(project):
-        raise TypeError(f"unrolled_hypergrad: `project` must be callable (y -> P(y)) or None; got {project!r}.")
+        raise TypeError(f"{stage}: `project` must be callable (y -> P(y)) or None; got {project!r}.")
     step = _inner_step(inner, step_size, project)
     differentiated = steps if truncate is None else truncate
     y_start = y0  # differentiable in y0 too (an outer jacrev or create_graph sees T steps of it)
@@ -428,7 +436,7 @@ def unrolled_hypergrad(
         g, y_final = grad(unrolled, has_aux=True)(x)
     if not all_finite(tree_leaves(g)):
         raise FloatingPointError(
-            "unrolled_hypergrad: the hypergradient is not finite; the inner iteration probably "
+            f"{stage}: the hypergradient is not finite; the inner iteration probably "
             f"diverged (step_size={step_size:.3g}); use a smaller step_size."
         )
     return (g, y_final) if return_solution else g
@@ -486,7 +494,8 @@ def one_step_hypergrad(
         >>> torch.allclose(g, bilevel.hypergrad(outer, inner, x, x))
         True
     """
-    return unrolled_hypergrad(outer, inner, x, y, 1, step_size, project=project, create_graph=create_graph)
+    return _unrolled(outer, inner, x, y, 1, step_size, project=project, create_graph=create_graph,
+                     stage="one_step_hypergrad", y_name="y")
 
 
 __all__ = [

@@ -154,6 +154,11 @@ def _check_tree(tree: Any, name: str) -> torch.dtype:
         raise ValueError(f"`{name}` is empty (no element in {[tuple(t.shape) for t in leaves]}): nothing to optimize.")
     if len(dtypes) > 1:
         raise TypeError(f"`{name}` mixes dtypes {sorted(map(str, dtypes))}; use one floating dtype.")
+    bad = [i for i, leaf in enumerate(leaves) if not bool(torch.isfinite(leaf).all())]  # once, at the start
+    if bad:
+        where = "" if torch.is_tensor(tree) else f" (leaves {bad})"
+        raise FloatingPointError(f"the start is not finite: `{name}` contains NaN or inf{where}; the iterations "
+                                 "need a finite start.")
     return dtypes.pop()
 
 

@@ -64,7 +64,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from .._tolerance import default_tol
-from .._tree import Raveler, tree_map
+from .._tree import Raveler, describe, tree_map
 from ..implicit.conditions import Condition, stationarity
 from ..implicit.linear_solve import LinearSolver
 from .._checks import check_fields as _check_fields
@@ -95,7 +95,15 @@ class _Residuals:
         return self.rav.unravel(x.reshape(self.batch + (self.n,)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.fun(self.tree(x), *self.args)
+        try:
+            r = self.fun(self.tree(x), *self.args)
+        except Exception as err:  # e.g. a shape error: say which call, with which shapes
+            if hasattr(err, "add_note") and not getattr(err, "_bilevel_noted", False):
+                err.add_note(f"bilevel: raised by `fun(sol, *args)` in {self.name}, called with sol shaped like "
+                             f"`init`: {describe(self.tree(x))} (batch_dims={len(self.batch)}, batch shape "
+                             f"{self.batch}) and args: {describe(tuple(self.args))}.")
+                err._bilevel_noted = True
+            raise
         if not torch.is_tensor(r) or not r.is_floating_point() or tuple(r.shape[: len(self.batch)]) != self.batch:
             got = f"shape {tuple(r.shape)}, dtype {r.dtype}" if torch.is_tensor(r) else type(r).__name__
             raise ValueError(

@@ -49,10 +49,12 @@ class LinearSolveInfo:
             always confirmed with the true residual).
         b_norm: ``||b||``.
         status: :class:`~bilevel.status.Status` codes (``int64``).
-        negative_curvature: where the solver can tell (:class:`MINRES`, from the
-            inertia of its Lanczos matrix), whether ``A`` has an eigenvalue below
-            :math:`-\sqrt{\mathrm{eps}}\,\|T_k\|_F` (booleans); ``None`` for the
-            other solvers.  An indefinite ``A`` is no failure of the solve
+        negative_curvature: where the solver can tell, whether ``A`` has an
+            eigenvalue below :math:`-\sqrt{\mathrm{eps}}` times its norm (booleans):
+            :class:`MINRES` from the inertia of its Lanczos matrix (below
+            :math:`-\sqrt{\mathrm{eps}}\,\|T_k\|_F`), :class:`Auto` from the
+            eigenvalues of a matrix whose Cholesky factorization broke down;
+            ``None`` otherwise.  An indefinite ``A`` is no failure of the solve
             (``status`` is unchanged); :func:`~bilevel.hypergrad` reads it as a
             saddle point of the inner problem.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,8 +99,8 @@ class Auto(LinearSolver):
     def _solve(self, matvec, b, x0, flatten):
         n = b.shape[-1]
         if n <= self.max_direct:
-            dense = self._dense(matvec, b)
-            return dense if dense is not None else self._krylov()._solve(matvec, b, x0, flatten)
+            dense, negative = self._dense(matvec, b)
+            return dense if dense is not None else _flagged(self._krylov()._solve(matvec, b, x0, flatten), negative)
         if n > self.max_dense or b.shape[0] > 1 or is_transformed(b):
             return self._krylov()._solve(matvec, b, x0, flatten)
         budget = resolve_maxiter(self.maxiter, n)
@@ -111,35 +112,62 @@ class Auto(LinearSolver):
         slow = code == Status.MAX_ITERATIONS or (code == Status.BREAKDOWN and not self.symmetric)
         if not slow or probe == budget:
             return (x, iterations, status, *estimate)
-        dense = self._dense(matvec, b)
+        dense, negative = self._dense(matvec, b)
         if dense is not None:
             x, dense_products, status = dense
             return x, iterations + dense_products, status
         x, more, status, *estimate = self._krylov(budget - probe)._solve(matvec, b, x, flatten)
-        return (x, iterations + more, status, *estimate)
+        return _flagged((x, iterations + more, status, *estimate), negative)
 
     def _dense(self, matvec, b):
-        """``(x, products, status)`` by a factorization of the materialized matrix, or
-        ``None`` where the Krylov solve should take over (no vmappable operator, or a
-        symmetric matrix whose Cholesky factorization broke down)."""
+        r"""``((x, products, status), None)`` by a factorization of the materialized matrix,
+        or ``(None, negative)`` where the Krylov solve should take over: no vmappable
+        operator (``negative`` is ``None``), or a symmetric matrix whose Cholesky
+        factorization broke down, singular or indefinite; ``negative`` then says, per
+        element, whether it has an eigenvalue below :math:`-\sqrt{\mathrm{eps}}` times
+        its largest in magnitude (``info.negative_curvature``)."""
         try:
             A = materialize(matvec, b, chunk_size=_CHUNK)
             x, iterations, status = Direct("cholesky" if self.symmetric else "lu")._solve_matrix(A, b)
         except RuntimeError:  # the operator cannot be vmapped (or densely solved): stay matrix-free
-            return None
+            return None, None
         broke = not is_transformed(status) and bool((status == Status.BREAKDOWN).any())
         if not broke:
-            return x, iterations, status
+            return (x, iterations, status), None
         if not self.symmetric:
-            return _least_squares(A, b, self.tol)
-        # Singular or indefinite: CG still solves a consistent singular system
-        # (e.g. an unregularized bias) and reports an indefinite one.
-        return None
+            return _least_squares(A, b, self.tol), None
+        # Singular or indefinite: CG still solves a consistent singular system (e.g. an
+        # unregularized bias) and reports an indefinite one where its iterates meet the
+        # negative curvature; the spectrum tells the two apart in every direction.
+        return None, _indefinite(A)
 
 
 _CHUNK = 128
 """Basis vectors per vmapped product when a matrix is materialized: memory of at
 most 128 products' intermediates at once, as for the largest direct system."""
+
+
+def _indefinite(A: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per matrix of the ``(B, n, n)`` symmetric (Hermitian) ``A``: whether its smallest
+    eigenvalue lies below ``-sqrt(eps)`` times its largest in magnitude (rounding cannot
+    make a semidefinite matrix look that indefinite); ``None`` where the eigenvalues
+    cannot be computed (a non-finite matrix)."""
+    try:
+        eigenvalues = torch.linalg.eigvalsh(A)  # ascending
+    except RuntimeError:
+        return None
+    size = eigenvalues.abs().amax(-1)
+    return eigenvalues[..., 0] < -math.sqrt(torch.finfo(eigenvalues.dtype).eps) * size
+
+
+def _flagged(result: tuple, negative: Optional[torch.Tensor]) -> tuple:
+    """A Krylov ``_solve`` result with the negative-curvature flags in the place
+    :class:`~bilevel.implicit.linear_solve.LinearSolver` reads them from (after a
+    residual estimate and a rank flag, ``None`` where absent)."""
+    if negative is None:
+        return result
+    x, iterations, status, *extras = result
+    return (x, iterations, status, *(extras + [None, None])[:2], negative)
 
 
 def _least_squares(A, b, tol):
