@@ -83,13 +83,14 @@ def test_meha_quadratic_within_20000_steps():
 
 def test_penalty_gradient_bias_decreases_as_one_over_lambda():
     """With lambda fixed, the penalty method converges to a stationary point of
-    psi_lambda whose distance to x* shrinks like 1/lambda (ALGORITHMS.md, Q)."""
+    psi_lambda whose distance to x* shrinks like 1/lambda (ALGORITHMS.md, Q): 2.6e-2 and
+    2.8e-3 for lambda = 10 and 100, reached within 1000 steps (the same to 1e-12 at 4000)."""
     problem = quadratic()
     errors = []
     for lam in (10.0, 100.0):
-        result = run(problem, Penalty(lam0=lam, lam_growth=0.0), 4000)
+        result = run(problem, Penalty(lam0=lam, lam_growth=0.0), 1000)
         errors.append(relative_error(problem, result.x))
-    assert errors[1] < errors[0] / 5
+    assert 7 < errors[0] / errors[1] < 13  # about the factor 10 of lambda
 
 
 # -- problem L: a coupled, active inner constraint y <= x ---------------------------------
@@ -263,9 +264,9 @@ def test_meha_nonsmooth_lower_level():
         torch.tensor(0.1, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
     )
     method = MEHA(nonsmooth=lambda x, y: x * y.abs().sum(), prox=lambda y, x, step: prox_lasso(y, x, step))
-    result = run(problem, method, 8000)
-    assert abs(float(result.x) - 0.5) < 2e-2
-    assert torch.allclose(result.y, c, atol=2e-2)
+    result = run(problem, method, 1000)  # errors 8e-6, 3e-8, 6e-11 after 300, 600, 1000 steps
+    assert abs(float(result.x) - 0.5) < 1e-8
+    assert torch.allclose(result.y, c, atol=1e-8, rtol=0)
 
 
 def test_penalty_stochastic_minibatches_on_logistic_hpo():
