@@ -1,9 +1,11 @@
 """The MoE hard-constraint tutorial (examples/plot_moe_pde.py) says what it claims."""
 
+import pytest
 import torch
 from test_examples import run
 
 
+@pytest.mark.slow  # about 8 s; the docs build runs the example too, this checks what it claims
 def test_moe_pde_example_claims():
     ns = run("plot_moe_pde")
     soft, hard, moe = ns["results"].values()

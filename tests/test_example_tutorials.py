@@ -42,6 +42,7 @@ def test_single_loop_tutorial():
     assert float(ns["outer"](ns["lvhba"].x, ns["lvhba"].y)) == pytest.approx(2.5, abs=1e-2)
 
 
+@pytest.mark.slow  # about 8 s; the docs build runs the tutorial too, this checks what it claims
 def test_convex_layer_tutorial():
     pytest.importorskip("cvxpy")
     ns = run("plot_convex_layer")
