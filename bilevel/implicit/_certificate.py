@@ -51,9 +51,11 @@ class ImplicitInfo:
         solver: the linear solver used.
         negative_curvature: where the system is the Hessian of an objective that
             ``sol`` should minimize (:func:`~bilevel.hypergrad`'s inner problem),
-            which elements' adjoint solution :math:`u` proves that it is not positive
-            definite, by :math:`u^\top H u = u^\top b - u^\top r < 0` with
-            :math:`r = b - H u` (see :func:`report`); ``None`` where not tested.
+            which elements' Hessian is proven not positive definite: by the adjoint
+            solution :math:`u`, :math:`u^\top H u = u^\top b - u^\top r < 0` with
+            :math:`r = b - H u`, or by the solver itself
+            (``linear_solve.negative_curvature``; see :func:`report`); ``None``
+            where not tested.
 
     Example:
         A function made differentiable by :func:`~bilevel.custom_root` keeps the
@@ -160,7 +162,7 @@ def report(system, value, sol, info: LinearSolveInfo, x, b=None) -> ImplicitInfo
     if getattr(system.residual, "minimized", False):
         if b is not None:
             curved = _negative_curvature(x, b, x_norm, info, system.batch_dims)
-        if info.negative_curvature is not None:  # the solver's own proof (MINRES: its Lanczos matrix)
+        if info.negative_curvature is not None:  # the solver's own proof (MINRES, Auto's dense path)
             proven = info.negative_curvature & (info.status != Status.NONFINITE)
             curved = proven if curved is None else curved | proven
     if _on_host(x_norm):
@@ -176,7 +178,6 @@ def report(system, value, sol, info: LinearSolveInfo, x, b=None) -> ImplicitInfo
             distance = torch.where(b_norm > 0, optimality * ratio, 0.0)
         failures = None
     certificate = ImplicitInfo(optimality, distance, sol_norm, tol, info, system.damping, system.solve, curved)
-    negative = curved is not None and bool(curved.any()) if failures is not None else False
     if failures is None:
         # ||x|| is finite exactly when every entry is, short of an overflow (told apart
         # below). A NONFINITE status with a finite x is a stale iterate, no gradient either.
@@ -188,9 +189,11 @@ def report(system, value, sol, info: LinearSolveInfo, x, b=None) -> ImplicitInfo
         if curved is not None:
             flags.append(curved.any())
         failures = torch.stack(flags).tolist()
-        negative = failures.pop() if curved is not None else False
-    elif certify:
-        failures.append(math.isfinite(float(optimality)))
+        negative = failures.pop() if curved is not None else False  # (read with the other flags)
+    else:
+        negative = curved is not None and bool(curved.any())
+        if certify:
+            failures.append(math.isfinite(float(optimality)))
     finite, stale, any_failed, singular, *any_bad = failures
     if certify and not any_bad[1] and not all_finite(tree_leaves(value)):  # (not a norm that overflows)
         entries = [torch.isfinite(t.reshape(*t.shape[:system.batch_dims], -1)).all(-1) for t in tree_leaves(value)]
@@ -254,8 +257,8 @@ def _negative_curvature_message(stage: str, curved: torch.Tensor, damping: float
         f"{_elements(curved)}: the adjoint solution u has u^T H u < 0 (measured by u^T b and the solve's "
         "residual), or the solver found an eigenvalue below -sqrt(eps) times the largest (MINRES's Lanczos "
         "matrix, or the matrix of the default solve): a direction of negative curvature, or a Hessian "
-        "singular to working precision. The "
-        "point is a saddle or a maximum of the inner objective, not a minimizer, and the implicit gradient "
+        "singular to working precision. The point is a saddle or a maximum of the inner objective, not a "
+        "minimizer, and the implicit gradient "
         "follows that stationary point. Solve the inner problem to a minimum, or pass damping= larger than "
         "the negative curvature if this is intended."
     )

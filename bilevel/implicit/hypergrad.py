@@ -172,7 +172,9 @@ def hypergrad(
     meet :math:`\nabla_y F` goes unseen, except by
     :class:`~bilevel.implicit.linear_solve.MINRES`, which also counts the negative
     eigenvalues of its Lanczos matrix (below :math:`-\sqrt{\mathrm{eps}}` times its
-    norm), a proof of negative curvature in any direction its Krylov space reaches.
+    norm), a proof of negative curvature in any direction its Krylov space reaches,
+    and by the default solve on a system small enough to be materialized, which reads
+    the matrix's spectrum where its Cholesky factorization breaks down.
 
     Args:
         outer: upper-level objective ``outer(x, y)`` (scalar).

@@ -136,7 +136,8 @@ class LinearSolver:
     that the derivative includes the motion of its null space (``Direct("lstsq")``
     reads it off its SVD); a sixth (after ``None`` in those places) says which
     elements' ``A`` is known to be indefinite (``info.negative_curvature``;
-    :class:`MINRES` reads it off its Lanczos matrix).
+    :class:`MINRES` reads it off its Lanczos matrix, :class:`Auto` off the
+    spectrum of a matrix whose Cholesky factorization broke down).
 
     Example:
         A solver for diagonal operators (one product recovers the diagonal); the
@@ -288,7 +289,7 @@ class LinearSolver:
         else:
             residual_norm = norm(b_flat - flat_matvec(x))
         status = _final_status(self, status, residual_norm, b_norm)
-        negative = estimate[2] if len(estimate) > 2 else None  # (MINRES: the inertia of its T_k)
+        negative = estimate[2] if len(estimate) > 2 else None  # (MINRES, Auto: see the class docstring)
         info = LinearSolveInfo(
             iterations=iterations.reshape(batch),
             residual_norm=residual_norm.reshape(batch),

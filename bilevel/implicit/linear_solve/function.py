@@ -122,7 +122,7 @@ class SolveFunction:
         batch, n = tuple(rav.batch_shape), rav.size
         count = math.prod(batch)
         flat_b = rav.ravel(b).reshape(count, n)
-        flat_x0 = None if x0 is None else Raveler(x0, batch_dims).ravel(x0).reshape(count, n)
+        flat_x0 = None if x0 is None else rav.ravel(x0).reshape(count, n)  # (x0 is shaped like b)
 
         def system(i: int):
             slot = (torch.arange(count, device=flat_b.device) == i).unsqueeze(-1)
